@@ -1,0 +1,32 @@
+"""``alloc``: subnet allocation only, no forwarding (flannel's experimental ``alloc`` backend).
+
+Useful on its own when something else moves the packets, and to run the control plane alone.
+"""
+from __future__ import annotations
+
+from ..lease import Lease
+from .base import Backend
+
+
+class AllocBackend(Backend):
+    wire_type = "alloc"
+    dataplane = "kernel"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.peers: dict = {}
+
+    def accepts(self, lease: Lease) -> bool:
+        return True  # allocation only: every lease is a peer, whatever it speaks
+
+    def setup(self, lease: Lease) -> None:
+        self.lease = lease
+
+    def add_peer(self, lease: Lease) -> None:
+        self.peers[lease.subnet] = lease
+
+    def remove_peer(self, lease: Lease) -> None:
+        self.peers.pop(lease.subnet, None)
+
+    def stats(self) -> dict[str, float]:
+        return {"peers_programmed": len(self.peers)}

@@ -1,0 +1,93 @@
+"""The backend contract: what a data plane does for the daemon.
+
+A backend is one implementation ("data plane") of one wire format, named ``<wire>/<dataplane>``
+(``vxlan/kernel``, ``udp/fastpath`` ...). The daemon drives it in this order:
+
+1. ``lease_attrs(previous)``: what this node advertises in its lease (BackendType, BackendData).
+   ``previous`` is this node's lease from before a restart, if any, so that identities such as a
+   VTEP MAC survive restarts and peers' entries never go stale.
+2. ``setup(lease)``: build the node's data plane for the subnet it holds.
+3. ``add_peer(lease)`` / ``remove_peer(lease)``: for every other node's lease, as they come and go.
+   ``add_peer`` is also called when a peer's lease is renewed or changes, so it must be idempotent.
+4. ``resync()``: called every few seconds; puts back anything someone removed behind our back.
+5. ``teardown()``: remove the data plane (``weftd --teardown``); a plain SIGTERM leaves it in place.
+
+``stats()`` returns counters for ``/metrics``. The daemon filters peers whose wire format differs
+from ours before calling ``add_peer`` (see ``accepts``).
+"""
+from __future__ import annotations
+
+import ipaddress
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from ..config import NetworkConfig
+from ..lease import Lease, LeaseAttrs
+
+
+class BackendError(Exception):
+    """A backend cannot run; str() is one line that names the cause (and the fix, if known)."""
+
+
+@dataclass(frozen=True)
+class ExternalInterface:
+    """The node's underlay interface, and the address peers reach it at."""
+    name: str
+    index: int
+    address: ipaddress.IPv4Address | None  # the interface's own IPv4 address
+    public_ip: ipaddress.IPv4Address  # what goes into the lease (differs behind NAT)
+    mtu: int
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Node-local switches from weftd's flags."""
+    ip_masq: bool = False
+    vxlan_tx_csum_off: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(ABC):
+    wire_type: ClassVar[str]
+    dataplane: ClassVar[str]
+
+    def __init__(self, config: NetworkConfig, iface: ExternalInterface,
+                 options: BackendOptions = BackendOptions()):
+        self.config = config
+        self.iface = iface
+        self.options = options
+
+    @classmethod
+    def name(cls) -> str:
+        return f"{cls.wire_type}/{cls.dataplane}"
+
+    @property
+    def mtu(self) -> int:
+        """The MTU pods get (FLANNEL_MTU): underlay MTU minus the wire format's overhead."""
+        return (self.config.backend.mtu or self.iface.mtu) - self.config.backend.mtu_overhead
+
+    def accepts(self, lease: Lease) -> bool:
+        """Whether a peer's lease speaks our wire format."""
+        return lease.attrs.wire_type == self.wire_type
+
+    def lease_attrs(self, previous: Lease | None) -> LeaseAttrs:
+        return LeaseAttrs(self.iface.public_ip, self.wire_type)
+
+    @abstractmethod
+    def setup(self, lease: Lease) -> None: ...
+
+    @abstractmethod
+    def add_peer(self, lease: Lease) -> None: ...
+
+    @abstractmethod
+    def remove_peer(self, lease: Lease) -> None: ...
+
+    def resync(self) -> None:
+        pass
+
+    def teardown(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, float]:
+        return {}

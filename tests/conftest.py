@@ -1,0 +1,24 @@
+"""Shared test switches: tests that need root or bcc skip with a reason elsewhere, and run in CI."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def _have_bcc() -> bool:
+    try:
+        import bcc  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+IS_ROOT = os.geteuid() == 0
+HAVE_BCC = _have_bcc()
+HAVE_ETCD = shutil.which("etcd") is not None and shutil.which("etcdctl") is not None
+
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (network namespaces)")
+needs_bcc = pytest.mark.skipif(not HAVE_BCC, reason="needs bcc (Debian python3-bpfcc) and kernel headers")
+needs_etcd = pytest.mark.skipif(not HAVE_ETCD, reason="needs etcd and etcdctl (Debian etcd-server, etcd-client)")

@@ -1,0 +1,243 @@
+"""The store contract: every Store implementation runs this same suite.
+
+A test module subclasses ``StoreContract`` and provides two fixtures:
+- ``make_store(prefix)``: open a new client of the store under test (a fresh client each call, so
+  concurrency tests use separate connections, as separate daemons do);
+- ``compact_store(store)``: drop the store's history up to its current revision.
+"""
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+
+import pytest
+
+from controlplane.store import LeaseExists, LeaseNotFound, WatchCompacted
+
+NET = ipaddress.IPv4Network
+
+
+def subnet(i: int) -> ipaddress.IPv4Network:
+    return NET(f"10.5.{i}.0/24")
+
+
+def value(i: int) -> str:
+    return f'{{"PublicIP":"198.18.0.{i}","PublicIPv6":null}}'
+
+
+def drain(watch, want: int, timeout: float = 10.0):
+    """Collect events until ``want`` arrived or the timeout passes."""
+    events, deadline = [], time.monotonic() + timeout
+    while len(events) < want and time.monotonic() < deadline:
+        events.extend(watch.get(timeout=0.5))
+    return events
+
+
+class StoreContract:
+    @pytest.fixture
+    def store(self, make_store, request):
+        s = make_store(f"/weft-test/{request.node.name}")
+        yield s
+        s.close()
+
+    def test_config_roundtrip(self, store):
+        assert store.get_config() is None
+        store.put_config('{"Network":"10.5.0.0/16"}')
+        assert store.get_config() == '{"Network":"10.5.0.0/16"}'
+        store.put_config('{"Network":"10.6.0.0/16"}')
+        assert store.get_config() == '{"Network":"10.6.0.0/16"}'
+
+    def test_create_get_list(self, store):
+        rec = store.create_lease(subnet(1), value(1), ttl=3600)
+        assert rec.subnet == subnet(1) and rec.value == value(1)
+        assert rec.expiration == pytest.approx(time.time() + 3600, abs=5)
+        got = store.get_lease(subnet(1))
+        assert got.value == value(1) and got.revision == rec.revision
+        assert got.expiration == pytest.approx(rec.expiration, abs=5)
+        store.create_lease(subnet(2), value(2), ttl=3600)
+        records, rev = store.list_leases()
+        assert [r.subnet for r in records] == [subnet(1), subnet(2)]
+        assert rev >= max(r.revision for r in records)
+        assert store.get_lease(subnet(3)) is None
+
+    def test_create_is_create_if_absent(self, store):
+        store.create_lease(subnet(1), value(1), ttl=3600)
+        with pytest.raises(LeaseExists):
+            store.create_lease(subnet(1), value(9), ttl=3600)
+        assert store.get_lease(subnet(1)).value == value(1)
+
+    def test_racing_creators_one_wins(self, make_store, request):
+        prefix = f"/weft-test/{request.node.name}"
+        clients = [make_store(prefix) for _ in range(8)]
+        wins, losses, start = [], [], threading.Barrier(len(clients))
+
+        def race(i, s):
+            start.wait()
+            try:
+                s.create_lease(subnet(7), value(i), ttl=3600)
+                wins.append(i)
+            except LeaseExists:
+                losses.append(i)
+        threads = [threading.Thread(target=race, args=(i, s)) for i, s in enumerate(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1 and len(losses) == len(clients) - 1
+        assert clients[0].get_lease(subnet(7)).value == value(wins[0])
+        for s in clients:
+            s.close()
+
+    def test_update_only_existing(self, store):
+        with pytest.raises(LeaseNotFound):
+            store.update_lease(subnet(1), value(1), ttl=3600)
+        assert store.get_lease(subnet(1)) is None
+        first = store.create_lease(subnet(1), value(1), ttl=60)
+        second = store.update_lease(subnet(1), value(2), ttl=3600)
+        assert second.revision > first.revision
+        got = store.get_lease(subnet(1))
+        assert got.value == value(2)
+        assert got.expiration == pytest.approx(time.time() + 3600, abs=5)
+
+    def test_delete(self, store):
+        store.create_lease(subnet(1), value(1), ttl=3600)
+        assert store.delete_lease(subnet(1)) is True
+        assert store.get_lease(subnet(1)) is None
+        assert store.delete_lease(subnet(1)) is False
+        with pytest.raises(LeaseNotFound):
+            store.update_lease(subnet(1), value(1), ttl=3600)
+
+    def test_reservation_has_no_expiry(self, store):
+        store.create_lease(subnet(3), value(3), ttl=None)
+        got = store.get_lease(subnet(3))
+        assert got.expiration is None
+        records, _ = store.list_leases()
+        assert records[0].expiration is None
+
+    def test_ttl_expiry_is_enforced_and_watched(self, store):
+        _, rev = store.list_leases()
+        store.create_lease(subnet(4), value(4), ttl=2)
+        assert store.get_lease(subnet(4)) is not None
+        watch = store.watch(rev)
+        try:
+            events = drain(watch, 2, timeout=8)
+        finally:
+            watch.close()
+        assert [e.kind for e in events] == ["put", "delete"]
+        assert events[1].subnet == subnet(4)
+        assert store.get_lease(subnet(4)) is None
+        assert store.list_leases()[0] == []
+
+    def test_watch_replays_from_revision(self, store):
+        _, rev = store.list_leases()
+        store.create_lease(subnet(1), value(1), ttl=3600)
+        store.update_lease(subnet(1), value(11), ttl=3600)
+        store.create_lease(subnet(2), value(2), ttl=None)
+        store.delete_lease(subnet(1))
+        store.put_config('{"Network":"10.5.0.0/16"}')  # not a lease: no event
+        watch = store.watch(rev)
+        try:
+            events = drain(watch, 4)
+            assert not watch.get(timeout=0.3)
+        finally:
+            watch.close()
+        assert [(e.kind, e.subnet) for e in events] == [
+            ("put", subnet(1)), ("put", subnet(1)), ("put", subnet(2)), ("delete", subnet(1))]
+        assert [e.record.value for e in events if e.kind == "put"] == [value(1), value(11), value(2)]
+        assert events[2].record.expiration is None
+        revs = [e.revision for e in events]
+        assert revs == sorted(revs) and revs[0] > rev
+
+    def test_list_then_watch_loses_nothing(self, make_store, request):
+        """Writers racing a lister: list at R + watch from R sees every lease exactly once."""
+        prefix = f"/weft-test/{request.node.name}"
+        writers = [make_store(prefix) for _ in range(5)]
+        reader = make_store(prefix)
+        go = threading.Barrier(len(writers) + 1)
+
+        def write(w, base):
+            go.wait()
+            for i in range(base, base + 10):
+                w.create_lease(subnet(i), value(i % 250), ttl=3600)
+        threads = [threading.Thread(target=write, args=(w, 1 + 10 * n)) for n, w in enumerate(writers)]
+        for t in threads:
+            t.start()
+        go.wait()
+        time.sleep(0.01)
+        records, rev = reader.list_leases()
+        seen = {r.subnet for r in records}
+        watch = reader.watch(rev)
+        try:
+            deadline = time.monotonic() + 15
+            while len(seen) < 50 and time.monotonic() < deadline:
+                for e in watch.get(timeout=0.5):
+                    assert e.kind == "put" and e.subnet not in seen
+                    seen.add(e.subnet)
+        finally:
+            watch.close()
+        for t in threads:
+            t.join()
+        assert seen == {subnet(i) for i in range(1, 51)}
+        for s in writers + [reader]:
+            s.close()
+
+    def test_watch_compacted(self, store, compact_store):
+        _, rev = store.list_leases()
+        for i in range(1, 4):
+            store.create_lease(subnet(i), value(i), ttl=3600)
+        compact_store(store)
+        store.create_lease(subnet(9), value(9), ttl=3600)
+        watch = store.watch(rev)
+        try:
+            with pytest.raises(WatchCompacted):
+                drain(watch, 1, timeout=5)
+        finally:
+            watch.close()
+        # Re-listing recovers the state, and a watch from the new revision works.
+        records, rev2 = store.list_leases()
+        assert {r.subnet for r in records} == {subnet(1), subnet(2), subnet(3), subnet(9)}
+        watch = store.watch(rev2)
+        try:
+            store.delete_lease(subnet(2))
+            assert [(e.kind, e.subnet) for e in drain(watch, 1)] == [("delete", subnet(2))]
+        finally:
+            watch.close()
+
+    def test_prefixes_are_separate(self, make_store, request):
+        a = make_store(f"/weft-test/{request.node.name}/a")
+        b = make_store(f"/weft-test/{request.node.name}/b")
+        a.put_config('{"Network":"10.5.0.0/16"}')
+        a.create_lease(subnet(1), value(1), ttl=3600)
+        assert b.get_config() is None and b.list_leases()[0] == []
+        b.create_lease(subnet(1), value(2), ttl=3600)  # same subnet, other network
+        assert a.get_lease(subnet(1)).value == value(1)
+        a.close()
+        b.close()
+
+    def test_many_writers_no_lost_update(self, make_store, request):
+        """Concurrent renewals of one key: every write lands as its own revision."""
+        prefix = f"/weft-test/{request.node.name}"
+        seed = make_store(prefix)
+        _, rev = seed.list_leases()
+        seed.create_lease(subnet(1), value(0), ttl=3600)
+        clients = [make_store(prefix) for _ in range(4)]
+
+        def renew(s, n):
+            for k in range(10):
+                s.update_lease(subnet(1), value(n * 10 + k), ttl=3600)
+        threads = [threading.Thread(target=renew, args=(s, n)) for n, s in enumerate(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        watch = seed.watch(rev)
+        try:
+            events = drain(watch, 41)
+        finally:
+            watch.close()
+        assert len(events) == 41
+        assert len({e.revision for e in events}) == 41
+        assert seed.get_lease(subnet(1)).value == events[-1].record.value
+        for s in clients + [seed]:
+            s.close()
