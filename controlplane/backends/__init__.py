@@ -12,6 +12,8 @@ from .base import Backend, BackendError, BackendOptions, ExternalInterface
 
 _TABLE = [
     ("alloc/kernel", "controlplane.backends.alloc:AllocBackend"),
+    ("vxlan/kernel", "fastpath.vxlan.kernel:VXLANKernelBackend"),
+    ("host-gw/kernel", "fastpath.hostgw.kernel:HostGWKernelBackend"),
 ]
 
 BACKENDS: dict[str, str] = {}

@@ -1,0 +1,196 @@
+"""weftctl: the operator's tool for a weft (or flannel) network in a store.
+
+  weftctl [--store URL | -etcd-* flags] config put FILE|-     validate, then store the config
+  weftctl ... config get                                       print the stored config
+  weftctl ... leases [--json]                                  subnet, public IP, backend, expiry
+  weftctl ... reserve SUBNET --public-ip IP                    a lease that never expires
+  weftctl ... release SUBNET                                   delete a reservation or a lease
+  weftctl docker-opts [-f subnet.env] [-d OUT|-] [-i] [-c] [-m] [-k KEY]   as mk-docker-opts.sh
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import sys
+import time
+
+from . import flags, subnetenv
+from .config import ConfigError, parse_config
+from .lease import LeaseAttrs, LeaseFormatError
+from .manager import LeaseManager, decode
+from .store import LeaseExists, StoreError
+
+
+def build_parser() -> flags.Parser:
+    p = flags.Parser(prog="weftctl", description=__doc__.split("\n\n")[0])
+    flags.add_store_flags(p)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=flags.Parser)
+    cfg = sub.add_parser("config", help="read or write the network config")
+    cfg_sub = cfg.add_subparsers(dest="action", required=True, parser_class=flags.Parser)
+    put = cfg_sub.add_parser("put", help="validate and store a config (FILE or - for stdin)")
+    put.add_argument("file")
+    cfg_sub.add_parser("get", help="print the stored config")
+    leases = sub.add_parser("leases", help="list leases")
+    leases.add_argument("--json", action="store_true", help="print JSON")
+    res = sub.add_parser("reserve", help="reserve a subnet for a public IP (no TTL)")
+    res.add_argument("subnet")
+    res.add_argument("--public-ip", required=True)
+    res.add_argument("--backend-type", default="", help="BackendType to record (optional)")
+    rel = sub.add_parser("release", help="delete a reservation or a lease")
+    rel.add_argument("subnet")
+    dk = sub.add_parser("docker-opts", help="Docker options from subnet.env, as mk-docker-opts.sh")
+    dk.add_argument("-f", dest="env_file", default="/run/flannel/subnet.env", help="subnet.env to read")
+    dk.add_argument("-d", dest="out", default="/run/docker_opts.env", help="file to write (- for stdout)")
+    dk.add_argument("-i", dest="individual", action="store_true", help="write DOCKER_OPT_* lines")
+    dk.add_argument("-c", dest="combined", action="store_true", help="write the combined line")
+    dk.add_argument("-m", dest="no_masq", action="store_true", help="leave out --ip-masq")
+    dk.add_argument("-k", dest="key", default="DOCKER_OPTS", help="name of the combined variable")
+    return p
+
+
+def _subnet(text: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(text)
+    except ValueError:
+        raise flags.UsageError(f"{text!r}: not an IPv4 subnet such as 10.5.3.0/24 (no host bits)") from None
+
+
+def cmd_config(args, store) -> int:
+    if args.action == "get":
+        text = store.get_config()
+        if text is None:
+            return flags.fail("weftctl", f"no config at {args.etcd_prefix}/config")
+        print(text)
+        return 0
+    try:
+        text = sys.stdin.read() if args.file == "-" else open(args.file).read()
+    except OSError as exc:
+        return flags.fail("weftctl", f"{args.file}: {exc.strerror}")
+    parse_config(text)  # ConfigError -> one line, exit 1, nothing stored
+    store.put_config(text.strip())
+    return 0
+
+
+def _expiry(expiration) -> str:
+    if expiration is None:
+        return "never (reservation)"
+    left = expiration - time.time()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expiration))
+    return f"{stamp} (in {int(left // 3600)}h{int(left % 3600 // 60):02d}m)"
+
+
+def cmd_leases(args, store) -> int:
+    records, _ = store.list_leases()
+    rows, bad = [], []
+    for r in records:
+        try:
+            rows.append(decode(r))
+        except LeaseFormatError as exc:
+            bad.append(f"{r.subnet}: {exc}")
+    if args.json:
+        print(json.dumps([l.to_dict() for l in rows], indent=2))
+    else:
+        table = [("SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES")]
+        for l in rows:
+            table.append((str(l.subnet), str(l.attrs.public_ip), l.attrs.wire_type, _expiry(l.expiration)))
+        widths = [max(len(row[i]) for row in table) for i in range(4)]
+        for row in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for line in bad:
+        print(f"weftctl: skipped malformed lease {line}", file=sys.stderr)
+    return 0
+
+
+def cmd_reserve(args, store) -> int:
+    subnet = _subnet(args.subnet)
+    try:
+        attrs = LeaseAttrs(ipaddress.IPv4Address(args.public_ip), args.backend_type)
+    except ValueError:
+        raise flags.UsageError(f"--public-ip {args.public_ip!r}: not an IPv4 address") from None
+    text = store.get_config()
+    if text is not None and not parse_config(text).contains_subnet(subnet):
+        return flags.fail("weftctl", f"{subnet} is not a subnet of the configured network")
+    try:
+        store.create_lease(subnet, attrs.to_json(), ttl=None)
+    except LeaseExists:
+        current = store.get_lease(subnet)
+        try:
+            holder = LeaseAttrs.from_json(current.value) if current else None
+        except LeaseFormatError:
+            holder = None
+        if holder is None or holder.public_ip != attrs.public_ip:
+            who = holder.public_ip if holder else "someone else"
+            return flags.fail("weftctl", f"{subnet} is held by {who}; release it first")
+        # The node's own lease becomes a reservation: same value, no TTL (flannel's documented way).
+        store.update_lease(subnet, current.value, ttl=None)
+    print(f"reserved {subnet} for {attrs.public_ip}")
+    return 0
+
+
+def cmd_release(args, store) -> int:
+    subnet = _subnet(args.subnet)
+    if not store.delete_lease(subnet):
+        return flags.fail("weftctl", f"no lease or reservation for {subnet}")
+    print(f"released {subnet}")
+    return 0
+
+
+def cmd_docker_opts(args) -> int:
+    env = subnetenv.read(args.env_file)
+    if not env:
+        return flags.fail("weftctl", f"{args.env_file}: missing or empty (is weftd running?)")
+    opts = {}
+    if env.get("FLANNEL_SUBNET"):
+        opts["DOCKER_OPT_BIP"] = f"--bip={env['FLANNEL_SUBNET']}"
+    masq = env.get("FLANNEL_IPMASQ")
+    if masq in ("true", "false") and not args.no_masq:
+        # weft masquerades (true) -> Docker must not, and the other way round.
+        opts["DOCKER_OPT_IPMASQ"] = f"--ip-masq={'false' if masq == 'true' else 'true'}"
+    if env.get("FLANNEL_MTU"):
+        opts["DOCKER_OPT_MTU"] = f"--mtu={env['FLANNEL_MTU']}"
+    individual, combined = args.individual, args.combined
+    if not individual and not combined:
+        individual = combined = True
+    lines = []
+    if individual:
+        for key in ("DOCKER_OPT_BIP", "DOCKER_OPT_IPMASQ", "DOCKER_OPT_MTU"):
+            lines.append(f'{key}="{opts.get(key, "")}"')
+    if combined:
+        prior = os.environ.get(args.key, "")
+        joined = " ".join(opts[k] for k in ("DOCKER_OPT_BIP", "DOCKER_OPT_IPMASQ", "DOCKER_OPT_MTU")
+                          if k in opts)
+        lines.append(f'{args.key}="{(prior + " " + joined).strip()}"')
+    text = "\n".join(lines) + "\n"
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+COMMANDS = {"config": cmd_config, "leases": cmd_leases, "reserve": cmd_reserve, "release": cmd_release}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    try:
+        args = parser.parse_args(flags.normalize(list(argv), flags.long_flags_of(parser)))
+        if args.command == "docker-opts":
+            return cmd_docker_opts(args)
+        store = flags.open_store_from_args(args)
+        try:
+            return COMMANDS[args.command](args, store)
+        finally:
+            store.close()
+    except flags.UsageError as exc:
+        return flags.fail("weftctl", str(exc), 2)
+    except (ConfigError, StoreError) as exc:
+        return flags.fail("weftctl", str(exc), 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""weftd: the node daemon. flanneld's flags, files and lease behaviour, on weft's stores and backends.
+
+Life of a node:
+  wait for the network config -> pick the interface -> recall our previous lease (same public IP)
+  -> backend.lease_attrs -> acquire -> backend.setup -> ip-masq -> write subnet.env (now ready)
+  -> follow the other leases (peers) and renew ours until told to stop.
+
+SIGTERM/SIGINT stop cleanly and leave the lease and the data plane in place, so a restart (even
+after kill -9) finds its lease by public IP and keeps the same subnet without disturbing traffic.
+``--teardown`` instead removes the data plane on exit (the lease stays until it expires).
+
+A lease deleted by an operator is noticed (by the watch at once, or by the next renewal): weftd
+logs "lease has been revoked", and exits with status 1, as flanneld does; a supervisor that
+restarts it (the shipped systemd unit does) makes it acquire a lease again.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+
+from . import flags, subnetenv
+from .backends import BackendError, BackendOptions, load_backend
+from .config import ConfigError
+from .health import HealthServer
+from .iface import IfaceError, resolve
+from .lease import Lease
+from .manager import (DEFAULT_TTL, ConfigMissing, LeaseEvent, LeaseManager, LeaseRevoked,
+                      LeaseWatcher)
+from .store import StoreError, StoreUnavailable
+
+log = logging.getLogger("weft.daemon")
+
+RESYNC_INTERVAL = 10.0  # seconds between backend.resync() calls (flannel's route check)
+RENEW_RETRY = 60.0  # seconds between renewal retries after an error (flannel)
+
+
+def build_parser() -> flags.Parser:
+    p = flags.Parser(prog="weftd", description="weft node daemon (flanneld-compatible flags)")
+    flags.add_store_flags(p)
+    flags.add_flag(p, "iface", help="interface (name or IP) for inter-node traffic")
+    flags.add_flag(p, "public-ip", help="IP this node is reached at (default: the interface's)")
+    flags.add_flag(p, "subnet-file", default="/run/flannel/subnet.env", help="subnet.env to write")
+    flags.add_flag(p, "subnet-lease-renew-margin", kind=int, default=60,
+                   help="minutes before expiry to renew the lease (1..1439)")
+    flags.add_flag(p, "ip-masq", kind=bool, default=False, help="masquerade traffic leaving the network")
+    flags.add_flag(p, "healthz-ip", default="0.0.0.0", help="address of /healthz, /readyz, /metrics")
+    flags.add_flag(p, "healthz-port", kind=int, default=0, help="port of /healthz (0: off)")
+    flags.add_flag(p, "dataplane", help="override Backend.Dataplane: kernel, ebpf, fastpath, python")
+    flags.add_flag(p, "lease-ttl", kind=int, default=DEFAULT_TTL, help="lease TTL in seconds (weft)")
+    flags.add_flag(p, "vxlan-tx-csum-off", kind=bool, default=False,
+                   help="turn off tx checksum offload on the VXLAN device (kernel bug workaround)")
+    flags.add_flag(p, "teardown", kind=bool, default=False, help="remove the data plane on exit")
+    flags.add_flag(p, "v", kind=int, default=0, help="log verbosity (0: info, 1+: debug)")
+    return p
+
+
+def parse_args(argv):
+    parser = build_parser()
+    args = parser.parse_args(flags.normalize(list(argv), flags.long_flags_of(parser)))
+    if not 1 <= args.subnet_lease_renew_margin <= 1439:
+        raise flags.UsageError(f"-subnet-lease-renew-margin {args.subnet_lease_renew_margin}: "
+                               "must be 1..1439 minutes")
+    if not 0 <= args.healthz_port <= 65535:
+        raise flags.UsageError(f"-healthz-port {args.healthz_port}: must be 0..65535")
+    if args.lease_ttl < 2:
+        raise flags.UsageError(f"--lease-ttl {args.lease_ttl}: must be at least 2 seconds")
+    return args
+
+
+class Daemon:
+    def __init__(self, args):
+        self.args = args
+        self.stop = threading.Event()
+        self.exit_code = 0
+        self.ready = False
+        self.lease: Lease | None = None
+        self.backend = None
+        self.watcher: LeaseWatcher | None = None
+        self.peers: dict[ipaddress.IPv4Network, Lease] = {}
+        self.incompatible: set = set()
+        self.counters: Counter[str] = Counter()
+        self.store = None
+        self._peer_lock = threading.Lock()
+
+    # -- peers ------------------------------------------------------------------------------
+    def on_lease_event(self, event: LeaseEvent) -> None:
+        lease = event.lease
+        self.counters[f"watch_{event.kind}"] += 1
+        if self.lease is not None and lease.subnet == self.lease.subnet:
+            if event.kind in ("removed", "expired"):
+                self.revoked(f"lease {lease.subnet} was {event.kind} in the store")
+            return
+        with self._peer_lock:
+            if event.kind in ("removed", "expired"):
+                self.incompatible.discard(lease.subnet)
+                if self.peers.pop(lease.subnet, None) is not None:
+                    log.info("peer %s (%s) %s", lease.subnet, lease.attrs.public_ip, event.kind)
+                    self.backend.remove_peer(lease)
+                return
+            if not self.backend.accepts(lease):
+                if lease.subnet not in self.incompatible:
+                    log.warning("peer %s (%s) speaks %s, not %s: not programmed", lease.subnet,
+                                lease.attrs.public_ip, lease.attrs.wire_type, self.backend.wire_type)
+                    self.incompatible.add(lease.subnet)
+                old = self.peers.pop(lease.subnet, None)
+                if old is not None:
+                    self.backend.remove_peer(old)
+                return
+            self.incompatible.discard(lease.subnet)
+            if event.kind == "added":
+                log.info("peer %s (%s) added", lease.subnet, lease.attrs.public_ip)
+            self.peers[lease.subnet] = lease
+            self.backend.add_peer(lease)
+
+    def revoked(self, why: str) -> None:
+        if not self.stop.is_set():
+            log.error("%s: lease has been revoked, shutting down", why)
+            self.exit_code = 1
+            self.stop.set()
+
+    # -- main -------------------------------------------------------------------------------
+    def wait_for_config(self, manager: LeaseManager):
+        warned = False
+        while not self.stop.is_set():
+            try:
+                return manager.get_config()
+            except (ConfigMissing, StoreUnavailable) as exc:
+                if not warned:
+                    log.warning("%s; waiting", exc)
+                    warned = True
+                self.stop.wait(1.0)
+        return None
+
+    def run(self) -> int:
+        a = self.args
+        self.store = flags.open_store_from_args(a)
+        manager = LeaseManager(self.store, ttl=a.lease_ttl)
+        health = None
+        if a.healthz_port:
+            health = HealthServer(a.healthz_ip, a.healthz_port, self)
+            health.start()
+        try:
+            config = self.wait_for_config(manager)
+            if config is None:
+                return 0
+            config = config.with_dataplane(a.dataplane)
+            iface = resolve(a.iface, a.public_ip)
+            backend_cls = load_backend(config.backend.name)
+            self.backend = backend_cls(config, iface, BackendOptions(
+                ip_masq=a.ip_masq, vxlan_tx_csum_off=a.vxlan_tx_csum_off))
+            previous = manager.find_by_ip(iface.public_ip)
+            attrs = self.backend.lease_attrs(previous)
+            self.lease = manager.acquire(config, attrs, subnetenv.previous_subnet(a.subnet_file))
+            log.info("lease %s on %s (%s, public IP %s), backend %s, MTU %d", self.lease.subnet,
+                     iface.name, iface.address, iface.public_ip, config.backend.name, self.backend.mtu)
+            self.backend.setup(self.lease)
+            masq = None
+            if a.ip_masq:
+                from .masq import Masquerade
+                masq = Masquerade()
+                masq.setup(config.network, self.lease.subnet)
+            subnetenv.write(a.subnet_file, config.network, self.lease.subnet, self.backend.mtu, a.ip_masq)
+            self.ready = True
+            self.watcher = LeaseWatcher(self.store, self.on_lease_event)
+            watch_thread = threading.Thread(target=self.watcher.run, args=(self.stop,),
+                                            name="lease-watch", daemon=True)
+            watch_thread.start()
+            self.renew_loop(manager)
+            watch_thread.join(timeout=5)
+            if a.teardown:
+                log.info("tearing down the data plane")
+                self.backend.teardown()
+                if masq is not None:
+                    masq.teardown()
+            return self.exit_code
+        finally:
+            if health is not None:
+                health.stop()
+            self.store.close()
+
+    def renew_loop(self, manager: LeaseManager) -> None:
+        margin = self.args.subnet_lease_renew_margin * 60
+        next_resync = time.monotonic() + RESYNC_INTERVAL
+        renew_at = self._renew_time(margin)
+        while not self.stop.is_set():
+            now = time.time()
+            if now >= renew_at:
+                try:
+                    self.lease = manager.renew(self.lease)
+                    self.counters["renewals"] += 1
+                    renew_at = self._renew_time(margin)
+                    log.info("renewed lease %s until %s", self.lease.subnet,
+                             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.lease.expiration))
+                             if self.lease.expiration else "forever (reservation)")
+                except LeaseRevoked as exc:
+                    self.revoked(str(exc))
+                    break
+                except StoreError as exc:
+                    self.counters["renewal_errors"] += 1
+                    retry = min(RENEW_RETRY, max(1.0, self.lease.remaining() / 4))
+                    log.warning("renewing lease failed: %s; retrying in %.0f s", exc, retry)
+                    renew_at = now + retry
+            if time.monotonic() >= next_resync:
+                next_resync = time.monotonic() + RESYNC_INTERVAL
+                try:
+                    self.backend.resync()
+                except Exception:
+                    log.exception("backend resync failed")
+            self.stop.wait(max(0.05, min(renew_at - time.time(), next_resync - time.monotonic(), 1.0)))
+
+    def _renew_time(self, margin: float) -> float:
+        remaining = self.lease.remaining()
+        if remaining == float("inf"):
+            return float("inf")  # a reservation never expires
+        wait = remaining - margin
+        if wait <= 0:  # the margin is longer than the TTL: renew at half-life
+            wait = remaining / 2
+        return time.time() + wait
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+    except flags.UsageError as exc:
+        return flags.fail("weftd", str(exc), 2)
+    logging.basicConfig(level=logging.DEBUG if args.v else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    daemon = Daemon(args)
+
+    def on_signal(signum, _frame):
+        log.info("received %s; stopping (lease and data plane stay in place)", signal.Signals(signum).name)
+        daemon.stop.set()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return daemon.run()
+    except (ConfigError, StoreError, BackendError, IfaceError, flags.UsageError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Lease logic, written once for every store (flannel's LocalManager).
+
+Acquisition, in flannel's order (``tryAcquireLease``):
+1. the lease (or reservation) this public IP already holds, if the config still covers it;
+2. else the subnet from the previous subnet.env, if free and inside the config;
+3. else a random free subnet among the first 100 free ones between SubnetMin and SubnetMax.
+Creation is atomic create-if-absent; a lost race retries (10 times, as flannel). Keys without TTL
+are reservations: only the public IP written in them ever takes them.
+
+Renewal re-puts the value with a fresh TTL, and only if the key still exists: a lease an operator
+deleted raises ``LeaseRevoked`` instead of being quietly recreated.
+
+``LeaseWatcher`` turns a store's raw history into lease events (added, renewed, removed, expired),
+listing first and then watching from the listed revision, so no lease is missed however many
+daemons start at once; after a compaction or a reconnect it re-lists and emits the difference.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import NetworkConfig, parse_config
+from .lease import Lease, LeaseAttrs, LeaseFormatError
+from .store import (LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError, StoreUnavailable,
+                    WatchCompacted)
+
+log = logging.getLogger("weft.lease")
+
+RACE_RETRIES = 10
+FREE_CANDIDATES = 100
+DEFAULT_TTL = 24 * 3600
+
+
+class ConfigMissing(StoreError):
+    pass
+
+
+class NetworkFull(StoreError):
+    pass
+
+
+class LeaseRevoked(StoreError):
+    pass
+
+
+def decode(record: LeaseRecord) -> Lease:
+    """A store record as a Lease; LeaseFormatError when its value is not flannel's format."""
+    return Lease(record.subnet, LeaseAttrs.from_json(record.value), record.expiration, record.revision)
+
+
+class LeaseManager:
+    def __init__(self, store: Store, ttl: float = DEFAULT_TTL, rng: random.Random | None = None):
+        self.store = store
+        self.ttl = ttl
+        self.rng = rng or random.Random()
+
+    def get_config(self) -> NetworkConfig:
+        text = self.store.get_config()
+        if text is None:
+            prefix = getattr(self.store, "prefix", "")
+            raise ConfigMissing(f"network config not found at {prefix}/config "
+                                "(write it with: weftctl config put FILE; with etcd, the v3 API)")
+        return parse_config(text)
+
+    def leases(self) -> tuple[list[Lease], int]:
+        """Every well-formed live lease; malformed ones are logged and left alone."""
+        records, rev = self.store.list_leases()
+        out = []
+        for r in records:
+            try:
+                out.append(decode(r))
+            except LeaseFormatError as exc:
+                log.warning("ignoring lease %s: %s", r.subnet, exc)
+        return out, rev
+
+    def find_by_ip(self, public_ip: ipaddress.IPv4Address) -> Lease | None:
+        leases, _ = self.leases()
+        return next((l for l in leases if l.attrs.public_ip == public_ip), None)
+
+    def acquire(self, config: NetworkConfig, attrs: LeaseAttrs,
+                previous_subnet: ipaddress.IPv4Network | None = None) -> Lease:
+        value = attrs.to_json()
+        for _ in range(RACE_RETRIES):
+            records, _ = self.store.list_leases()
+            taken = {r.subnet for r in records}
+            mine = None
+            for r in records:
+                try:
+                    if LeaseAttrs.from_json(r.value).public_ip == attrs.public_ip:
+                        mine = r
+                        break
+                except LeaseFormatError:
+                    continue
+            if mine is not None:
+                if config.contains_subnet(mine.subnet):
+                    ttl = None if mine.expiration is None else self.ttl  # a reservation stays one
+                    try:
+                        rec = self.store.update_lease(mine.subnet, value, ttl)
+                    except LeaseNotFound:
+                        continue  # deleted under us: start over
+                    log.info("reusing lease %s held by %s", mine.subnet, attrs.public_ip)
+                    return Lease(rec.subnet, attrs, rec.expiration, rec.revision)
+                log.warning("lease %s of %s is outside the current config; deleting it",
+                            mine.subnet, attrs.public_ip)
+                self.store.delete_lease(mine.subnet)
+                taken.discard(mine.subnet)
+
+            if previous_subnet is not None and config.contains_subnet(previous_subnet) \
+                    and previous_subnet not in taken:
+                candidate = previous_subnet
+            else:
+                candidate = self._random_free(config, taken)
+            try:
+                rec = self.store.create_lease(candidate, value, self.ttl)
+            except LeaseExists:
+                continue
+            log.info("acquired lease %s for %s", candidate, attrs.public_ip)
+            return Lease(rec.subnet, attrs, rec.expiration, rec.revision)
+        raise StoreError(f"could not acquire a lease after {RACE_RETRIES} races with other nodes")
+
+    def _random_free(self, config: NetworkConfig, taken: set) -> ipaddress.IPv4Network:
+        free = []
+        for i in range(config.subnet_count):
+            s = config.subnet_at(i)
+            if s not in taken:
+                free.append(s)
+                if len(free) >= FREE_CANDIDATES:
+                    break
+        if not free:
+            raise NetworkFull(f"network {config.network} is full: all {config.subnet_count} "
+                              f"/{config.subnet_len} subnets between {config.subnet_min} and "
+                              f"{config.subnet_max} are leased or reserved")
+        return self.rng.choice(free)
+
+    def renew(self, lease: Lease) -> Lease:
+        ttl = None if lease.expiration is None else self.ttl
+        try:
+            rec = self.store.update_lease(lease.subnet, lease.attrs.to_json(), ttl)
+        except LeaseNotFound:
+            raise LeaseRevoked(f"lease {lease.subnet} has been revoked (deleted from the store)") from None
+        return Lease(rec.subnet, lease.attrs, rec.expiration, rec.revision)
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    kind: str  # "added", "renewed", "removed", "expired"
+    lease: Lease
+
+
+class LeaseWatcher:
+    """Follows every lease in the store and calls ``on_event`` for each change, in order."""
+
+    def __init__(self, store: Store, on_event: Callable[[LeaseEvent], None],
+                 poll_timeout: float = 1.0, retry_interval: float = 1.0):
+        self.store = store
+        self.on_event = on_event
+        self.poll_timeout = poll_timeout
+        self.retry_interval = retry_interval
+        self.known: dict[ipaddress.IPv4Network, Lease] = {}
+        self.revision = 0
+        self.synced = threading.Event()
+        self.stats: Counter[str] = Counter()
+        self._bad: dict = {}
+
+    def _decode(self, record: LeaseRecord) -> Lease | None:
+        try:
+            return decode(record)
+        except LeaseFormatError as exc:
+            if self._bad.get(record.subnet) != record.revision:
+                self._bad[record.subnet] = record.revision
+                self.stats["bad_leases"] += 1
+                log.warning("ignoring lease %s: %s", record.subnet, exc)
+            return None
+
+    def _emit(self, kind: str, lease: Lease) -> None:
+        self.stats[kind] += 1
+        try:
+            self.on_event(LeaseEvent(kind, lease))
+        except Exception:  # a handler bug must not stop the watch
+            self.stats["handler_errors"] += 1
+            log.exception("lease event handler failed on %s %s", kind, lease.subnet)
+
+    def resync(self) -> None:
+        """List everything and emit what changed since what we knew."""
+        records, rev = self.store.list_leases()
+        current = {}
+        for r in records:
+            lease = self._decode(r)
+            if lease is not None:
+                current[lease.subnet] = lease
+        for subnet in [s for s in self.known if s not in current]:
+            self._emit("removed", self.known.pop(subnet))
+        for subnet, lease in current.items():
+            old = self.known.get(subnet)
+            if old is None:
+                self.known[subnet] = lease
+                self._emit("added", lease)
+            elif old.revision != lease.revision:
+                self.known[subnet] = lease
+                self._emit("renewed", lease)
+        self.revision = rev
+        self.synced.set()
+
+    def _apply(self, event) -> None:
+        if event.kind == "put":
+            lease = self._decode(event.record)
+            old = self.known.get(event.subnet)
+            if lease is None:
+                if old is not None:  # replaced by garbage: it no longer describes a peer
+                    self._emit("removed", self.known.pop(event.subnet))
+                return
+            self.known[event.subnet] = lease
+            self._emit("added" if old is None else "renewed", lease)
+        else:
+            old = self.known.pop(event.subnet, None)
+            if old is not None:
+                expired = event.expired or (old.expiration is not None
+                                            and old.expiration <= time.time() + 1)
+                self._emit("expired" if expired else "removed", old)
+
+    def run(self, stop: threading.Event) -> None:
+        need_list = True
+        while not stop.is_set():
+            watch = None
+            try:
+                if need_list:
+                    self.resync()
+                    need_list = False
+                watch = self.store.watch(self.revision)
+                while not stop.is_set():
+                    for event in watch.get(self.poll_timeout):
+                        self.revision = max(self.revision, event.revision)
+                        self._apply(event)
+            except WatchCompacted as exc:
+                self.stats["resyncs"] += 1
+                log.info("watch fell behind (%s); re-listing", exc)
+                need_list = True
+            except StoreUnavailable as exc:
+                self.stats["errors"] += 1
+                log.warning("store unavailable: %s; retrying", exc)
+                stop.wait(self.retry_interval)
+            except StoreError as exc:
+                self.stats["errors"] += 1
+                log.warning("watch failed: %s; re-listing", exc)
+                need_list = True
+                stop.wait(self.retry_interval)
+            finally:
+                if watch is not None:
+                    watch.close()

@@ -1,0 +1,87 @@
+"""weftctl: config, leases, reservations and docker-opts, as an operator uses them."""
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import pytest
+
+from controlplane.lease import LeaseAttrs
+from controlplane.store.sqlite import SQLiteStore
+
+from .daemons import run_tool
+
+
+@pytest.fixture
+def args(tmp_path):
+    return ["--store", f"sqlite://{tmp_path}/weft.db", "-etcd-prefix", "/test/net"]
+
+
+def ctl(args, *more, input=None):
+    return run_tool("controlplane.ctl", *args, *more, input=input)
+
+
+def test_config_put_get(args, tmp_path):
+    f = tmp_path / "net.json"
+    f.write_text('{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}\n')
+    assert ctl(args, "config", "put", str(f)).returncode == 0
+    r = ctl(args, "config", "get")
+    assert r.returncode == 0 and json.loads(r.stdout)["Backend"]["Type"] == "host-gw"
+
+
+def test_config_put_rejects_bad_config(args):
+    r = ctl(args, "config", "put", "-", input='{"Network":"10.5.0.0/16","SubnetMin":"10.9.0.0"}')
+    assert r.returncode == 1
+    assert r.stderr.strip() == "weftctl: SubnetMin: 10.9.0.0 is outside Network 10.5.0.0/16"
+    r = ctl(args, "config", "get")
+    assert r.returncode == 1 and "no config at /test/net/config" in r.stderr
+
+
+def test_leases_reserve_release(args, tmp_path):
+    ctl(args, "config", "put", "-", input='{"Network":"10.5.0.0/16"}')
+    store = SQLiteStore(str(tmp_path / "weft.db"), prefix="/test/net")
+    store.create_lease(ipaddress.IPv4Network("10.5.9.0/24"),
+                       LeaseAttrs(ipaddress.IPv4Address("198.18.0.9"), "vxlan",
+                                  {"VNI": 1, "VtepMAC": "5e:bb:b4:14:2b:45"}).to_json(), ttl=3600)
+    store.close()
+    r = ctl(args, "reserve", "10.5.3.0/24", "--public-ip", "198.18.0.3")
+    assert r.returncode == 0 and "reserved 10.5.3.0/24 for 198.18.0.3" in r.stdout
+    table = ctl(args, "leases").stdout.splitlines()
+    assert table[0].split() == ["SUBNET", "PUBLIC", "IP", "BACKEND", "EXPIRES"]
+    assert "never (reservation)" in table[1] and table[1].startswith("10.5.3.0/24")
+    assert table[2].startswith("10.5.9.0/24") and "vxlan" in table[2] and "(in 0h59m)" in table[2]
+    leases = json.loads(ctl(args, "leases", "--json").stdout)
+    assert [l["subnet"] for l in leases] == ["10.5.3.0/24", "10.5.9.0/24"]
+    assert leases[1]["backend_data"] == {"VNI": 1, "VtepMAC": "5e:bb:b4:14:2b:45"}
+    assert leases[0]["reservation"] is True and leases[1]["reservation"] is False
+
+    # A node's own lease becomes a reservation; someone else's cannot be reserved.
+    r = ctl(args, "reserve", "10.5.9.0/24", "--public-ip", "198.18.0.7")
+    assert r.returncode == 1 and "is held by 198.18.0.9" in r.stderr
+    assert ctl(args, "reserve", "10.5.9.0/24", "--public-ip", "198.18.0.9").returncode == 0
+    assert json.loads(ctl(args, "leases", "--json").stdout)[1]["reservation"] is True
+    r = ctl(args, "reserve", "10.6.0.0/24", "--public-ip", "198.18.0.9")
+    assert r.returncode == 1 and "not a subnet of the configured network" in r.stderr
+    r = ctl(args, "reserve", "10.5.3.1/24", "--public-ip", "198.18.0.9")
+    assert r.returncode == 2 and "not an IPv4 subnet" in r.stderr
+
+    assert ctl(args, "release", "10.5.3.0/24").returncode == 0
+    r = ctl(args, "release", "10.5.3.0/24")
+    assert r.returncode == 1 and "no lease or reservation for 10.5.3.0/24" in r.stderr
+
+
+def test_docker_opts(tmp_path):
+    env = tmp_path / "subnet.env"
+    env.write_text("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.52.1/24\nFLANNEL_MTU=1450\n"
+                   "FLANNEL_IPMASQ=true\n")
+    out = tmp_path / "docker_opts.env"
+    r = run_tool("controlplane.ctl", "docker-opts", "-f", str(env), "-d", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == ('DOCKER_OPT_BIP="--bip=10.5.52.1/24"\n'
+                               'DOCKER_OPT_IPMASQ="--ip-masq=false"\n'
+                               'DOCKER_OPT_MTU="--mtu=1450"\n'
+                               'DOCKER_OPTS="--bip=10.5.52.1/24 --ip-masq=false --mtu=1450"\n')
+    r = run_tool("controlplane.ctl", "docker-opts", "-f", str(env), "-d", "-", "-c", "-m", "-k", "OPTS")
+    assert r.stdout == 'OPTS="--bip=10.5.52.1/24 --mtu=1450"\n'
+    r = run_tool("controlplane.ctl", "docker-opts", "-f", str(tmp_path / "none.env"), "-d", "-")
+    assert r.returncode == 1 and "missing or empty" in r.stderr
