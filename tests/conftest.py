@@ -22,3 +22,18 @@ HAVE_ETCD = shutil.which("etcd") is not None and shutil.which("etcdctl") is not 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (network namespaces)")
 needs_bcc = pytest.mark.skipif(not HAVE_BCC, reason="needs bcc (Debian python3-bpfcc) and kernel headers")
 needs_etcd = pytest.mark.skipif(not HAVE_ETCD, reason="needs etcd and etcdctl (Debian etcd-server, etcd-client)")
+
+
+REQUIRE_ALL = os.environ.get("WEFT_REQUIRE_ALL") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (WEFT_REQUIRE_ALL=1) a skipped test is a failure: the bootstrap must provide root,
+    bcc, etcd and the rest, and a skip would hide that it did not."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI (WEFT_REQUIRE_ALL=1), which must run everything: {reason}"
