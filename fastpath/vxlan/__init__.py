@@ -1,0 +1,1 @@
+"""VXLAN wire format (flannel's ``vxlan`` backend): data planes that speak it."""

@@ -1,0 +1,489 @@
+"""``vxlan/kernel``: flannel's vxlan backend, programmed through the kernel's VXLAN device.
+
+Design notes (after flannel's ``pkg/backend/vxlan/vxlan.go``):
+
+- One device, ``flannel.<VNI>``: VXLAN id VNI, UDP port 8472 (``Backend.Port``), source address the
+  underlay interface's address, bound to that interface, learning off. It holds
+  ``<our subnet's network address>/32`` and has MTU = underlay MTU - 50.
+- Nothing is learnt and nothing is asked for. flannel's first version answered the kernel's L2MISS
+  and L3MISS netlink callouts from userspace, the second only L2MISS; both put a round trip to the
+  daemon on the first packet to every peer and lost packets while it was away. Like flannel today
+  we program everything statically, three entries per peer, as soon as its lease is seen:
+
+    1. neighbour ``<peer subnet>.0 lladdr <peer VtepMAC> nud permanent`` on flannel.N;
+    2. FDB entry ``<peer VtepMAC> dst <peer PublicIP> self permanent`` on flannel.N;
+    3. route ``<peer subnet> via <peer subnet>.0 dev flannel.N onlink``.
+
+  The order matters: the route goes last, so by the time the kernel can pick it both the inner
+  neighbour (VtepMAC for the gateway) and the outer destination (VtepMAC -> PublicIP) are known and
+  it never has to ARP or flood. Removal is the reverse (route first). ``onlink`` is needed because
+  ``<peer subnet>.0`` is in no prefix on flannel.N, whose only address is a /32.
+- The VTEP MAC is part of the lease (``BackendData.VtepMAC``) and peers pin it in their static
+  entries, so it must survive restarts: it comes from the previous lease, else the existing
+  device, else it is a new random locally administered unicast MAC.
+- ``DirectRouting``: a peer whose PublicIP is on our underlay interface's own L2 subnet gets a plain
+  route via its PublicIP (host-gw style) and no neighbour or FDB entry.
+- A peer whose VtepMAC or PublicIP changes gets its stale FDB/neighbour entries removed before the
+  new ones go in. ``resync`` re-adds any entry of a known peer that someone removed, and recreates
+  the device if it vanished (flannel's link watcher does the same on RTM_DELLINK).
+
+All netlink work goes through one pyroute2 ``IPRoute`` in the calling process's network namespace.
+pyroute2's synchronous API runs its own asyncio loop, so these methods must not be called from a
+thread that is running an event loop (use ``asyncio.to_thread``). A lock serialises them.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import random
+import re
+import shutil
+import socket
+import subprocess
+import threading
+from dataclasses import dataclass
+
+from controlplane.backends.base import Backend, BackendError, BackendOptions, ExternalInterface
+from controlplane.config import NetworkConfig
+from controlplane.lease import Lease, LeaseAttrs
+
+log = logging.getLogger("weft.backend.vxlan")
+
+MAIN_TABLE = 254
+NUD_PERMANENT = 0x80
+NUD_NOARP = 0x40
+NTF_SELF = 0x02
+RTNH_F_ONLINK = 0x04
+# Errors that mean "already gone" when deleting.
+_GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL, errno.ENXIO}
+_MAC_RE = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
+
+
+def parse_unicast_mac(value) -> str | None:
+    """``value`` as a normalised ``aa:bb:cc:dd:ee:ff`` when it is a unicast, non-zero MAC; else None."""
+    if not isinstance(value, str) or not _MAC_RE.match(value.lower()):
+        return None
+    mac = value.lower().replace("-", ":")
+    first = int(mac[:2], 16)
+    if first & 1 or mac == "00:00:00:00:00:00":
+        return None
+    return mac
+
+
+def random_mac(rng: random.Random | None = None) -> str:
+    """A random locally administered unicast MAC."""
+    octets = [(rng or random.SystemRandom()).randrange(256) for _ in range(6)]
+    octets[0] = (octets[0] & 0xFE) | 0x02
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+@dataclass(frozen=True)
+class _Peer:
+    """What one peer lease is programmed as."""
+    subnet: ipaddress.IPv4Network
+    public_ip: ipaddress.IPv4Address
+    mac: str | None  # None: direct route
+    direct: bool
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.subnet.network_address
+
+
+def _nl_errno(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, int) else None
+
+
+class VXLANKernelBackend(Backend):
+    wire_type = "vxlan"
+    dataplane = "kernel"
+
+    def __init__(self, config: NetworkConfig, iface: ExternalInterface,
+                 options: BackendOptions = BackendOptions()):
+        super().__init__(config, iface, options)
+        self.vni = config.backend.vni
+        self.port = config.backend.effective_port
+        self.dev_name = f"flannel.{self.vni}"
+        self.local = iface.address or iface.public_ip
+        self.vtep_mac: str | None = None
+        self.lease: Lease | None = None
+        self._l2_net: ipaddress.IPv4Network | None = None
+        self._peers: dict[ipaddress.IPv4Network, _Peer] = {}
+        self._failed: set[ipaddress.IPv4Network] = set()
+        self._counters = {"entries_restored": 0, "peers_bad_backend_data": 0, "peer_errors": 0,
+                          "device_recreated": 0, "tx_csum_off_failed": 0}
+        self._lock = threading.RLock()
+        self._ipr = None
+
+    # -- netlink plumbing -------------------------------------------------------------------------
+
+    @property
+    def ipr(self):
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+            self._ipr = IPRoute()
+        return self._ipr
+
+    def close(self) -> None:
+        """Release the netlink socket (the data plane stays)."""
+        with self._lock:
+            if self._ipr is not None:
+                self._ipr.close()
+                self._ipr = None
+
+    def _dev_index(self) -> int | None:
+        found = self.ipr.link_lookup(ifname=self.dev_name)
+        return found[0] if found else None
+
+    def _ignore_gone(self, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # pyroute2's NetlinkError
+            if _nl_errno(exc) not in _GONE:
+                raise
+
+    # -- lease and device -------------------------------------------------------------------------
+
+    def lease_attrs(self, previous: Lease | None) -> LeaseAttrs:
+        with self._lock:
+            if self.vtep_mac is None:
+                self.vtep_mac = self._pick_mac(previous)
+            return LeaseAttrs(self.iface.public_ip, self.wire_type,
+                              {"VNI": self.vni, "VtepMAC": self.vtep_mac})
+
+    def _pick_mac(self, previous: Lease | None) -> str:
+        if previous is not None and isinstance(previous.attrs.backend_data, dict):
+            mac = parse_unicast_mac(previous.attrs.backend_data.get("VtepMAC"))
+            if mac:
+                return mac
+        idx = self._dev_index()
+        if idx is not None:
+            mac = parse_unicast_mac(self.ipr.link("get", index=idx)[0].get("IFLA_ADDRESS"))
+            if mac:
+                return mac
+        return random_mac()
+
+    def setup(self, lease: Lease) -> None:
+        with self._lock:
+            if self.vtep_mac is None:
+                data = lease.attrs.backend_data
+                mac = parse_unicast_mac(data.get("VtepMAC")) if isinstance(data, dict) else None
+                self.vtep_mac = mac or self._pick_mac(None)
+            self.lease = lease
+            try:
+                self._l2_net = self._iface_network()
+                self._ensure_device()
+            except BackendError:
+                raise
+            except Exception as exc:  # pyroute2's NetlinkError, an OSError
+                raise BackendError(f"vxlan: cannot set up {self.dev_name} on {self.iface.name}: "
+                                   f"{exc}") from None
+            for peer in list(self._peers.values()):  # setup again after a lease change
+                self._program(peer)
+
+    def _iface_network(self) -> ipaddress.IPv4Network | None:
+        """The underlay interface's own L2 subnet (address + prefix length), for DirectRouting."""
+        if self.iface.address is None:
+            return None
+        for msg in self.ipr.get_addr(family=socket.AF_INET, index=self.iface.index):
+            if msg.get("IFA_ADDRESS") == str(self.iface.address):
+                return ipaddress.IPv4Interface(f"{self.iface.address}/{msg['prefixlen']}").network
+        return None
+
+    def _device_compatible(self, msg) -> bool:
+        info = msg.get("IFLA_LINKINFO")
+        if info is None or info.get("IFLA_INFO_KIND") != "vxlan":
+            return False
+        data = info.get("IFLA_INFO_DATA")
+        if data is None:
+            return False
+        return (data.get("IFLA_VXLAN_ID") == self.vni
+                and data.get("IFLA_VXLAN_PORT") == self.port
+                and data.get("IFLA_VXLAN_LOCAL") == str(self.local)
+                and data.get("IFLA_VXLAN_LINK") == self.iface.index
+                and not data.get("IFLA_VXLAN_LEARNING"))
+
+    def _ensure_device(self) -> int:
+        """Create (or fix, or recreate) flannel.N; return its index."""
+        ipr = self.ipr
+        idx = self._dev_index()
+        if idx is not None and not self._device_compatible(ipr.link("get", index=idx)[0]):
+            log.info("%s exists with other settings (VNI, port, local address or link); recreating",
+                     self.dev_name)
+            self._ignore_gone(ipr.link, "del", index=idx)
+            idx = None
+        if idx is None:
+            try:
+                ipr.link("add", ifname=self.dev_name, kind="vxlan", vxlan_id=self.vni,
+                         vxlan_link=self.iface.index, vxlan_local=str(self.local),
+                         vxlan_port=self.port, vxlan_learning=0)
+            except Exception as exc:
+                if _nl_errno(exc) != errno.EEXIST:
+                    raise
+            idx = self._dev_index()
+            if idx is None:
+                raise BackendError(f"vxlan: {self.dev_name} vanished right after it was created")
+        link = ipr.link("get", index=idx)[0]
+        if parse_unicast_mac(link.get("IFLA_ADDRESS")) != self.vtep_mac:
+            try:
+                ipr.link("set", index=idx, address=self.vtep_mac)
+            except Exception as exc:
+                if _nl_errno(exc) != errno.EBUSY:
+                    raise
+                ipr.link("set", index=idx, state="down")
+                ipr.link("set", index=idx, address=self.vtep_mac)
+        if link.get("IFLA_MTU") != self.mtu:
+            ipr.link("set", index=idx, mtu=self.mtu)
+        # Exactly one IPv4 address: <subnet network address>/32 (flannel removes any other).
+        want = str(self.lease.subnet.network_address)
+        have = False
+        for msg in ipr.get_addr(family=socket.AF_INET, index=idx):
+            if msg.get("IFA_ADDRESS") == want and msg["prefixlen"] == 32:
+                have = True
+            else:
+                self._ignore_gone(ipr.addr, "del", index=idx, address=msg.get("IFA_ADDRESS"),
+                                  prefixlen=msg["prefixlen"])
+        if not have:
+            ipr.addr("add", index=idx, address=want, prefixlen=32)
+        ipr.link("set", index=idx, state="up")
+        if self.options.vxlan_tx_csum_off:
+            self._tx_csum_off()
+        return idx
+
+    def _tx_csum_off(self) -> None:
+        """flannel's workaround for broken checksums: ``ethtool -K flannel.N tx-checksum-ip-generic off``."""
+        feature = "tx-checksum-ip-generic"
+        try:
+            from pyroute2.ethtool import Ethtool
+            with Ethtool() as et:
+                feats = et.get_features(self.dev_name)
+                if feats.features[feature].enable:
+                    feats.features[feature].enable = False
+                    et.set_features(self.dev_name, feats)
+                if not et.get_features(self.dev_name).features[feature].enable:
+                    return
+        except Exception as exc:
+            log.debug("pyroute2 ethtool failed on %s (%s); trying the ethtool tool", self.dev_name, exc)
+        tool = shutil.which("ethtool") or "/usr/sbin/ethtool"
+        try:
+            res = subprocess.run([tool, "-K", self.dev_name, feature, "off"], capture_output=True,
+                                 text=True, timeout=10)
+            if res.returncode == 0:
+                return
+            reason = (res.stderr or res.stdout).strip().splitlines()[-1:] or [f"exit {res.returncode}"]
+            reason = reason[0]
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            reason = str(exc)
+        self._counters["tx_csum_off_failed"] += 1
+        log.warning("could not turn off tx checksum offload on %s: %s", self.dev_name, reason)
+
+    # -- peers -------------------------------------------------------------------------------------
+
+    def _decode(self, lease: Lease) -> _Peer | None:
+        data = lease.attrs.backend_data
+        raw = data.get("VtepMAC") if isinstance(data, dict) else None
+        mac = parse_unicast_mac(raw)
+        if mac is None:
+            why = ("no BackendData object" if not isinstance(data, dict)
+                   else "no VtepMAC" if raw is None else f"VtepMAC {raw!r} is not a unicast MAC")
+            self._counters["peers_bad_backend_data"] += 1
+            log.warning("peer %s (%s): bad vxlan BackendData (%s); skipped",
+                        lease.subnet, lease.attrs.public_ip, why)
+            return None
+        direct = bool(self.config.backend.direct_routing and self._l2_net is not None
+                      and lease.attrs.public_ip in self._l2_net)
+        return _Peer(lease.subnet, lease.attrs.public_ip, None if direct else mac, direct)
+
+    def add_peer(self, lease: Lease) -> None:
+        with self._lock:
+            if self.lease is not None and lease.subnet == self.lease.subnet:
+                return
+            peer = self._decode(lease)
+            if peer is None:
+                return
+            old = self._peers.get(peer.subnet)
+            if old is not None and old != peer:
+                try:
+                    self._remove_stale(old, peer)
+                except Exception as exc:
+                    log.warning("peer %s: removing stale entries failed: %s", peer.subnet, exc)
+            self._peers[peer.subnet] = peer
+            self._program(peer)
+
+    def _program(self, peer: _Peer) -> bool:
+        """neigh, fdb, route, in that order; on failure roll back neigh/fdb, count, retry in resync."""
+        try:
+            self._apply(peer)
+        except Exception as exc:
+            self._counters["peer_errors"] += 1
+            self._failed.add(peer.subnet)
+            log.warning("peer %s (%s): programming failed, will retry: %s",
+                        peer.subnet, peer.public_ip, exc)
+            if not peer.direct:
+                try:
+                    self._unapply(peer, route=False)
+                except Exception:
+                    pass
+            return False
+        self._failed.discard(peer.subnet)
+        return True
+
+    def _apply(self, peer: _Peer, parts: tuple[str, ...] = ("neigh", "fdb", "route")) -> None:
+        ipr = self.ipr
+        if peer.direct:
+            if "route" in parts:
+                ipr.route("replace", dst=str(peer.subnet), gateway=str(peer.public_ip),
+                          oif=self.iface.index)
+            return
+        idx = self._dev_index()
+        if idx is None:
+            raise BackendError(f"{self.dev_name} does not exist")
+        if "neigh" in parts:
+            ipr.neigh("replace", ifindex=idx, dst=str(peer.gateway), lladdr=peer.mac,
+                      state=NUD_PERMANENT)
+        if "fdb" in parts:
+            ipr.fdb("replace", ifindex=idx, lladdr=peer.mac, dst=str(peer.public_ip),
+                    state=NUD_PERMANENT | NUD_NOARP, flags=NTF_SELF)
+        if "route" in parts:
+            ipr.route("replace", dst=str(peer.subnet), gateway=str(peer.gateway), oif=idx,
+                      flags=RTNH_F_ONLINK)
+
+    def _unapply(self, peer: _Peer, route: bool = True, fdb: bool = True, neigh: bool = True) -> None:
+        """Delete a peer's entries (route first); entries already gone are fine."""
+        ipr = self.ipr
+        if peer.direct:
+            if route:
+                self._ignore_gone(ipr.route, "del", dst=str(peer.subnet),
+                                  gateway=str(peer.public_ip), oif=self.iface.index)
+            return
+        idx = self._dev_index()
+        if idx is None:
+            return
+        if route:
+            self._ignore_gone(ipr.route, "del", dst=str(peer.subnet), gateway=str(peer.gateway),
+                              oif=idx)
+        if fdb:
+            self._ignore_gone(ipr.fdb, "del", ifindex=idx, lladdr=peer.mac, dst=str(peer.public_ip))
+        if neigh:
+            self._ignore_gone(ipr.neigh, "del", ifindex=idx, dst=str(peer.gateway))
+
+    def _remove_stale(self, old: _Peer, new: _Peer) -> None:
+        if old.direct and not new.direct:
+            return  # the onlink route replaces the direct one
+        if not old.direct and new.direct:
+            self._unapply(old, route=False)  # the direct route replaces the onlink one
+            return
+        if not old.direct and (old.mac != new.mac or old.public_ip != new.public_ip):
+            # The neighbour (same IP) is replaced in place; the old MAC's FDB entry is not.
+            self._unapply(old, route=False, neigh=False)
+
+    def remove_peer(self, lease: Lease) -> None:
+        with self._lock:
+            peer = self._peers.pop(lease.subnet, None)
+            self._failed.discard(lease.subnet)
+            if peer is None:
+                # Not programmed by us (bad data, or before a restart): remove what its lease implies.
+                data = lease.attrs.backend_data
+                mac = parse_unicast_mac(data.get("VtepMAC")) if isinstance(data, dict) else None
+                if mac is None:
+                    return
+                direct = bool(self.config.backend.direct_routing and self._l2_net is not None
+                              and lease.attrs.public_ip in self._l2_net)
+                peer = _Peer(lease.subnet, lease.attrs.public_ip, None if direct else mac, direct)
+            try:
+                self._unapply(peer)
+            except Exception as exc:
+                self._counters["peer_errors"] += 1
+                log.warning("peer %s: removal failed: %s", lease.subnet, exc)
+
+    # -- resync, teardown, stats ------------------------------------------------------------------
+
+    def _present(self) -> tuple[set, set, set]:
+        """(routes, neighbours, fdb entries) as sets of comparable tuples."""
+        ipr = self.ipr
+        idx = self._dev_index()
+        routes = set()
+        for r in ipr.route("dump", family=socket.AF_INET):
+            table = r.get("RTA_TABLE", r["table"])
+            if table != MAIN_TABLE or r.get("RTA_DST") is None:
+                continue
+            routes.add((r.get("RTA_DST"), r["dst_len"], r.get("RTA_GATEWAY"), r.get("RTA_OIF")))
+        neigh, fdb = set(), set()
+        if idx is not None:
+            for n in ipr.neigh("dump", ifindex=idx, family=socket.AF_INET):
+                if n["ifindex"] == idx and n["state"] & NUD_PERMANENT:
+                    neigh.add((n.get("NDA_DST"), (n.get("NDA_LLADDR") or "").lower()))
+            for f in ipr.fdb("dump", ifindex=idx):
+                if f["ifindex"] == idx:
+                    fdb.add(((f.get("NDA_LLADDR") or "").lower(), f.get("NDA_DST")))
+        return routes, neigh, fdb
+
+    def resync(self) -> None:
+        with self._lock:
+            if self.lease is None:
+                return
+            try:
+                if self._dev_index() is None:
+                    log.warning("%s vanished; recreating it", self.dev_name)
+                    self._ensure_device()
+                    self._counters["device_recreated"] += 1
+                routes, neigh, fdb = self._present()
+                idx = self._dev_index()
+            except Exception as exc:
+                log.warning("vxlan resync failed: %s", exc)
+                return
+            for subnet, peer in list(self._peers.items()):
+                if subnet in self._failed:
+                    self._program(peer)
+                    continue
+                missing = []
+                if peer.direct:
+                    key = (str(subnet.network_address), subnet.prefixlen, str(peer.public_ip),
+                           self.iface.index)
+                    if key not in routes:
+                        missing.append("route")
+                else:
+                    if (str(peer.gateway), peer.mac) not in neigh:
+                        missing.append("neigh")
+                    if (peer.mac, str(peer.public_ip)) not in fdb:
+                        missing.append("fdb")
+                    key = (str(subnet.network_address), subnet.prefixlen, str(peer.gateway), idx)
+                    if key not in routes:
+                        missing.append("route")
+                if not missing:
+                    continue
+                try:
+                    self._apply(peer, tuple(missing))
+                except Exception as exc:
+                    self._counters["peer_errors"] += 1
+                    self._failed.add(subnet)
+                    log.warning("peer %s: restoring %s failed: %s", subnet, ", ".join(missing), exc)
+                    continue
+                self._counters["entries_restored"] += len(missing)
+                log.info("peer %s: restored %s", subnet, ", ".join(missing))
+
+    def teardown(self) -> None:
+        with self._lock:
+            for peer in self._peers.values():
+                if peer.direct:
+                    try:
+                        self._unapply(peer)
+                    except Exception as exc:
+                        log.warning("peer %s: removing direct route failed: %s", peer.subnet, exc)
+            self._peers.clear()
+            self._failed.clear()
+            idx = self._dev_index()
+            if idx is not None:
+                self._ignore_gone(self.ipr.link, "del", index=idx)
+            self.lease = None
+        self.close()
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            s = dict(self._counters)
+            s["peers_programmed"] = len(self._peers) - len(self._failed)
+            s["peers_failed"] = len(self._failed)
+            s["peers_direct"] = sum(1 for p in self._peers.values() if p.direct)
+            return {k: float(v) for k, v in s.items()}

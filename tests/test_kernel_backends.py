@@ -1,0 +1,571 @@
+"""vxlan/kernel, host-gw/kernel and the masquerade rules, on three namespaced "nodes".
+
+Topology (machine-measurements.md section 1), every name prefixed with ``wkb<pid%1000>-``:
+``<p>w`` holds bridge br0, the underlay switch; node ``<p>nN`` has eth0 = 198.18.0.N/24 (a veth
+to br0), ip_forward on, and a cni0 bridge 10.244.N.1/24 with pod ``<p>pN`` behind it
+(10.244.N.2/24, default via 10.244.N.1). ``<p>m`` is a bare namespace for the masquerade rules.
+
+Each node's backend runs in an ``Agent``: a forked child that entered the node's namespace
+(pyroute2 ``netns.setns``) and executes calls sent over a pipe, so the backends program their own
+namespace exactly as weftd would on a real node. Nothing touches the root namespace; teardown
+deletes exactly the namespaces this run created.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from controlplane.backends import BackendError, BackendOptions, ExternalInterface, load_backend
+from controlplane.config import parse_config
+from controlplane.lease import Lease, LeaseAttrs
+from fastpath.hostgw.kernel import HostGWKernelBackend
+from fastpath.vxlan.kernel import VXLANKernelBackend, parse_unicast_mac, random_mac
+
+from .conftest import needs_root
+
+PREFIX = f"wkb{os.getpid() % 1000}-"
+NODES = (1, 2, 3)
+VXLAN = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
+VXLAN_DIRECT = parse_config('{"Network": "10.244.0.0/16", '
+                            '"Backend": {"Type": "vxlan", "DirectRouting": true}}')
+HOSTGW = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}')
+CALL_TIMEOUT = 20
+
+
+def sh(*args: str, ns: str | None = None, check: bool = True, timeout: float = 10) -> str:
+    cmd = ["ip", "netns", "exec", ns, *args] if ns else list(args)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {res.stderr.strip() or res.returncode}")
+    return res.stdout
+
+
+def ipj(ns: str, *args: str, tool: str = "ip") -> list:
+    """``ip -n NS -j ...`` (or ``bridge``) parsed."""
+    out = sh(tool, "-n", ns, "-j", *args)
+    return json.loads(out) if out.strip() else []
+
+
+# -- the agent: a child process living in one namespace ---------------------------------------------
+
+def _agent_main(ns: str, conn) -> None:
+    from pyroute2 import netns
+    netns.setns(ns, flags=0)  # flags=0: never create it
+    objs: dict = {}
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        op, key, args = msg
+        try:
+            if op == "backend":
+                cls_name, config, iface_fields, options = args
+                fields = dict(iface_fields, index=socket.if_nametoindex(iface_fields["name"]))
+                objs[key] = load_backend(cls_name)(config, ExternalInterface(**fields),
+                                                   BackendOptions(**options))
+                result = None
+            elif op == "masq":
+                from controlplane.masq import Masquerade
+                objs[key] = Masquerade(*args)
+                result = None
+            elif op == "drop":  # forget the object, as a killed daemon would; the data plane stays
+                obj = objs.pop(key)
+                if hasattr(obj, "close"):
+                    obj.close()
+                result = None
+            else:
+                method, call_args = args
+                result = getattr(objs[key], method)(*call_args)
+            conn.send((True, result))
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            conn.send((False, (type(exc).__name__, str(exc))))
+
+
+class Agent:
+    def __init__(self, ns: str):
+        ctx = multiprocessing.get_context("fork")
+        self.ns = ns
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_agent_main, args=(ns, child), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def _send(self, op: str, key: str, args) -> object:
+        self.conn.send((op, key, args))
+        if not self.conn.poll(CALL_TIMEOUT):
+            raise TimeoutError(f"agent in {self.ns}: {op} {key} took over {CALL_TIMEOUT} s")
+        ok, value = self.conn.recv()
+        if ok:
+            return value
+        name, text = value
+        if name == "BackendError":
+            raise BackendError(text)
+        raise RuntimeError(f"in {self.ns}: {name}: {text}")
+
+    def backend(self, key, cls_name, config, iface_fields, options=None):
+        return self._send("backend", key, (cls_name, config, iface_fields, options or {}))
+
+    def masq(self, key, *args):
+        return self._send("masq", key, args)
+
+    def call(self, key, method, *args):
+        return self._send("call", key, (method, args))
+
+    def drop(self, key):
+        return self._send("drop", key, None)
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+# -- the lab ----------------------------------------------------------------------------------------
+
+class Lab:
+    def __init__(self):
+        self.created: list[str] = []
+        self.agents: dict[int | str, Agent] = {}
+        self.wire = PREFIX + "w"
+        self.node = {n: f"{PREFIX}n{n}" for n in NODES}
+        self.pod = {n: f"{PREFIX}p{n}" for n in NODES}
+        self.masq_ns = PREFIX + "m"
+        self.leases: dict[int, Lease] = {}
+        self.kind: str | None = None
+
+    def _netns(self, name: str) -> None:
+        if name in sh("ip", "netns", "list"):
+            raise RuntimeError(f"namespace {name} already exists; not touching it")
+        sh("ip", "netns", "add", name)
+        self.created.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+
+    def build(self) -> None:
+        for name in (self.wire, *self.node.values(), *self.pod.values(), self.masq_ns):
+            self._netns(name)
+        w = self.wire
+        sh("ip", "-n", w, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", w, "link", "set", "br0", "up")
+        for n in NODES:
+            node, pod = self.node[n], self.pod[n]
+            sh("ip", "-n", w, "link", "add", f"w{n}", "type", "veth", "peer", "name", "eth0", "netns", node)
+            sh("ip", "-n", w, "link", "set", f"w{n}", "master", "br0", "up")
+            sh("ip", "-n", node, "addr", "add", f"198.18.0.{n}/24", "dev", "eth0")
+            sh("ip", "-n", node, "link", "set", "eth0", "up")
+            sh("sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+               "net.ipv4.conf.default.rp_filter=0", ns=node)
+            sh("ip", "-n", node, "link", "add", "cni0", "type", "bridge")
+            sh("ip", "-n", node, "addr", "add", f"10.244.{n}.1/24", "dev", "cni0")
+            sh("ip", "-n", node, "link", "set", "cni0", "up")
+            sh("ip", "-n", node, "link", "add", f"vethp{n}", "type", "veth", "peer", "name", "eth0",
+               "netns", pod)
+            sh("ip", "-n", node, "link", "set", f"vethp{n}", "master", "cni0", "up")
+            sh("ip", "-n", pod, "addr", "add", f"10.244.{n}.2/24", "dev", "eth0")
+            sh("ip", "-n", pod, "link", "set", "eth0", "up")
+            sh("ip", "-n", pod, "route", "add", "default", "via", f"10.244.{n}.1")
+            self.agents[n] = Agent(node)
+        self.agents["m"] = Agent(self.masq_ns)
+
+    def destroy(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        for name in reversed(self.created):  # exactly the names this run created
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+
+    # -- backends on all nodes --
+
+    @staticmethod
+    def iface(n: int) -> dict:
+        addr = ipaddress.IPv4Address(f"198.18.0.{n}")
+        return {"name": "eth0", "address": addr, "public_ip": addr, "mtu": 1500}
+
+    def lease(self, n: int, attrs: LeaseAttrs) -> Lease:
+        return Lease(ipaddress.IPv4Network(f"10.244.{n}.0/24"), attrs, time.time() + 3600)
+
+    def start(self, kind: str, config, options: dict | None = None) -> dict[int, Lease]:
+        self.kind = kind
+        for n in NODES:
+            self.agents[n].backend("b", kind, config, self.iface(n), options)
+            self.leases[n] = self.lease(n, self.agents[n].call("b", "lease_attrs", None))
+        for n in NODES:
+            self.agents[n].call("b", "setup", self.leases[n])
+            for m in NODES:
+                if m != n:
+                    self.agents[n].call("b", "add_peer", self.leases[m])
+        return self.leases
+
+    def stop(self) -> None:
+        if self.kind is None:
+            return
+        for n in NODES:
+            try:
+                self.agents[n].call("b", "teardown")
+                self.agents[n].drop("b")
+            except Exception:
+                pass
+        self.kind = None
+
+    def ping_failures(self, pairs=None) -> list[tuple[int, int]]:
+        pairs = pairs or [(a, b) for a in NODES for b in NODES if a != b]
+        procs = {(a, b): subprocess.Popen(
+            ["ip", "netns", "exec", self.pod[a], "ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "1",
+             f"10.244.{b}.2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for a, b in pairs}
+        failed = []
+        for pair, proc in procs.items():
+            try:
+                if proc.wait(timeout=10) != 0:
+                    failed.append(pair)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                failed.append(pair)
+        return failed
+
+    # -- what a node has --
+
+    def routes(self, n: int) -> dict[str, dict]:
+        return {r["dst"]: r for r in ipj(self.node[n], "-4", "route", "show", "table", "main")}
+
+    def neigh(self, n: int, dev: str = "flannel.1") -> dict[str, str]:
+        return {e["dst"]: e.get("lladdr") for e in ipj(self.node[n], "-4", "neigh", "show", "dev", dev)
+                if "PERMANENT" in e.get("state", [])}
+
+    def fdb(self, n: int, dev: str = "flannel.1") -> set[tuple[str, str]]:
+        return {(e["mac"], e["dst"]) for e in ipj(self.node[n], "fdb", "show", "dev", dev, tool="bridge")
+                if "dst" in e}
+
+    def link(self, n: int, dev: str) -> dict | None:
+        out = subprocess.run(["ip", "-n", self.node[n], "-d", "-j", "addr", "show", "dev", dev],
+                             capture_output=True, text=True, timeout=10)
+        return json.loads(out.stdout)[0] if out.returncode == 0 and out.stdout.strip() else None
+
+    def stats(self, n: int) -> dict:
+        return self.agents[n].call("b", "stats")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab()
+    try:
+        lab.build()
+        yield lab
+    finally:
+        lab.destroy()
+        left = [name for name in lab.created if name in sh("ip", "netns", "list").split()]
+        assert not left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def net(lab):
+    yield lab
+    lab.stop()
+
+
+def mac_of(lease: Lease) -> str:
+    return lease.attrs.backend_data["VtepMAC"]
+
+
+# -- no root needed ---------------------------------------------------------------------------------
+
+def test_registry_has_kernel_backends():
+    assert load_backend("vxlan/kernel") is VXLANKernelBackend
+    assert load_backend("host-gw/kernel") is HostGWKernelBackend
+    assert VXLANKernelBackend.name() == "vxlan/kernel" and HostGWKernelBackend.name() == "host-gw/kernel"
+
+
+def test_mac_helpers():
+    assert parse_unicast_mac("02:AA:bb:cc:dd:ee") == "02:aa:bb:cc:dd:ee"
+    assert parse_unicast_mac("02-aa-bb-cc-dd-ee") == "02:aa:bb:cc:dd:ee"
+    for bad in (None, 5, "", "zz:aa:bb:cc:dd:ee", "01:00:5e:00:00:01", "00:00:00:00:00:00",
+                "ff:ff:ff:ff:ff:ff", "02:aa:bb:cc:dd"):
+        assert parse_unicast_mac(bad) is None, bad
+    for _ in range(50):
+        mac = random_mac()
+        first = int(mac[:2], 16)
+        assert parse_unicast_mac(mac) == mac and first & 2 and not first & 1
+
+
+def test_hostgw_refuses_nat():
+    iface = ExternalInterface("eth0", 7, ipaddress.IPv4Address("198.18.0.1"),
+                              ipaddress.IPv4Address("203.0.113.9"), 1500)
+    b = HostGWKernelBackend(HOSTGW, iface)
+    lease = Lease(ipaddress.IPv4Network("10.244.1.0/24"), b.lease_attrs(None), None)
+    with pytest.raises(BackendError) as exc:
+        b.setup(lease)
+    assert str(exc.value) == ("host-gw backend requires the public IP (203.0.113.9) to be the "
+                              "address of interface eth0 (198.18.0.1)")
+    assert HostGWKernelBackend(HOSTGW, iface).mtu == 1500 and VXLANKernelBackend(VXLAN, iface).mtu == 1450
+
+
+# -- vxlan ------------------------------------------------------------------------------------------
+
+@needs_root
+def test_vxlan_pods_ping_and_device(net):
+    leases = net.start("vxlan/kernel", VXLAN)
+    assert net.ping_failures() == []
+    for n in NODES:
+        attrs = leases[n].attrs
+        assert attrs.backend_type == "vxlan" and attrs.backend_data["VNI"] == 1
+        mac = mac_of(leases[n])
+        assert parse_unicast_mac(mac) == mac
+        link = net.link(n, "flannel.1")
+        assert link["mtu"] == 1450 and link["address"] == mac
+        info = link["linkinfo"]["info_data"]
+        assert info["id"] == 1 and info["port"] == 8472 and info["local"] == f"198.18.0.{n}"
+        assert not info.get("learning")
+        assert [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"] \
+            == [(f"10.244.{n}.0", 32)]
+        routes, neigh, fdb = net.routes(n), net.neigh(n), net.fdb(n)
+        for m in NODES:
+            if m == n:
+                continue
+            r = routes[f"10.244.{m}.0/24"]
+            assert r["gateway"] == f"10.244.{m}.0" and r["dev"] == "flannel.1" and "onlink" in r["flags"]
+            assert neigh[f"10.244.{m}.0"] == mac_of(leases[m])
+            assert (mac_of(leases[m]), f"198.18.0.{m}") in fdb
+        s = net.stats(n)
+        assert s["peers_programmed"] == 2 and s["peers_bad_backend_data"] == 0
+    # add_peer again (a renewal) changes nothing
+    net.agents[1].call("b", "add_peer", leases[2])
+    assert net.fdb(1) == {(mac_of(leases[m]), f"198.18.0.{m}") for m in (2, 3)}
+
+
+@needs_root
+def test_vxlan_restart_keeps_vtep_mac(net):
+    leases = net.start("vxlan/kernel", VXLAN)
+    a1, mac1 = net.agents[1], mac_of(leases[1])
+    # weftd killed: the object goes, the device stays; the new one gets the previous lease
+    a1.drop("b")
+    a1.backend("b", "vxlan/kernel", VXLAN, net.iface(1))
+    attrs = a1.call("b", "lease_attrs", leases[1])
+    assert attrs.backend_data == {"VNI": 1, "VtepMAC": mac1}
+    a1.call("b", "setup", net.lease(1, attrs))
+    assert net.link(1, "flannel.1")["address"] == mac1
+    # no previous lease at all: the existing device's MAC
+    a1.drop("b")
+    a1.backend("b", "vxlan/kernel", VXLAN, net.iface(1))
+    assert mac_of(net.lease(1, a1.call("b", "lease_attrs", None))) == mac1
+    # a previous lease with a garbage MAC and no device: a fresh locally administered one
+    a1.call("b", "teardown")
+    a1.drop("b")
+    assert net.link(1, "flannel.1") is None
+    a1.backend("b", "vxlan/kernel", VXLAN, net.iface(1))
+    bad_prev = net.lease(1, LeaseAttrs(leases[1].attrs.public_ip, "vxlan", {"VNI": 1, "VtepMAC": "nope"}))
+    new = a1.call("b", "lease_attrs", bad_prev).backend_data["VtepMAC"]
+    assert parse_unicast_mac(new) == new and int(new[:2], 16) & 2 and new != mac1
+    # the previous lease wins over the device's MAC
+    a1.call("b", "setup", net.lease(1, a1.call("b", "lease_attrs", None)))
+    a1.drop("b")
+    a1.backend("b", "vxlan/kernel", VXLAN, net.iface(1))
+    assert mac_of(net.lease(1, a1.call("b", "lease_attrs", leases[1]))) == mac1
+    a1.call("b", "setup", leases[1])
+    assert net.link(1, "flannel.1")["address"] == mac1
+    for m in (2, 3):
+        a1.call("b", "add_peer", leases[m])
+    assert net.ping_failures() == []
+
+
+@needs_root
+def test_vxlan_remove_peer_and_resync(net):
+    leases = net.start("vxlan/kernel", VXLAN)
+    a1 = net.agents[1]
+    a1.call("b", "remove_peer", leases[2])
+    assert "10.244.2.0/24" not in net.routes(1)
+    assert "10.244.2.0" not in net.neigh(1)
+    assert net.fdb(1) == {(mac_of(leases[3]), "198.18.0.3")}
+    assert "10.244.3.0/24" in net.routes(1) and "10.244.3.0" in net.neigh(1)
+    assert net.stats(1)["peers_programmed"] == 1
+    assert net.ping_failures([(1, 3), (3, 1)]) == []
+    a1.call("b", "add_peer", leases[2])
+    # someone deletes entries behind our back; resync puts exactly those back
+    sh("ip", "-n", net.node[1], "route", "del", "10.244.2.0/24")
+    sh("ip", "-n", net.node[1], "neigh", "del", "10.244.3.0", "dev", "flannel.1")
+    sh("bridge", "-n", net.node[1], "fdb", "del", mac_of(leases[3]), "dev", "flannel.1",
+       "dst", "198.18.0.3")
+    before = net.stats(1)["entries_restored"]
+    a1.call("b", "resync")
+    assert net.stats(1)["entries_restored"] == before + 3
+    assert net.routes(1)["10.244.2.0/24"]["gateway"] == "10.244.2.0"
+    assert net.neigh(1)["10.244.3.0"] == mac_of(leases[3])
+    assert (mac_of(leases[3]), "198.18.0.3") in net.fdb(1)
+    a1.call("b", "resync")  # nothing missing: nothing counted
+    assert net.stats(1)["entries_restored"] == before + 3
+    # the device itself vanishes: recreated and fully reprogrammed
+    sh("ip", "-n", net.node[1], "link", "del", "flannel.1")
+    a1.call("b", "resync")
+    assert net.stats(1)["device_recreated"] == 1
+    assert net.link(1, "flannel.1")["address"] == mac_of(leases[1])
+    assert net.ping_failures() == []
+
+
+@needs_root
+def test_vxlan_peer_change_replaces_stale_entries(net):
+    leases = net.start("vxlan/kernel", VXLAN)
+    a1 = net.agents[1]
+    moved = net.lease(2, LeaseAttrs(leases[2].attrs.public_ip, "vxlan",
+                                    {"VNI": 1, "VtepMAC": "02:00:00:00:99:99"}))
+    a1.call("b", "add_peer", moved)
+    assert net.neigh(1)["10.244.2.0"] == "02:00:00:00:99:99"
+    assert net.fdb(1) == {("02:00:00:00:99:99", "198.18.0.2"), (mac_of(leases[3]), "198.18.0.3")}
+    readdressed = net.lease(2, LeaseAttrs(ipaddress.IPv4Address("198.18.0.77"), "vxlan",
+                                          {"VNI": 1, "VtepMAC": "02:00:00:00:99:99"}))
+    a1.call("b", "add_peer", readdressed)
+    assert net.fdb(1) == {("02:00:00:00:99:99", "198.18.0.77"), (mac_of(leases[3]), "198.18.0.3")}
+    a1.call("b", "add_peer", leases[2])
+    assert net.fdb(1) == {(mac_of(leases[m]), f"198.18.0.{m}") for m in (2, 3)}
+    assert net.neigh(1)["10.244.2.0"] == mac_of(leases[2])
+    assert net.ping_failures([(1, 2), (2, 1)]) == []
+
+
+@needs_root
+def test_vxlan_bad_backend_data_is_counted_not_raised(net):
+    net.start("vxlan/kernel", VXLAN)
+    pub = ipaddress.IPv4Address("198.18.0.9")
+    bad = [None, "a string", {"VNI": 1}, {"VtepMAC": "zz:zz:zz:zz:zz:zz"}, {"VtepMAC": "01:00:5e:00:00:01"},
+           {"VtepMAC": 42}]
+    for data in bad:
+        net.agents[1].call("b", "add_peer", net.lease(9, LeaseAttrs(pub, "vxlan", data)))
+    s = net.stats(1)
+    assert s["peers_bad_backend_data"] == len(bad) and s["peers_programmed"] == 2
+    assert "10.244.9.0/24" not in net.routes(1) and "10.244.9.0" not in net.neigh(1)
+
+
+@needs_root
+def test_vxlan_direct_routing(net):
+    leases = net.start("vxlan/kernel", VXLAN_DIRECT)
+    routes = net.routes(1)
+    for m in (2, 3):
+        assert routes[f"10.244.{m}.0/24"]["gateway"] == f"198.18.0.{m}"
+        assert routes[f"10.244.{m}.0/24"]["dev"] == "eth0"
+    assert net.neigh(1) == {} and net.fdb(1) == set()
+    assert net.ping_failures() == []
+    # a peer beyond our L2 subnet still goes through the tunnel
+    far = net.lease(9, LeaseAttrs(ipaddress.IPv4Address("198.19.0.9"), "vxlan",
+                                  {"VNI": 1, "VtepMAC": "02:00:00:00:09:09"}))
+    net.agents[1].call("b", "add_peer", far)
+    r = net.routes(1)["10.244.9.0/24"]
+    assert r["gateway"] == "10.244.9.0" and r["dev"] == "flannel.1"
+    assert net.fdb(1) == {("02:00:00:00:09:09", "198.19.0.9")}
+    net.agents[1].call("b", "remove_peer", far)
+    assert "10.244.9.0/24" not in net.routes(1) and net.fdb(1) == set() and net.neigh(1) == {}
+    # resync restores a vanished direct route; teardown removes the direct routes too
+    sh("ip", "-n", net.node[1], "route", "del", "10.244.2.0/24")
+    net.agents[1].call("b", "resync")
+    assert net.routes(1)["10.244.2.0/24"]["gateway"] == "198.18.0.2"
+    net.agents[1].call("b", "teardown")
+    assert "10.244.2.0/24" not in net.routes(1) and net.link(1, "flannel.1") is None
+    assert leases[1].attrs.backend_data["VNI"] == 1
+
+
+@needs_root
+def test_vxlan_recreates_incompatible_device_and_csum_off(net):
+    sh("ip", "-n", net.node[1], "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local",
+       "198.18.0.1", "dev", "eth0", "dstport", "4789", "nolearning")
+    net.start("vxlan/kernel", VXLAN, options={"vxlan_tx_csum_off": True})
+    assert net.link(1, "flannel.1")["linkinfo"]["info_data"]["port"] == 8472
+    for n in NODES:
+        feats = sh("ethtool", "-k", "flannel.1", ns=net.node[n])
+        assert "tx-checksum-ip-generic: off" in feats
+        assert net.stats(n)["tx_csum_off_failed"] == 0
+    assert net.ping_failures() == []
+
+
+@needs_root
+def test_vxlan_teardown_removes_device(net):
+    net.start("vxlan/kernel", VXLAN)
+    net.stop()
+    for n in NODES:
+        assert net.link(n, "flannel.1") is None
+        assert not [d for d in net.routes(n) if d.startswith("10.244.") and not d.startswith(f"10.244.{n}.")]
+
+
+# -- host-gw ----------------------------------------------------------------------------------------
+
+@needs_root
+def test_hostgw_pods_ping_remove_resync(net):
+    # a conflicting route to a peer subnet (another gateway, another metric) is removed first
+    sh("ip", "-n", net.node[1], "route", "add", "10.244.3.0/24", "via", "198.18.0.99", "dev", "eth0",
+       "metric", "50")
+    leases = net.start("host-gw/kernel", HOSTGW)
+    assert net.ping_failures() == []
+    for n in NODES:
+        routes = net.routes(n)
+        for m in NODES:
+            if m != n:
+                r = routes[f"10.244.{m}.0/24"]
+                assert r["gateway"] == f"198.18.0.{m}" and r["dev"] == "eth0"
+        assert net.link(n, "flannel.1") is None
+    assert [(r["gateway"], r["dev"]) for r in ipj(net.node[1], "-4", "route", "show", "10.244.3.0/24")] \
+        == [("198.18.0.3", "eth0")]
+    assert net.stats(1)["conflicts_removed"] == 1
+    a1 = net.agents[1]
+    a1.call("b", "remove_peer", leases[2])
+    assert "10.244.2.0/24" not in net.routes(1) and "10.244.3.0/24" in net.routes(1)
+    a1.call("b", "add_peer", leases[2])
+    sh("ip", "-n", net.node[1], "route", "del", "10.244.3.0/24")
+    a1.call("b", "resync")
+    assert net.stats(1)["entries_restored"] == 1 and "10.244.3.0/24" in net.routes(1)
+    assert net.ping_failures([(1, 3), (3, 1)]) == []
+    net.stop()
+    for n in NODES:
+        assert not [d for d in net.routes(n) if d.startswith("10.244.") and not d.startswith(f"10.244.{n}.")]
+
+
+# -- masquerade -------------------------------------------------------------------------------------
+
+def _ruleset(ns: str) -> tuple[str, str]:
+    ipt = [line for line in sh("iptables-save", ns=ns).splitlines() if not line.startswith("#")]
+    ipt = [line.split(" [")[0] if line.startswith(":") else line for line in ipt]  # drop counters
+    return "\n".join(ipt), sh("nft", "list", "ruleset", ns=ns)
+
+
+@needs_root
+@pytest.mark.parametrize("tool", ["iptables", "nft"])
+def test_masq_setup_teardown(lab, tool):
+    ns, agent = lab.masq_ns, lab.agents["m"]
+    # a node's nat table is rarely empty: something else's rule is there before us, and stays
+    sh("iptables", "-w", "5", "-t", "nat", "-A", "POSTROUTING", "-s", "192.0.2.0/24", "-j", "RETURN", ns=ns)
+    try:
+        before = _ruleset(ns)
+        agent.masq(tool, tool)
+        agent.call(tool, "setup", "10.244.0.0/16", "10.244.1.0/24")
+        once = _ruleset(ns)
+        agent.call(tool, "setup", "10.244.0.0/16", "10.244.1.0/24")
+        assert _ruleset(ns) == once != before
+        if tool == "iptables":
+            chain = sh("iptables", "-w", "5", "-t", "nat", "-S", "WEFT-POSTRTG", ns=ns)
+            rules = [line for line in chain.splitlines() if line.startswith("-A")]
+            assert len(rules) == 6
+            assert "--mark 0x4000/0x4000" in rules[0] and "-j RETURN" in rules[0]
+            assert "-s 10.244.1.0/24 -d 10.244.0.0/16" in rules[1]
+            assert "! -s 10.244.0.0/16 -d 10.244.1.0/24" in rules[3]
+            assert "! -d 224.0.0.0/4" in rules[4] and "MASQUERADE" in rules[4] and "--random-fully" in rules[4]
+            post = sh("iptables", "-w", "5", "-t", "nat", "-S", "POSTROUTING", ns=ns).splitlines()
+            assert "-j WEFT-POSTRTG" in post[1]  # first rule, ahead of what was there
+            sh("iptables", "-w", "5", "-t", "nat", "-D", "WEFT-POSTRTG", "3", ns=ns)
+        else:
+            table = sh("nft", "list", "table", "ip", "weft", ns=ns)
+            assert "jump WEFT-POSTRTG" in table and table.count("fully-random") == 2
+            assert "ip saddr != 10.244.0.0/16 ip daddr 10.244.1.0/24 return" in table
+            sh("nft", "flush", "chain", "ip", "weft", "WEFT-POSTRTG", ns=ns)
+        assert agent.call(tool, "ensure") is True
+        assert _ruleset(ns) == once
+        assert agent.call(tool, "ensure") is False
+        agent.call(tool, "teardown")
+        assert _ruleset(ns) == before
+        agent.call(tool, "teardown")  # twice is fine
+    finally:
+        sh("iptables", "-w", "5", "-t", "nat", "-D", "POSTROUTING", "-s", "192.0.2.0/24", "-j", "RETURN",
+           ns=ns, check=False)
