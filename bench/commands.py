@@ -1,0 +1,140 @@
+"""``bench run``, ``report``, ``compare`` and ``gate`` (registered in bench.cli.COMMANDS)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from .cli import Command, Failure, UsageError
+
+DEFAULT_SCENARIO = "scenarios/default.toml"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(path: str) -> dict:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError as exc:
+        raise Failure(f"{path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise Failure(f"{path}: not JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("weft-bench/"):
+        raise Failure(f"{path}: not a bench result (no weft-bench schema)")
+    return doc
+
+
+def _scenario_path(text: str) -> str:
+    if os.path.exists(text):
+        return text
+    alt = os.path.join(REPO, text)
+    return alt if os.path.exists(alt) else text
+
+
+class RunCommand(Command):
+    def add_arguments(self, p):
+        p.add_argument("--scenario", default=DEFAULT_SCENARIO, help="scenario file (TOML)")
+        p.add_argument("--backends", default="", help="comma-separated wire/dataplane list, or 'bare'")
+        p.add_argument("--quick", action="store_true", help="TCP 1 stream and ping only (CI gate)")
+        p.add_argument("--repeat", type=int, default=0, help="runs per backend (median); default 3")
+        p.add_argument("--out", default="", help="directory for results.json, results.md and charts")
+        p.add_argument("--json", default="", help="also write the result document here")
+        p.add_argument("--throttle", action="append", default=[], metavar="BACKEND=RATE",
+                       help="tbf rate limit on BACKEND's sending pod (the gate's self-test)")
+
+    def run(self, args) -> int:
+        from . import report, runner
+        from .scenario import load
+        scenario = load(_scenario_path(args.scenario))
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()] or runner.DEFAULT_BACKENDS
+        from controlplane.config import WIRE_DATAPLANES
+        for b in backends:
+            wire, _, dp = b.partition("/")
+            if b != runner.BARE and dp not in WIRE_DATAPLANES.get(wire, ()):
+                raise UsageError(f"--backends: {b!r} is not a wire/dataplane pair (e.g. vxlan/kernel)")
+        if args.repeat < 0:
+            raise UsageError("--repeat must be at least 1")
+        plan = runner.Plan.quick(args.repeat or 3) if args.quick else runner.Plan(repeat=args.repeat or 3)
+        for item in args.throttle:
+            name, _, rate = item.partition("=")
+            if not rate:
+                raise UsageError(f"--throttle {item!r}: use BACKEND=RATE, e.g. vxlan/kernel=1gbit")
+            plan.throttle[name] = rate
+        if scenario.nodes < 2:
+            raise UsageError(f"{scenario.path}: a benchmark needs at least 2 nodes")
+        out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
+        doc = runner.run(scenario, backends, plan)
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "results.json")
+        for target in filter(None, [path, args.json]):
+            with open(target, "w") as f:
+                json.dump(doc, f, indent=1)
+        files = report.write_all(doc, out)
+        print(report.terminal(doc))
+        print(f"\nwrote {path}" + "".join(f", {os.path.basename(x)}" for x in files))
+        if not any(b.get("status") == "ok" for b in doc["backends"].values()):
+            raise Failure("no backend could be measured")
+        return 0
+
+
+class ReportCommand(Command):
+    def add_arguments(self, p):
+        p.add_argument("file", help="a results.json from bench run")
+        p.add_argument("--out", default="", help="directory for results.md and charts (default: beside FILE)")
+
+    def run(self, args) -> int:
+        from . import report
+        doc = _load(args.file)
+        out = args.out or os.path.dirname(os.path.abspath(args.file))
+        files = report.write_all(doc, out)
+        print(report.terminal(doc))
+        print("\nwrote " + ", ".join(files))
+        return 0
+
+
+class CompareCommand(Command):
+    def add_arguments(self, p):
+        p.add_argument("a", help="results.json A (before)")
+        p.add_argument("b", help="results.json B (after)")
+        p.add_argument("--metrics", default="tcp1_gbps,ratio_to_bare,ratio_to_vxlan_kernel,tcp4_gbps,"
+                       "rtt_p50_us,rr_p50_us,core_s_per_gbit",
+                       help="comma-separated metrics to show")
+
+    def run(self, args) -> int:
+        from .gate import compare_table
+        a, b = _load(args.a), _load(args.b)
+        print(compare_table(a, b, [m.strip() for m in args.metrics.split(",") if m.strip()]))
+        return 0
+
+
+class GateCommand(Command):
+    def add_arguments(self, p):
+        from .gate import DEFAULT_LATENCY_TOLERANCE, DEFAULT_TOLERANCE
+        p.add_argument("result", help="results.json of the run to judge")
+        p.add_argument("--baseline", required=True, help="baseline results.json (bench/baselines/)")
+        p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                       help=f"allowed relative fall of ratio_to_bare (default {DEFAULT_TOLERANCE})")
+        p.add_argument("--latency-tolerance", type=float, default=DEFAULT_LATENCY_TOLERANCE,
+                       help=f"allowed relative rise of latency_ratio_to_bare (default {DEFAULT_LATENCY_TOLERANCE})")
+
+    def run(self, args) -> int:
+        from .gate import gate
+        if not 0 < args.tolerance < 1:
+            raise UsageError("--tolerance must be between 0 and 1")
+        findings, notes = gate(_load(args.baseline), _load(args.result), args.tolerance,
+                               args.latency_tolerance)
+        for f in findings:
+            print(f.line())
+        for n in notes:
+            print(f"note {n}")
+        failed = [f for f in findings if f.failed]
+        if not findings:
+            raise Failure("nothing to compare: no backend measured in both documents")
+        if failed:
+            print(f"gate: FAIL: {len(failed)} regression(s): " + "; ".join(
+                f"{f.backend} {f.metric} {f.change:+.1%}" for f in failed), file=sys.stderr)
+            return 1
+        print(f"gate: ok ({len(findings)} checks, tolerance {args.tolerance:.0%} throughput, "
+              f"{args.latency_tolerance:.0%} latency)")
+        return 0

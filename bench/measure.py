@@ -1,0 +1,293 @@
+"""One measurement each: TCP/UDP throughput (iperf3), ping RTT, pinned request/response (sockperf),
+small-packet rate, and the CPU they cost. Every load is bounded in time and runs inside the lab's
+namespaces (``ip netns exec``); nothing here touches the root namespace's network.
+
+Each function returns a flat dict of numbers, so a run is a row and a backend's result is the
+median of its rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+
+IPERF_PORT = 5201
+
+
+class MeasureError(Exception):
+    """A probe failed; str() is one line with the tool's own complaint."""
+
+
+def netns(ns: str, argv: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", ns, *argv]
+
+
+def _run(argv, timeout: float) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise MeasureError(f"{argv[3] if argv[:3] == ['ip', 'netns', 'exec'] else argv[0]}: "
+                           f"timed out after {timeout:.0f} s") from None
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise MeasureError(f"{' '.join(argv[4:6]) if argv[0] == 'ip' else argv[0]}: exit "
+                           f"{r.returncode}: {tail[0][:200]}")
+    return r.stdout
+
+
+# -- CPU accounting ----------------------------------------------------------------------------
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine so far (all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def process_cpu(pid: int) -> float | None:
+    """utime + stime of one process, in seconds (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        return None
+    return None
+
+
+def _netns_inode(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except (FileNotFoundError, PermissionError, ProcessLookupError):
+        return None
+
+
+def namespace_inodes(names) -> set[int]:
+    out = set()
+    for name in names:
+        try:
+            out.add(os.stat(f"/run/netns/{name}").st_ino)
+        except FileNotFoundError:
+            pass
+    return out
+
+
+class Guard:
+    """Counts the CPU that processes outside the benchmark burn while a probe runs.
+
+    Ours: every process in one of the lab's namespaces, and this process. Kernel threads are
+    left out (softirq work for our packets runs there). A run whose foreign CPU exceeds the
+    threshold is retried by the caller, so a noisy neighbour does not become a slow backend.
+    """
+
+    def __init__(self, lab_namespaces, threshold_cores: float = 0.15):
+        self.ours = namespace_inodes(lab_namespaces)
+        self.threshold = threshold_cores
+        self.me = os.getpid()
+
+    def _foreign(self) -> dict[int, float]:
+        out = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            if pid == self.me:
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            if int(rest[1]) == 2 or pid == 2:  # kernel thread (child of kthreadd)
+                continue
+            if _netns_inode(pid) in self.ours:
+                continue
+            out[pid] = (int(rest[11]) + int(rest[12])) / CLK_TCK
+        return out
+
+    def __enter__(self):
+        self._start = self._foreign()
+        self._t0 = time.monotonic()
+        self._busy0 = machine_busy()
+        return self
+
+    def __exit__(self, *exc):
+        end = self._foreign()
+        self.seconds = time.monotonic() - self._t0
+        self.machine_busy_s = machine_busy() - self._busy0
+        self.foreign_cpu_s = sum(max(0.0, end[p] - self._start.get(p, 0.0)) for p in end)
+        return False
+
+    @property
+    def disturbed(self) -> bool:
+        return self.foreign_cpu_s > self.threshold * self.seconds
+
+
+# -- probes ------------------------------------------------------------------------------------
+@dataclass
+class Endpoint:
+    ns: str
+    ip: str
+
+
+class Iperf3Server:
+    """``iperf3 -s -1`` in the destination namespace: serves exactly one test, then exits."""
+
+    def __init__(self, dst: Endpoint, port: int = IPERF_PORT):
+        self.dst, self.port = dst, port
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(netns(self.dst.ns, ["iperf3", "-s", "-1", "-B", self.dst.ip,
+                                                         "-p", str(self.port)]),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # wait until it listens
+            out = subprocess.run(netns(self.dst.ns, ["ss", "-Htln", f"sport = :{self.port}"]),
+                                 capture_output=True, text=True).stdout
+            if out.strip():
+                break
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def iperf3(src: Endpoint, dst: Endpoint, seconds: float, streams: int = 1, udp_rate: str = "",
+           length: int = 0) -> dict:
+    """One iperf3 test; TCP by default, UDP at ``udp_rate`` (e.g. "500M", "0" = unlimited)."""
+    argv = ["iperf3", "-c", dst.ip, "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-J", "-P", str(streams)]
+    if udp_rate:
+        argv += ["-u", "-b", udp_rate]
+    if length:
+        argv += ["-l", str(length)]
+    with Iperf3Server(dst):
+        out = _run(netns(src.ns, argv), timeout=seconds + 15)
+    try:
+        doc = json.loads(out)
+    except json.JSONDecodeError:
+        raise MeasureError("iperf3: output is not JSON") from None
+    if "error" in doc:
+        raise MeasureError(f"iperf3: {doc['error']}")
+    end = doc["end"]
+    cpu = end.get("cpu_utilization_percent", {})
+    if udp_rate:
+        s = end.get("sum_received") or end["sum"]
+        summ = end["sum"]
+        packets = summ.get("packets", 0)
+        lost = summ.get("lost_packets", 0)
+        return {"gbps": s["bits_per_second"] / 1e9, "loss_pct": summ.get("lost_percent", 0.0),
+                "jitter_ms": summ.get("jitter_ms", 0.0),
+                "pps": (packets - lost) / max(summ.get("seconds", seconds), 1e-9),
+                "seconds": summ.get("seconds", seconds), "cpu_host_pct": cpu.get("host_total", 0.0)}
+    recv, sent = end["sum_received"], end["sum_sent"]
+    return {"gbps": recv["bits_per_second"] / 1e9, "retransmits": sent.get("retransmits", 0),
+            "bytes": recv["bytes"], "seconds": recv["seconds"], "cpu_host_pct": cpu.get("host_total", 0.0)}
+
+
+_PING_RE = re.compile(r"time=([\d.]+) ms")
+
+
+def percentile(values, q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation between closest ranks."""
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    k = (len(v) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def ping(src: Endpoint, dst_ip: str, count: int = 200, interval: float = 0.005) -> dict:
+    """Round-trip times of ``count`` echoes at a short interval: p50, p99, loss."""
+    out = _run(netns(src.ns, ["ping", "-n", "-c", str(count), "-i", f"{interval:g}", "-W", "1", dst_ip]),
+               timeout=count * interval + 15)
+    rtts = [float(x) * 1000 for x in _PING_RE.findall(out)]
+    if not rtts:
+        raise MeasureError(f"ping {dst_ip}: no replies")
+    return {"rtt_p50_us": percentile(rtts, 0.5), "rtt_p99_us": percentile(rtts, 0.99),
+            "ping_loss_pct": 100.0 * (count - len(rtts)) / count}
+
+
+def reachable(src: Endpoint, dst_ip: str, count: int = 2) -> bool:
+    r = subprocess.run(netns(src.ns, ["ping", "-n", "-c", str(count), "-i", "0.05", "-W", "1", dst_ip]),
+                       capture_output=True, timeout=count + 5)
+    return r.returncode == 0
+
+
+_SOCKPERF_P50 = re.compile(r"percentile 50\.000 =\s*([\d.]+)")
+
+
+def have_sockperf() -> bool:
+    return shutil.which("sockperf") is not None
+
+
+def request_response(src: Endpoint, dst: Endpoint, seconds: float = 1.0, cpu: int = 0) -> dict:
+    """UDP ping-pong with both ends pinned to one CPU: round trip p50 in µs (sockperf --full-rtt).
+
+    Pinned, because unpinned probes on a small VM mostly measure cross-CPU wake-ups.
+    """
+    port = "11111"
+    server = subprocess.Popen(netns(dst.ns, ["taskset", "-c", str(cpu), "sockperf", "sr", "-i", dst.ip,
+                                             "-p", port]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)
+        out = _run(netns(src.ns, ["taskset", "-c", str(cpu), "sockperf", "pp", "-i", dst.ip, "-p", port,
+                                  "-t", f"{max(1, round(seconds))}", "-m", "64", "--full-rtt"]),
+                   timeout=seconds + 15)
+    finally:
+        server.terminate()
+        try:
+            server.wait(3)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    m = _SOCKPERF_P50.search(out)
+    if not m:
+        raise MeasureError("sockperf: no percentile in its output")
+    return {"rr_p50_us": float(m.group(1))}
+
+
+def set_offloads(ns: str, dev: str, on: bool) -> None:
+    """Segmentation offloads of a pod's interface (off shows the per-packet cost)."""
+    state = "on" if on else "off"
+    _run(netns(ns, ["ethtool", "-K", dev, "tso", state, "gso", state]), timeout=10)
+
+
+def throttle(ns: str, dev: str, rate: str | None) -> None:
+    """A tbf rate limit on a pod's interface (the gate's self-test); None removes it."""
+    if rate is None:
+        subprocess.run(netns(ns, ["tc", "qdisc", "del", "dev", dev, "root"]), capture_output=True)
+        return
+    _run(netns(ns, ["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
+                    "burst", "256kb", "latency", "50ms"]), timeout=10)
+
+
+def median(values):
+    vals = [v for v in values if v is not None and v == v]
+    return statistics.median(vals) if vals else None

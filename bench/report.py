@@ -1,0 +1,129 @@
+"""Tables and charts of a ``bench run`` document: terminal, Markdown and PNG.
+
+``bench report FILE`` re-renders all of them from the JSON alone.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+# (key, heading, format) in table order.
+COLUMNS = [
+    ("tcp1_gbps", "TCP×1 Gb/s", "{:.2f}"),
+    ("ratio_to_bare", "×bare", "{:.2f}"),
+    ("ratio_to_vxlan_kernel", "×vxlan", "{:.2f}"),
+    ("tcp4_gbps", "TCP×4 Gb/s", "{:.2f}"),
+    ("retransmits", "retrans", "{:.0f}"),
+    ("udp_loss_pct", "UDP loss %", "{:.2f}"),
+    ("rtt_p50_us", "RTT p50 µs", "{:.0f}"),
+    ("rtt_p99_us", "RTT p99 µs", "{:.0f}"),
+    ("rr_p50_us", "RR p50 µs", "{:.1f}"),
+    ("pps", "kpps", "{:.0f}"),
+    ("core_s_per_gbit", "core-s/Gb", "{:.3f}"),
+    ("tcp1_nooffload_gbps", "no-TSO Gb/s", "{:.2f}"),
+    ("daemon_rss_mb", "RSS MB", "{:.0f}"),
+]
+
+
+def _cell(b: dict, key: str, fmt: str) -> str:
+    v = b.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if key == "pps":
+        v = v / 1000
+    return fmt.format(v)
+
+
+def rows(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
+    """Headings, one row per measured backend, and a note per skipped or failed one."""
+    heads = ["backend"] + [h for _, h, _ in COLUMNS]
+    body, notes = [], []
+    for name, b in doc["backends"].items():
+        if b.get("status") != "ok":
+            notes.append(f"{name}: {b.get('status')}: {b.get('reason', '')}")
+            continue
+        body.append([name] + [_cell(b, k, f) for k, _, f in COLUMNS])
+    return heads, body, notes
+
+
+def terminal(doc: dict) -> str:
+    heads, body, notes = rows(doc)
+    present = [i for i in range(len(heads)) if i == 0 or any(r[i] != "–" for r in body)]
+    heads = [heads[i] for i in present]
+    body = [[r[i] for i in present] for r in body]
+    widths = [max(len(x) for x in col) for col in zip(heads, *body)] if body else [len(h) for h in heads]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(heads), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
+    m, s = doc.get("machine", {}), doc.get("scenario", {})
+    out.append("")
+    out.append(f"{m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, kernel {m.get('kernel', '?')}; "
+               f"scenario {s.get('name', '?')} ({s.get('store', '?')}); median of "
+               f"{doc.get('plan', {}).get('repeat', '?')} runs; commit {doc.get('git', {}).get('commit', '')[:10]}")
+    out += notes
+    return "\n".join(out)
+
+
+def markdown(doc: dict) -> str:
+    heads, body, notes = rows(doc)
+    out = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in body]
+    m = doc.get("machine", {})
+    out += ["", f"Machine: {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, kernel "
+                f"{m.get('kernel', '?')}. Medians of {doc.get('plan', {}).get('repeat', '?')} runs; "
+                "ratios against `bare` and `vxlan/kernel` measured in the same run."]
+    out += [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+def charts(doc: dict, directory: str) -> list[str]:
+    """PNG bar charts: throughput, latency, CPU per Gbit. Returns the files written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {n: b for n, b in doc["backends"].items() if b.get("status") == "ok"}
+    if not ok:
+        return []
+    names = list(ok)
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    specs = [
+        ("throughput.png", "Pod-to-pod throughput", "Gbit/s",
+         [("tcp1_gbps", "TCP 1 stream"), ("tcp4_gbps", "TCP 4 streams"), ("tcp1_nooffload_gbps", "TCP 1, no TSO")]),
+        ("latency.png", "Pod-to-pod latency", "µs",
+         [("rtt_p50_us", "ping p50"), ("rtt_p99_us", "ping p99"), ("rr_p50_us", "UDP RR p50 (pinned)")]),
+        ("cpu.png", "CPU cost per Gbit (whole machine)", "core-seconds / Gbit", [("core_s_per_gbit", "TCP 1 stream")]),
+    ]
+    for filename, title, unit, series in specs:
+        series = [(k, label) for k, label in series if any(ok[n].get(k) is not None for n in names)]
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) + 2), 4))
+        width = 0.8 / len(series)
+        for i, (key, label) in enumerate(series):
+            vals = [ok[n].get(key) or 0 for n in names]
+            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
+            bars = ax.bar(xs, vals, width, label=label)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        if filename == "latency.png":
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(directory, filename)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_all(doc: dict, directory: str) -> list[str]:
+    """results.md + charts in ``directory``; returns the paths."""
+    os.makedirs(directory, exist_ok=True)
+    md = os.path.join(directory, "results.md")
+    with open(md, "w") as f:
+        f.write(markdown(doc))
+    return [md] + charts(doc, directory)

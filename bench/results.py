@@ -1,0 +1,94 @@
+"""The result document of ``bench run`` (schema ``weft-bench/1``, described in the README).
+
+Top level: ``schema``, ``created``, ``machine``, ``versions``, ``git``, ``scenario``, ``plan``,
+``backends`` (per backend: medians of its runs and ratios, or ``status`` skipped/failed with a
+``reason``), ``runs`` (every raw run), and ``control_plane`` for scale scenarios.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import subprocess
+
+from .measure import median
+
+SCHEMA = "weft-bench/1"
+# Medians reported per backend: the issue's list, in table order.
+METRICS = ["tcp1_gbps", "tcp4_gbps", "udp_loss_pct", "rtt_p50_us", "rtt_p99_us", "rr_p50_us", "pps",
+           "retransmits", "core_s_per_gbit", "daemon_cores", "tcp1_nooffload_gbps", "udp_jitter_ms"]
+BASELINES = {"bare": "ratio_to_bare", "vxlan/kernel": "ratio_to_vxlan_kernel"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cmd(argv) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=REPO).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpu_model": model, "cores": os.cpu_count(), "kernel": platform.release(),
+            "memory_mb": mem, "hostname": platform.node()}
+
+
+def versions() -> dict:
+    iperf = _cmd(["iperf3", "--version"]).splitlines()
+    return {"weft": "0.1.0", "python": platform.python_version(),
+            "iperf3": iperf[0] if iperf else "", "sockperf": _cmd(["sockperf", "--version"]).split("\n")[0]}
+
+
+def git_info() -> dict:
+    return {"commit": _cmd(["git", "rev-parse", "HEAD"]),
+            "dirty": bool(_cmd(["git", "status", "--porcelain", "--untracked-files=no"]))}
+
+
+def new_document(scenario, plan) -> dict:
+    return {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(), "versions": versions(), "git": git_info(),
+        "scenario": {"name": scenario.name, "path": scenario.path, "nodes": scenario.nodes,
+                     "store": scenario.store},
+        "plan": {k: v for k, v in dataclasses.asdict(plan).items() if k != "throttle"}
+        | {"throttle": dict(plan.throttle)},
+        "backends": {}, "runs": [],
+    }
+
+
+def summarize(rows: list[dict], extra: dict, seconds: float) -> dict:
+    out = {"status": "ok", "runs": len(rows), "seconds": round(seconds, 1)}
+    for m in METRICS:
+        out[m] = median(r.get(m) for r in rows)
+    out["disturbed_runs"] = sum(1 for r in rows if any(v is True for k, v in r.items()
+                                                       if k.endswith("_disturbed")))
+    out.update(extra)
+    return out
+
+
+def add_ratios(doc: dict) -> None:
+    """Throughput and latency relative to baselines measured in the same run."""
+    backends = doc["backends"]
+    for base, key in BASELINES.items():
+        ref = backends.get(base, {})
+        for name, b in backends.items():
+            if b.get("status") != "ok":
+                continue
+            t, rt = b.get("tcp1_gbps"), ref.get("tcp1_gbps") if ref.get("status") == "ok" else None
+            b[key] = (t / rt) if t and rt else None
+            lat, rlat = b.get("rtt_p50_us"), ref.get("rtt_p50_us") if ref.get("status") == "ok" else None
+            b["latency_" + key] = (lat / rlat) if lat and rlat else None

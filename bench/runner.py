@@ -1,0 +1,241 @@
+"""``bench run``: every way of moving pod traffic, measured the same way in one sitting.
+
+For each backend (``wire/dataplane``, or ``bare`` for the underlay itself) the runner builds a
+fresh lab from the scenario with that backend, checks that every pod reaches every other pod,
+then measures pod to pod across nodes 1 and 2, ``repeat`` times, and tears the lab down. Each
+probe is guarded (``measure.Guard``): one that other processes disturbed is retried, and its
+foreign CPU is recorded with the raw run. Backends that cannot run here are skipped with the
+reason. The result is one JSON document (``bench.results``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from controlplane.config import parse_config
+
+from . import measure, results
+from .measure import Endpoint, MeasureError
+
+BARE = "bare"
+DEFAULT_BACKENDS = [BARE, "host-gw/kernel", "vxlan/kernel", "vxlan/ebpf", "vxlan/fastpath",
+                    "udp/fastpath", "udp/python"]
+RETRIES = 2  # extra attempts of a probe disturbed by foreign load
+
+
+@dataclass
+class Plan:
+    """How long each probe runs and which run; --quick keeps what the CI gate needs."""
+    repeat: int = 3
+    tcp1_s: float = 2.0
+    tcp4_s: float = 1.5
+    udp_s: float = 1.0
+    udp_rate: str = "300M"
+    pps_s: float = 1.0
+    ping_count: int = 150
+    ping_interval: float = 0.004
+    rr_s: float = 1.0
+    nooffload_s: float = 1.0
+    full: bool = True
+    throttle: dict = field(default_factory=dict)  # backend -> tbf rate on the sending pod (gate self-test)
+
+    @classmethod
+    def quick(cls, repeat: int = 3) -> "Plan":
+        return cls(repeat=repeat, ping_count=100, full=False)
+
+
+class Progress:
+    """One status line (redrawn on a terminal, appended otherwise) with a bar over all steps."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.done, self.stream = max(total, 1), 0, stream
+        self.tty = stream.isatty()
+        self.t0 = time.monotonic()
+
+    def show(self, label: str, step: bool = False) -> None:
+        if step:
+            self.done += 1
+        width = 24
+        filled = int(width * self.done / self.total)
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"{time.monotonic() - self.t0:5.0f}s  {label}")
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def unavailable(backend: str) -> str | None:
+    """Why ``backend`` cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    if backend == BARE:
+        return None
+    from controlplane.backends import BACKENDS
+    if backend not in BACKENDS:
+        return "not built yet (no such backend in this build of weft)"
+    if backend.endswith("/ebpf"):
+        try:
+            import bcc  # noqa: F401
+        except Exception:
+            return "needs bcc (Debian python3-bpfcc): run ./bootstrap"
+        if not os.path.exists(f"/lib/modules/{os.uname().release}/build"):
+            return "needs kernel headers at /lib/modules/$(uname -r)/build: run ./bootstrap"
+    return None
+
+
+def scenario_for(scenario, backend: str):
+    """The scenario with its network config switched to ``backend`` (bare: allocation only)."""
+    doc = json.loads(scenario.config_text)
+    wire, _, dataplane = (("alloc", "", "kernel") if backend == BARE else backend.partition("/"))
+    doc["Backend"] = {k: v for k, v in (doc.get("Backend") or {}).items()
+                      if k.lower() not in ("type", "dataplane")}
+    doc["Backend"].update({"Type": wire, "Dataplane": dataplane})
+    text = json.dumps(doc)
+    return dataclasses.replace(scenario, config_text=text, network=parse_config(text),
+                               node_overrides={})
+
+
+def guarded(lab_namespaces, probe, label: str, rows_meta: dict):
+    """Run ``probe()`` until other processes leave it alone (at most RETRIES extra tries)."""
+    for attempt in range(RETRIES + 1):
+        guard = measure.Guard(lab_namespaces)
+        with guard:
+            value = probe()
+        rows_meta[f"{label}_foreign_cpu_s"] = round(guard.foreign_cpu_s, 3)
+        rows_meta[f"{label}_attempts"] = attempt + 1
+        if not guard.disturbed:
+            break
+    rows_meta[f"{label}_disturbed"] = guard.disturbed
+    return value, guard
+
+
+def _pairs(lab, backend: str) -> list[tuple[Endpoint, str]]:
+    if backend == BARE:
+        return [(Endpoint(a.namespace, a.public_ip), b.public_ip)
+                for a in lab.nodes for b in lab.nodes if a is not b]
+    return [(Endpoint(a.namespace, a.ip), b.ip) for a in lab.pods for b in lab.pods if a is not b]
+
+
+def check_connectivity(lab, backend: str) -> None:
+    bad = [f"{src.ns}->{dst}" for src, dst in _pairs(lab, backend) if not measure.reachable(src, dst)]
+    if bad:
+        raise MeasureError(f"no connectivity: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+
+
+def endpoints(lab, backend: str) -> tuple[Endpoint, Endpoint, str]:
+    """Sender and receiver across nodes 1 and 2, and the sender's interface."""
+    if backend == BARE:
+        a, b = lab.node(1), lab.node(2)
+        return Endpoint(a.namespace, a.public_ip), Endpoint(b.namespace, b.public_ip), "eth0"
+    src = next(p for p in lab.pods if p.node == 1)
+    dst = next(p for p in lab.pods if p.node == 2)
+    return Endpoint(src.namespace, src.ip), Endpoint(dst.namespace, dst.ip), "eth0"
+
+
+def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str) -> dict:
+    src, dst, dev = endpoints(lab, backend)
+    spaces = [n.namespace for n in lab.nodes] + [p.namespace for p in lab.pods]
+    pids = [n.pid for n in lab.nodes if n.pid] if backend != BARE else []
+    row: dict = {}
+
+    progress.show(f"{label}: TCP 1 stream")
+    cpu0 = {p: measure.process_cpu(p) for p in pids}
+    tcp1, guard = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp1_s), "tcp1", row)
+    row.update(tcp1_gbps=tcp1["gbps"], retransmits=tcp1["retransmits"])
+    gbits = tcp1["bytes"] * 8 / 1e9
+    row["core_s_per_gbit"] = guard.machine_busy_s / gbits if gbits else None
+    daemon_s = sum((measure.process_cpu(p) or 0) - (cpu0[p] or 0) for p in pids)
+    row["daemon_cores"] = daemon_s / guard.seconds if pids else None
+
+    progress.show(f"{label}: ping")
+    row.update(measure.ping(src, dst.ip, plan.ping_count, plan.ping_interval))
+    if not plan.full:
+        return row
+
+    progress.show(f"{label}: TCP 4 streams")
+    tcp4, _ = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp4_s, streams=4), "tcp4", row)
+    row["tcp4_gbps"] = tcp4["gbps"]
+    progress.show(f"{label}: UDP at {plan.udp_rate}bit/s")
+    udp = measure.iperf3(src, dst, plan.udp_s, udp_rate=plan.udp_rate)
+    row.update(udp_loss_pct=udp["loss_pct"], udp_jitter_ms=udp["jitter_ms"])
+    progress.show(f"{label}: small packets")
+    small = measure.iperf3(src, dst, plan.pps_s, udp_rate="0", length=64)
+    row["pps"] = small["pps"]
+    if measure.have_sockperf():
+        progress.show(f"{label}: request/response (pinned)")
+        row.update(measure.request_response(src, dst, plan.rr_s))
+    progress.show(f"{label}: TCP 1 stream, pod offloads off")
+    measure.set_offloads(src.ns, dev, False)
+    measure.set_offloads(dst.ns, dev, False)
+    try:
+        row["tcp1_nooffload_gbps"] = measure.iperf3(src, dst, plan.nooffload_s)["gbps"]
+    finally:
+        measure.set_offloads(src.ns, dev, True)
+        measure.set_offloads(dst.ns, dev, True)
+    return row
+
+
+def run_backend(scenario, backend: str, plan: Plan, progress: Progress, lab_factory) -> tuple[dict, list]:
+    lab = lab_factory(scenario_for(scenario, backend))
+    rows = []
+    progress.show(f"{backend}: building the lab")
+    lab.up()
+    try:
+        check_connectivity(lab, backend)
+        src, _, dev = endpoints(lab, backend)
+        rate = plan.throttle.get(backend)
+        if rate:
+            measure.throttle(src.ns, dev, rate)
+        for i in range(plan.repeat):
+            row = measure_once(lab, backend, plan, progress, f"{backend} run {i + 1}/{plan.repeat}")
+            row.update(backend=backend, repeat=i + 1)
+            rows.append(row)
+            progress.show(f"{backend} run {i + 1}/{plan.repeat} done", step=True)
+        rss = [measure.peak_rss_mb(n.pid) for n in lab.nodes if n.pid] if backend != BARE else []
+        extra = {"daemon_rss_mb": max([r for r in rss if r is not None], default=None),
+                 "lab": {"nodes": len(lab.nodes), "pods": len(lab.pods)}}
+    finally:
+        lab.down()
+    return extra, rows
+
+
+def run(scenario, backends: list[str], plan: Plan, lab_factory=None, stream=sys.stderr) -> dict:
+    from .lab import Lab
+    lab_factory = lab_factory or (lambda scn: Lab(scn))
+    doc = results.new_document(scenario, plan)
+    runnable = []
+    for b in backends:
+        why = unavailable(b)
+        if why:
+            doc["backends"][b] = {"status": "skipped", "reason": why}
+        else:
+            runnable.append(b)
+    progress = Progress(len(runnable) * plan.repeat, stream)
+    for b in backends:
+        if b not in runnable:
+            progress.show(f"{b}: skipped ({doc['backends'][b]['reason']})")
+            continue
+        t0, steps_before = time.monotonic(), progress.done
+        try:
+            extra, rows = run_backend(scenario, b, plan, progress, lab_factory)
+        except Exception as exc:  # one broken backend must not cost the others' numbers
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            doc["backends"][b] = {"status": "failed", "reason": reason}
+            progress.show(f"{b}: failed: {reason}")
+            progress.done = steps_before + plan.repeat
+            continue
+        doc["runs"].extend(rows)
+        doc["backends"][b] = results.summarize(rows, extra, seconds=time.monotonic() - t0)
+    progress.close()
+    results.add_ratios(doc)
+    return doc
