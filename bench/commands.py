@@ -64,6 +64,8 @@ class RunCommand(Command):
         if scenario.nodes < 2:
             raise UsageError(f"{scenario.path}: a benchmark needs at least 2 nodes")
         out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
+        if scenario.pods_per_node == 0 and scenario.network.backend.type == "alloc":
+            return self.run_control_plane(scenario, plan, out, args.json)
         doc = runner.run(scenario, backends, plan)
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "results.json")
@@ -75,6 +77,27 @@ class RunCommand(Command):
         print(f"\nwrote {path}" + "".join(f", {os.path.basename(x)}" for x in files))
         if not any(b.get("status") == "ok" for b in doc["backends"].values()):
             raise Failure("no backend could be measured")
+        return 0
+
+
+    @staticmethod
+    def run_control_plane(scenario, plan, out, json_path) -> int:
+        """A scenario with no pods and the alloc backend measures the control plane alone."""
+        from . import results, scale
+        from .runner import Progress
+        progress = Progress(1)
+        doc = results.new_document(scenario, plan)
+        doc["control_plane"] = scale.run(scenario, progress=progress)
+        progress.close()
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "results.json")
+        for target in filter(None, [path, json_path]):
+            with open(target, "w") as f:
+                json.dump(doc, f, indent=1)
+        print(scale.table(doc["control_plane"]))
+        print(f"\nwrote {path}")
+        if not any("converge_p50_s" in r for r in doc["control_plane"].values()):
+            raise Failure("no store could be measured")
         return 0
 
 

@@ -28,6 +28,7 @@ from .backends import BackendError, BackendOptions, load_backend
 from .config import ConfigError
 from .health import HealthServer
 from .iface import IfaceError, resolve
+from .masq import MasqError
 from .lease import Lease
 from .manager import (DEFAULT_TTL, ConfigMissing, LeaseEvent, LeaseManager, LeaseRevoked,
                       LeaseWatcher)
@@ -85,6 +86,8 @@ class Daemon:
         self.incompatible: set = set()
         self.counters: Counter[str] = Counter()
         self.store = None
+        self.masq = None
+        self.peers_changed_at = 0.0  # when the set of programmed peers last changed
         self._peer_lock = threading.Lock()
 
     # -- peers ------------------------------------------------------------------------------
@@ -99,6 +102,7 @@ class Daemon:
             if event.kind in ("removed", "expired"):
                 self.incompatible.discard(lease.subnet)
                 if self.peers.pop(lease.subnet, None) is not None:
+                    self.peers_changed_at = time.time()
                     log.info("peer %s (%s) %s", lease.subnet, lease.attrs.public_ip, event.kind)
                     self.backend.remove_peer(lease)
                 return
@@ -112,7 +116,8 @@ class Daemon:
                     self.backend.remove_peer(old)
                 return
             self.incompatible.discard(lease.subnet)
-            if event.kind == "added":
+            if lease.subnet not in self.peers:
+                self.peers_changed_at = time.time()
                 log.info("peer %s (%s) added", lease.subnet, lease.attrs.public_ip)
             self.peers[lease.subnet] = lease
             self.backend.add_peer(lease)
@@ -159,11 +164,11 @@ class Daemon:
             log.info("lease %s on %s (%s, public IP %s), backend %s, MTU %d", self.lease.subnet,
                      iface.name, iface.address, iface.public_ip, config.backend.name, self.backend.mtu)
             self.backend.setup(self.lease)
-            masq = None
+            self.masq = None
             if a.ip_masq:
                 from .masq import Masquerade
-                masq = Masquerade()
-                masq.setup(config.network, self.lease.subnet)
+                self.masq = Masquerade()
+                self.masq.setup(config.network, self.lease.subnet)
             subnetenv.write(a.subnet_file, config.network, self.lease.subnet, self.backend.mtu, a.ip_masq)
             self.ready = True
             self.watcher = LeaseWatcher(self.store, self.on_lease_event)
@@ -175,8 +180,8 @@ class Daemon:
             if a.teardown:
                 log.info("tearing down the data plane")
                 self.backend.teardown()
-                if masq is not None:
-                    masq.teardown()
+                if self.masq is not None:
+                    self.masq.teardown()
             return self.exit_code
         finally:
             if health is not None:
@@ -209,8 +214,10 @@ class Daemon:
                 next_resync = time.monotonic() + RESYNC_INTERVAL
                 try:
                     self.backend.resync()
+                    if self.masq is not None:
+                        self.masq.ensure()  # rules someone flushed come back (flannel: every 5 s)
                 except Exception:
-                    log.exception("backend resync failed")
+                    log.exception("resync failed")
             self.stop.wait(max(0.05, min(renew_at - time.time(), next_resync - time.monotonic(), 1.0)))
 
     def _renew_time(self, margin: float) -> float:
@@ -240,7 +247,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         return daemon.run()
-    except (ConfigError, StoreError, BackendError, IfaceError, flags.UsageError) as exc:
+    except (ConfigError, StoreError, BackendError, IfaceError, MasqError, flags.UsageError) as exc:
         log.error("%s", exc)
         return 1
 

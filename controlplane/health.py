@@ -42,6 +42,10 @@ class DaemonCollector:
         peers = GaugeMetricFamily("weft_peers", "peers known and programmed")
         peers.add_metric([], float(len(d.peers)))
         yield peers
+        changed = GaugeMetricFamily("weft_peers_changed_timestamp_seconds",
+                                    "when the set of peers last changed (0: never)")
+        changed.add_metric([], d.peers_changed_at)
+        yield changed
         bad = GaugeMetricFamily("weft_peers_incompatible", "peers whose lease speaks another wire format")
         bad.add_metric([], float(len(d.incompatible)))
         yield bad
