@@ -1,0 +1,331 @@
+"""Scenario files: a pure description of a lab, loaded from TOML and checked before anything is built.
+
+A scenario says what to build, never how: ``bench.lab.Lab`` turns it into namespaces and processes.
+Every key has a default, so ``name = "x"`` alone is a valid three-node SQLite/vxlan lab::
+
+    name = "default"
+
+    [lab]
+    nodes = 3                     # node N is <prefix>nN with the underlay's Nth address
+    pods_per_node = 1             # pod K of node N is <prefix>pNxK with .K+1 of the node's subnet
+    underlay = "198.18.0.0/15"    # must lie inside 198.18.0.0/15 (RFC 2544 benchmarking space)
+    mtu = 1500                    # the nodes' eth0 MTU
+    store = "sqlite"              # or "etcd" (an etcd in namespace <prefix>st)
+    etcd_tls = false              # etcd only: client TLS with a PKI made for the run
+    prefix = "/coreos.com/network"
+    pod_offloads = true           # false: ethtool -K eth0 tso off gso off in every pod
+
+    [network]
+    config = {Network = "10.244.0.0/16", Backend = {Type = "vxlan"}}   # or a JSON string
+
+    [nodes.2]
+    dataplane = "fastpath"        # weftd --dataplane for this node only
+
+    [weftd]
+    flags = ["-ip-masq"]          # appended to every node's command line
+    exec_start = "weftd ..."      # optional: the command as a systemd ExecStart line (see below)
+    [weftd.env]                   # sysconfig-style variables (EnvironmentFile=), also exported
+    FLANNEL_OPTIONS = "..."
+
+``[weftd].env`` values may use the lab's own variables, which exist only once a run is built:
+``${LAB_STORE_IP}``, ``${LAB_STORE_ENDPOINT}``, ``${LAB_PKI}`` (directory with ca.pem, client.pem,
+client-key.pem), ``${LAB_DIR}``, ``${LAB_PREFIX}`` (the etcd prefix), ``${LAB_NODE}`` (N) and
+``${LAB_NODE_IP}``. ``exec_start`` is then expanded as systemd does: ``${VAR}`` inside a word is
+replaced in place, a word that is exactly ``$VAR`` splits into the value's words.
+
+Every broken rule raises ``ScenarioError`` whose text is one line: ``FILE: KEY: rule``.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from controlplane.config import ConfigError, NetworkConfig, parse_config
+
+SAFE_UNDERLAY = ipaddress.IPv4Network("198.18.0.0/15")
+DEFAULT_NETWORK = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
+DEFAULT_PREFIX = "/coreos.com/network"
+STORES = ("sqlite", "etcd")
+MAX_NODES = 500  # 2 vCPUs: well beyond what one machine runs usefully, far below naming limits
+MAX_PODS_PER_NODE = 64
+DAEMON_NAMES = ("weftd", "flanneld")  # first word of exec_start; both mean weft's daemon
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SCENARIO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+TOP_KEYS = ("name", "description", "lab", "network", "nodes", "weftd")
+LAB_KEYS = ("nodes", "pods_per_node", "underlay", "mtu", "store", "etcd_tls", "prefix",
+            "pod_offloads", "store_address")
+NODE_KEYS = ("dataplane",)
+WEFTD_KEYS = ("flags", "env", "exec_start")
+
+
+class ScenarioError(ValueError):
+    """A scenario that breaks a rule; str() is one line naming the file, the key and the rule."""
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    index: int
+    dataplane: str  # "" = the config's own (weftd gets no --dataplane)
+
+
+@dataclass(frozen=True)
+class WeftdSpec:
+    flags: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    exec_start: str = ""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: str
+    nodes: int = 3
+    pods_per_node: int = 1
+    underlay: ipaddress.IPv4Network = ipaddress.IPv4Network("198.18.0.0/15")
+    mtu: int = 1500
+    store: str = "sqlite"
+    etcd_tls: bool = False
+    prefix: str = DEFAULT_PREFIX
+    pod_offloads: bool = True
+    store_address: ipaddress.IPv4Address | None = None
+    config_text: str = json.dumps(DEFAULT_NETWORK)
+    network: NetworkConfig | None = None
+    node_overrides: dict[int, NodeSpec] = field(default_factory=dict)
+    weftd: WeftdSpec = field(default_factory=WeftdSpec)
+    description: str = ""
+
+    # -- derived, so the builder and the tests agree on every name and address --------------
+    def node_ip(self, n: int) -> ipaddress.IPv4Address:
+        return self.underlay.network_address + n
+
+    @property
+    def store_ip(self) -> ipaddress.IPv4Address:
+        """The store's underlay address: ``store_address``, else the underlay's last usable one."""
+        return self.store_address or (self.underlay.broadcast_address - 1)
+
+    def node(self, n: int) -> NodeSpec:
+        return self.node_overrides.get(n, NodeSpec(n, ""))
+
+    def dataplane(self, n: int) -> str:
+        """The data plane node ``n`` runs: its override, else the config's."""
+        return self.node(n).dataplane or self.network.backend.dataplane
+
+    @property
+    def wire(self) -> str:
+        return self.network.backend.type
+
+
+def _fail(path: str, key: str, rule: str) -> ScenarioError:
+    return ScenarioError(f"{path}: {key}: {rule}")
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", str: "a string", float: "a float",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _get(path: str, table: dict, key: str, where: str, kind: type, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        want = {bool: "true or false", int: "an integer", str: "a string",
+                list: "an array", dict: "a table"}[kind]
+        raise _fail(path, f"{where}{key}", f"must be {want}, got {_type_name(value)}")
+    return value
+
+
+def _no_unknown(path: str, table: dict, known: tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in known:
+            raise _fail(path, f"{where}{key}", f"unknown key (known: {', '.join(known)})")
+
+
+def _table(path: str, doc: dict, key: str) -> dict:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        hint = " (the node count is [lab] nodes)" if key == "nodes" else ""
+        raise _fail(path, key, f"must be a table, got {_type_name(value)}{hint}")
+    return value
+
+
+def load(path: str) -> Scenario:
+    """Read and validate a scenario file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc.strerror}") from None
+    return loads(data, path)
+
+
+def loads(data: bytes | str, path: str = "<scenario>") -> Scenario:
+    """Validate scenario text; ``path`` names it in errors."""
+    if isinstance(data, bytes):
+        try:
+            data = data.decode()
+        except UnicodeDecodeError:
+            raise ScenarioError(f"{path}: not UTF-8 text") from None
+    try:
+        doc = tomllib.loads(data)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML ({str(exc).splitlines()[0]})") from None
+    return from_dict(doc, path)
+
+
+def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
+    """Validate an already-parsed scenario (e.g. built in Python by a benchmark)."""
+    _no_unknown(path, doc, TOP_KEYS, "")
+    if "name" not in doc:
+        raise _fail(path, "name", "missing (a short name for the scenario, e.g. \"default\")")
+    name = _get(path, doc, "name", "", str, "")
+    if not _SCENARIO_NAME.match(name):
+        raise _fail(path, "name", f"{name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    description = _get(path, doc, "description", "", str, "")
+
+    lab = _table(path, doc, "lab")
+    _no_unknown(path, lab, LAB_KEYS, "lab.")
+    nodes = _get(path, lab, "nodes", "lab.", int, 3)
+    if not 1 <= nodes <= MAX_NODES:
+        raise _fail(path, "lab.nodes", f"{nodes} is outside 1..{MAX_NODES}")
+    pods = _get(path, lab, "pods_per_node", "lab.", int, 1)
+    if not 0 <= pods <= MAX_PODS_PER_NODE:
+        raise _fail(path, "lab.pods_per_node", f"{pods} is outside 0..{MAX_PODS_PER_NODE}")
+    underlay_text = _get(path, lab, "underlay", "lab.", str, str(SAFE_UNDERLAY))
+    try:
+        underlay = ipaddress.IPv4Network(underlay_text)
+    except ValueError:
+        raise _fail(path, "lab.underlay", f"{underlay_text!r} is not an IPv4 CIDR with no host bits") from None
+    if not underlay.subnet_of(SAFE_UNDERLAY):
+        raise _fail(path, "lab.underlay", f"{underlay} must lie inside {SAFE_UNDERLAY} "
+                    "(benchmarking space, never routed)")
+    usable = underlay.num_addresses - 2
+    mtu = _get(path, lab, "mtu", "lab.", int, 1500)
+    if not 576 <= mtu <= 65535:
+        raise _fail(path, "lab.mtu", f"{mtu} is outside 576..65535")
+    store = _get(path, lab, "store", "lab.", str, "sqlite")
+    if store not in STORES:
+        raise _fail(path, "lab.store", f"unknown store {store!r} (known: {', '.join(STORES)})")
+    etcd_tls = _get(path, lab, "etcd_tls", "lab.", bool, False)
+    if etcd_tls and store != "etcd":
+        raise _fail(path, "lab.etcd_tls", "needs store = \"etcd\"")
+    prefix = _get(path, lab, "prefix", "lab.", str, DEFAULT_PREFIX)
+    if not prefix.startswith("/") or prefix.rstrip("/") == "" or any(c.isspace() for c in prefix):
+        raise _fail(path, "lab.prefix", f"{prefix!r} must be an absolute key path like \"/coreos.com/network\"")
+    prefix = prefix.rstrip("/")
+    pod_offloads = _get(path, lab, "pod_offloads", "lab.", bool, True)
+    store_address = None
+    if "store_address" in lab:
+        text = _get(path, lab, "store_address", "lab.", str, "")
+        try:
+            store_address = ipaddress.IPv4Address(text)
+        except ValueError:
+            raise _fail(path, "lab.store_address", f"{text!r} is not an IPv4 address") from None
+        if store_address not in underlay or store_address in (underlay.network_address,
+                                                              underlay.broadcast_address):
+            raise _fail(path, "lab.store_address", f"{store_address} is not a host address of {underlay}")
+        if 1 <= int(store_address) - int(underlay.network_address) <= nodes:
+            raise _fail(path, "lab.store_address", f"{store_address} is node "
+                        f"{int(store_address) - int(underlay.network_address)}'s address")
+    if nodes + 1 > usable:
+        raise _fail(path, "lab.nodes", f"{nodes} nodes and the store do not fit in {underlay} "
+                    f"({usable} host addresses)")
+
+    network_table = _table(path, doc, "network")
+    _no_unknown(path, network_table, ("config",), "network.")
+    raw = network_table.get("config", DEFAULT_NETWORK)
+    if isinstance(raw, dict):
+        config_text = json.dumps(raw)
+    elif isinstance(raw, str):
+        config_text = raw
+    else:
+        raise _fail(path, "network.config", f"must be a table or a JSON string, got {_type_name(raw)}")
+    try:
+        network = parse_config(config_text)
+    except ConfigError as exc:
+        raise _fail(path, "network.config", str(exc)) from None
+    if network.subnet_count < nodes:
+        raise _fail(path, "network.config", f"Network {network.network} holds "
+                    f"{network.subnet_count} subnets of /{network.subnet_len}, fewer than {nodes} nodes")
+    if pods and pods > network.subnet_size - 3:
+        raise _fail(path, "lab.pods_per_node", f"{pods} pods do not fit in a /{network.subnet_len} "
+                    f"subnet ({network.subnet_size - 3} pod addresses after .0, .1 and broadcast)")
+    if network.backend.mtu == 0 and mtu - network.backend.mtu_overhead < 68:
+        raise _fail(path, "lab.mtu", f"{mtu} leaves no room for {network.backend.type}'s "
+                    f"{network.backend.mtu_overhead} bytes")
+
+    overrides: dict[int, NodeSpec] = {}
+    for key, value in _table(path, doc, "nodes").items():
+        where = f"nodes.{key}"
+        if not key.isdigit() or not 1 <= int(key) <= nodes:
+            raise _fail(path, where, f"node {key!r} is not a node number in 1..{nodes}")
+        if not isinstance(value, dict):
+            raise _fail(path, where, f"must be a table, got {_type_name(value)}")
+        _no_unknown(path, value, NODE_KEYS, where + ".")
+        dataplane = _get(path, value, "dataplane", where + ".", str, "")
+        if dataplane:
+            try:
+                network.with_dataplane(dataplane)
+            except ConfigError as exc:
+                rule = str(exc).split(": ", 1)[-1]
+                raise _fail(path, where + ".dataplane", rule) from None
+        overrides[int(key)] = NodeSpec(int(key), dataplane)
+
+    weftd_table = _table(path, doc, "weftd")
+    _no_unknown(path, weftd_table, WEFTD_KEYS, "weftd.")
+    flags = _get(path, weftd_table, "flags", "weftd.", list, [])
+    for i, flag in enumerate(flags):
+        if not isinstance(flag, str):
+            raise _fail(path, f"weftd.flags[{i}]", f"must be a string, got {_type_name(flag)}")
+    env = _get(path, weftd_table, "env", "weftd.", dict, {})
+    for key, value in env.items():
+        if not _ENV_NAME.match(key):
+            raise _fail(path, f"weftd.env.{key}", "not a valid environment variable name")
+        if key.startswith("LAB_"):
+            raise _fail(path, f"weftd.env.{key}", "LAB_* names are the lab's own variables")
+        if not isinstance(value, str):
+            raise _fail(path, f"weftd.env.{key}", f"must be a string, got {_type_name(value)}")
+    exec_start = _get(path, weftd_table, "exec_start", "weftd.", str, "")
+    if exec_start:
+        try:
+            words = shlex.split(exec_start)
+        except ValueError as exc:
+            raise _fail(path, "weftd.exec_start", f"cannot split into words ({exc})") from None
+        if not words or os.path.basename(words[0]) not in DAEMON_NAMES:
+            raise _fail(path, "weftd.exec_start", f"must start with {' or '.join(DAEMON_NAMES)}")
+
+    return Scenario(name=name, path=path, nodes=nodes, pods_per_node=pods, underlay=underlay,
+                    mtu=mtu, store=store, etcd_tls=etcd_tls, prefix=prefix,
+                    pod_offloads=pod_offloads, store_address=store_address,
+                    config_text=config_text, network=network, node_overrides=overrides,
+                    weftd=WeftdSpec(tuple(flags), dict(env), exec_start), description=description)
+
+
+# -- systemd-style expansion, used by the lab for [weftd] exec_start ------------------------------
+_BRACED = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_BARE = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)$")
+
+
+def substitute(text: str, variables: dict[str, str]) -> str:
+    """Replace every ``${NAME}`` with its value ('' when unset), as systemd does inside a word."""
+    return _BRACED.sub(lambda m: variables.get(m.group(1), ""), text)
+
+
+def expand_exec_start(line: str, variables: dict[str, str]) -> list[str]:
+    """A systemd ExecStart= line as argv: ``$VAR`` alone splits into words, ``${VAR}`` does not."""
+    argv: list[str] = []
+    for word in shlex.split(line):
+        bare = _BARE.match(word)
+        if bare:
+            argv.extend(variables.get(bare.group(1), "").split())
+        else:
+            argv.append(substitute(word, variables))
+    return argv

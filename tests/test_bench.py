@@ -1,0 +1,151 @@
+"""bench: the result document, reports, compare and the gate; and real runs in namespaces."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from bench import gate, report, results
+from bench.measure import percentile
+
+from .daemons import REPO, run_tool
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+BASELINE = os.path.join(REPO, "bench", "baselines", "quick.json")
+
+
+def doc(**backends) -> dict:
+    d = {"schema": results.SCHEMA, "machine": {"cpu_model": "test", "cores": 2, "kernel": "6"},
+         "plan": {"repeat": 3}, "git": {"commit": "abc"}, "scenario": {"name": "t", "store": "sqlite"},
+         "runs": [], "backends": {}}
+    for name, (gbps, rtt) in backends.items():
+        d["backends"][name.replace("__", "/").replace("_", "-")] = {"status": "ok", "tcp1_gbps": gbps,
+                                                                   "rtt_p50_us": rtt}
+    results.add_ratios(d)
+    return d
+
+
+def test_percentile_and_summary():
+    assert percentile([1, 2, 3, 4], 0.5) == 2.5
+    assert percentile([5], 0.99) == 5
+    rows = [{"tcp1_gbps": 10.0, "tcp1_disturbed": False}, {"tcp1_gbps": 12.0, "tcp1_disturbed": True},
+            {"tcp1_gbps": 11.0}]
+    s = results.summarize(rows, {"daemon_rss_mb": 40}, seconds=3)
+    assert s["tcp1_gbps"] == 11.0 and s["disturbed_runs"] == 1 and s["daemon_rss_mb"] == 40
+
+
+def test_ratios_in_one_run():
+    d = doc(bare=(10.0, 5.0), vxlan__kernel=(8.0, 10.0), host_gw__kernel=(9.5, 6.0))
+    assert d["backends"]["vxlan/kernel"]["ratio_to_bare"] == pytest.approx(0.8)
+    assert d["backends"]["host-gw/kernel"]["ratio_to_vxlan_kernel"] == pytest.approx(9.5 / 8)
+    assert d["backends"]["vxlan/kernel"]["latency_ratio_to_bare"] == pytest.approx(2.0)
+
+
+def test_gate_bites_on_ratio_not_absolute_numbers():
+    base = doc(bare=(10.0, 5.0), vxlan__kernel=(8.0, 10.0))
+    # Another machine, twice as fast overall: same ratios, passes.
+    faster = doc(bare=(20.0, 2.5), vxlan__kernel=(16.0, 5.0))
+    findings, _ = gate.gate(base, faster, tolerance=0.1)
+    assert findings and not any(f.failed for f in findings)
+    # vxlan slowed to 0.6 x bare: fails, and says by how much.
+    slower = doc(bare=(10.0, 5.0), vxlan__kernel=(6.0, 10.0))
+    findings, _ = gate.gate(base, slower, tolerance=0.1)
+    failed = [f for f in findings if f.failed]
+    assert [(f.backend, f.metric) for f in failed] == [("vxlan/kernel", "ratio_to_bare")]
+    assert failed[0].change == pytest.approx(-0.25)
+    # Latency ratio up 3x: fails on latency.
+    laggy = doc(bare=(10.0, 5.0), vxlan__kernel=(8.0, 30.0))
+    failed = [f for f in gate.gate(base, laggy, 0.1, 1.0)[0] if f.failed]
+    assert [(f.backend, f.metric) for f in failed] == [("vxlan/kernel", "latency_ratio_to_bare")]
+
+
+def test_gate_and_compare_cli(tmp_path):
+    base, slow = tmp_path / "base.json", tmp_path / "slow.json"
+    base.write_text(json.dumps(doc(bare=(10.0, 5.0), vxlan__kernel=(8.0, 10.0))))
+    slow.write_text(json.dumps(doc(bare=(10.0, 5.0), vxlan__kernel=(5.0, 10.0))))
+    r = run_tool("bench.cli", "gate", "--baseline", str(base), str(slow), "--tolerance", "0.2")
+    assert r.returncode == 1 and "vxlan/kernel ratio_to_bare -37.5%" in r.stderr
+    r = run_tool("bench.cli", "gate", "--baseline", str(base), str(base))
+    assert r.returncode == 0 and "gate: ok" in r.stdout
+    r = run_tool("bench.cli", "compare", str(base), str(slow))
+    assert r.returncode == 0 and "-37.5%" in r.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    r = run_tool("bench.cli", "gate", "--baseline", str(bad), str(slow))
+    assert r.returncode == 1 and "not a bench result" in r.stderr
+
+
+def test_report_renders_tables_and_charts(tmp_path):
+    d = doc(bare=(10.0, 5.0), vxlan__kernel=(8.0, 10.0))
+    d["backends"]["vxlan/ebpf"] = {"status": "skipped", "reason": "needs bcc"}
+    text = report.terminal(d)
+    assert "vxlan/kernel" in text and "0.80" in text and "vxlan/ebpf: skipped: needs bcc" in text
+    md = report.markdown(d)
+    assert md.startswith("| backend |") and "| vxlan/kernel | 8.00 | 0.80 | 1.00 |" in md
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(d))
+    r = run_tool("bench.cli", "report", str(path))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "throughput.png").stat().st_size > 1000 and (tmp_path / "results.md").exists()
+
+
+def test_committed_baseline_is_a_quick_run():
+    with open(BASELINE) as f:
+        base = json.load(f)
+    assert base["schema"] == results.SCHEMA and base["plan"]["full"] is False
+    assert base["backends"]["bare"]["status"] == "ok"
+    assert 0.3 < base["backends"]["vxlan/kernel"]["ratio_to_bare"] < 1.2
+
+
+@needs_root
+def test_quick_gate_and_its_self_test(tmp_path):
+    """CI's performance gate: a quick run passes against the committed baseline, and the same run
+    with a tbf rate limit on vxlan/kernel's sending pod fails it, naming that backend."""
+    clean, throttled = tmp_path / "clean", tmp_path / "throttled"
+    common = ["run", "--quick", "--backends", "bare,vxlan/kernel,host-gw/kernel"]
+    r = run_tool("bench.cli", *common, "--out", str(clean), timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_tool("bench.cli", "gate", "--baseline", BASELINE, str(clean / "results.json"), timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_tool("bench.cli", *common, "--throttle", "vxlan/kernel=1gbit", "--out", str(throttled),
+                 timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_tool("bench.cli", "gate", "--baseline", BASELINE, str(throttled / "results.json"), timeout=30)
+    assert r.returncode == 1
+    assert "vxlan/kernel ratio_to_bare" in r.stderr and "host-gw/kernel" not in r.stderr
+
+
+@needs_root
+def test_full_run_measures_everything(tmp_path):
+    r = run_tool("bench.cli", "run", "--repeat", "1", "--backends", "bare,vxlan/kernel,vxlan/nosuch",
+                 "--out", str(tmp_path), timeout=240)
+    assert r.returncode == 2 and "not a wire/dataplane pair" in r.stderr
+    r = run_tool("bench.cli", "run", "--repeat", "1", "--backends", "bare,vxlan/kernel",
+                 "--out", str(tmp_path), timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((tmp_path / "results.json").read_text())
+    vx = d["backends"]["vxlan/kernel"]
+    for key in ("tcp1_gbps", "tcp4_gbps", "udp_loss_pct", "rtt_p50_us", "rtt_p99_us", "rr_p50_us", "pps",
+                "retransmits", "core_s_per_gbit", "daemon_rss_mb", "ratio_to_bare",
+                "ratio_to_vxlan_kernel", "tcp1_nooffload_gbps"):
+        assert vx.get(key) is not None, key
+    assert vx["ratio_to_vxlan_kernel"] == 1.0 and 0 < vx["ratio_to_bare"] < 1.5
+    assert d["runs"] and all("tcp1_foreign_cpu_s" in run for run in d["runs"])
+    for name in ("results.md", "throughput.png", "latency.png", "cpu.png"):
+        assert (tmp_path / name).exists(), name
+    assert "vxlan/kernel" in r.stdout and "×bare" in r.stdout
+
+
+@needs_root
+def test_control_plane_scale_small(tmp_path):
+    scn = tmp_path / "scale.toml"
+    scn.write_text('name = "scale-6"\n[lab]\nnodes = 6\npods_per_node = 0\n'
+                   '[network]\nconfig = { Network = "10.244.0.0/16", Backend = { Type = "alloc" } }\n')
+    r = run_tool("bench.cli", "run", "--scenario", str(scn), "--out", str(tmp_path / "out"), timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cp = json.loads((tmp_path / "out" / "results.json").read_text())["control_plane"]
+    for store in ("sqlite", "etcd"):
+        assert cp[store]["nodes"] == 6
+        assert 0 < cp[store]["converge_p50_s"] <= cp[store]["converge_p99_s"] < 60
+        assert cp[store]["store_ops_per_s"] > 0 and cp[store]["daemon_rss_mb_max"] > 5

@@ -1,0 +1,521 @@
+"""The lab: scenario files, and labs built, used and torn down (exactly) in network namespaces.
+
+Lab tests need root and skip without it. Each builds a small lab (about a second) with the real
+weftd and removes it; the last checks that nothing of the runs is left behind.
+"""
+from __future__ import annotations
+
+import glob
+import ipaddress
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench import cli
+from bench import scenario as sc
+from bench.lab import LAB_ROOT, NETNS_DIR, REPO, Lab, LabError, alive, proc_start_time
+
+from .conftest import needs_etcd, needs_root
+
+SCENARIOS = sorted(glob.glob(os.path.join(REPO, "scenarios", "*.toml")))
+SCHEMA = os.path.join(REPO, "scenarios", "schema.json")
+HAVE_DAEMON = os.path.exists(os.path.join(REPO, "controlplane", "daemon.py"))
+HAVE_VXLAN = os.path.exists(os.path.join(REPO, "fastpath", "vxlan", "kernel.py"))
+needs_daemon = pytest.mark.skipif(not HAVE_DAEMON, reason="needs controlplane/daemon.py (weftd)")
+
+ALLOC3 = """
+name = "alloc3"
+[lab]
+nodes = 3
+pods_per_node = 1
+[network]
+config = {Network = "10.244.0.0/16", Backend = {Type = "alloc"}}
+"""
+
+
+# -- scenario files ---------------------------------------------------------------------------
+
+BAD = [
+    ("", "name: missing"),
+    ("name = 3", "name: must be a string, got an integer"),
+    ("name = 'a b'", "name: 'a b' must be 1-64 letters"),
+    ("name = 'x'\nnodes = 3", "nodes: must be a table, got an integer (the node count is [lab] nodes)"),
+    ("name = 'x'\ncolour = 3", "colour: unknown key"),
+    ("name = 'x'\n[lab]\nnodes = 0", "lab.nodes: 0 is outside 1..500"),
+    ("name = 'x'\n[lab]\nnodes = '3'", "lab.nodes: must be an integer, got a string"),
+    ("name = 'x'\n[lab]\nnodes = true", "lab.nodes: must be an integer, got a boolean"),
+    ("name = 'x'\n[lab]\npods_per_node = -1", "lab.pods_per_node: -1 is outside 0..64"),
+    ("name = 'x'\n[lab]\nunderlay = '10.0.0.0/24'", "lab.underlay: 10.0.0.0/24 must lie inside 198.18.0.0/15"),
+    ("name = 'x'\n[lab]\nunderlay = '198.18.0.1/24'", "lab.underlay: '198.18.0.1/24' is not an IPv4 CIDR"),
+    ("name = 'x'\n[lab]\nunderlay = '198.18.0.0/30'\nnodes = 2", "lab.nodes: 2 nodes and the store do not fit"),
+    ("name = 'x'\n[lab]\nmtu = 100", "lab.mtu: 100 is outside 576..65535"),
+    ("name = 'x'\n[lab]\nstore = 'consul'", "lab.store: unknown store 'consul'"),
+    ("name = 'x'\n[lab]\netcd_tls = true", "lab.etcd_tls: needs store = \"etcd\""),
+    ("name = 'x'\n[lab]\nprefix = 'coreos.com'", "lab.prefix: 'coreos.com' must be an absolute key path"),
+    ("name = 'x'\n[lab]\nstore_address = '198.18.0.2'", "lab.store_address: 198.18.0.2 is node 2's address"),
+    ("name = 'x'\n[lab]\ncolour = 'red'", "lab.colour: unknown key"),
+    ("name = 'x'\nlab = 3", "lab: must be a table, got an integer"),
+    ("name = 'x'\n[network]\nconfig = '{'", "network.config: config: not valid JSON"),
+    ("name = 'x'\n[network]\nconfig = 7", "network.config: must be a table or a JSON string"),
+    ("name = 'x'\n[network]\nconfig = {Network = '10.244.0.0/16', Backend = {Type = 'gre'}}",
+     "network.config: Backend.Type: unknown backend 'gre'"),
+    ("name = 'x'\n[network]\nconfig = {Backend = {Type = 'vxlan'}}", "network.config: Network: missing"),
+    ("name = 'x'\n[lab]\nnodes = 5\n[network]\nconfig = {Network = '10.0.0.0/24', SubnetLen = 26}",
+     "network.config: Network 10.0.0.0/24 holds 3 subnets of /26, fewer than 5 nodes"),
+    ("name = 'x'\n[lab]\npods_per_node = 30\n[network]\nconfig = {Network = '10.0.0.0/22', SubnetLen = 27}",
+     "lab.pods_per_node: 30 pods do not fit in a /27 subnet (29 pod addresses"),
+    ("name = 'x'\n[nodes.4]\ndataplane = 'kernel'", "nodes.4: node '4' is not a node number in 1..3"),
+    ("name = 'x'\n[nodes.one]\ndataplane = 'kernel'", "nodes.one: node 'one' is not a node number"),
+    ("name = 'x'\n[nodes.1]\ndataplane = 'python'", "nodes.1.dataplane: vxlan has no 'python' data plane"),
+    ("name = 'x'\n[nodes.1]\ndataplane = 'warp'", "nodes.1.dataplane: unknown data plane 'warp'"),
+    ("name = 'x'\n[nodes.1]\nspeed = 1", "nodes.1.speed: unknown key"),
+    ("name = 'x'\n[weftd]\nflags = '-ip-masq'", "weftd.flags: must be an array, got a string"),
+    ("name = 'x'\n[weftd]\nflags = [1]", "weftd.flags[0]: must be a string, got an integer"),
+    ("name = 'x'\n[weftd.env]\n'A-B' = 'x'", "weftd.env.A-B: not a valid environment variable name"),
+    ("name = 'x'\n[weftd.env]\nLAB_DIR = 'x'", "weftd.env.LAB_DIR: LAB_* names are the lab's own variables"),
+    ("name = 'x'\n[weftd.env]\nA = 1", "weftd.env.A: must be a string, got an integer"),
+    ("name = 'x'\n[weftd]\nexec_start = 'dockerd -x'", "weftd.exec_start: must start with weftd or flanneld"),
+    ("name = 'x'\n[weftd]\nexec_start = 'weftd \"'", "weftd.exec_start: cannot split into words"),
+    ("name = 'x'\n[lab\n", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("text,expected", BAD, ids=[b[1].split(":")[0] or "empty" for b in BAD])
+def test_bad_scenario_is_one_line_naming_file_key_and_rule(text, expected):
+    with pytest.raises(sc.ScenarioError) as info:
+        sc.loads(text, "bad.toml")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("bad.toml: ")
+    assert expected in message, message
+
+
+def test_unreadable_file_names_the_file(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(sc.ScenarioError, match=r"nope\.toml: cannot read"):
+        sc.load(str(missing))
+
+
+def test_defaults():
+    s = sc.loads("name = 'x'", "x.toml")
+    assert (s.nodes, s.pods_per_node, str(s.underlay), s.mtu, s.store, s.etcd_tls, s.prefix,
+            s.pod_offloads) == (3, 1, "198.18.0.0/15", 1500, "sqlite", False, "/coreos.com/network", True)
+    assert json.loads(s.config_text) == sc.DEFAULT_NETWORK
+    assert s.network.backend.name == "vxlan/kernel"
+    assert str(s.node_ip(3)) == "198.18.0.3"
+    assert str(s.store_ip) == "198.19.255.254"
+    assert s.dataplane(1) == "kernel"
+
+
+def test_config_as_json_string_and_node_override():
+    s = sc.loads("name = 'x'\n[network]\nconfig = '{\"Network\":\"172.30.0.0/16\",\"Backend\":{\"Type\":\"vxlan\"}}'\n"
+                 "[nodes.2]\ndataplane = 'fastpath'")
+    assert str(s.network.network) == "172.30.0.0/16"
+    assert (s.dataplane(1), s.dataplane(2)) == ("kernel", "fastpath")
+
+
+def test_exec_start_expands_like_systemd():
+    env = {"A": "https://x:2379", "OPTS": "-etcd-cafile=/c  -etcd-keyfile=/k", "EMPTY": ""}
+    argv = sc.expand_exec_start("weftd -etcd-endpoints=${A} -v=${NOPE}x $OPTS $EMPTY '${A} b'", env)
+    assert argv == ["weftd", "-etcd-endpoints=https://x:2379", "-v=x", "-etcd-cafile=/c",
+                    "-etcd-keyfile=/k", "https://x:2379 b"]
+
+
+# -- every shipped scenario and the schema ----------------------------------------------------
+
+def _schema_errors(instance, schema, root, path="$"):
+    """A small JSON-schema checker for the keywords schema.json uses (the venv has no jsonschema)."""
+    if "$ref" in schema:
+        node = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        return _schema_errors(instance, node, root, path)
+    errors = []
+    kinds = {"object": dict, "array": list, "string": str, "boolean": bool}
+    if "type" in schema:
+        t = schema["type"]
+        ok = (isinstance(instance, int) and not isinstance(instance, bool)) if t == "integer" \
+            else isinstance(instance, kinds[t])
+        if not ok:
+            return [f"{path}: not {t}"]
+    if "enum" in schema and instance not in schema["enum"]:
+        errors.append(f"{path}: {instance!r} not in {schema['enum']}")
+    if "minimum" in schema and instance < schema["minimum"]:
+        errors.append(f"{path}: below minimum")
+    if "maximum" in schema and instance > schema["maximum"]:
+        errors.append(f"{path}: above maximum")
+    if "pattern" in schema and not re.search(schema["pattern"], instance):
+        errors.append(f"{path}: {instance!r} does not match {schema['pattern']}")
+    if "oneOf" in schema:
+        matches = sum(not _schema_errors(instance, s, root, path) for s in schema["oneOf"])
+        if matches != 1:
+            errors.append(f"{path}: matches {matches} of oneOf")
+    if isinstance(instance, dict):
+        for key in schema.get("required", []):
+            if key not in instance:
+                errors.append(f"{path}: missing {key}")
+        props = schema.get("properties", {})
+        patterns = schema.get("patternProperties", {})
+        for key, value in instance.items():
+            sub = props.get(key)
+            if sub is None:
+                sub = next((s for p, s in patterns.items() if re.search(p, key)), None)
+            if sub is None:
+                if schema.get("additionalProperties", True) is False:
+                    errors.append(f"{path}: unexpected key {key}")
+                continue
+            errors += _schema_errors(value, sub, root, f"{path}.{key}")
+    if isinstance(instance, list) and "items" in schema:
+        for i, item in enumerate(instance):
+            errors += _schema_errors(item, schema["items"], root, f"{path}[{i}]")
+    return errors
+
+
+def _validate(doc: dict, schema: dict) -> list[str]:
+    try:
+        import jsonschema
+    except ImportError:
+        return _schema_errors(doc, schema, schema)
+    return [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(doc)]
+
+
+def test_there_are_scenarios():
+    names = {os.path.basename(p) for p in SCENARIOS}
+    assert {"default.toml", "seed.toml", "seed-host-gw.toml", "scale-50.toml"} <= names
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[os.path.basename(p) for p in SCENARIOS])
+def test_scenario_file_validates(path):
+    s = sc.load(path)  # the loader's rules, including the network config's
+    assert s.name == os.path.basename(path)[:-len(".toml")]
+    with open(SCHEMA) as f:
+        schema = json.load(f)
+    with open(path, "rb") as f:
+        import tomllib
+        doc = tomllib.load(f)
+    assert _validate(doc, schema) == []
+
+
+def test_schema_and_loader_agree_on_keys_and_defaults():
+    with open(SCHEMA) as f:
+        schema = json.load(f)
+    props = schema["properties"]
+    assert tuple(props) == sc.TOP_KEYS
+    assert tuple(props["lab"]["properties"]) == sc.LAB_KEYS
+    assert tuple(props["weftd"]["properties"]) == sc.WEFTD_KEYS
+    node_schema = next(iter(props["nodes"]["patternProperties"].values()))
+    assert tuple(node_schema["properties"]) == sc.NODE_KEYS
+    defaults = sc.loads("name = 'x'")
+    for key, spec in props["lab"]["properties"].items():
+        if "default" in spec:
+            assert str(getattr(defaults, key)) == str(spec["default"]), key
+    assert props["network"]["properties"]["config"]["default"] == sc.DEFAULT_NETWORK
+
+
+def test_seed_scenarios_reproduce_the_walkthrough():
+    for name, wire in (("seed", "vxlan"), ("seed-host-gw", "host-gw")):
+        s = sc.load(os.path.join(REPO, "scenarios", f"{name}.toml"))
+        assert (s.nodes, s.store, s.etcd_tls, s.prefix) == (3, "etcd", True, "/kube-centos/network")
+        assert json.loads(s.config_text) == {"Network": "172.30.0.0/16", "SubnetLen": 24,
+                                             "Backend": {"Type": wire}}
+        assert s.weftd.env["FLANNEL_ETCD_PREFIX"] == "/kube-centos/network"
+        variables = {"LAB_STORE_IP": "198.19.255.254", "LAB_PKI": "/pki"}
+        env = {k: sc.substitute(v, variables) for k, v in s.weftd.env.items()}
+        argv = sc.expand_exec_start(s.weftd.exec_start, env)
+        assert argv == ["weftd", "-etcd-endpoints=https://198.19.255.254:2379",
+                        "-etcd-prefix=/kube-centos/network", "-etcd-cafile=/pki/ca.pem",
+                        "-etcd-certfile=/pki/client.pem", "-etcd-keyfile=/pki/client-key.pem"]
+    scale = sc.load(os.path.join(REPO, "scenarios", "scale-50.toml"))
+    assert (scale.nodes, scale.pods_per_node, scale.wire) == (50, 0, "alloc")
+
+
+# -- the CLI without a lab --------------------------------------------------------------------
+
+def test_cli_usage_errors_exit_2(capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["dwon"]) == 2
+    assert "maybe: down" in capsys.readouterr().err
+    assert cli.main(["down"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "give exactly one of" in err
+    assert cli.main(["up"]) == 2
+
+
+def test_cli_env_flags(monkeypatch, capsys):
+    monkeypatch.setenv("WEFT_BENCH_ALL", "no-way")
+    assert cli.main(["down"]) == 2
+    assert "WEFT_BENCH_ALL" in capsys.readouterr().err
+
+
+def test_cli_bad_scenario_is_one_line_exit_1(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = 'x'\n[lab]\nnodes = 0\n")
+    assert cli.main(["up", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lab.nodes: 0 is outside" in err
+
+
+def test_cli_down_unknown_lab_is_idempotent(capsys):
+    assert cli.main(["down", "wzzzz"]) == 0
+    assert "no lab wzzzz" in capsys.readouterr().out
+
+
+# -- labs ----------------------------------------------------------------------------------------
+
+def _lab_namespaces(prefix: str) -> list[str]:
+    return sorted(n for n in os.listdir(NETNS_DIR) if n.startswith(prefix)) if os.path.isdir(NETNS_DIR) else []
+
+
+def _root_snapshot():
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    routes = subprocess.run(["ip", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    return links, routes
+
+
+def _assert_gone(prefix: str, pids, directory: str):
+    assert _lab_namespaces(prefix) == []
+    for pid, start in pids:
+        assert not alive(pid, start), pid
+    assert not os.path.exists(directory)
+    assert not os.path.lexists(os.path.join(LAB_ROOT, prefix.rstrip("-")))
+
+
+def _assert_root_untouched(before, prefix):
+    links, routes = _root_snapshot()
+    for line in links.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        assert not re.fullmatch(r"w\d+|wst|br0|cni0|vethp\d+|flannel\.\d+", name) or name in before[0], line
+    assert prefix not in links
+    for line in routes.splitlines():
+        assert "198.18." not in line or line in before[1], line
+
+
+@needs_root
+@needs_daemon
+def test_lab_builds_works_and_goes_away(tmp_path):
+    before = _root_snapshot()
+    lab = Lab(sc.loads(ALLOC3, "alloc3.toml"))
+    with lab:
+        prefix = lab.prefix
+        assert re.fullmatch(r"w[0-9a-f]{4}-", prefix)
+        expected = sorted([f"{prefix}wire"] + [f"{prefix}n{n}" for n in (1, 2, 3)] +
+                          [f"{prefix}p{n}x1" for n in (1, 2, 3)])
+        assert _lab_namespaces(prefix) == expected
+        assert all(len(n) <= 15 for n in expected)
+        assert lab.dir == os.path.join(LAB_ROOT, prefix[:-1])
+
+        # pods: addresses from their node's subnet, MTU from subnet.env, reach their cni0
+        subnets = set()
+        for pod in lab.pods:
+            node = lab.node(pod.node)
+            with open(node.subnet_file) as f:
+                env = dict(line.split("=", 1) for line in f.read().split())
+            assert env["FLANNEL_SUBNET"] == f"{node.gateway}/24"
+            assert pod.ip == str(ipaddress.ip_network(node.subnet).network_address + 2)
+            addr = lab.exec(pod.namespace, ["ip", "-o", "-4", "addr", "show", "eth0"], check=True).stdout
+            assert f"inet {pod.ip}/24" in addr
+            assert f"mtu {node.mtu}" in lab.exec(pod.namespace, ["ip", "-o", "link", "show", "eth0"]).stdout
+            route = lab.exec(pod.namespace, ["ip", "route", "show", "default"]).stdout
+            assert f"default via {node.gateway}" in route
+            assert lab.ping(pod, node.gateway)
+            subnets.add(node.subnet)
+        assert len(subnets) == 3
+        # nodes reach each other on the underlay; sysctls are set inside the namespaces
+        assert lab.ping("n1", "198.18.0.3")
+        assert lab.exec("n2", ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "1"
+        assert lab.exec("n2", ["sysctl", "-n", "net.ipv4.conf.eth0.rp_filter"]).stdout.strip() == "0"
+        with pytest.raises(LabError, match="not a namespace of lab"):
+            lab.exec("someone-elses-ns", ["true"])
+
+        # the state file
+        with open(os.path.join(lab.dir, "state.json")) as f:
+            state = json.load(f)
+        assert state["id"] == prefix[:-1] and state["prefix"] == prefix and state["name"] == "alloc3"
+        assert [(n["index"], n["namespace"], n["public_ip"], n["dataplane"]) for n in state["nodes"]] == \
+            [(n, f"{prefix}n{n}", f"198.18.0.{n}", "kernel") for n in (1, 2, 3)]
+        assert all(n["pid"] and n["subnet"].endswith("/24") and n["mtu"] == 1500 for n in state["nodes"])
+        assert [(p["namespace"], p["node"]) for p in state["pods"]] == [(f"{prefix}p{n}x1", n) for n in (1, 2, 3)]
+        assert state["store"]["kind"] == "sqlite" and os.path.exists(state["store"]["path"])
+
+        # the ledger lists everything, processes with their start times
+        with open(os.path.join(lab.dir, "ledger.json")) as f:
+            ledger = json.load(f)
+        assert {e["name"] for e in ledger["entries"] if e["kind"] == "netns"} == set(expected)
+        procs = [(e["pid"], e["start"]) for e in ledger["entries"] if e["kind"] == "process"]
+        assert len(procs) == 3 and all(proc_start_time(p) == s for p, s in procs)
+
+        # a node restarted (even after kill -9) keeps its lease; pods still reach its cni0
+        node2 = lab.node(2)
+        old_pid, old_subnet = node2.pid, node2.subnet
+        lab.kill_node(2, signal.SIGKILL)
+        assert proc_start_time(old_pid) is None
+        lab.start_node(2)
+        assert node2.pid != old_pid and node2.subnet == old_subnet and lab.ready(2)
+        assert lab.ping(lab.pods[1], node2.gateway)
+        directory = lab.dir
+        pids = [(n.pid, n.start) for n in lab.nodes] + [(old_pid, None)]
+    _assert_gone(prefix, pids, directory)
+    assert lab.down() == []  # idempotent
+    _assert_root_untouched(before, prefix)
+
+
+@needs_root
+@needs_daemon
+@pytest.mark.filterwarnings("ignore:subprocess .* is still running:ResourceWarning")
+def test_dropped_lab_is_removed_by_bench_down(capsys):
+    lab = Lab(sc.loads(ALLOC3, "alloc3.toml")).up()
+    prefix, directory = lab.prefix, lab.dir
+    pids = [(n.pid, n.start) for n in lab.nodes]
+    del lab  # a "crash": nobody calls down()
+    assert len(_lab_namespaces(prefix)) == 7
+    assert cli.main(["inspect"]) == 0
+    assert prefix[:-1] in capsys.readouterr().out
+    assert cli.main(["down", prefix]) == 0
+    _assert_gone(prefix, pids, directory)
+    assert cli.main(["down", prefix]) == 0  # again: nothing to do
+
+
+def _bench(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@needs_root
+@needs_daemon
+def test_bench_up_then_down_from_other_processes(tmp_path):
+    scenario = tmp_path / "alloc3.toml"
+    scenario.write_text(ALLOC3.replace("pods_per_node = 1", "pods_per_node = 1\npod_offloads = false"))
+    directory = tmp_path / "lab"
+    directory.mkdir()  # an empty --dir is adopted: its contents go at down, the directory stays
+    up = _bench("up", str(scenario), "--json", "--dir", str(directory))
+    out, err = up.communicate(timeout=60)
+    assert up.returncode == 0, err
+    state = json.loads(out)
+    prefix = state["prefix"]
+    assert state["dir"] == str(directory)
+    assert os.path.realpath(os.path.join(LAB_ROOT, prefix[:-1])) == str(directory)
+    pids = [(n["pid"], n["start"]) for n in state["nodes"]]
+    assert all(proc_start_time(p) == s for p, s in pids)  # outlived `bench up`
+    features = subprocess.run(["ip", "netns", "exec", state["pods"][0]["namespace"], "ethtool", "-k", "eth0"],
+                              capture_output=True, text=True, timeout=10).stdout
+    assert "tcp-segmentation-offload: off" in features and "generic-segmentation-offload: off" in features
+    inspect = _bench("inspect", "--json")
+    out, err = inspect.communicate(timeout=30)
+    listed = {lab["id"]: lab for lab in json.loads(out)}
+    assert listed[prefix[:-1]]["running"] == 3 and listed[prefix[:-1]]["dir"] == str(directory)
+    down = _bench("down", prefix)
+    out, err = down.communicate(timeout=60)
+    assert down.returncode == 0, err
+    assert os.listdir(directory) == []
+    directory.rmdir()
+    _assert_gone(prefix, pids, str(directory))
+
+
+@needs_root
+@needs_daemon
+def test_bench_up_killed_mid_build_is_cleaned_up(tmp_path):
+    """SIGKILL `bench up` while it waits for weftd: the ledger already lists all it made."""
+    scenario = tmp_path / "alloc3.toml"
+    # weftd looks for its config under a prefix where there is none, so it never gets ready
+    scenario.write_text(ALLOC3 + "\n[weftd]\nflags = ['-etcd-prefix', '/nowhere']\n")
+    directory = tmp_path / "lab"
+    up = _bench("up", str(scenario), "--dir", str(directory))
+    ledger_path = directory / "ledger.json"
+    deadline = time.monotonic() + 30
+    procs = []
+    while time.monotonic() < deadline and up.poll() is None:
+        try:
+            entries = json.loads(ledger_path.read_text())["entries"]
+        except (OSError, ValueError):
+            entries = []
+        procs = [(e["pid"], e["start"]) for e in entries if e["kind"] == "process" and e["pid"]]
+        if len(procs) == 3:
+            break
+        time.sleep(0.02)
+    assert up.poll() is None, "bench up finished before it could be killed"
+    up.kill()
+    up.communicate(timeout=10)
+    ledger = json.loads(ledger_path.read_text())
+    prefix = ledger["prefix"]
+    assert _lab_namespaces(prefix)
+    down = _bench("down", "--dir", str(directory))
+    out, err = down.communicate(timeout=60)
+    assert down.returncode == 0, err
+    _assert_gone(prefix, procs, str(directory))
+
+
+@needs_root
+@needs_daemon
+def test_failed_node_fails_up_with_log_tail_and_leaves_nothing(tmp_path):
+    bad = sc.loads(ALLOC3 + "\n[weftd]\nflags = ['-subnet-lease-renew-margin', '0']\n", "bad.toml")
+    lab = Lab(bad, ready_timeout=15)
+    with pytest.raises(LabError) as info:
+        lab.up()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "weftd exited with status 2" in message and "subnet-lease-renew-margin" in message
+    _assert_gone(lab.prefix, [], lab.dir)
+
+
+def _all_pairs_ping(lab: Lab) -> list[tuple[str, str]]:
+    failed = []
+    for src in lab.pods:
+        for dst in lab.pods:
+            if src is not dst and not lab.ping(src, dst.ip, count=1, timeout=2):
+                failed.append((src.namespace, dst.ip))
+    return failed
+
+
+@needs_root
+@needs_daemon
+@pytest.mark.skipif(not HAVE_VXLAN, reason="needs the vxlan kernel backend (fastpath/vxlan/kernel.py)")
+def test_every_pod_pair_pings_in_a_vxlan_lab():
+    with Lab(sc.load(os.path.join(REPO, "scenarios", "default.toml"))) as lab:
+        assert lab.scenario.network.backend.name == "vxlan/kernel"
+        assert all(n.mtu == 1450 for n in lab.nodes)
+        assert _all_pairs_ping(lab) == []
+        prefix = lab.prefix
+    assert _lab_namespaces(prefix) == []
+
+
+@needs_root
+@needs_daemon
+@needs_etcd
+@pytest.mark.skipif(not os.path.exists(os.path.join(REPO, "controlplane", "store", "etcd.py")),
+                    reason="needs the etcd store (controlplane/store/etcd.py)")
+def test_seed_scenario_etcd_tls_sysconfig():
+    with Lab(sc.load(os.path.join(REPO, "scenarios", "seed.toml"))) as lab:
+        assert lab.store["kind"] == "etcd" and lab.store["endpoint"] == "https://198.19.255.254:2379"
+        node = lab.node(1)
+        assert "-etcd-endpoints=https://198.19.255.254:2379" in node.argv
+        assert f"-etcd-cafile={lab.dir}/pki/ca.pem" in node.argv
+        assert all(n.subnet.startswith("172.30.") for n in lab.nodes)
+        config = lab.exec("st", ["env", "ETCDCTL_API=3", "etcdctl", "--endpoints=https://198.19.255.254:2379",
+                                 f"--cacert={lab.dir}/pki/ca.pem", f"--cert={lab.dir}/pki/client.pem",
+                                 f"--key={lab.dir}/pki/client-key.pem", "get", "--print-value-only",
+                                 "/kube-centos/network/config"], check=True).stdout
+        assert json.loads(config)["Network"] == "172.30.0.0/16"
+        assert _all_pairs_ping(lab) == []
+        prefix, etcd_data = lab.prefix, lab.store["data"]
+    assert _lab_namespaces(prefix) == []
+    assert not os.path.exists(etcd_data)
+
+
+@needs_root
+def test_no_lab_of_this_run_is_left():
+    """Runs last (file order): every lab these tests made is gone."""
+    mine = [lab for lab in os.listdir(LAB_ROOT)] if os.path.isdir(LAB_ROOT) else []
+    for lab_id in mine:
+        ledger = os.path.join(os.path.realpath(os.path.join(LAB_ROOT, lab_id)), "ledger.json")
+        try:
+            with open(ledger) as f:
+                owner = json.load(f)["owner_pid"]
+        except (OSError, ValueError, KeyError):
+            continue
+        assert owner != os.getpid(), f"lab {lab_id} from this test run is still up"
