@@ -1,0 +1,181 @@
+"""The lab's end-to-end suite, shared by every data plane's tests.
+
+Each check runs against a lab that is up (``bench.lab.Lab``): all pod pairs ping, a 64 MiB TCP
+transfer across nodes arrives byte-identical, a lease removed with weftctl disappears from the
+other nodes' data planes within 2 s, a restarted weftd keeps its subnet and the mesh, and after
+``down`` nothing of the run is left.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+
+from bench.lab import Lab, venv_python
+from controlplane.config import parse_config
+
+TRANSFER_BYTES = 64 * 1024 * 1024
+CHUNK = 1 << 20
+
+
+def lab_for(scenario, backend: str | None = None, dataplanes: dict[int, str] | None = None) -> Lab:
+    """A lab of ``scenario`` with its backend switched to ``wire/dataplane`` and per-node overrides."""
+    from bench.scenario import NodeSpec
+    scn = scenario
+    if backend:
+        wire, _, dp = backend.partition("/")
+        doc = json.loads(scn.config_text)
+        doc["Backend"] = {"Type": wire, "Dataplane": dp}
+        text = json.dumps(doc)
+        scn = dataclasses.replace(scn, config_text=text, network=parse_config(text))
+    if dataplanes:
+        scn = dataclasses.replace(scn, node_overrides={n: NodeSpec(n, dp) for n, dp in dataplanes.items()})
+    return Lab(scn)
+
+
+def weftctl(lab: Lab, *args: str) -> subprocess.CompletedProcess:
+    """weftctl against the lab's store, run in node 1's namespace (where the store is reachable)."""
+    s = lab.store
+    if s["kind"] == "sqlite":
+        flags = ["--store", s["url"], "-etcd-prefix", s["prefix"]]
+    else:
+        flags = ["-etcd-endpoints", s["endpoint"], "-etcd-prefix", lab.scenario.prefix]
+        if s.get("pki"):
+            flags += ["-etcd-cafile", s["pki"]["ca"], "-etcd-certfile", s["pki"]["cert"],
+                      "-etcd-keyfile", s["pki"]["key"]]
+    return lab.exec(lab.node(1).namespace, [venv_python(), "-m", "controlplane.ctl", *flags, *args],
+                    timeout=30)
+
+
+def all_pairs_ping(lab: Lab) -> list[str]:
+    """Pod pairs that do not reach each other (empty: full mesh)."""
+    bad = []
+    for a in lab.pods:
+        for b in lab.pods:
+            if a is not b and not lab.ping(a, b.ip, count=2, timeout=2):
+                bad.append(f"{a.namespace}->{b.ip}")
+    return bad
+
+
+def transfer(lab: Lab, src, dst, nbytes: int = TRANSFER_BYTES, port: int = 7777) -> tuple[str, str]:
+    """Send ``nbytes`` of pseudo-random data over TCP from pod src to pod dst; both sides' SHA-256."""
+    server = lab.socket(dst.namespace)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((dst.ip, port))
+    server.listen(1)
+    server.settimeout(30)
+    got = {}
+
+    def receive():
+        conn, _ = server.accept()
+        conn.settimeout(30)
+        h, n = hashlib.sha256(), 0
+        with conn:
+            while True:
+                data = conn.recv(CHUNK)
+                if not data:
+                    break
+                h.update(data)
+                n += len(data)
+        got["digest"], got["bytes"] = h.hexdigest(), n
+
+    t = threading.Thread(target=receive)
+    t.start()
+    sent = hashlib.sha256()
+    block = hashlib.sha256(b"weft").digest() * (CHUNK // 32)
+    try:
+        client = lab.socket(src.namespace)
+        client.settimeout(30)
+        client.connect((dst.ip, port))
+        with client:
+            left, i = nbytes, 0
+            while left:
+                # Vary every chunk so a reordered or duplicated chunk changes the digest.
+                chunk = (i.to_bytes(8, "big") + block)[:min(CHUNK, left)]
+                client.sendall(chunk)
+                sent.update(chunk)
+                left -= len(chunk)
+                i += 1
+    finally:
+        t.join(60)
+        server.close()
+    assert got.get("bytes") == nbytes, f"received {got.get('bytes')} of {nbytes} bytes"
+    return sent.hexdigest(), got["digest"]
+
+
+def kernel_route(lab: Lab, node: int, subnet: str) -> bool:
+    """Whether node's main table has a route for exactly ``subnet`` (vxlan and host-gw kernel paths)."""
+    out = lab.exec(lab.node(node).namespace, ["ip", "-4", "route", "show", "exact", subnet]).stdout
+    return bool(out.strip())
+
+
+def lease_removal_propagates(lab: Lab, victim: int, has_peer=kernel_route, within: float = 2.0) -> float:
+    """Release node ``victim``'s lease with weftctl; seconds until no other node has it programmed."""
+    subnet = lab.node(victim).subnet
+    others = [n.index for n in lab.nodes if n.index != victim]
+    assert all(has_peer(lab, n, subnet) for n in others), "peer not programmed before removal"
+    t0 = time.monotonic()
+    r = weftctl(lab, "release", subnet)
+    assert r.returncode == 0, r.stderr
+    deadline = t0 + within
+    while time.monotonic() < deadline:
+        if not any(has_peer(lab, n, subnet) for n in others):
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"{subnet} still programmed on some of nodes {others} after {within} s")
+
+
+def restart_keeps_subnet_and_mesh(lab: Lab, node: int) -> None:
+    before = lab.node(node).subnet
+    lab.restart_node(node)
+    assert lab.node(node).subnet == before
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        bad = all_pairs_ping(lab)
+        if not bad:
+            return
+    raise AssertionError(f"mesh broken after restarting node {node}: {bad}")
+
+
+def nothing_left(lab: Lab) -> list[str]:
+    """What of the run still exists after down(): namespaces, processes, the lab directory."""
+    left = []
+    names = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    left += [n for n in names if n.startswith(lab.prefix)]
+    left += [f"pid {n.pid}" for n in lab.nodes if n.pid and os.path.exists(f"/proc/{n.pid}")
+             and _start(n.pid) == n.start]
+    if lab.dir and os.path.exists(lab.dir):
+        left.append(lab.dir)
+    return left
+
+
+def _start(pid: int):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+
+
+def run_suite(lab: Lab, has_peer=kernel_route) -> dict:
+    """The whole suite on a 3-node lab that is up; returns what it measured."""
+    assert not all_pairs_ping(lab), all_pairs_ping(lab)
+    a = next(p for p in lab.pods if p.node == 1)
+    b = next(p for p in lab.pods if p.node == 2)
+    sent, got = transfer(lab, a, b)
+    assert sent == got, "64 MiB transfer corrupted"
+    sent, got = transfer(lab, b, a, port=7778)
+    assert sent == got, "64 MiB transfer corrupted (reverse)"
+    restart_keeps_subnet_and_mesh(lab, 2)
+    removal_s = lease_removal_propagates(lab, 3, has_peer)
+    return {"removal_s": removal_s}
+
+
+def in_network(lab: Lab, ip: str) -> bool:
+    return ipaddress.IPv4Address(ip) in lab.scenario.network.network

@@ -1,0 +1,55 @@
+"""The lab e2e suite on the kernel data planes (vxlan, host-gw), and the seed walk-through."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.scenario import load
+
+from .daemons import REPO
+from .e2e import all_pairs_ping, lab_for, nothing_left, run_suite
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+DEFAULT = os.path.join(REPO, "scenarios", "default.toml")
+
+
+@pytest.mark.parametrize("backend", ["vxlan/kernel", "host-gw/kernel"])
+def test_e2e_suite(backend):
+    lab = lab_for(load(DEFAULT), backend)
+    lab.up()
+    try:
+        run_suite(lab)
+    finally:
+        problems = lab.down()
+    assert not problems and not nothing_left(lab)
+
+
+@pytest.mark.parametrize("name", ["seed.toml", "seed-host-gw.toml"])
+def test_seed_walkthrough(name):
+    """The seed document end to end: etcd with TLS, /kube-centos/network, sysconfig-style flags."""
+    scn = load(os.path.join(REPO, "scenarios", name))
+    lab = lab_for(scn)
+    lab.up()
+    try:
+        assert not all_pairs_ping(lab)
+        store_ns = lab.store["namespace"]
+        pki = lab.store["pki"]
+        out = lab.exec(store_ns, ["etcdctl", "--endpoints", lab.store["endpoint"], "--cacert", pki["ca"],
+                                  "--cert", pki["cert"], "--key", pki["key"], "get", "--prefix",
+                                  "/kube-centos/network/subnets"],
+                       timeout=15, check=True).stdout.splitlines()
+        keys = [l for l in out if l.startswith("/kube-centos/network/subnets/172.30.")]
+        assert len(keys) == 3, out
+        wire = "vxlan" if name == "seed.toml" else "host-gw"
+        assert all(f'"BackendType":"{wire}"' in l for l in out if l.startswith("{"))
+        for node in lab.nodes:
+            assert node.subnet.startswith("172.30.") and node.subnet.endswith("/24")
+            if wire == "vxlan":
+                link = lab.exec(node.namespace, ["ip", "-d", "addr", "show", "flannel.1"], check=True).stdout
+                assert "mtu 1450" in link and f"inet {node.subnet.split('/')[0]}/32" in link
+                assert "vxlan id 1 " in link and "dstport 8472" in link
+            assert node.mtu == (1450 if wire == "vxlan" else 1500)
+    finally:
+        problems = lab.down()
+    assert not problems and not nothing_left(lab)
