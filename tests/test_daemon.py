@@ -7,6 +7,7 @@ import time
 import pytest
 
 from .daemons import Weftd, run_tool
+from .etcd_fixtures import etcd_pki, etcd_plain, etcd_tls  # noqa: F401  (fixtures)
 
 ALLOC = '{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}'
 STORES = ["sqlite", "etcd", "etcd-tls"]
@@ -18,7 +19,7 @@ def store_args(request, tmp_path):
     prefix = f"/weft-daemon/{request.node.name.replace('[', '-').rstrip(']')}"
     if request.param == "sqlite":
         return ["--store", f"sqlite://{tmp_path}/weft.db", "-etcd-prefix", prefix]
-    server = request.getfixturevalue("etcd_tls_server" if request.param == "etcd-tls" else "etcd_server")
+    server = request.getfixturevalue("etcd_tls" if request.param == "etcd-tls" else "etcd_plain")
     args = ["-etcd-endpoints", server.endpoint, "-etcd-prefix", prefix]
     if server.tls:
         args += ["-etcd-cafile", server.pki["ca"], "-etcd-certfile", server.pki["client"],

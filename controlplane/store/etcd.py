@@ -1,0 +1,663 @@
+"""The etcd v3 store, in flanneld's exact layout, on the python ``etcd3`` client (0.12).
+
+Layout (flanneld's ``pkg/subnet/etcd/registry.go``), so weftd and flanneld can share one etcd:
+- config ``<prefix>/config``; leases ``<prefix>/subnets/<ip>-<len>``; values are stored as given.
+- a TTL is an etcd lease granted with that TTL (whole seconds, rounded up) and attached to the key;
+  a key with no lease is a reservation (``etcdctl put`` without ``--lease``).
+- create = txn ``version(key) == 0`` then put; renew = txn ``version(key) > 0`` then put with a
+  *new* lease, as flanneld does (no keep-alive stream); the previous lease is revoked afterwards
+  when no other key uses it.
+- a record's expiration is now + the remaining TTL of its lease (one ``LeaseTimeToLive`` per leased
+  key, as flanneld does); its revision is the key's ``mod_revision``; ``list_leases`` returns the
+  range's header revision, so list at R + watch from R loses nothing.
+
+Notes on python-etcd3 0.12 (kragniz/python-etcd3, last release 2020):
+- It needs protobuf<4 (its generated ``_pb2`` files are too old for protobuf 4+).
+- Its helpers hide the response header (``get_prefix``) and swallow the watch compaction signal
+  into a callback, so this store calls the gRPC stubs the client builds (``client.kvstub``,
+  ``leasestub``, and ``etcdrpc.WatchStub``) with request messages from ``etcd3.etcdrpc``, passing
+  the auth token the way the client does (``metadata=(("token", ...),)``).
+- With user/password it also attaches the token as gRPC *call credentials*, which current grpcio
+  refuses on a plaintext channel ("Established channel does not have a sufficient security level
+  to transfer call credential"); the token in metadata is all etcd reads, so only that is sent.
+- It authenticates once; etcd's simple tokens expire after ``--auth-token-ttl`` (300 s) idle, so
+  an "invalid auth token" answer re-authenticates and retries once.
+- It takes one host:port. Endpoints are tried in order at connect time; after an UNAVAILABLE
+  answer the connection is dropped and the next call reconnects, starting at the next endpoint
+  (also escaping gRPC's reconnect backoff).
+- Watches use the watch stub directly, one stream per watch, read by a thread into a queue: a
+  watch whose start revision is compacted gets a response with ``compact_revision`` set (and
+  ``canceled``), which becomes ``WatchCompacted``.
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import ipaddress
+import math
+import os
+import queue
+import threading
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from ..lease import LeaseFormatError, parse_subnet_key, subnet_key
+from .base import (LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError, StoreEvent,
+                   StoreUnavailable, Watch, WatchCompacted)
+
+# gRPC's C core logs TLS and connection failures straight to stderr, several lines each; this
+# store reports them as one-line errors instead. GRPC_VERBOSITY set by the user wins.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+try:
+    import grpc
+    import etcd3
+    from etcd3 import etcdrpc
+    from etcd3.etcdrpc import kv_pb2
+    _IMPORT_ERROR: Exception | None = None
+except Exception as _exc:  # protobuf>=4: TypeError "Descriptors cannot be created directly"
+    _IMPORT_ERROR = _exc
+
+PROTOBUF_HINT = "etcd store needs the etcd3 client with protobuf<4 (pip install 'protobuf==3.20.3')"
+CONNECT_TIMEOUT = 5.0  # seconds for connecting / authenticating to one endpoint
+OP_TIMEOUT = 10.0  # seconds for one request
+BEST_EFFORT_TIMEOUT = 2.0  # seconds for revoking a lease no key uses any more
+GRPC_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10000),  # notice a dead etcd under an idle watch (etcd allows >=5s)
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+_GONE = object()  # a lease that no longer exists (expired or revoked)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _import_error() -> StoreError:
+    if isinstance(_IMPORT_ERROR, ModuleNotFoundError) and _IMPORT_ERROR.name in ("etcd3", "grpc"):
+        return StoreError(f"etcd store needs the etcd3 client ({_IMPORT_ERROR.name} is not"
+                          " installed: pip install etcd3 'protobuf==3.20.3')")
+    return StoreError(PROTOBUF_HINT)
+
+
+def _prefix_end(key: bytes) -> bytes:
+    """etcd's range end for "every key starting with ``key``"."""
+    end = bytearray(key)
+    for i in range(len(end) - 1, -1, -1):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[:i + 1])
+    return b"\0"
+
+
+def _parse_endpoint(url: str) -> tuple[str, str, int]:
+    """``http(s)://host:port`` (or ``host:port``) -> (scheme, host for gRPC, port)."""
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port or 2379
+    except ValueError as exc:
+        raise StoreError(f"-etcd-endpoints {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StoreError(f"-etcd-endpoints {url!r}: not an http(s)://host:port URL")
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    return parts.scheme, host, port
+
+
+def _check_file(flag: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError as exc:
+        raise StoreError(f"{flag} {path}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise StoreError(f"{flag} {path}: not a PEM file")
+    return data
+
+
+def _check_pair(certfile: str, cert: bytes, keyfile: str, key: bytes) -> None:
+    """A key that does not belong to the certificate, or an expired certificate, gets a clear
+    message here; gRPC would only say "Failed to create security handshaker"."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+    except ImportError:
+        return
+    try:
+        crt = x509.load_pem_x509_certificate(cert)
+    except ValueError as exc:
+        raise StoreError(f"-etcd-certfile {certfile}: not a certificate ({_one_line(exc)})") from None
+    try:
+        priv = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError) as exc:
+        raise StoreError(f"-etcd-keyfile {keyfile}: not an unencrypted private key"
+                         f" ({_one_line(exc)})") from None
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    if priv.public_key().public_bytes(enc, pub) != crt.public_key().public_bytes(enc, pub):
+        raise StoreError(f"-etcd-keyfile {keyfile} is not the key of -etcd-certfile {certfile}")
+    not_after = getattr(crt, "not_valid_after_utc", None)
+    if not_after is None:  # cryptography < 42: a naive UTC datetime
+        not_after = crt.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    if not_after.timestamp() < time.time():
+        raise StoreError(f"-etcd-certfile {certfile}: certificate expired at {not_after.isoformat()}")
+
+
+@dataclass
+class _Conn:
+    endpoint: str
+    client: object
+    metadata: tuple
+    auth: bool
+
+
+class EtcdStore(Store):
+    def __init__(self, opts, prefix: str = "/coreos.com/network", *,
+                 connect_timeout: float = CONNECT_TIMEOUT, op_timeout: float = OP_TIMEOUT):
+        if _IMPORT_ERROR is not None:
+            raise _import_error()
+        self.opts = opts
+        self.prefix = prefix.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.op_timeout = op_timeout
+        self.endpoints = list(opts.endpoints)
+        if not self.endpoints:
+            raise StoreError("-etcd-endpoints: no endpoints given")
+        self._parsed = [_parse_endpoint(e) for e in self.endpoints]
+        self.url = ",".join(self.endpoints)
+        if bool(opts.certfile) != bool(opts.keyfile):
+            raise StoreError("-etcd-certfile and -etcd-keyfile must be given together")
+        pem = {flag: _check_file(flag, path) for flag, path in
+               (("-etcd-cafile", opts.cafile), ("-etcd-certfile", opts.certfile),
+                ("-etcd-keyfile", opts.keyfile)) if path}
+        if opts.certfile:
+            _check_pair(opts.certfile, pem["-etcd-certfile"], opts.keyfile, pem["-etcd-keyfile"])
+        if bool(opts.username) != bool(opts.password):
+            raise StoreError("-etcd-username and -etcd-password must be given together")
+        self._config_key = f"{self.prefix}/config".encode()
+        self._subnets = f"{self.prefix}/subnets/".encode()
+        self._lock = threading.Lock()  # guards the connection
+        self._ops_lock = threading.Lock()
+        self._ops: Counter[str] = Counter()
+        self._conn: _Conn | None = None
+        self._next = 0  # index of the endpoint to try first
+        self._retired: list = []
+        self._watches: weakref.WeakSet = weakref.WeakSet()
+        self._closed = False
+        self._connection()
+
+    # -- connection ---------------------------------------------------------------------------
+    def _count(self, op: str) -> None:
+        with self._ops_lock:
+            self._ops[op] += 1
+
+    def _open(self, index: int) -> _Conn:
+        """Connect to endpoint ``index`` and check it answers; raises grpc.RpcError."""
+        scheme, host, port = self._parsed[index]
+        o = self.opts
+        kwargs = dict(timeout=self.connect_timeout, grpc_options=GRPC_OPTIONS)
+        if scheme == "https":  # like etcd's clientv3: the scheme decides whether TLS is used
+            kwargs.update(ca_cert=o.cafile or "", cert_cert=o.certfile or None,
+                          cert_key=o.keyfile or None)
+        client = _Client(host=host, port=port, **kwargs)
+        try:
+            conn = _Conn(self.endpoints[index], client, (), bool(o.username))
+            if conn.auth:  # etcd3 would also send the token as call credentials: see above
+                self._reauth(conn)
+            # One cheap read proves the endpoint answers (and that TLS and auth work).
+            client.kvstub.Range(etcdrpc.RangeRequest(key=self._config_key, count_only=True),
+                                self.connect_timeout, metadata=conn.metadata)
+            return conn
+        except BaseException:
+            client.close()
+            raise
+
+    def _connection(self) -> _Conn:
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"etcd {self.url}: store is closed")
+            if self._conn is not None:
+                return self._conn
+            errors = []
+            n = len(self.endpoints)
+            for k in range(n):
+                index = (self._next + k) % n
+                self._count("connect")
+                try:
+                    self._conn = self._open(index)
+                    self._next = index
+                    return self._conn
+                except grpc.RpcError as exc:
+                    err = self._error(exc, self.endpoints[index], self.connect_timeout)
+                    if not isinstance(err, StoreUnavailable):
+                        raise err from None
+                    errors.append(str(err))
+                except (OSError, ValueError) as exc:  # e.g. a TLS file gone since the start
+                    raise StoreError(f"etcd {self.endpoints[index]}: {_one_line(exc)}") from None
+            if n == 1:
+                raise StoreUnavailable(errors[0])
+            raise StoreUnavailable(f"no etcd endpoint answers ({'; '.join(errors)})")
+
+    def _drop(self, conn: _Conn) -> None:
+        """After UNAVAILABLE: the next call reconnects, starting at the next endpoint. The old
+        channel stays open while an open watch still uses it."""
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+                self._retired.append(conn.client)
+                self._next = (self.endpoints.index(conn.endpoint) + 1) % len(self.endpoints)
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        with self._lock:
+            in_use = {id(w._conn.client) for w in list(self._watches) if not w._closed}
+            dead = [c for c in self._retired if id(c) not in in_use]
+            self._retired = [c for c in self._retired if id(c) in in_use]
+        for client in dead:
+            try:
+                client.close()
+            except Exception:
+                pass
+
+    def _reauth(self, conn: _Conn) -> None:
+        self._count("auth")
+        resp = etcdrpc.AuthStub(conn.client.channel).Authenticate(
+            etcdrpc.AuthenticateRequest(name=self.opts.username, password=self.opts.password),
+            self.connect_timeout)
+        conn.metadata = (("token", resp.token),)
+
+    @staticmethod
+    def _error(exc, endpoint: str, timeout: float) -> StoreError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = _one_line(exc.details() if hasattr(exc, "details") else exc) or str(code)
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
+            if endpoint.startswith("https:") and any(
+                    w in details for w in ("TSI_", "andshake", "SSL", "Tls", "Ssl")):
+                details += " (TLS: check -etcd-cafile, -etcd-certfile, -etcd-keyfile)"
+            elif endpoint.startswith("http:") and "Socket closed" in details:
+                details += " (does the server want https?)"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return StoreUnavailable(f"etcd {endpoint}: {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return StoreUnavailable(f"etcd {endpoint}: no answer within {timeout:g}s")
+        if code == grpc.StatusCode.CANCELLED:
+            return StoreUnavailable(f"etcd {endpoint}: request cancelled ({details})")
+        name = code.name.lower() if code is not None else "error"
+        return StoreError(f"etcd {endpoint}: {details} ({name})")
+
+    @staticmethod
+    def _invalid_token(exc) -> bool:
+        return (exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                and "invalid auth token" in (exc.details() or ""))
+
+    def _do(self, op: str, fn, timeout: float | None = None):
+        """Run ``fn(conn, timeout)``: count it, re-authenticate once on an expired token, and turn
+        gRPC errors into one-line StoreErrors naming the endpoint."""
+        timeout = self.op_timeout if timeout is None else timeout
+        self._count(op)
+        conn = self._connection()
+        for attempt in range(2):
+            try:
+                return fn(conn, timeout)
+            except grpc.RpcError as exc:
+                if attempt == 0 and conn.auth and self._invalid_token(exc):
+                    try:
+                        self._reauth(conn)
+                        continue
+                    except grpc.RpcError as exc2:
+                        exc = exc2
+                err = self._error(exc, conn.endpoint, timeout)
+                if isinstance(err, StoreUnavailable):
+                    self._drop(conn)
+                raise err from None
+
+    # -- leases (etcd's) ----------------------------------------------------------------------
+    def _grant(self, conn: _Conn, timeout: float, ttl: float) -> tuple[int, int]:
+        self._count("grant")
+        resp = conn.client.leasestub.LeaseGrant(
+            etcdrpc.LeaseGrantRequest(TTL=max(1, math.ceil(ttl)), ID=0), timeout,
+            metadata=conn.metadata)
+        if resp.error:
+            raise StoreError(f"etcd {conn.endpoint}: lease grant: {_one_line(resp.error)}")
+        return resp.ID, resp.TTL
+
+    def _revoke(self, conn: _Conn, lease_id: int, only_if_unused: bool = False) -> None:
+        """Best effort: an error here leaves a lease that expires on its own."""
+        if not lease_id:
+            return
+        try:
+            if only_if_unused:
+                self._count("ttl")
+                info = conn.client.leasestub.LeaseTimeToLive(
+                    etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=True), BEST_EFFORT_TIMEOUT,
+                    metadata=conn.metadata)
+                if info.TTL == -1 or len(info.keys):
+                    return
+            self._count("revoke")
+            conn.client.leasestub.LeaseRevoke(etcdrpc.LeaseRevokeRequest(ID=lease_id),
+                                              BEST_EFFORT_TIMEOUT, metadata=conn.metadata)
+        except grpc.RpcError:
+            pass
+
+    def _expiration(self, lease_id: int, cache: dict | None = None):
+        """None for no lease, _GONE for a lease that no longer exists, else epoch seconds."""
+        if not lease_id:
+            return None
+        if cache is not None and lease_id in cache:
+            return cache[lease_id]
+        info = self._do("ttl", lambda c, t: c.client.leasestub.LeaseTimeToLive(
+            etcdrpc.LeaseTimeToLiveRequest(ID=lease_id), t, metadata=c.metadata))
+        exp = _GONE if info.TTL < 0 else time.time() + info.TTL
+        if cache is not None:
+            cache[lease_id] = exp
+        return exp
+
+    # -- keys ---------------------------------------------------------------------------------
+    def _key(self, subnet: ipaddress.IPv4Network) -> bytes:
+        return self._subnets + subnet_key(subnet).encode()
+
+    def _subnet_of(self, key: bytes) -> ipaddress.IPv4Network | None:
+        """The subnet of a key directly under ``<prefix>/subnets/``; None for anything else."""
+        if not key.startswith(self._subnets):
+            return None
+        name = key[len(self._subnets):].decode("utf-8", "replace")
+        if "/" in name:
+            return None
+        try:
+            return parse_subnet_key(name)
+        except LeaseFormatError:
+            return None
+
+    @staticmethod
+    def _text(value: bytes) -> str:
+        return value.decode("utf-8", "replace")
+
+    # -- the Store interface ------------------------------------------------------------------
+    def get_config(self) -> str | None:
+        resp = self._do("get_config", lambda c, t: c.client.kvstub.Range(
+            etcdrpc.RangeRequest(key=self._config_key), t, metadata=c.metadata))
+        return self._text(resp.kvs[0].value) if resp.kvs else None
+
+    def put_config(self, text: str) -> None:
+        self._do("put_config", lambda c, t: c.client.kvstub.Put(
+            etcdrpc.PutRequest(key=self._config_key, value=text.encode()), t, metadata=c.metadata))
+
+    def list_leases(self) -> tuple[list[LeaseRecord], int]:
+        resp = self._do("list", lambda c, t: c.client.kvstub.Range(
+            etcdrpc.RangeRequest(key=self._subnets, range_end=_prefix_end(self._subnets)), t,
+            metadata=c.metadata))
+        records, cache = [], {}
+        for kv in resp.kvs:
+            subnet = self._subnet_of(kv.key)
+            if subnet is None:
+                continue  # someone else's key under subnets/
+            exp = self._expiration(kv.lease, cache)
+            if exp is _GONE:
+                continue  # expired since the range; its delete event follows the revision
+            records.append(LeaseRecord(subnet, self._text(kv.value), exp, kv.mod_revision))
+        return records, resp.header.revision
+
+    def get_lease(self, subnet) -> LeaseRecord | None:
+        key = self._key(subnet)
+        resp = self._do("get", lambda c, t: c.client.kvstub.Range(
+            etcdrpc.RangeRequest(key=key), t, metadata=c.metadata))
+        if not resp.kvs:
+            return None
+        kv = resp.kvs[0]
+        exp = self._expiration(kv.lease)
+        if exp is _GONE:
+            return None
+        return LeaseRecord(subnet, self._text(kv.value), exp, kv.mod_revision)
+
+    def _put(self, subnet, value: str, ttl, must_exist: bool) -> LeaseRecord:
+        key = self._key(subnet)
+        compare = etcdrpc.Compare(key=key, target=etcdrpc.Compare.VERSION,
+                                  result=etcdrpc.Compare.GREATER if must_exist else etcdrpc.Compare.EQUAL,
+                                  version=0)
+
+        def txn(conn: _Conn, timeout: float):
+            lease_id, granted = self._grant(conn, timeout, ttl) if ttl is not None else (0, 0)
+            put = etcdrpc.PutRequest(key=key, value=value.encode(), lease=lease_id,
+                                     prev_kv=must_exist)
+            try:
+                resp = conn.client.kvstub.Txn(
+                    etcdrpc.TxnRequest(compare=[compare],
+                                       success=[etcdrpc.RequestOp(request_put=put)]),
+                    timeout, metadata=conn.metadata)
+            except BaseException:
+                # The txn may have been applied all the same (a timeout). A create that failed
+                # must not leave a key behind: revoking its lease removes it. A renewal must not
+                # risk deleting the node's own key: its lease is left to expire.
+                if not must_exist:
+                    self._revoke(conn, lease_id)
+                raise
+            if not resp.succeeded:
+                self._revoke(conn, lease_id)
+                if must_exist:
+                    raise LeaseNotFound(f"lease {subnet} does not exist")
+                raise LeaseExists(f"lease {subnet} is taken")
+            expires = time.time() + granted if lease_id else None
+            if must_exist:
+                old = resp.responses[0].response_put.prev_kv.lease
+                if old and old != lease_id:
+                    self._revoke(conn, old, only_if_unused=True)
+            return LeaseRecord(subnet, value, expires, resp.header.revision)
+        return self._do("update" if must_exist else "create", txn)
+
+    def create_lease(self, subnet, value, ttl) -> LeaseRecord:
+        return self._put(subnet, value, ttl, must_exist=False)
+
+    def update_lease(self, subnet, value, ttl) -> LeaseRecord:
+        return self._put(subnet, value, ttl, must_exist=True)
+
+    def delete_lease(self, subnet) -> bool:
+        key = self._key(subnet)
+
+        def delete(conn: _Conn, timeout: float):
+            resp = conn.client.kvstub.DeleteRange(
+                etcdrpc.DeleteRangeRequest(key=key, prev_kv=True), timeout, metadata=conn.metadata)
+            for kv in resp.prev_kvs:
+                self._revoke(conn, kv.lease, only_if_unused=True)
+            return resp.deleted > 0
+        return self._do("delete", delete)
+
+    def watch(self, since_revision: int) -> Watch:
+        self._count("watch")
+        if self.opts.username:
+            # etcd checks a watch's token only when the watch is created, and answers an expired
+            # one with a cancel "permission denied", not "invalid auth token". One authenticated
+            # call first renews the token if needed (and restarts its idle clock).
+            self._do("auth_check", lambda c, t: c.client.kvstub.Range(
+                etcdrpc.RangeRequest(key=self._config_key, count_only=True), t,
+                metadata=c.metadata))
+        w = _EtcdWatch(self, since_revision)
+        with self._lock:
+            self._watches.add(w)
+        return w
+
+    def stats(self) -> dict[str, float]:
+        with self._ops_lock:
+            return dict(self._ops)
+
+    def close(self) -> None:
+        for w in list(self._watches):
+            w.close()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            clients = self._retired + ([self._conn.client] if self._conn else [])
+            self._conn, self._retired = None, []
+        for client in clients:
+            try:
+                client.close()
+            except Exception:
+                pass
+
+
+if _IMPORT_ERROR is None:
+    class _Client(etcd3.Etcd3Client):
+        """etcd3's client; ``ca_cert=""`` means TLS with the system's trusted roots."""
+
+        def _get_secure_creds(self, ca_cert, cert_key=None, cert_cert=None):
+            def read(path):
+                if not path:
+                    return None
+                with open(path, "rb") as f:
+                    return f.read()
+            return grpc.ssl_channel_credentials(read(ca_cert), read(cert_key), read(cert_cert))
+
+
+_STOP = object()
+
+
+class _EtcdWatch(Watch):
+    """One etcd watch stream on ``<prefix>/subnets/`` from ``since + 1``; a thread reads it."""
+
+    def __init__(self, store: EtcdStore, since: int):
+        self._store = store
+        self._since = since
+        self._queue: queue.Queue = queue.Queue()
+        self._backlog: collections.deque = collections.deque()  # raw events / terminal errors
+        self._stop = threading.Event()
+        self._closed = False
+        conn = store._connection()
+        self._conn = conn
+        create = etcdrpc.WatchCreateRequest(key=store._subnets, range_end=_prefix_end(store._subnets),
+                                            start_revision=since + 1)
+
+        def requests():
+            yield etcdrpc.WatchRequest(create_request=create)
+            self._stop.wait()  # keep the stream open until close()
+
+        try:
+            # hasleader: etcd ends the stream when the member loses its leader (flanneld's
+            # WithRequireLeader), instead of leaving a silent watch on a partitioned member.
+            self._call = etcdrpc.WatchStub(conn.client.channel).Watch(
+                requests(), metadata=conn.metadata + (("hasleader", "true"),))
+        except grpc.RpcError as exc:
+            raise store._error(exc, conn.endpoint, store.op_timeout) from None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"etcd-watch-{store.prefix}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for resp in self._call:
+                self._queue.put(resp)
+                if resp.canceled or resp.compact_revision:
+                    return
+            if not self._stop.is_set():
+                self._queue.put(StoreUnavailable(f"etcd {self._conn.endpoint}: watch stream ended"))
+        except grpc.RpcError as exc:
+            if not self._stop.is_set():
+                self._queue.put(exc)
+        except Exception as exc:  # never let the reader die silently
+            if not self._stop.is_set():
+                self._queue.put(StoreError(f"etcd {self._conn.endpoint}: watch: {_one_line(exc)}"))
+
+    def _take(self, item) -> None:
+        """Queue item -> backlog entries (single events or a terminal error)."""
+        store = self._store
+        if isinstance(item, grpc.RpcError):
+            if self._conn.auth and store._invalid_token(item):
+                try:  # the caller re-creates the watch; let that one carry a fresh token
+                    store._reauth(self._conn)
+                except grpc.RpcError:
+                    pass
+            err = store._error(item, self._conn.endpoint, store.op_timeout)
+            if isinstance(err, StoreUnavailable):
+                store._drop(self._conn)
+            self._backlog.append(err)
+        elif isinstance(item, Exception):
+            self._backlog.append(item)
+        elif item.compact_revision:
+            self._backlog.append(WatchCompacted(
+                f"etcd {self._conn.endpoint}: revision {self._since} is compacted (oldest kept"
+                f" {item.compact_revision})"))
+        else:
+            self._backlog.extend(item.events)
+            if item.canceled:
+                reason = _one_line(item.cancel_reason) or "canceled by the server"
+                msg = f"etcd {self._conn.endpoint}: watch: {reason}"
+                if self._conn.auth and "invalid auth token" in reason:
+                    try:  # stale token: renew it, and the caller re-creates the watch
+                        store._reauth(self._conn)
+                    except grpc.RpcError:
+                        pass
+                    self._backlog.append(StoreUnavailable(msg))
+                else:
+                    self._backlog.append(StoreError(msg))
+
+    def _convert(self, ev, cache: dict) -> StoreEvent | None:
+        kv = ev.kv
+        subnet = self._store._subnet_of(kv.key)
+        if subnet is None:
+            return None
+        rev = kv.mod_revision
+        if ev.type == kv_pb2.Event.DELETE:
+            return StoreEvent("delete", subnet, rev)
+        exp = self._store._expiration(kv.lease, cache)
+        if exp is _GONE:  # superseded since (renewed with a new lease, or expired): already past
+            exp = time.time()
+        return StoreEvent("put", subnet, rev,
+                          LeaseRecord(subnet, self._store._text(kv.value), exp, rev))
+
+    def get(self, timeout: float) -> list[StoreEvent]:
+        deadline = time.monotonic() + max(0.0, timeout)
+        events: list[StoreEvent] = []
+        cache: dict = {}
+        while not self._closed:
+            while True:  # move whatever has arrived into the backlog
+                try:
+                    self._take(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            while self._backlog:
+                head = self._backlog[0]
+                if isinstance(head, Exception):
+                    if events:
+                        return events  # the error comes on the next call
+                    raise type(head)(str(head))  # the watch stays failed; a fresh traceback each time
+                try:
+                    event = self._convert(head, cache)
+                except StoreError:
+                    if events:
+                        return events
+                    raise  # the event stays in the backlog
+                self._backlog.popleft()
+                self._since = max(self._since, head.kv.mod_revision)
+                if event is not None:
+                    events.append(event)
+            if events:
+                return events
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            try:
+                self._take(self._queue.get(timeout=left))
+            except queue.Empty:
+                return []
+        return []
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        try:
+            self._call.cancel()
+        except Exception:
+            pass
+        self._thread.join(timeout=2)
+        self._store._close_retired()
