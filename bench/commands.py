@@ -161,3 +161,45 @@ class GateCommand(Command):
         print(f"gate: ok ({len(findings)} checks, tolerance {args.tolerance:.0%} throughput, "
               f"{args.latency_tolerance:.0%} latency)")
         return 0
+
+
+class MicroCommand(Command):
+    """pytest-benchmark micro-benchmarks, compared as ratios to a calibration workload."""
+
+    def add_arguments(self, p):
+        p.add_argument("--json", default="", help="write pytest-benchmark's JSON here")
+        p.add_argument("--baseline", default="", help="a previous --json to compare against")
+        p.add_argument("--tolerance", type=float, default=1.0,
+                       help="allowed relative rise of a benchmark's time/calibration ratio (default 1.0 = 2x)")
+        p.add_argument("-k", dest="select", default="", help="only benchmarks matching this pytest -k")
+
+    def run(self, args) -> int:
+        import subprocess
+        import tempfile
+        from .micro import compare_micro
+        out = args.json or os.path.join(tempfile.mkdtemp(prefix="weft-micro-"), "micro.json")
+        argv = [sys.executable, "-m", "pytest", os.path.join(REPO, "benchmarks"), "-q", "-p", "no:cacheprovider",
+                f"--benchmark-json={out}", "--benchmark-columns=min,median,iqr,ops,rounds"]
+        if args.select:
+            argv += ["-k", args.select]
+        r = subprocess.run(argv, cwd=REPO)
+        if r.returncode != 0:
+            raise Failure(f"micro-benchmarks failed (pytest exit {r.returncode})")
+        with open(out) as f:
+            cur = json.load(f)
+        for b in cur.get("benchmarks", []):
+            b["stats"].pop("data", None)  # every round's timing: megabytes nobody compares
+        with open(out, "w") as f:
+            json.dump(cur, f, indent=1)
+        if not args.baseline:
+            print(f"wrote {out}")
+            return 0
+        with open(args.baseline) as f:
+            base = json.load(f)
+        lines, failed = compare_micro(base, cur, args.tolerance)
+        print("\n".join(lines))
+        if failed:
+            print(f"micro: FAIL: {', '.join(failed)}", file=sys.stderr)
+            return 1
+        print(f"micro: ok (tolerance {args.tolerance:.0%} on time/calibration)")
+        return 0

@@ -125,18 +125,20 @@ class LeaseManager:
         raise StoreError(f"could not acquire a lease after {RACE_RETRIES} races with other nodes")
 
     def _random_free(self, config: NetworkConfig, taken: set) -> ipaddress.IPv4Network:
+        # Integers, not IPv4Network objects, in the scan: it walks every subnet of a crowded network.
+        used = {int(s.network_address) for s in taken if s.prefixlen == config.subnet_len}
+        start, size = int(config.subnet_min), config.subnet_size
         free = []
-        for i in range(config.subnet_count):
-            s = config.subnet_at(i)
-            if s not in taken:
-                free.append(s)
+        for addr in range(start, int(config.subnet_max) + 1, size):
+            if addr not in used:
+                free.append(addr)
                 if len(free) >= FREE_CANDIDATES:
                     break
         if not free:
             raise NetworkFull(f"network {config.network} is full: all {config.subnet_count} "
                               f"/{config.subnet_len} subnets between {config.subnet_min} and "
                               f"{config.subnet_max} are leased or reserved")
-        return self.rng.choice(free)
+        return ipaddress.IPv4Network((self.rng.choice(free), config.subnet_len))
 
     def renew(self, lease: Lease) -> Lease:
         ttl = None if lease.expiration is None else self.ttl

@@ -149,3 +149,21 @@ def test_control_plane_scale_small(tmp_path):
         assert cp[store]["nodes"] == 6
         assert 0 < cp[store]["converge_p50_s"] <= cp[store]["converge_p99_s"] < 60
         assert cp[store]["store_ops_per_s"] > 0 and cp[store]["daemon_rss_mb_max"] > 5
+
+
+def test_micro_gate_against_committed_baseline_and_its_self_test(tmp_path):
+    base = os.path.join(REPO, "bench", "baselines", "micro.json")
+    r = run_tool("bench.cli", "micro", "--baseline", base, "--json", str(tmp_path / "m.json"), timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-1000:]
+    assert "micro: ok" in r.stdout
+    # A baseline in which config parsing was 3x cheaper: today's code looks 3x slower and fails.
+    with open(base) as f:
+        doc = json.load(f)
+    for b in doc["benchmarks"]:
+        if b["name"] == "test_config_parse":
+            b["stats"]["median"] /= 3
+    faster = tmp_path / "faster.json"
+    faster.write_text(json.dumps(doc))
+    r = run_tool("bench.cli", "micro", "--baseline", str(faster), "-k", "calibration or config_parse",
+                 timeout=300)
+    assert r.returncode == 1 and "test_config_parse" in r.stderr
