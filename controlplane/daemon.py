@@ -171,6 +171,7 @@ class Daemon:
                 self.masq.setup(config.network, self.lease.subnet)
             subnetenv.write(a.subnet_file, config.network, self.lease.subnet, self.backend.mtu, a.ip_masq)
             self.ready = True
+            notify_systemd("READY=1")
             self.watcher = LeaseWatcher(self.store, self.on_lease_event)
             watch_thread = threading.Thread(target=self.watcher.run, args=(self.stop,),
                                             name="lease-watch", daemon=True)
@@ -228,6 +229,23 @@ class Daemon:
         if wait <= 0:  # the margin is longer than the TTL: renew at half-life
             wait = remaining / 2
         return time.time() + wait
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify, as flanneld does for its Type=notify unit; nothing when not under systemd."""
+    import os
+    import socket
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("could not notify systemd at %s: %s", path, exc)
 
 
 def main(argv=None) -> int:

@@ -149,3 +149,21 @@ def test_bad_config_in_store_is_fatal_one_line(tmp_path):
     assert r.returncode == 1
     errors = [l for l in r.stderr.splitlines() if " ERROR " in l]
     assert len(errors) == 1 and "SubnetLen: 40 is too long" in errors[0]
+
+
+def test_notifies_systemd_when_ready(tmp_path):
+    """Type=notify units (flanneld's, and weft's shipped one) wait for READY=1."""
+    import socket as so
+    args = ["--store", f"sqlite://{tmp_path}/weft.db"]
+    put_config(args)
+    path = str(tmp_path / "notify.sock")
+    sock = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(20)
+    d = Weftd(str(tmp_path), 1, args, env={"NOTIFY_SOCKET": path}).start()
+    try:
+        assert sock.recv(100) == b"READY=1"
+        assert d.ready()
+    finally:
+        d.stop()
+        sock.close()
