@@ -70,12 +70,18 @@ def new_document(scenario, plan) -> dict:
     }
 
 
+def disturbed(row: dict) -> bool:
+    return any(v is True for k, v in row.items() if k.endswith("_disturbed"))
+
+
 def summarize(rows: list[dict], extra: dict, seconds: float) -> dict:
+    """Medians over the runs no foreign load disturbed (over all runs when every one was)."""
+    clean = [r for r in rows if not disturbed(r)]
+    use = clean or rows
     out = {"status": "ok", "runs": len(rows), "seconds": round(seconds, 1)}
     for m in METRICS:
-        out[m] = median(r.get(m) for r in rows)
-    out["disturbed_runs"] = sum(1 for r in rows if any(v is True for k, v in r.items()
-                                                       if k.endswith("_disturbed")))
+        out[m] = median(r.get(m) for r in use)
+    out["disturbed_runs"] = len(rows) - len(clean)
     out.update(extra)
     return out
 

@@ -24,7 +24,7 @@ from .measure import Endpoint, MeasureError
 BARE = "bare"
 DEFAULT_BACKENDS = [BARE, "host-gw/kernel", "vxlan/kernel", "vxlan/ebpf", "vxlan/fastpath",
                     "udp/fastpath", "udp/python"]
-RETRIES = 2  # extra attempts of a probe disturbed by foreign load
+RETRIES = 3  # extra attempts of a probe disturbed by foreign load
 
 
 @dataclass
@@ -108,6 +108,8 @@ def scenario_for(scenario, backend: str):
 def guarded(lab_namespaces, probe, label: str, rows_meta: dict):
     """Run ``probe()`` until other processes leave it alone (at most RETRIES extra tries)."""
     for attempt in range(RETRIES + 1):
+        if attempt:
+            time.sleep(0.5 * attempt)  # let a passing burst of foreign load go by
         guard = measure.Guard(lab_namespaces)
         with guard:
             value = probe()
