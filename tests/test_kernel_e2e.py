@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -53,3 +54,29 @@ def test_seed_walkthrough(name):
     finally:
         problems = lab.down()
     assert not problems and not nothing_left(lab)
+
+
+def test_peer_of_another_wire_format_is_counted_not_programmed():
+    """A lease whose BackendType differs from ours is logged and counted, never mis-programmed."""
+    from bench.scale import metrics
+
+    from .e2e import kernel_route, weftctl
+    lab = lab_for(load(DEFAULT), "vxlan/kernel")
+    lab.up()
+    try:
+        r = weftctl(lab, "reserve", "10.244.200.0/24", "--public-ip", "198.18.0.99", "--backend-type", "host-gw")
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            if all(metrics(n.namespace).get("weft_peers_incompatible") == 1 for n in lab.nodes):
+                break
+            time.sleep(0.1)
+        for n in lab.nodes:
+            m = metrics(n.namespace)
+            assert m["weft_peers_incompatible"] == 1 and m["weft_peers"] == 2
+            assert not kernel_route(lab, n.index, "10.244.200.0/24")
+        with open(lab.node(1).log) as f:
+            assert "speaks host-gw, not vxlan: not programmed" in f.read()
+        assert not all_pairs_ping(lab)
+    finally:
+        lab.down()
