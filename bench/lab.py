@@ -33,42 +33,35 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import ipaddress
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
 from .scenario import Scenario, expand_exec_start, substitute
 
-LAB_ROOT = "/run/weft-lab"
-NETNS_DIR = "/run/netns"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEALTHZ_PORT = 9180
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 IFNAMSIZ = 15
-STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
-LEDGER = "ledger.json"
-STATE = "state.json"
-CLONE_NEWNET = 0x40000000
 
+from .errors import LabError, LabNotFound
+from .ledger import LAB_ROOT, LEDGER, STATE, Ledger, _write_json, down, list_labs, resolve_lab, teardown
+from .netns import NETNS_DIR, http_status, netns_inode, netns_socket
+from .procs import STOP_TIMEOUT, _signal, alive, proc_start_time
 
-class LabError(RuntimeError):
-    """A lab that cannot be built, reached or torn down; str() is one line."""
-
-
-class LabNotFound(LabError):
-    """No lab with that id or directory (for down: already removed)."""
+# What callers import from here, including names that live in the modules above.
+__all__ = ["Lab", "Node", "Pod", "LabError", "LabNotFound", "LAB_ROOT", "NETNS_DIR", "REPO", "HEALTHZ_PORT",
+           "down", "list_labs", "resolve_lab", "teardown", "netns_socket", "http_status", "alive",
+           "proc_start_time", "venv_python", "default_daemon", "log_tail"]
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -81,158 +74,6 @@ def venv_python() -> str:
 def default_daemon() -> list[str]:
     """weftd as the lab runs it: the venv's Python on the repo's controlplane.daemon."""
     return [venv_python(), "-m", "controlplane.daemon"]
-
-
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = data[data.rfind(b")") + 2:].split()
-    return int(fields[19])
-
-
-def proc_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return data[data.rfind(b")") + 2:].split()[0].decode()
-
-
-def alive(pid: int, start: int | None) -> bool:
-    """True while PID is the very process recorded (same start time) and not a zombie."""
-    st = proc_start_time(pid)
-    if st is None or (start is not None and st != start):
-        return False
-    return proc_state(pid) not in ("Z", "X", None)
-
-
-def _signal(pid: int, start: int | None, sig: int) -> bool:
-    if not alive(pid, start):
-        return False
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _reap(pid: int) -> None:
-    """Collect a zombie child of ours (a no-op for processes that are not our children)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-def stop_processes(procs: Sequence[tuple[int, int | None]], timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM each (pid, start time) that is still that process, SIGKILL after ``timeout``."""
-    live = [(pid, start) for pid, start in procs if _signal(pid, start, signal.SIGTERM)]
-    deadline = time.monotonic() + timeout
-    while live and time.monotonic() < deadline:
-        for pid, _ in live:
-            _reap(pid)
-        live = [(pid, start) for pid, start in live if alive(pid, start)]
-        if live:
-            time.sleep(0.05)
-    for pid, start in live:
-        _signal(pid, start, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while live and time.monotonic() < deadline:
-        for pid, _ in live:
-            _reap(pid)
-        live = [(pid, start) for pid, start in live if alive(pid, start)]
-        if live:
-            time.sleep(0.05)
-
-
-def netns_inode(name: str) -> int | None:
-    try:
-        return os.stat(os.path.join(NETNS_DIR, name)).st_ino
-    except FileNotFoundError:
-        return None
-
-
-def pids_in_netns(inode: int) -> list[tuple[int, int | None]]:
-    """Every process whose network namespace is ``inode`` (what ``ip netns pids`` does)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.stat(f"/proc/{entry}/ns/net").st_ino == inode:
-                out.append((int(entry), proc_start_time(int(entry))))
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return out
-
-
-_libc = None
-
-
-def _setns(fd: int) -> None:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def netns_socket(name: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM,
-                 proto: int = 0) -> socket.socket:
-    """A socket that lives in network namespace ``name``.
-
-    A short-lived thread enters the namespace, makes the socket and ends; the socket stays in
-    that namespace wherever it is used from, and no other thread of ours changes namespace.
-    """
-    result: dict = {}
-
-    def enter():
-        try:
-            fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _setns(fd)
-            finally:
-                os.close(fd)
-            result["sock"] = socket.socket(family, type, proto)
-        except BaseException as exc:  # handed to the caller
-            result["error"] = exc
-
-    t = threading.Thread(target=enter, name=f"netns-{name}")
-    t.start()
-    t.join()
-    if "error" in result:
-        raise LabError(f"cannot open a socket in namespace {name}: {result['error']}")
-    return result["sock"]
-
-
-def http_status(name: str, host: str, port: int, path: str, timeout: float = 1.0) -> int | None:
-    """The HTTP status of GET ``path`` from inside namespace ``name``; None if unreachable."""
-    try:
-        sock = netns_socket(name)
-    except LabError:
-        return None
-    try:
-        sock.settimeout(timeout)
-        sock.connect((host, port))
-        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        data = b""
-        while b"\r\n" not in data and len(data) < 4096:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        parts = data.split(b"\r\n", 1)[0].split()
-        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
-    except OSError:
-        return None
-    finally:
-        sock.close()
 
 
 def log_tail(path: str, lines: int = 8, limit: int = 800) -> str:
@@ -248,17 +89,6 @@ def log_tail(path: str, lines: int = 8, limit: int = 800) -> str:
     return (tail[-limit:] if len(tail) > limit else tail) or "(log is empty)"
 
 
-def _write_json(path: str, obj) -> None:
-    """Atomic, durable: a reader (or a crash) sees the old file or the new one, never half."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _run(argv: Sequence[str], timeout: float = 15.0, input: str | None = None) -> subprocess.CompletedProcess:
     try:
         res = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=timeout,
@@ -271,111 +101,6 @@ def _run(argv: Sequence[str], timeout: float = 15.0, input: str | None = None) -
         msg = (res.stderr or res.stdout).strip().replace("\n", " | ")
         raise LabError(f"{' '.join(argv[:8])}: exit {res.returncode}: {msg}")
     return res
-
-
-# -- the ledger ---------------------------------------------------------------------------------
-
-class Ledger:
-    """Resources a run created, saved before each is created. Entries are plain dicts:
-
-    ``{"kind": "dir", "path", "created"}`` (created False: an empty --dir we adopted, whose
-    contents go but which stays), ``{"kind": "link", "path"}``, ``{"kind": "file", "path"}``,
-    ``{"kind": "netns", "name", "inode"}``, ``{"kind": "process", "pid", "start", "role", "ns"}``.
-    """
-
-    def __init__(self, path: str, header: dict, entries: list[dict] | None = None):
-        self.path = path
-        self.header = header
-        self.entries: list[dict] = entries or []
-        self._lock = threading.Lock()
-
-    @classmethod
-    def load(cls, path: str) -> "Ledger":
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-        except FileNotFoundError:
-            raise LabError(f"{path}: no ledger (not a lab directory, or already torn down)") from None
-        except (OSError, ValueError) as exc:
-            raise LabError(f"{path}: unreadable ledger ({exc})") from None
-        entries = doc.pop("entries", [])
-        return cls(path, doc, entries)
-
-    def save(self) -> None:
-        if os.path.isdir(os.path.dirname(self.path)):
-            _write_json(self.path, {**self.header, "entries": self.entries})
-
-    def add(self, kind: str, **fields) -> dict:
-        with self._lock:
-            entry = {"kind": kind, **fields}
-            self.entries.append(entry)
-            self.save()
-            return entry
-
-    def update(self, entry: dict, **fields) -> None:
-        with self._lock:
-            entry.update(fields)
-            self.save()
-
-    def of_kind(self, kind: str) -> list[dict]:
-        return [e for e in self.entries if e["kind"] == kind]
-
-
-def teardown(ledger: Ledger, children: dict[int, subprocess.Popen] | None = None) -> list[str]:
-    """Remove exactly what ``ledger`` lists; returns problems (empty when all went)."""
-    problems: list[str] = []
-    # 1. recorded processes, newest first; each only while its start time still matches
-    procs = [(e["pid"], e.get("start")) for e in reversed(ledger.of_kind("process")) if e.get("pid")]
-    stop_processes(procs)
-    # 2. anything still running inside the run's own namespaces (e.g. started with ip netns exec)
-    namespaces = [e for e in reversed(ledger.of_kind("netns"))]
-    stray = []
-    for e in namespaces:
-        inode = netns_inode(e["name"])
-        if inode is not None and (e.get("inode") in (None, inode)):
-            stray += [p for p in pids_in_netns(inode) if p[0] != os.getpid()]
-    if stray:
-        stop_processes(stray)
-    for proc in (children or {}).values():
-        with contextlib.suppress(Exception):
-            proc.wait(timeout=0.1)
-    # 3. namespaces, by exact recorded name (veths and bridges go with them)
-    for e in namespaces:
-        inode = netns_inode(e["name"])
-        if inode is None:
-            continue
-        if e.get("inode") not in (None, inode):
-            problems.append(f"namespace {e['name']} is not the one this run made (inode changed); left alone")
-            continue
-        res = subprocess.run(["ip", "netns", "delete", e["name"]], capture_output=True, text=True,
-                             timeout=15, stdin=subprocess.DEVNULL)
-        if res.returncode != 0 and netns_inode(e["name"]) is not None:
-            problems.append(f"ip netns delete {e['name']}: {res.stderr.strip()}")
-    # 4. files and links, then directories
-    for e in reversed(ledger.entries):
-        if e["kind"] in ("file", "link"):
-            with contextlib.suppress(FileNotFoundError):
-                if e["kind"] == "file" and os.path.isdir(e["path"]) and not os.path.islink(e["path"]):
-                    shutil.rmtree(e["path"])
-                else:
-                    os.unlink(e["path"])
-    for e in reversed(ledger.of_kind("dir")):
-        path = e["path"]
-        if not os.path.isdir(path):
-            continue
-        if e.get("created", True):
-            shutil.rmtree(path, ignore_errors=True)
-        else:  # adopted while empty: everything in it is the run's
-            for name in os.listdir(path):
-                p = os.path.join(path, name)
-                if os.path.isdir(p) and not os.path.islink(p):
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(p)
-        if os.path.exists(path) and e.get("created", True):
-            problems.append(f"{path}: could not be removed")
-    return problems
 
 
 # -- what a lab holds -----------------------------------------------------------------------------
@@ -404,59 +129,6 @@ class Pod:
     index: int
     gateway: str = ""
     mtu: int = 0
-
-
-def list_labs(root: str = LAB_ROOT) -> list[dict]:
-    """Every lab recorded under ``root``: id, dir, and its state (or why it has none)."""
-    out = []
-    try:
-        names = sorted(os.listdir(root))
-    except FileNotFoundError:
-        return out
-    for name in names:
-        entry = os.path.join(root, name)
-        if not (os.path.isdir(entry) or os.path.islink(entry)):
-            continue
-        directory = os.path.realpath(entry)
-        info = {"id": name, "dir": directory, "state": None, "ledger": os.path.exists(os.path.join(directory, LEDGER))}
-        try:
-            with open(os.path.join(directory, STATE)) as f:
-                info["state"] = json.load(f)
-        except (OSError, ValueError):
-            pass
-        out.append(info)
-    return out
-
-
-def resolve_lab(target: str, root: str = LAB_ROOT) -> str:
-    """A lab directory from a lab id/prefix (``w1a2b`` or ``w1a2b-``) or a directory path."""
-    if os.sep in target or target.startswith("."):
-        path = os.path.abspath(target)
-        if not os.path.isdir(path):
-            raise LabNotFound(f"{target}: no such lab directory")
-        return path
-    entry = os.path.join(root, target.rstrip("-"))
-    if not (os.path.isdir(entry) or os.path.islink(entry)):
-        raise LabNotFound(f"{target}: no lab with that prefix under {root} (see: bench inspect)")
-    return entry
-
-
-def down(target: str, root: str = LAB_ROOT) -> list[str]:
-    """Tear down the lab at a directory or with an id, from its ledger alone; idempotent."""
-    path = resolve_lab(target, root)
-    directory = os.path.realpath(path)
-    ledger_path = os.path.join(directory, LEDGER)
-    if not os.path.exists(ledger_path):
-        # a crash between claiming the id and writing the ledger leaves an empty registry
-        # directory, or a registry symlink (to a --dir that then stays where it is)
-        if os.path.islink(path):
-            os.unlink(path)
-        elif os.path.isdir(path) and not os.listdir(path):
-            os.rmdir(path)
-        if os.path.lexists(path):
-            raise LabError(f"{path}: has no {LEDGER}; not removing what it cannot account for")
-        return []
-    return teardown(Ledger.load(ledger_path))
 
 
 # -- the builder ----------------------------------------------------------------------------------

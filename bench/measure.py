@@ -16,6 +16,9 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from .netns import netns_inode
+from .procs import CLK_TCK
+
 IPERF_PORT = 5201
 
 
@@ -41,9 +44,6 @@ def _run(argv, timeout: float) -> str:
 
 
 # -- CPU accounting ----------------------------------------------------------------------------
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
 def machine_busy() -> float:
     """Busy CPU seconds of the whole machine so far (all but idle and iowait)."""
     with open("/proc/stat") as f:
@@ -52,42 +52,11 @@ def machine_busy() -> float:
     return (sum(fields[:8]) - idle) / CLK_TCK
 
 
-def process_cpu(pid: int) -> float | None:
-    """utime + stime of one process, in seconds (None when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except FileNotFoundError:
-        return None
-    return None
-
-
-def _netns_inode(pid: int) -> int | None:
+def _netns_inode_of(pid: int) -> int | None:
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
     except (FileNotFoundError, PermissionError, ProcessLookupError):
         return None
-
-
-def namespace_inodes(names) -> set[int]:
-    out = set()
-    for name in names:
-        try:
-            out.add(os.stat(f"/run/netns/{name}").st_ino)
-        except FileNotFoundError:
-            pass
-    return out
 
 
 class Guard:
@@ -99,7 +68,7 @@ class Guard:
     """
 
     def __init__(self, lab_namespaces, threshold_cores: float = 0.15):
-        self.ours = namespace_inodes(lab_namespaces)
+        self.ours = {i for i in map(netns_inode, lab_namespaces) if i is not None}
         self.threshold = threshold_cores
         self.me = os.getpid()
 
@@ -118,7 +87,7 @@ class Guard:
                 continue
             if int(rest[1]) == 2 or pid == 2:  # kernel thread (child of kthreadd)
                 continue
-            if _netns_inode(pid) in self.ours:
+            if _netns_inode_of(pid) in self.ours:
                 continue
             out[pid] = (int(rest[11]) + int(rest[12])) / CLK_TCK
         return out

@@ -20,6 +20,7 @@ from controlplane.config import parse_config
 
 from . import measure, results
 from .measure import Endpoint, MeasureError
+from .procs import peak_rss_mb, process_cpu
 
 BARE = "bare"
 DEFAULT_BACKENDS = [BARE, "host-gw/kernel", "vxlan/kernel", "vxlan/ebpf", "vxlan/fastpath",
@@ -151,12 +152,12 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str) 
     row: dict = {}
 
     progress.show(f"{label}: TCP 1 stream")
-    cpu0 = {p: measure.process_cpu(p) for p in pids}
+    cpu0 = {p: process_cpu(p) for p in pids}
     tcp1, guard = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp1_s), "tcp1", row)
     row.update(tcp1_gbps=tcp1["gbps"], retransmits=tcp1["retransmits"])
     gbits = tcp1["bytes"] * 8 / 1e9
     row["core_s_per_gbit"] = guard.machine_busy_s / gbits if gbits else None
-    daemon_s = sum((measure.process_cpu(p) or 0) - (cpu0[p] or 0) for p in pids)
+    daemon_s = sum((process_cpu(p) or 0) - (cpu0[p] or 0) for p in pids)
     row["daemon_cores"] = daemon_s / guard.seconds if pids else None
 
     progress.show(f"{label}: ping")
@@ -203,7 +204,7 @@ def run_backend(scenario, backend: str, plan: Plan, progress: Progress, lab_fact
             row.update(backend=backend, repeat=i + 1)
             rows.append(row)
             progress.show(f"{backend} run {i + 1}/{plan.repeat} done", step=True)
-        rss = [measure.peak_rss_mb(n.pid) for n in lab.nodes if n.pid] if backend != BARE else []
+        rss = [peak_rss_mb(n.pid) for n in lab.nodes if n.pid] if backend != BARE else []
         extra = {"daemon_rss_mb": max([r for r in rss if r is not None], default=None),
                  "lab": {"nodes": len(lab.nodes), "pods": len(lab.pods)}}
     finally:

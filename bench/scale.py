@@ -12,12 +12,14 @@ weftd within a fraction of a second. Measured:
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import time
 
-from .lab import HEALTHZ_PORT, LabError, netns_socket
-from .measure import CLK_TCK, peak_rss_mb, percentile
+from .errors import LabError
+from .lab import HEALTHZ_PORT
+from .measure import percentile
+from .netns import http_get
+from .procs import CLK_TCK, peak_rss_mb
 
 CONVERGE_TIMEOUT = 90.0
 
@@ -32,22 +34,11 @@ def _btime() -> float:
 
 def metrics(ns: str, timeout: float = 2.0) -> dict[str, float]:
     """weftd's /metrics inside namespace ``ns``, as name -> value (labels summed)."""
-    sock = netns_socket(ns)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(("127.0.0.1", HEALTHZ_PORT))
-        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        sock.close()
-    body = b"".join(chunks).split(b"\r\n\r\n", 1)[-1].decode()
+    got = http_get(ns, "127.0.0.1", HEALTHZ_PORT, "/metrics", timeout)
+    if got is None or got[0] != 200:
+        raise LabError(f"{ns}: /metrics not reachable")
     out: dict[str, float] = {}
-    for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? (\S+)$", body, re.M):
+    for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? (\S+)$", got[1].decode(), re.M):
         out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
     return out
 

@@ -6,6 +6,7 @@
   weftctl ... reserve SUBNET --public-ip IP                    a lease that never expires
   weftctl ... release SUBNET                                   delete a reservation or a lease
   weftctl docker-opts [-f subnet.env] [-d OUT|-] [-i] [-c] [-m] [-k KEY]   as mk-docker-opts.sh
+  weftctl peermap [--dev flannel.1] [--json]                   vxlan/ebpf: this node's live BPF peer map
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 from . import flags, subnetenv
 from .config import ConfigError, parse_config
 from .lease import LeaseAttrs, LeaseFormatError
-from .manager import LeaseManager, decode
+from .manager import decode
 from .store import LeaseExists, StoreError
 
 
@@ -46,6 +47,9 @@ def build_parser() -> flags.Parser:
     dk.add_argument("-c", dest="combined", action="store_true", help="write the combined line")
     dk.add_argument("-m", dest="no_masq", action="store_true", help="leave out --ip-masq")
     dk.add_argument("-k", dest="key", default="DOCKER_OPTS", help="name of the combined variable")
+    pm = sub.add_parser("peermap", help="vxlan/ebpf: print this node's BPF peer map (run in the node's netns)")
+    pm.add_argument("--dev", default="flannel.1", help="the VXLAN device the programs are attached to")
+    pm.add_argument("--json", action="store_true", help="print JSON (peers, counters, drops)")
     return p
 
 
@@ -171,6 +175,24 @@ def cmd_docker_opts(args) -> int:
     return 0
 
 
+def cmd_peermap(args) -> int:
+    """Needs no store: reads the maps of the program attached to --dev in this network namespace."""
+    from fastpath.bpf.live import NoProgram, read
+    try:
+        doc = read(args.dev)
+    except (NoProgram, OSError) as exc:
+        return flags.fail("weftctl", f"peermap: {exc}")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    table = [("SUBNET", "PUBLIC IP", "VTEP MAC", "VNI")]
+    table += [(e["subnet"], e["public_ip"], e["vtep_mac"], str(e["vni"])) for e in doc["peers"]]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
 COMMANDS = {"config": cmd_config, "leases": cmd_leases, "reserve": cmd_reserve, "release": cmd_release}
 
 
@@ -181,6 +203,8 @@ def main(argv=None) -> int:
         args = parser.parse_args(flags.normalize(list(argv), flags.long_flags_of(parser)))
         if args.command == "docker-opts":
             return cmd_docker_opts(args)
+        if args.command == "peermap":
+            return cmd_peermap(args)
         store = flags.open_store_from_args(args)
         try:
             return COMMANDS[args.command](args, store)

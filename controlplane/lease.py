@@ -78,7 +78,7 @@ class LeaseAttrs:
             raise LeaseFormatError(f"lease value: BackendType must be a string, got {json.dumps(btype)}")
         v6 = doc.get("PublicIPv6")
         if v6 is not None and not isinstance(v6, str):
-            raise LeaseFormatError(f"lease value: PublicIPv6 must be a string or null")
+            raise LeaseFormatError("lease value: PublicIPv6 must be a string or null")
         return cls(public_ip, btype, doc.get("BackendData"), v6)
 
     @property

@@ -14,7 +14,6 @@ Design notes
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import sqlite3
 import threading
