@@ -110,6 +110,8 @@ setup(
         # bpf/ may or may not be a package of its own: cover both layouts.
         "fastpath": ["bpf/*.c", "bpf/*.h"],
         "fastpath.bpf": ["*.c", "*.h"],
+        # C helpers the engine's .pyx includes (wire.h).
+        "fastpath.engine": ["*.h"],
     },
     include_package_data=False,
     ext_modules=_extensions(),

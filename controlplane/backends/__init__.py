@@ -14,6 +14,9 @@ _TABLE = [
     ("alloc/kernel", "controlplane.backends.alloc:AllocBackend"),
     ("vxlan/kernel", "fastpath.vxlan.kernel:VXLANKernelBackend"),
     ("host-gw/kernel", "fastpath.hostgw.kernel:HostGWKernelBackend"),
+    ("udp/fastpath", "fastpath.udp.backend:UDPFastpathBackend"),
+    ("udp/python", "fastpath.udp.backend:UDPPythonBackend"),
+    ("vxlan/fastpath", "fastpath.vxlan.fastpath:VXLANFastpathBackend"),
 ]
 
 BACKENDS: dict[str, str] = {}

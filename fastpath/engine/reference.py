@@ -1,0 +1,344 @@
+"""The reference engine: the compiled engine's semantics in plain Python, one packet at a time.
+
+It is the correctness oracle for ``fastpath.engine._engine.Engine`` (tests run every case against
+both and compare bytes and counters) and the ``udp/python`` data plane (the slow baseline): one
+``read``/``sendto`` per packet out, one ``recvfrom``/``write`` per packet in, no batching, no
+offloads (the TUN is opened without IFF_VNET_HDR, the socket without UDP_GRO).
+
+Same API as the compiled ``Engine``; same counter names (the ones it never moves stay 0).
+The checks are made in the same order, so each datagram lands in the same counter in both.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import select
+import socket
+import struct
+import threading
+
+COUNTER_NAMES = (
+    "tx_packets", "tx_bytes", "tx_reads", "tx_super_packets", "tx_datagram_sends", "tx_batches",
+    "tx_batch_1", "tx_batch_2_7", "tx_batch_8_plus",
+    "tx_drop_no_route", "tx_drop_not_ipv4", "tx_drop_malformed", "tx_drop_gso_unsupported",
+    "tx_drop_send_error", "tx_read_errors",
+    "rx_datagrams", "rx_packets", "rx_bytes", "rx_tun_writes", "rx_gro_writes", "rx_batches",
+    "rx_batch_1", "rx_batch_2_7", "rx_batch_8_plus",
+    "rx_drop_short", "rx_drop_bad_ip", "rx_drop_not_ipv4", "rx_drop_oversized",
+    "rx_drop_bad_vxlan", "rx_drop_wrong_vni", "rx_drop_wrong_mac", "rx_drop_unknown_peer",
+    "rx_drop_spoofed_src", "rx_drop_tun_write", "rx_recv_errors", "rx_super_packets",
+)
+RX_OUTCOMES = ("rx_packets",) + tuple(n for n in COUNTER_NAMES if n.startswith("rx_drop_"))
+VXLAN_ENCAP = 22
+MAX_DATAGRAM = 65535
+
+
+def ip_checksum(data: bytes) -> int:
+    """The Internet checksum of ``data`` (0 when ``data`` carries a correct checksum)."""
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _mac_bytes(mac) -> bytes:
+    if mac is None or mac in (b"", ""):
+        return b"\0" * 6
+    if isinstance(mac, str):
+        mac = bytes.fromhex(mac.replace(":", "").replace("-", ""))
+    mac = bytes(mac)
+    if len(mac) != 6:
+        raise ValueError(f"MAC {mac.hex(':')} is not 6 bytes")
+    return mac
+
+
+class ReferenceEngine:
+    def __init__(self, tun_fd, sock_fd, *, mode="udp", network, subnet_len, local_subnet, vni=1,
+                 vtep_mac=b"", port=None, workers=1, mtu=0, vnet_hdr=None, split_threads=False,
+                 busy_poll_us=0):
+        # split_threads, busy_poll_us: accepted for API parity; one thread, select(), no polling
+        if not isinstance(tun_fd, int) or not isinstance(sock_fd, int) or workers != 1:
+            raise ValueError("the reference engine runs one worker on one TUN fd and one socket")
+        if vnet_hdr:
+            raise ValueError("the reference engine does not take IFF_VNET_HDR TUNs (no offloads)")
+        if mode not in ("udp", "vxlan"):
+            raise ValueError(f"mode {mode!r}: must be 'udp' or 'vxlan'")
+        self.network = ipaddress.IPv4Network(network)
+        if not self.network.prefixlen <= subnet_len <= 32 or subnet_len - self.network.prefixlen > 24:
+            raise ValueError(f"subnet_len {subnet_len} does not fit Network {self.network}")
+        self.local_subnet = ipaddress.IPv4Network(local_subnet)
+        if self.local_subnet.prefixlen != subnet_len or not self.local_subnet.subnet_of(self.network):
+            raise ValueError(f"local subnet {self.local_subnet} is not a /{subnet_len} of {self.network}")
+        if not 0 <= vni < 1 << 24:
+            raise ValueError(f"VNI {vni} outside 0..16777215")
+        self.mode = mode
+        self.subnet_len = subnet_len
+        self.tun_fd = tun_fd
+        self.sock = socket.socket(fileno=os.dup(sock_fd))
+        self.sock.setblocking(True)
+        self.port = port if port is not None else (8472 if mode == "vxlan" else 8285)
+        self.vni = vni
+        self.mac = _mac_bytes(vtep_mac)
+        if mode == "vxlan" and self.mac == b"\0" * 6:
+            raise ValueError("vxlan mode needs vtep_mac")
+        self.mtu = mtu or 65535
+        self._base = int(self.network.network_address)
+        self._mask = int(self.network.netmask)
+        self._shift = 32 - subnet_len
+        self._nroutes = 1 << (subnet_len - self.network.prefixlen)
+        self._local_idx = (int(self.local_subnet.network_address) - self._base) >> self._shift
+        self._routes: list[tuple[str, bytes] | None] = [None] * self._nroutes
+        self._peers: dict[str, tuple[str, str]] = {}
+        self._vxlan_hdr = bytes([0x08, 0, 0, 0]) + vni.to_bytes(3, "big") + b"\0"
+        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        os.set_blocking(tun_fd, False)
+
+    # -- routes -------------------------------------------------------------------------------------
+    def _index(self, subnet) -> int:
+        net = ipaddress.IPv4Network(subnet)
+        if net.prefixlen != self.subnet_len or not net.subnet_of(self.network):
+            raise ValueError(f"{net} is not a /{self.subnet_len} of {self.network}")
+        return (int(net.network_address) - self._base) >> self._shift
+
+    def set_route(self, subnet, peer_ip, peer_mac=None) -> None:
+        idx = self._index(subnet)
+        if idx == self._local_idx:
+            raise ValueError(f"{subnet} is this node's own subnet")
+        ip = ipaddress.IPv4Address(peer_ip)
+        if int(ip) == 0:
+            raise ValueError("peer IP 0.0.0.0")
+        mac = _mac_bytes(peer_mac)
+        if self.mode == "vxlan" and mac == b"\0" * 6:
+            raise ValueError("vxlan routes need the peer's VTEP MAC")
+        self._routes[idx] = (str(ip), mac)  # one reference swap: atomic for the loop thread
+        self._peers[str(ipaddress.IPv4Network(subnet))] = (str(ip), mac.hex(":"))
+
+    def remove_route(self, subnet) -> None:
+        self._routes[self._index(subnet)] = None
+        self._peers.pop(str(ipaddress.IPv4Network(subnet)), None)
+
+    def routes(self) -> dict:
+        return dict(self._peers)
+
+    def _route(self, addr: bytes):
+        a = int.from_bytes(addr, "big")
+        idx = (a - self._base) >> self._shift
+        if a & self._mask != self._base or not 0 <= idx < self._nroutes:
+            return None
+        return self._routes[idx]
+
+    def _is_peer(self, ip: str) -> bool:
+        return any(r is not None and r[0] == ip for r in self._routes)
+
+    # -- the two directions, one packet each --------------------------------------------------------
+    def encap(self, pkt: bytes):
+        """A TUN packet -> (peer IP, datagram), or None (counted as dropped)."""
+        c = self.counters
+        c["tx_reads"] += 1
+        if len(pkt) < 20:
+            c["tx_drop_malformed"] += 1
+            return None
+        if pkt[0] >> 4 != 4:
+            c["tx_drop_not_ipv4"] += 1
+            return None
+        ihl = (pkt[0] & 15) * 4
+        if ihl < 20 or ihl > len(pkt):
+            c["tx_drop_malformed"] += 1
+            return None
+        route = self._route(pkt[16:20])
+        if route is None:
+            c["tx_drop_no_route"] += 1
+            return None
+        tot = int.from_bytes(pkt[2:4], "big")
+        if tot < ihl or tot > len(pkt):
+            c["tx_drop_malformed"] += 1
+            return None
+        pkt = pkt[:tot]
+        peer, mac = route
+        if self.mode == "vxlan":
+            return peer, self._vxlan_hdr + mac + self.mac + b"\x08\x00" + pkt
+        return peer, pkt
+
+    def decap(self, d: bytes, src: str):
+        """A datagram from ``src`` -> the inner packet, or None; each lands in one counter."""
+        c = self.counters
+        c["rx_datagrams"] += 1
+        p = d
+        if self.mode == "vxlan":
+            if len(d) < VXLAN_ENCAP:
+                c["rx_drop_short"] += 1
+                return None
+            if not d[0] & 0x08:
+                c["rx_drop_bad_vxlan"] += 1
+                return None
+            if d[4:7] != self._vxlan_hdr[4:7]:
+                c["rx_drop_wrong_vni"] += 1
+                return None
+            if d[8:14] != self.mac:
+                c["rx_drop_wrong_mac"] += 1
+                return None
+            if d[20:22] != b"\x08\x00":
+                c["rx_drop_not_ipv4"] += 1
+                return None
+            p = d[VXLAN_ENCAP:]
+        if len(p) < 1:
+            c["rx_drop_short"] += 1
+            return None
+        if p[0] >> 4 != 4:
+            c["rx_drop_not_ipv4"] += 1
+            return None
+        if len(p) < 20:
+            c["rx_drop_short"] += 1
+            return None
+        ihl = (p[0] & 15) * 4
+        tot = int.from_bytes(p[2:4], "big")
+        if ihl < 20 or tot < ihl or tot > len(p) or ip_checksum(p[:ihl]) != 0:
+            c["rx_drop_bad_ip"] += 1
+            return None
+        if tot > self.mtu:
+            c["rx_drop_oversized"] += 1
+            return None
+        route = self._route(p[12:16])
+        if route is None or route[0] != src:
+            c["rx_drop_spoofed_src" if self._is_peer(src) else "rx_drop_unknown_peer"] += 1
+            return None
+        return p[:tot]
+
+    @staticmethod
+    def complete_partial_checksum(pkt: bytes) -> bytes:
+        """A TCP/UDP checksum field that holds only the pseudo-header sum (what a kernel VXLAN
+        sender on a veth leaves behind) is completed; anything else is left alone."""
+        if len(pkt) < 20 or int.from_bytes(pkt[6:8], "big") & 0x3FFF:
+            return pkt
+        ihl = (pkt[0] & 15) * 4
+        off = 16 if pkt[9] == 6 and len(pkt) >= ihl + 20 else 6 if pkt[9] == 17 and len(pkt) >= ihl + 8 else 0
+        if not off:
+            return pkt
+        pseudo = pkt[12:20] + bytes([0, pkt[9]]) + (len(pkt) - ihl).to_bytes(2, "big")
+        field = int.from_bytes(pkt[ihl + off:ihl + off + 2], "big")
+        ps = ~ip_checksum(pseudo) & 0xFFFF
+        if field != ps or field == 0 or ip_checksum(pseudo + pkt[ihl:]) == 0:
+            return pkt
+        full = ip_checksum(pkt[ihl:])
+        return pkt[:ihl + off] + full.to_bytes(2, "big") + pkt[ihl + off + 2:]
+
+    def _deliver(self, pkt: bytes) -> None:
+        c = self.counters
+        pkt = self.complete_partial_checksum(pkt)
+        try:
+            os.write(self.tun_fd, pkt)
+        except OSError:
+            c["rx_drop_tun_write"] += 1
+            return
+        c["rx_tun_writes"] += 1
+        c["rx_packets"] += 1
+        c["rx_bytes"] += len(pkt)
+
+    # -- loop ---------------------------------------------------------------------------------------
+    def _tx_one(self) -> bool:
+        try:
+            pkt = os.read(self.tun_fd, MAX_DATAGRAM)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.counters["tx_read_errors"] += 1
+            return False
+        c = self.counters
+        c["tx_batches"] += 1
+        c["tx_batch_1"] += 1
+        out = self.encap(pkt)
+        if out is None:
+            return True
+        peer, dgram = out
+        try:
+            self.sock.sendto(dgram, (peer, self.port))
+        except OSError:
+            c["tx_drop_send_error"] += 1
+            return True
+        c["tx_datagram_sends"] += 1
+        c["tx_packets"] += 1
+        c["tx_bytes"] += len(dgram) - (VXLAN_ENCAP if self.mode == "vxlan" else 0)
+        return True
+
+    def _rx_one(self) -> bool:
+        try:
+            d, addr = self.sock.recvfrom(MAX_DATAGRAM, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.counters["rx_recv_errors"] += 1
+            return False
+        self.counters["rx_batches"] += 1
+        self.counters["rx_batch_1"] += 1
+        pkt = self.decap(d, addr[0])
+        if pkt is not None:
+            self._deliver(pkt)
+        return True
+
+    def _loop(self) -> None:
+        rlist = [self.tun_fd, self.sock.fileno(), self._stop_r]
+        while not self._stopping:
+            ready, _, _ = select.select(rlist, [], [])
+            if self._stop_r in ready:
+                break
+            if self.tun_fd in ready:
+                self._tx_one()
+            if self.sock.fileno() in ready:
+                self._rx_one()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="weft-reference-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stopping = True
+        os.write(self._stop_w, b"x")
+        self._thread.join()
+        os.read(self._stop_r, 64)
+        self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def close(self) -> None:
+        self.stop()
+        self.sock.close()
+        for fd in (self._stop_r, self._stop_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def stats(self) -> dict:
+        out = dict(self.counters)
+        out["routes"] = len(self._peers)
+        out["workers"] = 1
+        return out
+
+    # -- test hooks -----------------------------------------------------------------------------
+    def _inject_rx(self, datagram: bytes, src_ip, gro: int = 0) -> None:
+        if self._thread is not None:
+            raise RuntimeError("_inject_rx on a running engine")
+        src = str(ipaddress.IPv4Address(src_ip))
+        n = len(datagram)
+        gro = gro if 0 < gro <= n else n
+        if n == 0:
+            pkt = self.decap(datagram, src)
+            if pkt is not None:
+                self._deliver(pkt)
+            return
+        for off in range(0, n, gro):
+            pkt = self.decap(datagram[off:off + gro], src)
+            if pkt is not None:
+                self._deliver(pkt)

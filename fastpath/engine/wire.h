@@ -1,0 +1,98 @@
+/* weft engine: byte-level helpers shared by the Cython engine (header only, no state).
+ *
+ * - Big-endian field access on unaligned packet bytes.
+ * - The Internet checksum, accumulated over native-order loads (RFC 1071: byte-order independent;
+ *   the odd trailing byte rule below assumes a little-endian CPU, as does the TUN's vnet header).
+ * - The route table entry and its seqlock: Python (one writer, holding the GIL) replaces an entry
+ *   while the packet threads read it without a lock; a reader that sees the sequence change or odd
+ *   retries, so it never uses half of an old entry and half of a new one.
+ */
+#ifndef WEFT_WIRE_H
+#define WEFT_WIRE_H
+#include <stdint.h>
+#include <string.h>
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "weft's engine assumes a little-endian CPU (vnet header and checksum helpers)"
+#endif
+
+static inline uint16_t wf_be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+static inline void wf_put16(uint8_t *p, uint32_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+static inline uint32_t wf_be32(const uint8_t *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+static inline void wf_put32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
+}
+static inline uint32_t wf_ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* Ones' complement sum of n bytes added to s (not folded). */
+static inline uint64_t wf_csum(const uint8_t *p, size_t n, uint64_t s) {
+    while (n >= 32) {
+        uint64_t a, b, c, d;
+        memcpy(&a, p, 8); memcpy(&b, p + 8, 8); memcpy(&c, p + 16, 8); memcpy(&d, p + 24, 8);
+        s += (a & 0xffffffffu) + (a >> 32) + (b & 0xffffffffu) + (b >> 32)
+           + (c & 0xffffffffu) + (c >> 32) + (d & 0xffffffffu) + (d >> 32);
+        p += 32; n -= 32;
+    }
+    while (n >= 4) { uint32_t v; memcpy(&v, p, 4); s += v; p += 4; n -= 4; }
+    if (n >= 2) { uint16_t v; memcpy(&v, p, 2); s += v; p += 2; n -= 2; }
+    if (n) s += *p;
+    return s;
+}
+
+static inline uint16_t wf_fold(uint64_t s) {
+    s = (s & 0xffffffffu) + (s >> 32);
+    s = (s & 0xffffffffu) + (s >> 32);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    return (uint16_t)s;
+}
+
+/* Store a checksum computed over native loads (so in native order). */
+static inline void wf_put_csum(uint8_t *p, uint16_t c) { memcpy(p, &c, 2); }
+
+/* The IPv4 pseudo header (src, dst from the packet; proto; L4 length), native order. */
+static inline uint64_t wf_pseudo(const uint8_t *ip, uint32_t proto, uint32_t l4len) {
+    return (uint64_t)wf_ld32(ip + 12) + wf_ld32(ip + 16)
+         + (uint16_t)((proto << 8) | (proto >> 8))
+         + (uint16_t)(((l4len & 0xff) << 8) | ((l4len >> 8) & 0xff));
+}
+
+/* IPv4 header checksum, written in place. */
+static inline void wf_ip_csum(uint8_t *ip, unsigned ihl) {
+    ip[10] = ip[11] = 0;
+    wf_put_csum(ip + 10, (uint16_t)~wf_fold(wf_csum(ip, ihl, 0)));
+}
+
+typedef struct {
+    uint32_t seq;
+    uint32_t ip;       /* peer's public IPv4, network order; 0: no route */
+    uint8_t mac[6];    /* peer's VTEP MAC (vxlan) */
+    uint16_t pad;
+} wf_route_t;
+
+static inline uint32_t wf_route_read(const wf_route_t *r, uint8_t *mac) {
+    uint32_t s1, s2, ip;
+    for (;;) {
+        s1 = __atomic_load_n(&r->seq, __ATOMIC_ACQUIRE);
+        ip = __atomic_load_n(&r->ip, __ATOMIC_RELAXED);
+        if (mac) memcpy(mac, r->mac, 6);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        s2 = __atomic_load_n(&r->seq, __ATOMIC_RELAXED);
+        if (!(s1 & 1) && s1 == s2) return ip;
+    }
+}
+
+static inline void wf_route_write(wf_route_t *r, uint32_t ip, const uint8_t *mac) {
+    uint32_t s = r->seq;
+    __atomic_store_n(&r->seq, s + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    __atomic_store_n(&r->ip, ip, __ATOMIC_RELAXED);
+    memcpy(r->mac, mac, 6);
+    __atomic_store_n(&r->seq, s + 2, __ATOMIC_RELEASE);
+}
+
+static inline int wf_load_flag(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void wf_store_flag(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+#endif

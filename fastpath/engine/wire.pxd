@@ -1,0 +1,22 @@
+# C declarations of wire.h: packet field access, checksums, the seqlocked route entry.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef extern from "wire.h" nogil:
+    uint16_t wf_be16(const uint8_t *p)
+    void wf_put16(uint8_t *p, uint32_t v)
+    uint32_t wf_be32(const uint8_t *p)
+    void wf_put32(uint8_t *p, uint32_t v)
+    uint32_t wf_ld32(const uint8_t *p)
+    uint64_t wf_csum(const uint8_t *p, size_t n, uint64_t s)
+    uint16_t wf_fold(uint64_t s)
+    void wf_put_csum(uint8_t *p, uint16_t c)
+    uint64_t wf_pseudo(const uint8_t *ip, uint32_t proto, uint32_t l4len)
+    void wf_ip_csum(uint8_t *ip, unsigned ihl)
+    ctypedef struct wf_route_t:
+        uint32_t seq
+        uint32_t ip
+        uint8_t mac[6]
+    uint32_t wf_route_read(const wf_route_t *r, uint8_t *mac)
+    void wf_route_write(wf_route_t *r, uint32_t ip, const uint8_t *mac)
+    int wf_load_flag(const int *p)
+    void wf_store_flag(int *p, int v)

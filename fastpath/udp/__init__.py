@@ -1,0 +1,1 @@
+"""flannel's ``udp`` wire format in userspace: ``udp/fastpath`` (compiled engine) and ``udp/python``."""
