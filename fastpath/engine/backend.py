@@ -21,32 +21,27 @@ how long the compiled engine keeps polling after the last packet before it sleep
 """
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import os
 import socket
-import threading
 
-from controlplane.backends.base import Backend, BackendError, BackendOptions, ExternalInterface
+from controlplane.backends.base import BackendError, BackendOptions, ExternalInterface
 from controlplane.config import NetworkConfig
 from controlplane.lease import Lease
 
+from ..netlink import GONE, NetlinkBackend, nl_errno, only_address
 from .tun import open_tun
 
 log = logging.getLogger("weft.backend.engine")
 
 TXQUEUELEN = 10000
 BUSY_POLL_US = 1000  # default of WEFT_ENGINE_BUSY_POLL_US: ping p50 ~110 -> ~65 us here (0: off)
-_GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL, errno.ENXIO}
 
 
-def _nl_errno(exc: BaseException) -> int | None:
-    code = getattr(exc, "code", None)
-    return code if isinstance(code, int) else None
 
 
-class TunEngineBackend(Backend):
+class TunEngineBackend(NetlinkBackend):
     """Base of the userspace backends; subclasses set ``mode``, ``vnet_hdr`` and the engine."""
     mode = "udp"
     vnet_hdr = True
@@ -66,8 +61,6 @@ class TunEngineBackend(Backend):
         self._peers: dict[ipaddress.IPv4Network, tuple[str, str | None]] = {}
         self._counters = {"peers_bad_backend_data": 0, "peer_errors": 0, "entries_restored": 0,
                           "device_recreated": 0}
-        self._lock = threading.RLock()
-        self._ipr = None
 
     # -- to override ---------------------------------------------------------------------------
     @property
@@ -85,12 +78,6 @@ class TunEngineBackend(Backend):
         return ""
 
     # -- netlink -------------------------------------------------------------------------------
-    @property
-    def ipr(self):
-        if self._ipr is None:
-            from pyroute2 import IPRoute
-            self._ipr = IPRoute()
-        return self._ipr
 
     def _dev_index(self) -> int | None:
         found = self.ipr.link_lookup(ifname=self.dev_name)
@@ -115,15 +102,7 @@ class TunEngineBackend(Backend):
         """Exactly <subnet>.0/32 on the TUN and the Network routed through it; what was missing."""
         ipr = self.ipr
         missing = []
-        want = str(self.lease.subnet.network_address)
-        have = False
-        for msg in ipr.get_addr(family=socket.AF_INET, index=idx):
-            if msg.get("IFA_ADDRESS") == want and msg["prefixlen"] == 32:
-                have = True
-            else:
-                ipr.addr("del", index=idx, address=msg.get("IFA_ADDRESS"), prefixlen=msg["prefixlen"])
-        if not have:
-            ipr.addr("add", index=idx, address=want, prefixlen=32)
+        if only_address(ipr, idx, str(self.lease.subnet.network_address)):
             missing.append("address")
         net = self.config.network
         found = False
@@ -147,7 +126,7 @@ class TunEngineBackend(Backend):
             try:
                 self.ipr.link("del", index=idx)
             except Exception as exc:
-                if _nl_errno(exc) not in _GONE:
+                if nl_errno(exc) not in GONE:
                     raise
 
     def _open_sockets(self) -> list[socket.socket]:
@@ -276,9 +255,7 @@ class TunEngineBackend(Backend):
             self._stop()
             self._peers.clear()
             self.lease = None
-            if self._ipr is not None:
-                self._ipr.close()
-                self._ipr = None
+            self.close()
 
     def stats(self) -> dict[str, float]:
         with self._lock:

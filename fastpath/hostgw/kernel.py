@@ -14,28 +14,24 @@ running an event loop; a lock serialises the methods.
 """
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import socket
-import threading
 
-from controlplane.backends.base import Backend, BackendError, BackendOptions, ExternalInterface
+from controlplane.backends.base import BackendError, BackendOptions, ExternalInterface
 from controlplane.config import NetworkConfig
 from controlplane.lease import Lease
+
+from ..netlink import GONE, NetlinkBackend, nl_errno
 
 log = logging.getLogger("weft.backend.hostgw")
 
 MAIN_TABLE = 254
-_GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL, errno.ENXIO}
 
 
-def _nl_errno(exc: BaseException) -> int | None:
-    code = getattr(exc, "code", None)
-    return code if isinstance(code, int) else None
 
 
-class HostGWKernelBackend(Backend):
+class HostGWKernelBackend(NetlinkBackend):
     wire_type = "host-gw"
     dataplane = "kernel"
 
@@ -46,22 +42,8 @@ class HostGWKernelBackend(Backend):
         self._peers: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
         self._failed: set[ipaddress.IPv4Network] = set()
         self._counters = {"entries_restored": 0, "peer_errors": 0, "conflicts_removed": 0}
-        self._lock = threading.RLock()
-        self._ipr = None
 
-    @property
-    def ipr(self):
-        if self._ipr is None:
-            from pyroute2 import IPRoute
-            self._ipr = IPRoute()
-        return self._ipr
 
-    def close(self) -> None:
-        """Release the netlink socket (the routes stay)."""
-        with self._lock:
-            if self._ipr is not None:
-                self._ipr.close()
-                self._ipr = None
 
     def setup(self, lease: Lease) -> None:
         if self.iface.address != self.iface.public_ip:
@@ -94,7 +76,7 @@ class HostGWKernelBackend(Backend):
                 try:
                     ipr.route("del", dst=str(subnet), oif=r_oif, priority=prio, **kw)
                 except Exception as exc:
-                    if _nl_errno(exc) not in _GONE:
+                    if nl_errno(exc) not in GONE:
                         raise
                 self._counters["conflicts_removed"] += 1
             ipr.route("replace", dst=str(subnet), gateway=str(gw), oif=self.iface.index)
@@ -120,7 +102,7 @@ class HostGWKernelBackend(Backend):
         try:
             self.ipr.route("del", dst=str(subnet), gateway=str(gw), oif=self.iface.index)
         except Exception as exc:
-            if _nl_errno(exc) not in _GONE:
+            if nl_errno(exc) not in GONE:
                 self._counters["peer_errors"] += 1
                 log.warning("route %s via %s: removal failed: %s", subnet, gw, exc)
 

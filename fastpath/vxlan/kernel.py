@@ -41,12 +41,13 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
 from dataclasses import dataclass
 
-from controlplane.backends.base import Backend, BackendError, BackendOptions, ExternalInterface
+from controlplane.backends.base import BackendError, BackendOptions, ExternalInterface
 from controlplane.config import NetworkConfig
 from controlplane.lease import Lease, LeaseAttrs
+
+from ..netlink import NetlinkBackend, ignore_gone, nl_errno, only_address
 
 log = logging.getLogger("weft.backend.vxlan")
 
@@ -56,7 +57,6 @@ NUD_NOARP = 0x40
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
 # Errors that mean "already gone" when deleting.
-_GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL, errno.ENXIO}
 _MAC_RE = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
 
 
@@ -91,12 +91,9 @@ class _Peer:
         return self.subnet.network_address
 
 
-def _nl_errno(exc: BaseException) -> int | None:
-    code = getattr(exc, "code", None)
-    return code if isinstance(code, int) else None
 
 
-class VXLANKernelBackend(Backend):
+class VXLANKernelBackend(NetlinkBackend):
     wire_type = "vxlan"
     dataplane = "kernel"
 
@@ -114,35 +111,15 @@ class VXLANKernelBackend(Backend):
         self._failed: set[ipaddress.IPv4Network] = set()
         self._counters = {"entries_restored": 0, "peers_bad_backend_data": 0, "peer_errors": 0,
                           "device_recreated": 0, "tx_csum_off_failed": 0}
-        self._lock = threading.RLock()
-        self._ipr = None
 
     # -- netlink plumbing -------------------------------------------------------------------------
 
-    @property
-    def ipr(self):
-        if self._ipr is None:
-            from pyroute2 import IPRoute
-            self._ipr = IPRoute()
-        return self._ipr
 
-    def close(self) -> None:
-        """Release the netlink socket (the data plane stays)."""
-        with self._lock:
-            if self._ipr is not None:
-                self._ipr.close()
-                self._ipr = None
 
     def _dev_index(self) -> int | None:
         found = self.ipr.link_lookup(ifname=self.dev_name)
         return found[0] if found else None
 
-    def _ignore_gone(self, fn, *args, **kwargs) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception as exc:  # pyroute2's NetlinkError
-            if _nl_errno(exc) not in _GONE:
-                raise
 
     # -- lease and device -------------------------------------------------------------------------
 
@@ -212,7 +189,7 @@ class VXLANKernelBackend(Backend):
         if idx is not None and not self._device_compatible(ipr.link("get", index=idx)[0]):
             log.info("%s exists with other settings (VNI, port, local address or link); recreating",
                      self.dev_name)
-            self._ignore_gone(ipr.link, "del", index=idx)
+            ignore_gone(ipr.link, "del", index=idx)
             idx = None
         if idx is None:
             try:
@@ -220,7 +197,7 @@ class VXLANKernelBackend(Backend):
                          vxlan_link=self.iface.index, vxlan_local=str(self.local),
                          vxlan_port=self.port, vxlan_learning=0)
             except Exception as exc:
-                if _nl_errno(exc) != errno.EEXIST:
+                if nl_errno(exc) != errno.EEXIST:
                     raise
             idx = self._dev_index()
             if idx is None:
@@ -230,23 +207,14 @@ class VXLANKernelBackend(Backend):
             try:
                 ipr.link("set", index=idx, address=self.vtep_mac)
             except Exception as exc:
-                if _nl_errno(exc) != errno.EBUSY:
+                if nl_errno(exc) != errno.EBUSY:
                     raise
                 ipr.link("set", index=idx, state="down")
                 ipr.link("set", index=idx, address=self.vtep_mac)
         if link.get("IFLA_MTU") != self.mtu:
             ipr.link("set", index=idx, mtu=self.mtu)
         # Exactly one IPv4 address: <subnet network address>/32 (flannel removes any other).
-        want = str(self.lease.subnet.network_address)
-        have = False
-        for msg in ipr.get_addr(family=socket.AF_INET, index=idx):
-            if msg.get("IFA_ADDRESS") == want and msg["prefixlen"] == 32:
-                have = True
-            else:
-                self._ignore_gone(ipr.addr, "del", index=idx, address=msg.get("IFA_ADDRESS"),
-                                  prefixlen=msg["prefixlen"])
-        if not have:
-            ipr.addr("add", index=idx, address=want, prefixlen=32)
+        only_address(ipr, idx, str(self.lease.subnet.network_address))
         ipr.link("set", index=idx, state="up")
         if self.options.vxlan_tx_csum_off:
             self._tx_csum_off()
@@ -355,19 +323,19 @@ class VXLANKernelBackend(Backend):
         ipr = self.ipr
         if peer.direct:
             if route:
-                self._ignore_gone(ipr.route, "del", dst=str(peer.subnet),
+                ignore_gone(ipr.route, "del", dst=str(peer.subnet),
                                   gateway=str(peer.public_ip), oif=self.iface.index)
             return
         idx = self._dev_index()
         if idx is None:
             return
         if route:
-            self._ignore_gone(ipr.route, "del", dst=str(peer.subnet), gateway=str(peer.gateway),
+            ignore_gone(ipr.route, "del", dst=str(peer.subnet), gateway=str(peer.gateway),
                               oif=idx)
         if fdb:
-            self._ignore_gone(ipr.fdb, "del", ifindex=idx, lladdr=peer.mac, dst=str(peer.public_ip))
+            ignore_gone(ipr.fdb, "del", ifindex=idx, lladdr=peer.mac, dst=str(peer.public_ip))
         if neigh:
-            self._ignore_gone(ipr.neigh, "del", ifindex=idx, dst=str(peer.gateway))
+            ignore_gone(ipr.neigh, "del", ifindex=idx, dst=str(peer.gateway))
 
     def _remove_stale(self, old: _Peer, new: _Peer) -> None:
         if old.direct and not new.direct:
@@ -476,7 +444,7 @@ class VXLANKernelBackend(Backend):
             self._failed.clear()
             idx = self._dev_index()
             if idx is not None:
-                self._ignore_gone(self.ipr.link, "del", index=idx)
+                ignore_gone(self.ipr.link, "del", index=idx)
             self.lease = None
         self.close()
 

@@ -1,0 +1,68 @@
+"""What every backend that programs the kernel over netlink shares.
+
+One netlink socket per backend, opened on first use in the namespace the daemon runs in, and one
+re-entrant lock: the daemon calls ``add_peer`` from its watch thread while its main loop calls
+``resync``. Errors that only say "already gone" are not errors when removing things.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+
+from controlplane.backends.base import Backend, BackendOptions, ExternalInterface
+from controlplane.config import NetworkConfig
+
+GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL, errno.ENXIO}
+
+
+def nl_errno(exc: BaseException) -> int | None:
+    """The errno of a pyroute2 NetlinkError (None for anything else)."""
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, int) else None
+
+
+def ignore_gone(fn, *args, **kwargs) -> None:
+    """Call a netlink removal; "no such entry" means it is already done."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:  # pyroute2's NetlinkError
+        if nl_errno(exc) not in GONE:
+            raise
+
+
+def only_address(ipr, index: int, address: str, prefixlen: int = 32) -> bool:
+    """Leave exactly ``address/prefixlen`` as the device's IPv4 address (flannel removes any other).
+    True when it had to be added."""
+    have = False
+    for msg in ipr.get_addr(family=socket.AF_INET, index=index):
+        if msg.get_attr("IFA_ADDRESS") == address and msg["prefixlen"] == prefixlen:
+            have = True
+        else:
+            ignore_gone(ipr.addr, "del", index=index, address=msg.get_attr("IFA_ADDRESS"),
+                        prefixlen=msg["prefixlen"])
+    if not have:
+        ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+    return not have
+
+
+class NetlinkBackend(Backend):
+    def __init__(self, config: NetworkConfig, iface: ExternalInterface,
+                 options: BackendOptions = BackendOptions()):
+        super().__init__(config, iface, options)
+        self._lock = threading.RLock()
+        self._ipr = None
+
+    @property
+    def ipr(self):
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+            self._ipr = IPRoute()
+        return self._ipr
+
+    def close(self) -> None:
+        """Release the netlink socket; what was programmed stays."""
+        with self._lock:
+            if self._ipr is not None:
+                self._ipr.close()
+                self._ipr = None
