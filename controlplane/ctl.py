@@ -185,9 +185,10 @@ def cmd_peermap(args) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    table = [("SUBNET", "PUBLIC IP", "VTEP MAC", "VNI")]
-    table += [(e["subnet"], e["public_ip"], e["vtep_mac"], str(e["vni"])) for e in doc["peers"]]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    table = [("SUBNET", "PUBLIC IP", "VTEP MAC", "VNI", "")]
+    table += [(e["subnet"], e["public_ip"], e["vtep_mac"], str(e["vni"]), "(this node)" if e["local"] else "")
+              for e in doc["peers"]]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0

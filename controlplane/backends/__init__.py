@@ -14,6 +14,7 @@ _TABLE = [
     ("alloc/kernel", "controlplane.backends.alloc:AllocBackend"),
     ("vxlan/kernel", "fastpath.vxlan.kernel:VXLANKernelBackend"),
     ("host-gw/kernel", "fastpath.hostgw.kernel:HostGWKernelBackend"),
+    ("vxlan/ebpf", "fastpath.vxlan.ebpf:VXLANEBPFBackend"),
     ("udp/fastpath", "fastpath.udp.backend:UDPFastpathBackend"),
     ("udp/python", "fastpath.udp.backend:UDPPythonBackend"),
     ("vxlan/fastpath", "fastpath.vxlan.fastpath:VXLANFastpathBackend"),

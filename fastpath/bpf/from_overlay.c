@@ -1,0 +1,84 @@
+/* weft_from_overlay: tc INGRESS of flannel.<VNI> (VXLAN, external/collect_md mode).
+ *
+ * Decapsulated frames from any peer (kernel VXLAN or eBPF) arrive here addressed to our VtepMAC.
+ * With WEFT_CFG_RX_PEER, a pod in weft_endpoints whose MAC the kernel's neighbour table confirms
+ * gets the frame through bpf_redirect_peer: straight into its namespace, no bridge, no backlog.
+ * With WEFT_CFG_RX_REDIRECT a FIB lookup finds the pod bridge and the pod's MAC, and the frame is
+ * redirected to the bridge's egress without the IP forwarding path; with WEFT_CFG_RX_NEIGH, or when
+ * the neighbour is not resolved yet, bpf_redirect_neigh lets the kernel fill in (and keep fresh)
+ * the neighbour. Anything else goes up the stack as with the kernel backend.
+ */
+#include "common.h"
+
+#ifndef BPF_FIB_LOOKUP_SKIP_NEIGH
+#define BPF_FIB_LOOKUP_SKIP_NEIGH (1U << 2)
+#endif
+/* bcc 0.26 declares bpf_redirect_neigh with 3 arguments; the kernel's helper takes 4. */
+static long (*weft_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
+	(void *)BPF_FUNC_redirect_neigh;
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+static __always_inline int weft_mac_eq(const __u8 *a, const __u8 *b)
+{
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) |
+		(a[5] ^ b[5])) == 0;
+}
+
+int weft_from_overlay(struct __sk_buff *skb)
+{
+	weft_count(WEFT_CNT_RX_PACKETS, weft_segs(skb));
+	weft_count(WEFT_CNT_RX_BYTES, skb->len);
+
+	struct weft_config *cfg = weft_cfg();
+	if (!cfg || !(cfg->flags & WEFT_CFG_RX_REDIRECT) || skb->protocol != bpf_htons(ETH_P_IP))
+		goto stack;
+	struct ethhdr *eth = weft_frame(skb);
+	if (!eth)
+		goto stack;
+	struct iphdr *ip = (void *)(eth + 1);
+	if (ip->ttl <= 1 || ip->ihl != 5)
+		goto stack;
+	/* Only pod traffic takes a shortcut; anything else meets the stack (and its netfilter). */
+	if ((ip->daddr & cfg->netmask) != cfg->network)
+		goto stack;
+
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET;
+	fib.tos = ip->tos;
+	fib.l4_protocol = ip->protocol;
+	fib.tot_len = 0;	/* 0: the kernel checks the skb (GSO-aware) against the MTU */
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	fib.ifindex = skb->ingress_ifindex;
+	__u32 neigh = cfg->flags & WEFT_CFG_RX_NEIGH;
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), neigh ? BPF_FIB_LOOKUP_SKIP_NEIGH : 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		goto stack;
+	if (fib.ifindex == skb->ingress_ifindex)
+		goto stack;	/* not for a local pod: the stack decides */
+	if ((cfg->flags & WEFT_CFG_RX_PEER) && rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		__u32 daddr = ip->daddr;
+		struct weft_endpoint *ep = weft_endpoints.lookup(&daddr);
+		/* The kernel's neighbour entry (fib.dmac) vouches for the learnt endpoint. */
+		if (ep && weft_mac_eq(ep->mac, fib.dmac)) {
+			if (cfg->flags & WEFT_CFG_TTL_DEC)
+				weft_ttl_dec(ip);
+			weft_set_macs(eth, ep->mac, ep->bridge_mac);
+			weft_count(WEFT_CNT_RX_PEER, 1);
+			return bpf_redirect_peer(ep->ifindex, 0);
+		}
+	}
+	if (cfg->flags & WEFT_CFG_TTL_DEC)
+		weft_ttl_dec(ip);
+	weft_count(WEFT_CNT_RX_REDIRECT, 1);
+	if (neigh || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return weft_redirect_neigh(fib.ifindex, NULL, 0, 0);
+	weft_set_macs(eth, fib.dmac, fib.smac);
+	return bpf_redirect(fib.ifindex, 0);
+
+stack:
+	weft_count(WEFT_CNT_RX_STACK, 1);
+	return TC_ACT_OK;
+}

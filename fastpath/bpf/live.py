@@ -1,0 +1,75 @@
+"""Read a running node's maps from any process in its network namespace (``weftctl peermap``).
+
+The programs' maps belong to weftd. Rather than pinning them in a bpffs (``ip netns exec`` gives
+each process a private mount namespace, so a pin made by weftd is invisible to a weftctl started
+the same way), we find the program attached to the VXLAN device's egress in *this* network
+namespace and open its maps by id. Needs root (CAP_BPF/CAP_SYS_ADMIN), not bcc.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from . import Counter, DropReason, decode_peer
+from .sysbpf import map_items, maps_of_prog
+
+
+class NoProgram(LookupError):
+    """No weft program is attached where we looked; str() is one line."""
+
+
+def filters(dev: str, hook: str = "egress") -> list[dict]:
+    """The BPF filters on one clsact hook of ``dev``: [{"prio", "handle", "name", "id"}].
+
+    Read with ``tc -j`` (iproute2): pyroute2 0.9.7 does not decode TCA_BPF_ID."""
+    try:
+        res = subprocess.run(["tc", "-j", "filter", "show", "dev", dev, hook], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NoProgram(f"tc filter show dev {dev} {hook}: {exc}") from None
+    if res.returncode != 0:
+        raise NoProgram(f"{dev}: {res.stderr.strip() or 'tc failed'} (run in the node's namespace, "
+                        "e.g. ip netns exec NODE weftctl peermap)")
+    out = []
+    for f in json.loads(res.stdout or "[]"):
+        opts = f.get("options") or {}
+        prog = opts.get("prog") or {}
+        if f.get("kind") == "bpf" and prog.get("id"):
+            out.append({"prio": f.get("pref"), "handle": int(str(opts.get("handle", "0")), 0),
+                        "name": prog.get("name") or opts.get("bpf_name", ""), "id": prog["id"]})
+    return out
+
+
+def attached_prog_id(dev: str, hook: str = "egress") -> int:
+    for f in filters(dev, hook):
+        if str(f["name"]).startswith("weft_"):
+            return f["id"]
+    raise NoProgram(f"{dev}: no weft BPF program attached (is weftd running with vxlan/ebpf?)")
+
+
+def read(dev: str = "flannel.1") -> dict:
+    """{"device", "program_id", "peers": [...], "counters": {...}, "drops": {...}}."""
+    prog_id = attached_prog_id(dev)
+    maps = maps_of_prog(prog_id)
+    try:
+        out = {"device": dev, "program_id": prog_id, "peers": [], "counters": {}, "drops": {}}
+        if "weft_peers" in maps:
+            fd, info = maps["weft_peers"]
+            out["peers"] = sorted((decode_peer(k, v) for k, v in map_items(fd, info.key_size, info.value_size)),
+                                  key=lambda e: tuple(int(x) for x in e["subnet"].replace("/", ".").split(".")))
+        for name, enum_cls, key in (("weft_counters", Counter, "counters"), ("weft_drops", DropReason, "drops")):
+            if name not in maps:
+                continue
+            fd, info = maps[name]
+            sums: dict[int, int] = {}
+            for k, v in map_items(fd, info.key_size, info.value_size, percpu=True):
+                idx = int.from_bytes(k[:4], "little")
+                sums[idx] = sum(int.from_bytes(v[i:i + 8], "little") for i in range(0, len(v), 8))
+            for member in enum_cls:
+                if member.name not in ("MAX", "NONE"):
+                    out[key][member.name.lower()] = sums.get(int(member), 0)
+        return out
+    finally:
+        for fd, _ in maps.values():
+            os.close(fd)

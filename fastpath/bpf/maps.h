@@ -1,0 +1,25 @@
+/* Every map weft's programs use, declared once. Names carry the weft_ prefix (what `bpftool map`
+ * and `weftctl peermap` show). The control plane fills them; nothing per peer is a cflag. */
+#ifndef WEFT_MAPS_H
+#define WEFT_MAPS_H
+
+#include "types.h"
+#include "drop_reasons.h"
+
+/* Peer subnet -> peer PublicIP, VNI, VtepMAC. LPM so that any pod address finds its subnet. */
+BPF_LPM_TRIE(weft_peers, struct weft_peer_key, struct weft_peer, 65536);
+
+/* Local pod IPv4 -> host veth ifindex, pod MAC, bridge MAC; learnt by the control plane from the
+ * pod bridge's neighbour and FDB tables. Only a shortcut: a pod not in it takes the FIB path. */
+BPF_HASH(weft_endpoints, __u32, struct weft_endpoint, 4096);
+
+/* One entry: this node's settings (struct weft_config). */
+BPF_ARRAY(weft_config, struct weft_config, 1);
+
+/* enum weft_counter -> per-CPU u64; the control plane sums the CPUs when /metrics is read. */
+BPF_PERCPU_ARRAY(weft_counters, __u64, WEFT_CNT_MAX);
+
+/* enum weft_drop_reason -> per-CPU u64. */
+BPF_PERCPU_ARRAY(weft_drops, __u64, WEFT_DROP_MAX);
+
+#endif

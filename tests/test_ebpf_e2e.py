@@ -1,0 +1,796 @@
+"""vxlan/ebpf end to end: three namespaced nodes, all-eBPF and mixed with vxlan/kernel.
+
+Part 1 (backend level, like tests/test_kernel_backends.py): every name carries the per-run prefix
+``web<pid%1000>-``. ``<p>w`` holds bridge br0 (the underlay switch); node ``<p>nN`` has eth0 =
+198.18.0.N/24, ip_forward on, a cni0 bridge 10.244.N.1/24 and pod ``<p>pN`` (10.244.N.2/24, MTU
+1450, default via 10.244.N.1). Each node's backend runs in an agent: a forked child that entered the
+node's namespace, so the backend programs that namespace exactly as weftd would. Checked: all pod
+pairs ping (every direction, eBPF<->eBPF and eBPF<->kernel), node -> remote pod, a 64 MiB TCP
+transfer byte-identical, the map follows add/remove, no per-peer neighbour/FDB/route entry,
+``weftctl peermap``, a restart keeps the VtepMAC and forwards before any lease event (it inherits
+the old programs' map),
+resync puts back a removed device or filter, the outer headers on the wire equal vxlan/kernel's,
+teardown leaves nothing.
+
+Part 2 (daemon level, bench/lab.py + tests/e2e.py): the lab suite on 3 weftd nodes with vxlan/ebpf
+and on a mixed lab (node 2 vxlan/kernel): all pod pairs ping, 64 MiB each way byte-identical,
+restart keeps the subnet and the mesh, a released lease leaves every map within 2 s (read as
+weftctl peermap reads it), counters on /metrics; and an expired lease (SIGKILL, TTL 4 s) leaves
+the maps too.
+
+Benchmarks against vxlan/kernel (iperf3 -t 5 and ping, pod to pod) are not tests; run them by hand:
+``.venv/bin/python -m tests.test_ebpf_e2e ab`` (both data planes at once, sides swapped each round).
+
+Teardown deletes exactly the namespaces this run created, by name.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import multiprocessing
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from controlplane.backends import BackendError, BackendOptions, ExternalInterface, load_backend
+from controlplane.config import parse_config
+from controlplane.lease import Lease
+
+from .conftest import needs_bcc, needs_root
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = os.path.join(REPO, ".venv", "bin", "python") if os.path.exists(
+    os.path.join(REPO, ".venv", "bin", "python")) else sys.executable
+PREFIX = f"web{os.getpid() % 1000}-"
+NODES = (1, 2, 3)
+CONFIG = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
+CALL_TIMEOUT = 30
+
+pytestmark = [needs_root, needs_bcc]
+
+
+def sh(*args: str, ns: str | None = None, check: bool = True, timeout: float = 10, input=None) -> str:
+    cmd = ["ip", "netns", "exec", ns, *args] if ns else list(args)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {res.stderr.strip() or res.returncode}")
+    return res.stdout
+
+
+# -- agent: a forked child in one node namespace, holding that node's backend ------------------------
+
+def _agent_main(ns: str, conn) -> None:
+    from pyroute2 import netns
+    netns.setns(ns, flags=0)
+    objs: dict = {}
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        op, key, args = msg
+        try:
+            if op == "backend":
+                name, config, fields, options = args
+                fields = dict(fields, index=socket.if_nametoindex(fields["name"]))
+                objs[key] = load_backend(name)(config, ExternalInterface(**fields), BackendOptions(**options))
+                result = None
+            elif op == "timed":  # call a method once per argument tuple; return the seconds taken
+                method, arg_list = args
+                fn = getattr(objs[key], method)
+                t0 = time.perf_counter()
+                for call_args in arg_list:
+                    fn(*call_args)
+                result = time.perf_counter() - t0
+            elif op == "drop":
+                obj = objs.pop(key)
+                if hasattr(obj, "close"):
+                    obj.close()
+                result = None
+            else:
+                method, call_args = args
+                result = getattr(objs[key], method)(*call_args)
+            conn.send((True, result))
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            conn.send((False, (type(exc).__name__, str(exc))))
+
+
+class Agent:
+    def __init__(self, ns: str):
+        ctx = multiprocessing.get_context("fork")
+        self.ns = ns
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_agent_main, args=(ns, child), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def _send(self, op, key, args):
+        self.conn.send((op, key, args))
+        if not self.conn.poll(CALL_TIMEOUT):
+            raise TimeoutError(f"agent in {self.ns}: {op} {key} took over {CALL_TIMEOUT} s")
+        ok, value = self.conn.recv()
+        if ok:
+            return value
+        name, text = value
+        if name == "BackendError":
+            raise BackendError(text)
+        raise RuntimeError(f"in {self.ns}: {name}: {text}")
+
+    def backend(self, key, name, config, fields, options=None):
+        return self._send("backend", key, (name, config, fields, options or {}))
+
+    def call(self, key, method, *args):
+        return self._send("call", key, (method, args))
+
+    def timed(self, key, method, arg_list):
+        return self._send("timed", key, (method, arg_list))
+
+    def drop(self, key):
+        return self._send("drop", key, None)
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+# -- the cluster --------------------------------------------------------------------------------------
+
+class Cluster:
+    def __init__(self, prefix: str = PREFIX, nodes=NODES):
+        self.prefix = prefix
+        self.nodes = tuple(nodes)
+        self.created: list[str] = []
+        self.agents: dict[int, Agent] = {}
+        self.wire = prefix + "w"
+        self.node = {n: f"{prefix}n{n}" for n in self.nodes}
+        self.pod = {n: f"{prefix}p{n}" for n in self.nodes}
+        self.leases: dict[int, Lease] = {}
+        self.kinds: dict[int, str] = {}
+
+    def _netns(self, name: str) -> None:
+        if name in sh("ip", "netns", "list").split():
+            raise RuntimeError(f"namespace {name} already exists; not touching it")
+        self.created.append(name)
+        sh("ip", "netns", "add", name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+
+    def build(self) -> None:
+        for name in (self.wire, *self.node.values(), *self.pod.values()):
+            self._netns(name)
+        w = self.wire
+        sh("ip", "-n", w, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", w, "link", "set", "br0", "up")
+        for n in self.nodes:
+            node, pod = self.node[n], self.pod[n]
+            sh("ip", "-n", w, "link", "add", f"w{n}", "type", "veth", "peer", "name", "eth0", "netns", node)
+            sh("ip", "-n", w, "link", "set", f"w{n}", "master", "br0", "up")
+            sh("ip", "-n", node, "addr", "add", f"198.18.0.{n}/24", "dev", "eth0")
+            sh("ip", "-n", node, "link", "set", "eth0", "up")
+            sh("sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+               "net.ipv4.conf.default.rp_filter=0", ns=node)
+            sh("ip", "-n", node, "link", "add", "cni0", "type", "bridge")
+            sh("ip", "-n", node, "addr", "add", f"10.244.{n}.1/24", "dev", "cni0")
+            sh("ip", "-n", node, "link", "set", "cni0", "up")
+            sh("ip", "-n", node, "link", "add", f"vethp{n}", "type", "veth", "peer", "name", "eth0",
+               "netns", pod)
+            sh("ip", "-n", node, "link", "set", f"vethp{n}", "master", "cni0", "up")
+            sh("ip", "-n", pod, "addr", "add", f"10.244.{n}.2/24", "dev", "eth0")
+            sh("ip", "-n", pod, "link", "set", "eth0", "mtu", "1450", "up")
+            sh("ip", "-n", pod, "route", "add", "default", "via", f"10.244.{n}.1")
+            self.agents[n] = Agent(node)
+
+    def destroy(self) -> None:
+        self.stop()
+        for agent in self.agents.values():
+            agent.stop()
+        for name in reversed(self.created):  # exactly the names this run created
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+
+    @staticmethod
+    def iface(n: int) -> dict:
+        addr = ipaddress.IPv4Address(f"198.18.0.{n}")
+        return {"name": "eth0", "address": addr, "public_ip": addr, "mtu": 1500}
+
+    def start(self, kinds: dict[int, str], config=CONFIG) -> None:
+        """Start a backend per node (``{1: "vxlan/ebpf", ...}``) and program every peer."""
+        self.kinds = dict(kinds)
+        for n, kind in kinds.items():
+            self.agents[n].backend("b", kind, config, self.iface(n))
+            attrs = self.agents[n].call("b", "lease_attrs", None)
+            self.leases[n] = Lease(ipaddress.IPv4Network(f"10.244.{n}.0/24"), attrs, time.time() + 3600)
+        for n in kinds:
+            self.agents[n].call("b", "setup", self.leases[n])
+            for m in kinds:
+                if m != n:
+                    self.agents[n].call("b", "add_peer", self.leases[m])
+
+    def stop(self) -> None:
+        for n in list(self.kinds):
+            try:
+                self.agents[n].call("b", "teardown")
+                self.agents[n].drop("b")
+            except Exception:
+                pass
+        self.kinds = {}
+
+    def call(self, n: int, method: str, *args):
+        return self.agents[n].call("b", method, *args)
+
+    # -- traffic --
+
+    def ping_failures(self, pairs=None, src_ns=None) -> list[tuple[int, int]]:
+        pairs = pairs or [(a, b) for a in self.kinds for b in self.kinds if a != b]
+        procs = {(a, b): subprocess.Popen(
+            ["ip", "netns", "exec", (src_ns or self.pod)[a], "ping", "-n", "-q", "-c", "2", "-i", "0.2",
+             "-W", "1", f"10.244.{b}.2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for a, b in pairs}
+        failed = []
+        for pair, proc in procs.items():
+            try:
+                if proc.wait(timeout=10) != 0:
+                    failed.append(pair)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                failed.append(pair)
+        return failed
+
+    def transfer(self, a: int, b: int, mib: int = 64, port: int = 5701) -> tuple[str, str]:
+        """A ``mib`` MiB TCP transfer from pod a to pod b: (sender's sha256, receiver's sha256)."""
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", self.pod[b], PY, "-c", _RECEIVER, f"10.244.{b}.2", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(0.3)
+            sent = sh(PY, "-c", _SENDER, f"10.244.{b}.2", str(port), str(mib), ns=self.pod[a], timeout=60)
+            got, _ = server.communicate(timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+        return sent.strip(), got.strip()
+
+
+_RECEIVER = r"""
+import hashlib, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(30)
+c, _ = s.accept(); c.settimeout(30); h = hashlib.sha256()
+while True:
+    b = c.recv(1 << 20)
+    if not b: break
+    h.update(b)
+print(h.hexdigest())
+"""
+
+_SENDER = r"""
+import hashlib, os, random, socket, sys
+rng = random.Random(7); h = hashlib.sha256()
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+for _ in range(int(sys.argv[3])):
+    b = rng.randbytes(1 << 20); h.update(b); c.sendall(b)
+c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
+print(h.hexdigest())
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster()
+    try:
+        c.build()
+        yield c
+    finally:
+        c.destroy()
+        left = [name for name in c.created if name in sh("ip", "netns", "list").split()]
+        assert not left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def net(cluster):
+    yield cluster
+    cluster.stop()
+
+
+# -- part 1: backend level ------------------------------------------------------------------------------
+
+EBPF3 = {1: "vxlan/ebpf", 2: "vxlan/ebpf", 3: "vxlan/ebpf"}
+MIXED = {1: "vxlan/ebpf", 2: "vxlan/ebpf", 3: "vxlan/kernel"}
+
+
+def test_three_ebpf_nodes_ping_and_no_per_peer_entries(net):
+    net.start(EBPF3)
+    assert net.ping_failures() == []
+    # host-originated traffic takes the Network route through flannel.1 (weft_to_overlay)
+    assert net.ping_failures(src_ns=net.node) == []
+    for n in NODES:
+        routes = json.loads(sh("ip", "-n", net.node[n], "-j", "-4", "route", "show", "dev", "flannel.1"))
+        assert [r["dst"] for r in routes] == ["10.244.0.0/16"], routes
+        assert sh("ip", "-n", net.node[n], "-4", "neigh", "show", "nud", "permanent").strip() == ""
+        assert "dst" not in sh("bridge", "-n", net.node[n], "fdb", "show", "dev", "flannel.1")
+        link = json.loads(sh("ip", "-n", net.node[n], "-d", "-j", "addr", "show", "dev", "flannel.1"))[0]
+        assert link["mtu"] == 1450
+        assert link["linkinfo"]["info_data"].get("external") is True
+        assert [a["local"] for a in link["addr_info"] if a["family"] == "inet"] == [f"10.244.{n}.0"]
+        assert link["address"] == net.leases[n].attrs.backend_data["VtepMAC"]
+        s = net.call(n, "stats")
+        assert s["tx_packets"] > 0 and s["rx_packets"] > 0 and s["pods_redirect"] > 0
+        assert s["rx_redirect"] > 0
+        assert s["drops_tunnel_key"] == 0 and s["drops_no_config"] == 0
+
+
+def test_map_follows_add_and_remove_and_peermap_cli(net):
+    net.start(EBPF3)
+    entries = {e["subnet"]: e for e in net.call(1, "peer_map")}
+    assert set(entries) == {"10.244.2.0/24", "10.244.3.0/24"}
+    assert entries["10.244.2.0/24"]["public_ip"] == "198.18.0.2"
+    assert entries["10.244.2.0/24"]["vtep_mac"] == net.leases[2].attrs.backend_data["VtepMAC"]
+    # weftctl peermap, from another process in the node's namespace, reads the live map
+    out = json.loads(sh(PY, "-m", "controlplane.ctl", "peermap", "--json", ns=net.node[1], timeout=30))
+    assert {e["subnet"] for e in out["peers"] if not e["local"]} == set(entries)
+    assert [e["subnet"] for e in out["peers"] if e["local"]] == ["10.244.1.0/24"]
+    net.call(1, "remove_peer", net.leases[3])
+    assert {e["subnet"] for e in net.call(1, "peer_map")} == {"10.244.2.0/24"}
+    assert net.ping_failures([(1, 3)]) == [(1, 3)]
+    assert net.call(1, "stats")["map_miss"] > 0
+    net.call(1, "add_peer", net.leases[3])
+    assert net.ping_failures([(1, 3), (3, 1)]) == []
+
+
+def test_mixed_cluster_every_direction(net):
+    net.start(MIXED)
+    assert net.ping_failures() == []
+    assert net.ping_failures(src_ns=net.node) == []
+    # the kernel node programs flannel's three entries per peer; the eBPF nodes none
+    assert sh("ip", "-n", net.node[3], "-4", "neigh", "show", "dev", "flannel.1").count("PERMANENT") == 2
+
+
+@pytest.mark.parametrize("a,b", [(1, 2), (1, 3), (3, 1)])
+@pytest.mark.parametrize("learn", [False, True], ids=["fib", "redirect_peer"])
+def test_64mib_transfer_byte_identical(net, a, b, learn):
+    import fastpath.bpf as fb
+    net.start(MIXED)
+    if not learn:  # switched off through the config map: receive takes the FIB redirect
+        for n in NODES:
+            if MIXED[n] == "vxlan/ebpf":
+                net.call(n, "set_flags", fb.CFG_DEFAULT & ~fb.CFG_RX_PEER)
+    else:  # the pods' neighbour entries exist after a ping; then the endpoints are learnt
+        assert net.ping_failures([(a, b), (b, a)]) == []
+        for n in NODES:
+            if MIXED[n] == "vxlan/ebpf":
+                net.call(n, "sync_endpoints")
+                assert net.call(n, "stats")["endpoints"] == 1
+    sent, got = net.transfer(a, b, 64)
+    assert sent and sent == got
+    if MIXED[b] == "vxlan/ebpf":
+        s = net.call(b, "stats")
+        assert s["rx_peer" if learn else "rx_redirect"] > 1000, s
+
+
+def test_teardown_leaves_nothing(net):
+    net.start(EBPF3)
+    net.stop()
+    for n in NODES:
+        assert "flannel.1" not in sh("ip", "-n", net.node[n], "link", "show")
+        assert "bpf" not in sh("tc", "-n", net.node[n], "filter", "show", "dev", "cni0", "ingress")
+        assert "10.244.0.0/16" not in sh("ip", "-n", net.node[n], "route", "show")
+
+
+def test_restart_keeps_vtep_mac_and_mesh(net):
+    net.start(EBPF3)
+    mac = net.leases[1].attrs.backend_data["VtepMAC"]
+    net.agents[1].drop("b")  # the daemon dies; device and filters stay
+    net.agents[1].backend("b", "vxlan/ebpf", CONFIG, net.iface(1))
+    assert net.agents[1].call("b", "lease_attrs", net.leases[1]).backend_data["VtepMAC"] == mac
+    net.call(1, "setup", net.leases[1])
+    # before any lease event: the peers come from the map the old programs left attached
+    assert {e["subnet"] for e in net.call(1, "peer_map")} == {"10.244.2.0/24", "10.244.3.0/24"}
+    assert net.ping_failures([(1, 2), (1, 3)]) == []
+    net.call(1, "add_peer", net.leases[2])  # node 3's lease is gone meanwhile: never re-added
+    net.call(1, "resync")  # the first resync drops inherited peers that no lease re-added
+    assert {e["subnet"] for e in net.call(1, "peer_map")} == {"10.244.2.0/24"}
+    net.call(1, "add_peer", net.leases[3])
+    assert net.ping_failures() == []
+    # exactly one filter of ours per hook after the restart
+    for dev, hook in (("flannel.1", "egress"), ("flannel.1", "ingress"), ("cni0", "ingress")):
+        assert sh("tc", "-n", net.node[1], "filter", "show", "dev", dev, hook).count("direct-action") == 1
+
+
+def test_missing_bcc_is_one_line_error(monkeypatch):
+    import fastpath.bpf as fb
+    monkeypatch.setitem(sys.modules, "bcc", None)
+    with pytest.raises(fb.BpfUnavailable) as exc:
+        fb.check_toolchain()
+    assert "\n" not in str(exc.value) and "python3-bpfcc" in str(exc.value)
+    b = load_backend("vxlan/ebpf")(CONFIG, ExternalInterface("eth0", 1, None, ipaddress.IPv4Address("198.18.0.9"), 1500))
+    with pytest.raises(BackendError) as exc:
+        b._programs()
+    assert "./bootstrap" in str(exc.value)
+
+
+# -- benchmarks: not tests (CI runs every test); run them by hand --------------------------------------
+#   .venv/bin/python -m tests.test_ebpf_e2e ab [--sides kernel,ebpf] [--rounds 6]
+#   .venv/bin/python -m tests.test_ebpf_e2e sequential [--which main|all] [--rounds 3]
+
+def iperf(c: Cluster, a: int, b: int, seconds: int = 5) -> dict:
+    """iperf3 TCP 1 stream pod a -> pod b: Gbit/s and retransmits."""
+    server = subprocess.Popen(["ip", "netns", "exec", c.pod[b], "iperf3", "-s", "-1", "-B", f"10.244.{b}.2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        out = sh("iperf3", "-c", f"10.244.{b}.2", "-t", str(seconds), "-J", ns=c.pod[a], timeout=seconds + 30)
+    finally:
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    end = json.loads(out)["end"]
+    return {"gbit": end["sum_received"]["bits_per_second"] / 1e9,
+            "retrans": end["sum_sent"].get("retransmits", 0)}
+
+
+def ping_p50(c: Cluster, a: int, b: int, count: int = 300) -> float:
+    """Median ping RTT in microseconds, pod a -> pod b."""
+    out = sh("ping", "-n", "-c", str(count), "-i", "0.005", f"10.244.{b}.2", ns=c.pod[a], timeout=60)
+    rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", out)]
+    return statistics.median(rtts) * 1000
+
+
+def link_sizes(c: Cluster, n: int) -> str:
+    d = json.loads(sh("ip", "-n", c.node[n], "-d", "-j", "link", "show", "dev", "flannel.1"))[0]
+    return f"gso_max_size={d.get('gso_max_size')} tso_max_size={d.get('tso_max_size')} gro_max_size={d.get('gro_max_size')}"
+
+
+def bench_sequential(net: Cluster, rounds: int = 3, which: str = "") -> None:
+    """Backends one after the other on nodes 1-2 (noisy on a shared machine: see bench_concurrent_ab)."""
+    import fastpath.bpf as fb
+    variants = [
+        ("vxlan/kernel", None),
+        ("vxlan/ebpf", fb.CFG_DEFAULT),  # from_pods redirect; rx: redirect_peer / fib redirect
+        ("vxlan/ebpf", fb.CFG_DEFAULT & ~fb.CFG_RX_PEER),  # rx: fib redirect to the bridge
+        ("vxlan/ebpf", fb.CFG_DEFAULT & ~fb.CFG_PODS_REDIRECT),  # tx via the stack + to_overlay
+    ]
+    if which == "main":  # the headline comparison only
+        variants = [variants[0], variants[1], ("vxlan/ebpf", fb.CFG_DEFAULT & ~fb.CFG_OUTER_CSUM)]
+    elif which == "all":
+        variants += [("vxlan/ebpf", fb.CFG_DEFAULT & ~fb.CFG_OUTER_CSUM),  # outer UDP checksum 0
+                     ("vxlan/ebpf", fb.CFG_DEFAULT & ~(fb.CFG_RX_REDIRECT | fb.CFG_RX_PEER)),  # rx: stack
+                     ("vxlan/ebpf", (fb.CFG_DEFAULT & ~fb.CFG_RX_PEER) | fb.CFG_RX_NEIGH)]
+    rows = {}
+    for r in range(rounds):
+        for kind, flags in variants:
+            net.start({1: kind, 2: kind})
+            if flags is not None:
+                for n in (1, 2):
+                    net.call(n, "set_flags", flags)
+            assert net.ping_failures([(1, 2), (2, 1)]) == []
+            if kind == "vxlan/ebpf":
+                for n in (1, 2):
+                    net.call(n, "sync_endpoints")  # the pods' neighbour entries exist now
+            res = iperf(net, 1, 2)
+            rtt = ping_p50(net, 1, 2)
+            key = f"{kind} flags={flags}"
+            rows.setdefault(key, []).append((res["gbit"], res["retrans"], rtt))
+            if r == 0:
+                print(f"\n{key}: {link_sizes(net, 1)}")
+            print(f"{key}: {res['gbit']:.2f} Gbit/s retrans {res['retrans']} rtt p50 {rtt:.1f} us")
+            if kind == "vxlan/ebpf" and r == 0:
+                for n in (1, 2):
+                    s = net.call(n, "stats")
+                    print(f"  n{n}:", {k: int(v) for k, v in s.items() if v})
+            net.stop()
+    base = statistics.median(g for g, _, _ in rows["vxlan/kernel flags=None"])
+    base_rtt = statistics.median(t for _, _, t in rows["vxlan/kernel flags=None"])
+    print("\n| variant | TCP x1 Gbit/s (runs) | ratio | ping p50 us | delta us |")
+    for key, vals in rows.items():
+        g = statistics.median(v[0] for v in vals)
+        t = statistics.median(v[2] for v in vals)
+        runs = ", ".join(f"{v[0]:.2f}" for v in vals)
+        print(f"| {key} | {g:.2f} ({runs}) | {g / base:.2f} | {t:.1f} | {t - base_rtt:+.1f} |")
+
+
+# -- part 2: weftd in the lab (bench/lab.py, tests/e2e.py) ---------------------------------------------
+
+def _in_netns(ns: str, fn):
+    """fn() in a thread that entered ``ns`` (its subprocesses inherit it); the process stays put."""
+    import threading
+    box = {}
+
+    def body():
+        from pyroute2 import netns
+        try:
+            netns.setns(ns, flags=0)
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001
+            box["error"] = exc
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(30)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def ebpf_map_has(lab, n: int, subnet: str) -> bool:
+    """Whether node n's live weft_peers map (read as weftctl peermap reads it) holds ``subnet``."""
+    from fastpath.bpf.live import read
+    doc = _in_netns(lab.node(n).namespace, read)
+    return any(e["subnet"] == subnet and not e["local"] for e in doc["peers"])
+
+
+def _metrics(lab, n: int) -> dict[str, float]:
+    """weftd's /metrics on node n, parsed (weft_* samples only)."""
+    node = lab.node(n)
+    sock = lab.socket(node.namespace)
+    data = b""
+    try:
+        sock.settimeout(2)
+        sock.connect((node.public_ip, 9180))
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    out = {}
+    for line in data.decode(errors="replace").splitlines():
+        m = re.match(r"^(weft_[a-z0-9_]+)(?:\{[^}]*\})? ([-+0-9.eE]+)$", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def _lab_suite(dataplanes: dict[int, str] | None):
+    from bench.scenario import load
+    from .e2e import kernel_route, lab_for, nothing_left, run_suite
+    lab = lab_for(load(os.path.join(REPO, "scenarios", "default.toml")), "vxlan/ebpf", dataplanes)
+    kinds = {n: (dataplanes or {}).get(n, "ebpf") for n in NODES}
+
+    def has_peer(lab, n, subnet):
+        return ebpf_map_has(lab, n, subnet) if kinds[n] == "ebpf" else kernel_route(lab, n, subnet)
+    lab.up()
+    try:
+        for n in NODES:  # what each node runs
+            link = lab.exec(lab.node(n).namespace, ["ip", "-d", "link", "show", "flannel.1"], check=True).stdout
+            assert ("external" in link) == (kinds[n] == "ebpf"), link
+        result = run_suite(lab, has_peer)
+        print(f"\nlease removal reached every node in {result['removal_s'] * 1000:.0f} ms")
+        # the per-CPU counters reach /metrics (node 1 runs vxlan/ebpf in both labs)
+        m = _metrics(lab, 1)
+        assert m["weft_backend_tx_packets"] > 1000 and m["weft_backend_rx_packets"] > 1000, m
+        assert m["weft_backend_pods_redirect"] + m["weft_backend_tx_packets"] > 0
+        assert m["weft_backend_rx_peer"] + m["weft_backend_rx_redirect"] > 0, m
+        assert m.get("weft_backend_drops_tunnel_key", 0) == 0 and "weft_backend_drops_no_peer" in m
+        # weftctl peermap works from the node's namespace (its own process, own mount namespace)
+        out = lab.exec(lab.node(1).namespace, [PY, "-m", "controlplane.ctl", "peermap"], timeout=30, check=True)
+        assert "10.244." in out.stdout and "VTEP MAC" in out.stdout
+    finally:
+        problems = lab.down()
+    assert not problems and not nothing_left(lab)
+
+
+def test_lab_suite_three_ebpf_nodes():
+    _lab_suite(None)
+
+
+def test_lab_suite_mixed_with_kernel_nodes():
+    # node 2 runs vxlan/kernel: the suite's transfers (1<->2) cross eBPF<->kernel both ways, the
+    # restart is the kernel node's, the released lease (node 3, eBPF) leaves an eBPF map and a
+    # kernel routing table
+    _lab_suite({2: "kernel"})
+
+
+def test_resync_puts_back_what_was_removed(net):
+    net.start(EBPF3)
+    node = net.node[1]
+    sh("tc", "filter", "del", "dev", "flannel.1", "egress", ns=node)
+    sh("tc", "filter", "del", "dev", "cni0", "ingress", ns=node)
+    net.call(1, "resync")
+    assert net.call(1, "stats")["filters_restored"] == 1
+    assert sh("tc", "-n", node, "filter", "show", "dev", "cni0", "ingress").count("direct-action") == 1
+    assert net.ping_failures([(1, 2), (2, 1)]) == []
+    sh("ip", "link", "del", "flannel.1", ns=node)
+    net.call(1, "resync")
+    assert net.call(1, "stats")["device_recreated"] == 1
+    assert net.ping_failures([(1, 2), (2, 1), (1, 3)]) == []
+    assert net.ping_failures([(1, 2)], src_ns=net.node) == []
+
+
+def _capture_vxlan(ns: str, iface: str, seconds: float, during) -> list[bytes]:
+    """Raw frames with UDP dst 8472 seen on ``iface`` of ``ns`` while ``during()`` runs."""
+    import threading
+    frames: list[bytes] = []
+    ready = threading.Event()
+
+    def grab():
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))  # ETH_P_ALL: also outgoing
+        s.bind((iface, 0))
+        s.settimeout(0.2)
+        ready.set()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                f = s.recv(65535)
+            except socket.timeout:
+                continue
+            if len(f) > 50 and f[12:14] == b"\x08\x00" and f[23] == 17 and int.from_bytes(f[36:38], "big") == 8472:
+                frames.append(f)
+        s.close()
+    t = threading.Thread(target=lambda: _in_netns(ns, grab))
+    t.start()
+    ready.wait(5)
+    during()
+    t.join(seconds + 10)
+    return frames
+
+
+def _outer(f: bytes) -> dict:
+    ihl = (f[14] & 0x0F) * 4
+    udp = 14 + ihl
+    vx = udp + 8
+    inner = vx + 8
+    return {"tos": f[15], "df": bool(f[20] & 0x40), "ttl": f[22], "src": socket.inet_ntoa(f[26:30]),
+            "dst": socket.inet_ntoa(f[30:34]), "dport": int.from_bytes(f[udp + 2:udp + 4], "big"),
+            "udp_csum": int.from_bytes(f[udp + 6:udp + 8], "big"), "vx_flags": f[vx],
+            "vni": int.from_bytes(f[vx + 4:vx + 7], "big"),
+            "inner_dmac": ":".join(f"{b:02x}" for b in f[inner:inner + 6]),
+            "inner_smac": ":".join(f"{b:02x}" for b in f[inner + 6:inner + 12])}
+
+
+def test_wire_identical_to_vxlan_kernel(net):
+    """Outer headers an eBPF node sends equal what a kernel node sends (same fields, same values)."""
+    net.start(MIXED)
+    mac = {n: net.leases[n].attrs.backend_data["VtepMAC"] for n in NODES}
+    frames = _capture_vxlan(net.wire, "w2", 2.0, lambda: net.ping_failures([(1, 2), (3, 2)]))
+    by_src = {}
+    for f in frames:
+        o = _outer(f)
+        by_src.setdefault(o["src"], o)
+    ebpf, kernel = by_src.get("198.18.0.1"), by_src.get("198.18.0.3")
+    assert ebpf and kernel, by_src
+    assert ebpf["inner_dmac"] == kernel["inner_dmac"] == mac[2]
+    assert (ebpf["inner_smac"], kernel["inner_smac"]) == (mac[1], mac[3])
+    for field in ("tos", "df", "ttl", "dst", "dport", "vx_flags", "vni"):
+        assert ebpf[field] == kernel[field], (field, ebpf, kernel)
+    assert (ebpf["dport"], ebpf["vni"], ebpf["vx_flags"]) == (8472, 1, 0x08)
+    # both carry an outer UDP checksum (the kernel device's udpcsum default, which flannel keeps)
+    assert ebpf["udp_csum"] != 0 and kernel["udp_csum"] != 0
+
+
+def _side(spec: str) -> tuple[str, int | None]:
+    """``kernel``, ``ebpf`` or ``ebpf:<weft_config flags>`` -> (backend, flags or None)."""
+    import fastpath.bpf as fb
+    kind, _, flags = spec.partition(":")
+    return f"vxlan/{kind}", (int(flags, 0) if flags else (fb.CFG_DEFAULT if kind == "ebpf" else None))
+
+
+def bench_concurrent_ab(spec: str = "kernel,ebpf", rounds: int = 4, no_tso: bool = False) -> None:
+    """Two data planes at once: pods 1->2 over side A, 3->4 over side B, iperf3 running at the same
+    time, so other load on the machine hits both alike; the sides swap every round. The ratio B/A
+    is then a comparison of cost per byte that a noisy neighbour does not skew.
+    ``spec``: "kernel,ebpf" (default) or e.g. "ebpf,ebpf:0x2c" for an ablation."""
+    import math
+    label = [x.strip() for x in spec.split(",")]
+    sides = [_side(x) for x in label]
+    seconds = 5
+    c = Cluster(prefix=PREFIX + "b", nodes=(1, 2, 3, 4))
+    ratios, rows = [], []
+    try:
+        c.build()
+        if no_tso:  # per-packet cost made visible: the pods send MTU-sized packets
+            for n in c.nodes:
+                sh("ethtool", "-K", "eth0", "tso", "off", "gso", "off", ns=c.pod[n])
+        for r in range(rounds):
+            pos = {0: (1, 2), 1: (3, 4)} if r % 2 == 0 else {0: (3, 4), 1: (1, 2)}  # side -> nodes
+            kinds = {n: sides[i][0] for i in (0, 1) for n in pos[i]}
+            c.start(kinds)
+            for i in (0, 1):
+                if sides[i][1] is not None:
+                    for n in pos[i]:
+                        c.call(n, "set_flags", sides[i][1])
+            assert c.ping_failures([(1, 2), (3, 4), (2, 1), (4, 3)]) == []
+            for n, k in kinds.items():
+                if k == "vxlan/ebpf":
+                    c.call(n, "sync_endpoints")
+            servers = [subprocess.Popen(["ip", "netns", "exec", c.pod[b], "iperf3", "-s", "-1", "-B",
+                                         f"10.244.{b}.2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       for b in (2, 4)]
+            time.sleep(0.3)
+            clients = {i: subprocess.Popen(["ip", "netns", "exec", c.pod[pos[i][0]], "iperf3", "-c",
+                                            f"10.244.{pos[i][1]}.2", "-t", str(seconds), "-J"],
+                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                       for i in (0, 1)}
+            gbit = {}
+            for i, p in clients.items():
+                out, _ = p.communicate(timeout=seconds + 30)
+                gbit[i] = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+            for srv in servers:
+                try:
+                    srv.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    srv.kill()
+                    srv.wait()
+            rtt = {i: ping_p50(c, *pos[i]) for i in (0, 1)}
+            ratio = gbit[1] / gbit[0]
+            ratios.append(ratio)
+            rows.append((gbit[0], gbit[1], ratio, rtt[0], rtt[1]))
+            print(f"\nround {r} ({label[1]} on {pos[1]}): {label[0]} {gbit[0]:.2f} {label[1]} {gbit[1]:.2f} "
+                  f"Gbit/s, ratio {ratio:.2f}; ping p50 {rtt[0]:.1f} / {rtt[1]:.1f} us")
+            c.stop()
+    finally:
+        c.destroy()
+    print(f"\n| round | {label[0]} Gbit/s | {label[1]} Gbit/s | ratio | ping p50 {label[0]} us | ping p50 {label[1]} us |")
+    for i, row in enumerate(rows):
+        print(f"| {i} | {row[0]:.2f} | {row[1]:.2f} | {row[2]:.2f} | {row[3]:.1f} | {row[4]:.1f} |")
+    geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+    print(f"{label[1]} / {label[0]}: geometric mean ratio {geo:.2f} (sides alternate, so the pair-position "
+          f"bias cancels); median ratio {statistics.median(ratios):.2f}; median RTT delta "
+          f"{statistics.median(r[4] - r[3] for r in rows):+.1f} us")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m tests.test_ebpf_e2e",
+                                 description="vxlan/ebpf against vxlan/kernel, pod to pod (iperf3 -t 5, ping)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ab = sub.add_parser("ab", help="two data planes at once, sides swapped every round (robust to noise)")
+    ab.add_argument("--sides", default="kernel,ebpf", help="A,B: kernel | ebpf | ebpf:<weft_config flags>")
+    ab.add_argument("--rounds", type=int, default=6)
+    ab.add_argument("--no-tso", action="store_true", help="pods without TSO/GSO (per-packet cost)")
+    sq = sub.add_parser("sequential", help="one data plane after the other")
+    sq.add_argument("--which", choices=("", "main", "all"), default="")
+    sq.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("needs root (network namespaces)")
+    if a.cmd == "ab":
+        bench_concurrent_ab(a.sides, a.rounds, a.no_tso)
+    else:
+        cl = Cluster()
+        try:
+            cl.build()
+            bench_sequential(cl, a.rounds, a.which)
+        finally:
+            cl.destroy()
+
+
+def test_lab_lease_expiry_leaves_the_map():
+    """A node that dies without releasing (SIGKILL) leaves the others' maps when its lease expires
+    (lease TTL 4 s here), as a released lease does."""
+    import dataclasses
+    import signal
+    from bench.scenario import WeftdSpec, load
+    from .e2e import lab_for, nothing_left
+    scn = load(os.path.join(REPO, "scenarios", "default.toml"))
+    scn = dataclasses.replace(scn, weftd=WeftdSpec(flags=("--lease-ttl", "4")))
+    lab = lab_for(scn, "vxlan/ebpf")
+    lab.up()
+    try:
+        subnet = lab.node(3).subnet
+        assert ebpf_map_has(lab, 1, subnet) and ebpf_map_has(lab, 2, subnet)
+        t0 = time.monotonic()
+        lab.kill_node(3, signal.SIGKILL)
+        deadline = t0 + 4 + 5
+        while time.monotonic() < deadline and (ebpf_map_has(lab, 1, subnet) or ebpf_map_has(lab, 2, subnet)):
+            time.sleep(0.1)
+        gone_after = time.monotonic() - t0
+        assert not ebpf_map_has(lab, 1, subnet) and not ebpf_map_has(lab, 2, subnet), \
+            f"{subnet} still in a map {gone_after:.1f} s after its holder died (TTL 4 s)"
+        print(f"\nexpired lease left the maps {gone_after:.1f} s after SIGKILL (TTL 4 s)")
+    finally:
+        problems = lab.down()
+    assert not problems and not nothing_left(lab)
