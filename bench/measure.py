@@ -117,15 +117,19 @@ class Endpoint:
     ip: str
 
 
+def pinned(argv: list[str], cpu: int | None) -> list[str]:
+    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
+
+
 class Iperf3Server:
     """``iperf3 -s -1`` in the destination namespace: serves exactly one test, then exits."""
 
-    def __init__(self, dst: Endpoint, port: int = IPERF_PORT):
-        self.dst, self.port = dst, port
+    def __init__(self, dst: Endpoint, port: int = IPERF_PORT, cpu: int | None = None):
+        self.dst, self.port, self.cpu = dst, port, cpu
 
     def __enter__(self):
-        self.proc = subprocess.Popen(netns(self.dst.ns, ["iperf3", "-s", "-1", "-B", self.dst.ip,
-                                                         "-p", str(self.port)]),
+        self.proc = subprocess.Popen(netns(self.dst.ns, pinned(["iperf3", "-s", "-1", "-B", self.dst.ip,
+                                                                "-p", str(self.port)], self.cpu)),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # wait until it listens
@@ -147,15 +151,17 @@ class Iperf3Server:
 
 
 def iperf3(src: Endpoint, dst: Endpoint, seconds: float, streams: int = 1, udp_rate: str = "",
-           length: int = 0) -> dict:
-    """One iperf3 test; TCP by default, UDP at ``udp_rate`` (e.g. "500M", "0" = unlimited)."""
+           length: int = 0, cpus: tuple[int, int] | None = None) -> dict:
+    """One iperf3 test; TCP by default, UDP at ``udp_rate`` (e.g. "500M", "0" = unlimited).
+    ``cpus``: pin the client and the server to these CPUs."""
     argv = ["iperf3", "-c", dst.ip, "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-J", "-P", str(streams)]
     if udp_rate:
         argv += ["-u", "-b", udp_rate]
     if length:
         argv += ["-l", str(length)]
-    with Iperf3Server(dst):
-        out = _run(netns(src.ns, argv), timeout=seconds + 15)
+    client_cpu, server_cpu = cpus or (None, None)
+    with Iperf3Server(dst, cpu=server_cpu):
+        out = _run(netns(src.ns, pinned(argv, client_cpu)), timeout=seconds + 15)
     try:
         doc = json.loads(out)
     except json.JSONDecodeError:
@@ -221,13 +227,12 @@ def request_response(src: Endpoint, dst: Endpoint, seconds: float = 1.0, cpu: in
     Pinned, because unpinned probes on a small VM mostly measure cross-CPU wake-ups.
     """
     port = "11111"
-    server = subprocess.Popen(netns(dst.ns, ["taskset", "-c", str(cpu), "sockperf", "sr", "-i", dst.ip,
-                                             "-p", port]),
+    server = subprocess.Popen(netns(dst.ns, pinned(["sockperf", "sr", "-i", dst.ip, "-p", port], cpu)),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.2)
-        out = _run(netns(src.ns, ["taskset", "-c", str(cpu), "sockperf", "pp", "-i", dst.ip, "-p", port,
-                                  "-t", f"{max(1, round(seconds))}", "-m", "64", "--full-rtt"]),
+        out = _run(netns(src.ns, pinned(["sockperf", "pp", "-i", dst.ip, "-p", port,
+                                         "-t", f"{max(1, round(seconds))}", "-m", "64", "--full-rtt"], cpu)),
                    timeout=seconds + 15)
     finally:
         server.terminate()
@@ -240,6 +245,11 @@ def request_response(src: Endpoint, dst: Endpoint, seconds: float = 1.0, cpu: in
     if not m:
         raise MeasureError("sockperf: no percentile in its output")
     return {"rr_p50_us": float(m.group(1))}
+
+
+def pin_process(pid: int, cpu: int) -> None:
+    """Every thread of ``pid`` (and the threads it starts later) on one CPU."""
+    _run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], timeout=10)
 
 
 def set_offloads(ns: str, dev: str, on: bool) -> None:

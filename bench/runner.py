@@ -32,7 +32,7 @@ RETRIES = 3  # extra attempts of a probe disturbed by foreign load
 class Plan:
     """How long each probe runs and which run; --quick keeps what the CI gate needs."""
     repeat: int = 3
-    tcp1_s: float = 2.0
+    tcp1_s: float = 3.0
     tcp4_s: float = 1.5
     udp_s: float = 1.0
     udp_rate: str = "300M"
@@ -42,6 +42,9 @@ class Plan:
     rr_s: float = 1.0
     nooffload_s: float = 1.0
     full: bool = True
+    # Fixed CPU placement (see README, "Placement"): sender, receiver, node 1's and node 2's daemon.
+    # On 2 vCPUs the scheduler otherwise picks a different layout per run, and throughput with it.
+    placement: tuple[int, int, int, int] | None = (0, 1, 1, 0) if (os.cpu_count() or 1) >= 2 else None
     throttle: dict = field(default_factory=dict)  # backend -> tbf rate on the sending pod (gate self-test)
 
     @classmethod
@@ -147,13 +150,14 @@ def endpoints(lab, backend: str) -> tuple[Endpoint, Endpoint, str]:
 
 def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str) -> dict:
     src, dst, dev = endpoints(lab, backend)
+    cpus = plan.placement[:2] if plan.placement else None
     spaces = [n.namespace for n in lab.nodes] + [p.namespace for p in lab.pods]
     pids = [n.pid for n in lab.nodes if n.pid] if backend != BARE else []
     row: dict = {}
 
     progress.show(f"{label}: TCP 1 stream")
     cpu0 = {p: process_cpu(p) for p in pids}
-    tcp1, guard = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp1_s), "tcp1", row)
+    tcp1, guard = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp1_s, cpus=cpus), "tcp1", row)
     row.update(tcp1_gbps=tcp1["gbps"], retransmits=tcp1["retransmits"])
     gbits = tcp1["bytes"] * 8 / 1e9
     row["core_s_per_gbit"] = guard.machine_busy_s / gbits if gbits else None
@@ -166,13 +170,13 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str) 
         return row
 
     progress.show(f"{label}: TCP 4 streams")
-    tcp4, _ = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp4_s, streams=4), "tcp4", row)
+    tcp4, _ = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp4_s, streams=4, cpus=cpus), "tcp4", row)
     row["tcp4_gbps"] = tcp4["gbps"]
     progress.show(f"{label}: UDP at {plan.udp_rate}bit/s")
-    udp = measure.iperf3(src, dst, plan.udp_s, udp_rate=plan.udp_rate)
+    udp = measure.iperf3(src, dst, plan.udp_s, udp_rate=plan.udp_rate, cpus=cpus)
     row.update(udp_loss_pct=udp["loss_pct"], udp_jitter_ms=udp["jitter_ms"])
     progress.show(f"{label}: small packets")
-    small = measure.iperf3(src, dst, plan.pps_s, udp_rate="0", length=64)
+    small = measure.iperf3(src, dst, plan.pps_s, udp_rate="0", length=64, cpus=cpus)
     row["pps"] = small["pps"]
     if measure.have_sockperf():
         progress.show(f"{label}: request/response (pinned)")
@@ -181,7 +185,7 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str) 
     measure.set_offloads(src.ns, dev, False)
     measure.set_offloads(dst.ns, dev, False)
     try:
-        row["tcp1_nooffload_gbps"] = measure.iperf3(src, dst, plan.nooffload_s)["gbps"]
+        row["tcp1_nooffload_gbps"] = measure.iperf3(src, dst, plan.nooffload_s, cpus=cpus)["gbps"]
     finally:
         measure.set_offloads(src.ns, dev, True)
         measure.set_offloads(dst.ns, dev, True)
@@ -196,6 +200,10 @@ def run_backend(scenario, backend: str, plan: Plan, progress: Progress, lab_fact
     try:
         check_connectivity(lab, backend)
         src, _, dev = endpoints(lab, backend)
+        if plan.placement and backend != BARE:
+            for node, cpu in ((lab.node(1), plan.placement[2]), (lab.node(2), plan.placement[3])):
+                if node.pid:
+                    measure.pin_process(node.pid, cpu)
         rate = plan.throttle.get(backend)
         if rate:
             measure.throttle(src.ns, dev, rate)

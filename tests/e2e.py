@@ -115,7 +115,57 @@ def kernel_route(lab: Lab, node: int, subnet: str) -> bool:
     return bool(out.strip())
 
 
-def lease_removal_propagates(lab: Lab, victim: int, has_peer=kernel_route, within: float = 2.0) -> float:
+def metrics(lab: Lab, n: int) -> dict[str, float]:
+    """weftd's /metrics on node n, as name -> value (label sets summed)."""
+    from bench.scale import metrics as fetch
+    return fetch(lab.node(n).namespace)
+
+
+def in_netns(ns: str, fn):
+    """fn() in a thread that entered ``ns`` (its subprocesses inherit it); this process stays put."""
+    box = {}
+
+    def body():
+        from pyroute2 import netns
+        try:
+            netns.setns(ns, flags=0)
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(30)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def ebpf_map_has(lab: Lab, n: int, subnet: str) -> bool:
+    """Whether node n's live weft_peers map (read as weftctl peermap reads it) holds ``subnet``."""
+    from fastpath.bpf.live import read
+    doc = in_netns(lab.node(n).namespace, read)
+    return any(e["subnet"] == subnet and not e["local"] for e in doc["peers"])
+
+
+def engine_has_all(lab: Lab, n: int, subnet: str) -> bool:
+    """A userspace node programs peers in its engine: its route count covers every other node."""
+    try:
+        return metrics(lab, n).get("weft_backend_routes", -1) >= len(lab.nodes) - 1
+    except Exception:
+        return False
+
+
+def programmed(lab: Lab, n: int, subnet: str) -> bool:
+    """Whether node n has ``subnet`` in its data plane, wherever that data plane keeps peers."""
+    dataplane = lab.scenario.dataplane(n)
+    if dataplane == "ebpf":
+        return ebpf_map_has(lab, n, subnet)
+    if dataplane in ("fastpath", "python"):
+        return engine_has_all(lab, n, subnet)
+    return kernel_route(lab, n, subnet)
+
+
+def lease_removal_propagates(lab: Lab, victim: int, has_peer=programmed, within: float = 2.0) -> float:
     """Release node ``victim``'s lease with weftctl; seconds until no other node has it programmed."""
     subnet = lab.node(victim).subnet
     others = [n.index for n in lab.nodes if n.index != victim]
@@ -163,7 +213,7 @@ def _start(pid: int):
         return None
 
 
-def run_suite(lab: Lab, has_peer=kernel_route) -> dict:
+def run_suite(lab: Lab, has_peer=programmed) -> dict:
     """The whole suite on a 3-node lab that is up; returns what it measured."""
     assert not all_pairs_ping(lab), all_pairs_ping(lab)
     a = next(p for p in lab.pods if p.node == 1)

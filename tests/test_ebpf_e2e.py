@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import multiprocessing
 import os
 import re
 import socket
@@ -38,11 +37,13 @@ import time
 
 import pytest
 
-from controlplane.backends import BackendError, BackendOptions, ExternalInterface, load_backend
+from controlplane.backends import BackendError, ExternalInterface, load_backend
 from controlplane.config import parse_config
 from controlplane.lease import Lease
 
 from .conftest import needs_bcc, needs_root
+from .e2e import ebpf_map_has, in_netns, metrics
+from .nsagent import Agent, sh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = os.path.join(REPO, ".venv", "bin", "python") if os.path.exists(
@@ -50,98 +51,8 @@ PY = os.path.join(REPO, ".venv", "bin", "python") if os.path.exists(
 PREFIX = f"web{os.getpid() % 1000}-"
 NODES = (1, 2, 3)
 CONFIG = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
-CALL_TIMEOUT = 30
 
 pytestmark = [needs_root, needs_bcc]
-
-
-def sh(*args: str, ns: str | None = None, check: bool = True, timeout: float = 10, input=None) -> str:
-    cmd = ["ip", "netns", "exec", ns, *args] if ns else list(args)
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
-    if check and res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: {res.stderr.strip() or res.returncode}")
-    return res.stdout
-
-
-# -- agent: a forked child in one node namespace, holding that node's backend ------------------------
-
-def _agent_main(ns: str, conn) -> None:
-    from pyroute2 import netns
-    netns.setns(ns, flags=0)
-    objs: dict = {}
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            break
-        op, key, args = msg
-        try:
-            if op == "backend":
-                name, config, fields, options = args
-                fields = dict(fields, index=socket.if_nametoindex(fields["name"]))
-                objs[key] = load_backend(name)(config, ExternalInterface(**fields), BackendOptions(**options))
-                result = None
-            elif op == "timed":  # call a method once per argument tuple; return the seconds taken
-                method, arg_list = args
-                fn = getattr(objs[key], method)
-                t0 = time.perf_counter()
-                for call_args in arg_list:
-                    fn(*call_args)
-                result = time.perf_counter() - t0
-            elif op == "drop":
-                obj = objs.pop(key)
-                if hasattr(obj, "close"):
-                    obj.close()
-                result = None
-            else:
-                method, call_args = args
-                result = getattr(objs[key], method)(*call_args)
-            conn.send((True, result))
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            conn.send((False, (type(exc).__name__, str(exc))))
-
-
-class Agent:
-    def __init__(self, ns: str):
-        ctx = multiprocessing.get_context("fork")
-        self.ns = ns
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_agent_main, args=(ns, child), daemon=True)
-        self.proc.start()
-        child.close()
-
-    def _send(self, op, key, args):
-        self.conn.send((op, key, args))
-        if not self.conn.poll(CALL_TIMEOUT):
-            raise TimeoutError(f"agent in {self.ns}: {op} {key} took over {CALL_TIMEOUT} s")
-        ok, value = self.conn.recv()
-        if ok:
-            return value
-        name, text = value
-        if name == "BackendError":
-            raise BackendError(text)
-        raise RuntimeError(f"in {self.ns}: {name}: {text}")
-
-    def backend(self, key, name, config, fields, options=None):
-        return self._send("backend", key, (name, config, fields, options or {}))
-
-    def call(self, key, method, *args):
-        return self._send("call", key, (method, args))
-
-    def timed(self, key, method, arg_list):
-        return self._send("timed", key, (method, arg_list))
-
-    def drop(self, key):
-        return self._send("drop", key, None)
-
-    def stop(self) -> None:
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
-        self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
 
 
 # -- the cluster --------------------------------------------------------------------------------------
@@ -503,74 +414,20 @@ def bench_sequential(net: Cluster, rounds: int = 3, which: str = "") -> None:
 
 # -- part 2: weftd in the lab (bench/lab.py, tests/e2e.py) ---------------------------------------------
 
-def _in_netns(ns: str, fn):
-    """fn() in a thread that entered ``ns`` (its subprocesses inherit it); the process stays put."""
-    import threading
-    box = {}
-
-    def body():
-        from pyroute2 import netns
-        try:
-            netns.setns(ns, flags=0)
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001
-            box["error"] = exc
-    t = threading.Thread(target=body)
-    t.start()
-    t.join(30)
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
-
-
-def ebpf_map_has(lab, n: int, subnet: str) -> bool:
-    """Whether node n's live weft_peers map (read as weftctl peermap reads it) holds ``subnet``."""
-    from fastpath.bpf.live import read
-    doc = _in_netns(lab.node(n).namespace, read)
-    return any(e["subnet"] == subnet and not e["local"] for e in doc["peers"])
-
-
-def _metrics(lab, n: int) -> dict[str, float]:
-    """weftd's /metrics on node n, parsed (weft_* samples only)."""
-    node = lab.node(n)
-    sock = lab.socket(node.namespace)
-    data = b""
-    try:
-        sock.settimeout(2)
-        sock.connect((node.public_ip, 9180))
-        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        sock.close()
-    out = {}
-    for line in data.decode(errors="replace").splitlines():
-        m = re.match(r"^(weft_[a-z0-9_]+)(?:\{[^}]*\})? ([-+0-9.eE]+)$", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
-
-
 def _lab_suite(dataplanes: dict[int, str] | None):
     from bench.scenario import load
-    from .e2e import kernel_route, lab_for, nothing_left, run_suite
+    from .e2e import lab_for, nothing_left, run_suite
     lab = lab_for(load(os.path.join(REPO, "scenarios", "default.toml")), "vxlan/ebpf", dataplanes)
     kinds = {n: (dataplanes or {}).get(n, "ebpf") for n in NODES}
-
-    def has_peer(lab, n, subnet):
-        return ebpf_map_has(lab, n, subnet) if kinds[n] == "ebpf" else kernel_route(lab, n, subnet)
     lab.up()
     try:
         for n in NODES:  # what each node runs
             link = lab.exec(lab.node(n).namespace, ["ip", "-d", "link", "show", "flannel.1"], check=True).stdout
             assert ("external" in link) == (kinds[n] == "ebpf"), link
-        result = run_suite(lab, has_peer)
+        result = run_suite(lab)
         print(f"\nlease removal reached every node in {result['removal_s'] * 1000:.0f} ms")
         # the per-CPU counters reach /metrics (node 1 runs vxlan/ebpf in both labs)
-        m = _metrics(lab, 1)
+        m = metrics(lab, 1)
         assert m["weft_backend_tx_packets"] > 1000 and m["weft_backend_rx_packets"] > 1000, m
         assert m["weft_backend_pods_redirect"] + m["weft_backend_tx_packets"] > 0
         assert m["weft_backend_rx_peer"] + m["weft_backend_rx_redirect"] > 0, m
@@ -630,7 +487,7 @@ def _capture_vxlan(ns: str, iface: str, seconds: float, during) -> list[bytes]:
             if len(f) > 50 and f[12:14] == b"\x08\x00" and f[23] == 17 and int.from_bytes(f[36:38], "big") == 8472:
                 frames.append(f)
         s.close()
-    t = threading.Thread(target=lambda: _in_netns(ns, grab))
+    t = threading.Thread(target=lambda: in_netns(ns, grab))
     t.start()
     ready.wait(5)
     during()

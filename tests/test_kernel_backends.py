@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import multiprocessing
 import os
-import socket
 import subprocess
 import time
 
 import pytest
 
-from controlplane.backends import BackendError, BackendOptions, ExternalInterface, load_backend
+from controlplane.backends import BackendError, ExternalInterface, load_backend
 from controlplane.config import parse_config
 from controlplane.lease import Lease, LeaseAttrs
 from fastpath.hostgw.kernel import HostGWKernelBackend
 from fastpath.vxlan.kernel import VXLANKernelBackend, parse_unicast_mac, random_mac
 
 from .conftest import needs_root
+from .nsagent import Agent, ipj, sh
 
 PREFIX = f"wkb{os.getpid() % 1000}-"
 NODES = (1, 2, 3)
@@ -36,100 +35,6 @@ VXLAN = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
 VXLAN_DIRECT = parse_config('{"Network": "10.244.0.0/16", '
                             '"Backend": {"Type": "vxlan", "DirectRouting": true}}')
 HOSTGW = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}')
-CALL_TIMEOUT = 20
-
-
-def sh(*args: str, ns: str | None = None, check: bool = True, timeout: float = 10) -> str:
-    cmd = ["ip", "netns", "exec", ns, *args] if ns else list(args)
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: {res.stderr.strip() or res.returncode}")
-    return res.stdout
-
-
-def ipj(ns: str, *args: str, tool: str = "ip") -> list:
-    """``ip -n NS -j ...`` (or ``bridge``) parsed."""
-    out = sh(tool, "-n", ns, "-j", *args)
-    return json.loads(out) if out.strip() else []
-
-
-# -- the agent: a child process living in one namespace ---------------------------------------------
-
-def _agent_main(ns: str, conn) -> None:
-    from pyroute2 import netns
-    netns.setns(ns, flags=0)  # flags=0: never create it
-    objs: dict = {}
-    while True:
-        msg = conn.recv()
-        if msg is None:
-            break
-        op, key, args = msg
-        try:
-            if op == "backend":
-                cls_name, config, iface_fields, options = args
-                fields = dict(iface_fields, index=socket.if_nametoindex(iface_fields["name"]))
-                objs[key] = load_backend(cls_name)(config, ExternalInterface(**fields),
-                                                   BackendOptions(**options))
-                result = None
-            elif op == "masq":
-                from controlplane.masq import Masquerade
-                objs[key] = Masquerade(*args)
-                result = None
-            elif op == "drop":  # forget the object, as a killed daemon would; the data plane stays
-                obj = objs.pop(key)
-                if hasattr(obj, "close"):
-                    obj.close()
-                result = None
-            else:
-                method, call_args = args
-                result = getattr(objs[key], method)(*call_args)
-            conn.send((True, result))
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            conn.send((False, (type(exc).__name__, str(exc))))
-
-
-class Agent:
-    def __init__(self, ns: str):
-        ctx = multiprocessing.get_context("fork")
-        self.ns = ns
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_agent_main, args=(ns, child), daemon=True)
-        self.proc.start()
-        child.close()
-
-    def _send(self, op: str, key: str, args) -> object:
-        self.conn.send((op, key, args))
-        if not self.conn.poll(CALL_TIMEOUT):
-            raise TimeoutError(f"agent in {self.ns}: {op} {key} took over {CALL_TIMEOUT} s")
-        ok, value = self.conn.recv()
-        if ok:
-            return value
-        name, text = value
-        if name == "BackendError":
-            raise BackendError(text)
-        raise RuntimeError(f"in {self.ns}: {name}: {text}")
-
-    def backend(self, key, cls_name, config, iface_fields, options=None):
-        return self._send("backend", key, (cls_name, config, iface_fields, options or {}))
-
-    def masq(self, key, *args):
-        return self._send("masq", key, args)
-
-    def call(self, key, method, *args):
-        return self._send("call", key, (method, args))
-
-    def drop(self, key):
-        return self._send("drop", key, None)
-
-    def stop(self) -> None:
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
-        self.proc.join(5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
 
 
 # -- the lab ----------------------------------------------------------------------------------------
