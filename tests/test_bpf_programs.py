@@ -20,11 +20,11 @@ import os
 import socket
 import struct
 import subprocess
-import threading
 import time
 
 import pytest
 
+from .e2e import in_netns
 from .conftest import needs_bcc, needs_root
 
 pytestmark = [needs_root, needs_bcc]
@@ -256,25 +256,6 @@ def scratch_ns():
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], timeout=10)
-
-
-def in_netns(ns: str, fn):
-    """Run fn() in a thread that entered ``ns`` (setns changes only that thread)."""
-    box = {}
-
-    def body():
-        from pyroute2 import netns
-        try:
-            netns.setns(ns, flags=0)
-            box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001
-            box["error"] = exc
-    t = threading.Thread(target=body)
-    t.start()
-    t.join(30)
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def skb_ctx(ingress_ifindex: int) -> bytes:

@@ -24,7 +24,8 @@ from controlplane.backends import BackendError, ExternalInterface, load_backend
 from controlplane.config import parse_config
 from controlplane.lease import Lease, LeaseAttrs
 from fastpath.hostgw.kernel import HostGWKernelBackend
-from fastpath.vxlan.kernel import VXLANKernelBackend, parse_unicast_mac, random_mac
+from fastpath.vxlan.kernel import VXLANKernelBackend
+from fastpath.vxlan.vtep import parse_unicast_mac, random_mac
 
 from .conftest import needs_root
 from .nsagent import Agent, ipj, sh

@@ -60,10 +60,10 @@ import threading
 
 from controlplane.backends.base import BackendError, BackendOptions, ExternalInterface
 from controlplane.config import NetworkConfig
-from controlplane.lease import Lease, LeaseAttrs
+from controlplane.lease import Lease
 
 from ..netlink import GONE, NetlinkBackend, ignore_gone, nl_errno, only_address
-from .kernel import parse_unicast_mac, random_mac
+from .vtep import VtepIdentity, parse_unicast_mac
 
 log = logging.getLogger("weft.backend.vxlan.ebpf")
 
@@ -79,7 +79,7 @@ POD_BRIDGE = "cni0"
 WATCH_INTERVAL = 1.0  # seconds between looks at the pod bridge (new pods, cni0 created late)
 
 
-class VXLANEBPFBackend(NetlinkBackend):
+class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
     wire_type = "vxlan"
     dataplane = "ebpf"
 
@@ -119,26 +119,6 @@ class VXLANEBPFBackend(NetlinkBackend):
 
     # -- lease ------------------------------------------------------------------------------------
 
-    def lease_attrs(self, previous: Lease | None) -> LeaseAttrs:
-        with self._lock:
-            if self.vtep_mac is None:
-                self.vtep_mac = self._pick_mac(previous)
-            return LeaseAttrs(self.iface.public_ip, self.wire_type,
-                              {"VNI": self.vni, "VtepMAC": self.vtep_mac})
-
-    def _pick_mac(self, previous: Lease | None) -> str:
-        """The previous lease's VtepMAC, else the existing device's, else a new random one."""
-        if previous is not None and isinstance(previous.attrs.backend_data, dict):
-            mac = parse_unicast_mac(previous.attrs.backend_data.get("VtepMAC"))
-            if mac:
-                return mac
-        idx = self._index(self.dev_name)
-        if idx is not None:
-            mac = parse_unicast_mac(self.ipr.link("get", index=idx)[0].get("IFLA_ADDRESS"))
-            if mac:
-                return mac
-        return random_mac()
-
     # -- setup ------------------------------------------------------------------------------------
 
     def _programs(self):
@@ -152,10 +132,7 @@ class VXLANEBPFBackend(NetlinkBackend):
 
     def setup(self, lease: Lease) -> None:
         with self._lock:
-            if self.vtep_mac is None:
-                data = lease.attrs.backend_data
-                mac = parse_unicast_mac(data.get("VtepMAC")) if isinstance(data, dict) else None
-                self.vtep_mac = mac or self._pick_mac(None)
+            self._adopt_mac(lease)
             self.lease = lease
             progs = self._programs()
             inherited = self._inherit()

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import logging
 
-from controlplane.lease import Lease, LeaseAttrs
+from controlplane.lease import Lease
 
 from fastpath.engine import load_engine
 from fastpath.engine.backend import TunEngineBackend
-from fastpath.vxlan.kernel import parse_unicast_mac, random_mac
+from fastpath.vxlan.vtep import VtepIdentity, parse_unicast_mac
 
 log = logging.getLogger("weft.backend.vxlan-fastpath")
 
 
-class VXLANFastpathBackend(TunEngineBackend):
+class VXLANFastpathBackend(VtepIdentity, TunEngineBackend):
     wire_type = "vxlan"
     dataplane = "fastpath"
     mode = "vxlan"
@@ -36,20 +36,8 @@ class VXLANFastpathBackend(TunEngineBackend):
     def dev_name(self) -> str:
         return f"flannel.{self.vni}"
 
-    def lease_attrs(self, previous: Lease | None) -> LeaseAttrs:
-        with self._lock:
-            if self.vtep_mac is None:
-                data = previous.attrs.backend_data if previous is not None else None
-                mac = parse_unicast_mac(data.get("VtepMAC")) if isinstance(data, dict) else None
-                self.vtep_mac = mac or random_mac()
-            return LeaseAttrs(self.iface.public_ip, self.wire_type,
-                              {"VNI": self.vni, "VtepMAC": self.vtep_mac})
-
     def setup(self, lease: Lease) -> None:
-        if self.vtep_mac is None:
-            data = lease.attrs.backend_data
-            mac = parse_unicast_mac(data.get("VtepMAC")) if isinstance(data, dict) else None
-            self.vtep_mac = mac or random_mac()
+        self._adopt_mac(lease)
         super().setup(lease)
 
     def engine_class(self):

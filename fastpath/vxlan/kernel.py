@@ -36,8 +36,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import random
-import re
 import shutil
 import socket
 import subprocess
@@ -45,9 +43,10 @@ from dataclasses import dataclass
 
 from controlplane.backends.base import BackendError, BackendOptions, ExternalInterface
 from controlplane.config import NetworkConfig
-from controlplane.lease import Lease, LeaseAttrs
+from controlplane.lease import Lease
 
 from ..netlink import NetlinkBackend, ignore_gone, nl_errno, only_address
+from .vtep import VtepIdentity, parse_unicast_mac
 
 log = logging.getLogger("weft.backend.vxlan")
 
@@ -57,27 +56,6 @@ NUD_NOARP = 0x40
 NTF_SELF = 0x02
 RTNH_F_ONLINK = 0x04
 # Errors that mean "already gone" when deleting.
-_MAC_RE = re.compile(r"^[0-9a-f]{2}([:-][0-9a-f]{2}){5}$")
-
-
-def parse_unicast_mac(value) -> str | None:
-    """``value`` as a normalised ``aa:bb:cc:dd:ee:ff`` when it is a unicast, non-zero MAC; else None."""
-    if not isinstance(value, str) or not _MAC_RE.match(value.lower()):
-        return None
-    mac = value.lower().replace("-", ":")
-    first = int(mac[:2], 16)
-    if first & 1 or mac == "00:00:00:00:00:00":
-        return None
-    return mac
-
-
-def random_mac(rng: random.Random | None = None) -> str:
-    """A random locally administered unicast MAC."""
-    octets = [(rng or random.SystemRandom()).randrange(256) for _ in range(6)]
-    octets[0] = (octets[0] & 0xFE) | 0x02
-    return ":".join(f"{o:02x}" for o in octets)
-
-
 @dataclass(frozen=True)
 class _Peer:
     """What one peer lease is programmed as."""
@@ -93,7 +71,7 @@ class _Peer:
 
 
 
-class VXLANKernelBackend(NetlinkBackend):
+class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
     wire_type = "vxlan"
     dataplane = "kernel"
 
@@ -123,31 +101,9 @@ class VXLANKernelBackend(NetlinkBackend):
 
     # -- lease and device -------------------------------------------------------------------------
 
-    def lease_attrs(self, previous: Lease | None) -> LeaseAttrs:
-        with self._lock:
-            if self.vtep_mac is None:
-                self.vtep_mac = self._pick_mac(previous)
-            return LeaseAttrs(self.iface.public_ip, self.wire_type,
-                              {"VNI": self.vni, "VtepMAC": self.vtep_mac})
-
-    def _pick_mac(self, previous: Lease | None) -> str:
-        if previous is not None and isinstance(previous.attrs.backend_data, dict):
-            mac = parse_unicast_mac(previous.attrs.backend_data.get("VtepMAC"))
-            if mac:
-                return mac
-        idx = self._dev_index()
-        if idx is not None:
-            mac = parse_unicast_mac(self.ipr.link("get", index=idx)[0].get("IFLA_ADDRESS"))
-            if mac:
-                return mac
-        return random_mac()
-
     def setup(self, lease: Lease) -> None:
         with self._lock:
-            if self.vtep_mac is None:
-                data = lease.attrs.backend_data
-                mac = parse_unicast_mac(data.get("VtepMAC")) if isinstance(data, dict) else None
-                self.vtep_mac = mac or self._pick_mac(None)
+            self._adopt_mac(lease)
             self.lease = lease
             try:
                 self._l2_net = self._iface_network()
