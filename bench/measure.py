@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from .netns import netns_inode
-from .procs import CLK_TCK
+from .procs import CLK_TCK, stat_fields
 
 IPERF_PORT = 5201
 
@@ -80,10 +80,8 @@ class Guard:
             pid = int(entry)
             if pid == self.me:
                 continue
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    rest = f.read().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError, IndexError):
+            rest = stat_fields(pid)
+            if rest is None:
                 continue
             if int(rest[1]) == 2 or pid == 2:  # kernel thread (child of kthreadd)
                 continue

@@ -12,24 +12,25 @@ STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), None when there is no such process."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat after the command name: [0] is field 3 (state), [19] field 22 (start time)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    fields = data[data.rfind(b")") + 2:].split()
-    return int(fields[19])
+    return data[data.rfind(b")") + 2:].split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot), None when there is no such process."""
+    fields = stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 def proc_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return data[data.rfind(b")") + 2:].split()[0].decode()
+    fields = stat_fields(pid)
+    return fields[0].decode() if fields else None
 
 
 def alive(pid: int, start: int | None) -> bool:
@@ -81,12 +82,8 @@ def stop_processes(procs: Sequence[tuple[int, int | None]], timeout: float = STO
 
 def process_cpu(pid: int) -> float | None:
     """utime + stime of one process, in seconds (None when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+    fields = stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK if fields else None
 
 
 def peak_rss_mb(pid: int) -> float | None:

@@ -46,6 +46,21 @@ def only_address(ipr, index: int, address: str, prefixlen: int = 32) -> bool:
     return not have
 
 
+def set_mac_and_mtu(ipr, index: int, link, mac: str, mtu: int) -> None:
+    """Give the device ``mac`` and ``mtu`` where it differs (``link``: its current RTM_NEWLINK).
+    Some devices refuse a MAC change while up (EBUSY): then down, change, and the caller brings it up."""
+    if (link.get("IFLA_ADDRESS") or "").lower() != mac:
+        try:
+            ipr.link("set", index=index, address=mac)
+        except Exception as exc:
+            if nl_errno(exc) != errno.EBUSY:
+                raise
+            ipr.link("set", index=index, state="down")
+            ipr.link("set", index=index, address=mac)
+    if link.get("IFLA_MTU") != mtu:
+        ipr.link("set", index=index, mtu=mtu)
+
+
 class NetlinkBackend(Backend):
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):

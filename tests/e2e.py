@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 
-from bench.lab import Lab, venv_python
+from bench.lab import Lab, proc_start_time, venv_python
 from controlplane.config import parse_config
 
 TRANSFER_BYTES = 64 * 1024 * 1024
@@ -199,18 +199,10 @@ def nothing_left(lab: Lab) -> list[str]:
     names = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
     left += [n for n in names if n.startswith(lab.prefix)]
     left += [f"pid {n.pid}" for n in lab.nodes if n.pid and os.path.exists(f"/proc/{n.pid}")
-             and _start(n.pid) == n.start]
+             and proc_start_time(n.pid) == n.start]
     if lab.dir and os.path.exists(lab.dir):
         left.append(lab.dir)
     return left
-
-
-def _start(pid: int):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (FileNotFoundError, IndexError, ValueError):
-        return None
 
 
 def run_suite(lab: Lab, has_peer=programmed) -> dict:

@@ -62,7 +62,7 @@ from controlplane.backends.base import BackendError, BackendOptions, ExternalInt
 from controlplane.config import NetworkConfig
 from controlplane.lease import Lease
 
-from ..netlink import GONE, NetlinkBackend, ignore_gone, nl_errno, only_address
+from ..netlink import GONE, NetlinkBackend, ignore_gone, nl_errno, only_address, set_mac_and_mtu
 from .vtep import VtepIdentity, parse_unicast_mac
 
 log = logging.getLogger("weft.backend.vxlan.ebpf")
@@ -230,16 +230,7 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
                 raise BackendError(f"vxlan/ebpf: {self.dev_name} vanished right after it was created")
             self._sysctl(f"net/ipv6/conf/{self.dev_name}/disable_ipv6", "1")
         link = ipr.link("get", index=idx)[0]
-        if parse_unicast_mac(link.get("IFLA_ADDRESS")) != self.vtep_mac:
-            try:
-                ipr.link("set", index=idx, address=self.vtep_mac)
-            except Exception as exc:
-                if nl_errno(exc) != errno.EBUSY:
-                    raise
-                ipr.link("set", index=idx, state="down")
-                ipr.link("set", index=idx, address=self.vtep_mac)
-        if link.get("IFLA_MTU") != self.mtu:
-            ipr.link("set", index=idx, mtu=self.mtu)
+        set_mac_and_mtu(ipr, idx, link, self.vtep_mac, self.mtu)
         if not link["flags"] & IFF_NOARP:
             ipr.link("set", index=idx, flags=IFF_NOARP, change=IFF_NOARP)
         only_address(ipr, idx, str(self.lease.subnet.network_address), 32)

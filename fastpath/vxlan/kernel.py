@@ -45,7 +45,7 @@ from controlplane.backends.base import BackendError, BackendOptions, ExternalInt
 from controlplane.config import NetworkConfig
 from controlplane.lease import Lease
 
-from ..netlink import NetlinkBackend, ignore_gone, nl_errno, only_address
+from ..netlink import NetlinkBackend, ignore_gone, nl_errno, only_address, set_mac_and_mtu
 from .vtep import VtepIdentity, parse_unicast_mac
 
 log = logging.getLogger("weft.backend.vxlan")
@@ -159,16 +159,7 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
             if idx is None:
                 raise BackendError(f"vxlan: {self.dev_name} vanished right after it was created")
         link = ipr.link("get", index=idx)[0]
-        if parse_unicast_mac(link.get("IFLA_ADDRESS")) != self.vtep_mac:
-            try:
-                ipr.link("set", index=idx, address=self.vtep_mac)
-            except Exception as exc:
-                if nl_errno(exc) != errno.EBUSY:
-                    raise
-                ipr.link("set", index=idx, state="down")
-                ipr.link("set", index=idx, address=self.vtep_mac)
-        if link.get("IFLA_MTU") != self.mtu:
-            ipr.link("set", index=idx, mtu=self.mtu)
+        set_mac_and_mtu(ipr, idx, link, self.vtep_mac, self.mtu)
         # Exactly one IPv4 address: <subnet network address>/32 (flannel removes any other).
         only_address(ipr, idx, str(self.lease.subnet.network_address))
         ipr.link("set", index=idx, state="up")
