@@ -99,22 +99,35 @@ def test_committed_baseline_is_a_quick_run():
     assert 0.3 < base["backends"]["vxlan/kernel"]["ratio_to_bare"] < 1.2
 
 
+def gate_failures(tmp_path, name: str, *extra: str) -> set[str]:
+    """The backends the gate fails in a quick run against the committed baseline.
+
+    A lab can land in a slow mode (issue 4: host-gw at ~9 instead of ~16 Gbit/s in some labs, cause
+    not found yet), so a failure counts only when the same backend fails again in a second run,
+    as a CI confirmation run does. A real regression (the throttle below) fails both times.
+    """
+    failed = None
+    for attempt in (1, 2):
+        out = tmp_path / f"{name}{attempt}"
+        r = run_tool("bench.cli", "run", "--quick", "--backends", "bare,vxlan/kernel,host-gw/kernel",
+                     *extra, "--out", str(out), timeout=240)
+        assert r.returncode == 0, r.stderr[-2000:]
+        g = run_tool("bench.cli", "gate", "--baseline", BASELINE, str(out / "results.json"), timeout=30)
+        assert g.returncode in (0, 1), g.stderr
+        now = {line.split()[1] for line in g.stdout.splitlines() if line.startswith("FAIL ")}
+        assert (g.returncode == 1) == bool(now), g.stdout + g.stderr
+        failed = now if failed is None else failed & now
+        if not failed:
+            break
+    return failed
+
+
 @needs_root
 def test_quick_gate_and_its_self_test(tmp_path):
     """CI's performance gate: a quick run passes against the committed baseline, and the same run
-    with a tbf rate limit on vxlan/kernel's sending pod fails it, naming that backend."""
-    clean, throttled = tmp_path / "clean", tmp_path / "throttled"
-    common = ["run", "--quick", "--backends", "bare,vxlan/kernel,host-gw/kernel"]
-    r = run_tool("bench.cli", *common, "--out", str(clean), timeout=240)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_tool("bench.cli", "gate", "--baseline", BASELINE, str(clean / "results.json"), timeout=30)
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = run_tool("bench.cli", *common, "--throttle", "vxlan/kernel=1gbit", "--out", str(throttled),
-                 timeout=240)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = run_tool("bench.cli", "gate", "--baseline", BASELINE, str(throttled / "results.json"), timeout=30)
-    assert r.returncode == 1
-    assert "vxlan/kernel ratio_to_bare" in r.stderr and "host-gw/kernel" not in r.stderr
+    with a tbf rate limit on vxlan/kernel's sending pod fails it, naming that backend only."""
+    assert gate_failures(tmp_path, "clean") == set()
+    assert gate_failures(tmp_path, "throttled", "--throttle", "vxlan/kernel=1gbit") == {"vxlan/kernel"}
 
 
 @needs_root
