@@ -195,9 +195,10 @@ def percentile(values, q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-def ping(src: Endpoint, dst_ip: str, count: int = 200, interval: float = 0.005) -> dict:
+def ping(src: Endpoint, dst_ip: str, count: int = 200, interval: float = 0.005, cpu: int | None = None) -> dict:
     """Round-trip times of ``count`` echoes at a short interval: p50, p99, loss."""
-    out = _run(netns(src.ns, ["ping", "-n", "-c", str(count), "-i", f"{interval:g}", "-W", "1", dst_ip]),
+    out = _run(netns(src.ns, pinned(["ping", "-n", "-c", str(count), "-i", f"{interval:g}", "-W", "1", dst_ip],
+                                    cpu)),
                timeout=count * interval + 15)
     rtts = [float(x) * 1000 for x in _PING_RE.findall(out)]
     if not rtts:
@@ -243,11 +244,6 @@ def request_response(src: Endpoint, dst: Endpoint, seconds: float = 1.0, cpu: in
     if not m:
         raise MeasureError("sockperf: no percentile in its output")
     return {"rr_p50_us": float(m.group(1))}
-
-
-def pin_process(pid: int, cpu: int) -> None:
-    """Every thread of ``pid`` (and the threads it starts later) on one CPU."""
-    _run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], timeout=10)
 
 
 def set_offloads(ns: str, dev: str, on: bool) -> None:

@@ -42,9 +42,9 @@ class Plan:
     rr_s: float = 1.0
     nooffload_s: float = 1.0
     full: bool = True
-    # Fixed CPU placement (see README, "Placement"): sender, receiver, node 1's and node 2's daemon.
-    # On 2 vCPUs the scheduler otherwise picks a different layout per run, and throughput with it.
-    placement: tuple[int, int, int, int] | None = (0, 1, 1, 0) if (os.cpu_count() or 1) >= 2 else None
+    # The sender and the receiver on their node's CPU (the lab's node_cpus; README, "One CPU per
+    # node"). On 2 vCPUs the scheduler otherwise picks a different layout per run, and throughput with it.
+    pin: bool = True
     throttle: dict = field(default_factory=dict)  # backend -> tbf rate on the sending pod (gate self-test)
 
     @classmethod
@@ -150,7 +150,8 @@ def endpoints(lab, backend: str) -> tuple[Endpoint, Endpoint, str]:
 
 def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str) -> dict:
     src, dst, dev = endpoints(lab, backend)
-    cpus = plan.placement[:2] if plan.placement else None
+    cpus = (lab.node_cpu(1), lab.node_cpu(2)) if plan.pin else None
+    cpus = None if cpus and None in cpus else cpus
     spaces = [n.namespace for n in lab.nodes] + [p.namespace for p in lab.pods]
     pids = [n.pid for n in lab.nodes if n.pid] if backend != BARE else []
     row: dict = {}
@@ -165,7 +166,7 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str) 
     row["daemon_cores"] = daemon_s / guard.seconds if pids else None
 
     progress.show(f"{label}: ping")
-    row.update(measure.ping(src, dst.ip, plan.ping_count, plan.ping_interval))
+    row.update(measure.ping(src, dst.ip, plan.ping_count, plan.ping_interval, cpu=cpus[0] if cpus else None))
     if not plan.full:
         return row
 
@@ -180,7 +181,11 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str) 
     row["pps"] = small["pps"]
     if measure.have_sockperf():
         progress.show(f"{label}: request/response (pinned)")
-        row.update(measure.request_response(src, dst, plan.rr_s))
+        lab.steer_receive(False)  # the whole round trip on one CPU: no cross-CPU wake-ups
+        try:
+            row.update(measure.request_response(src, dst, plan.rr_s, cpu=cpus[0] if cpus else 0))
+        finally:
+            lab.steer_receive(True)
     progress.show(f"{label}: TCP 1 stream, pod offloads off")
     measure.set_offloads(src.ns, dev, False)
     measure.set_offloads(dst.ns, dev, False)
@@ -200,10 +205,6 @@ def run_backend(scenario, backend: str, plan: Plan, progress: Progress, lab_fact
     try:
         check_connectivity(lab, backend)
         src, _, dev = endpoints(lab, backend)
-        if plan.placement and backend != BARE:
-            for node, cpu in ((lab.node(1), plan.placement[2]), (lab.node(2), plan.placement[3])):
-                if node.pid:
-                    measure.pin_process(node.pid, cpu)
         rate = plan.throttle.get(backend)
         if rate:
             measure.throttle(src.ns, dev, rate)

@@ -14,6 +14,7 @@ Every key has a default, so ``name = "x"`` alone is a valid three-node SQLite/vx
     etcd_tls = false              # etcd only: client TLS with a PKI made for the run
     prefix = "/coreos.com/network"
     pod_offloads = true           # false: ethtool -K eth0 tso off gso off in every pod
+    node_cpus = true              # one CPU per node: its weftd and its receive path (see Lab)
 
     [network]
     config = {Network = "10.244.0.0/16", Backend = {Type = "vxlan"}}   # or a JSON string
@@ -60,7 +61,7 @@ _SCENARIO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 TOP_KEYS = ("name", "description", "lab", "network", "nodes", "weftd")
 LAB_KEYS = ("nodes", "pods_per_node", "underlay", "mtu", "store", "etcd_tls", "prefix",
-            "pod_offloads", "store_address")
+            "pod_offloads", "node_cpus", "store_address")
 NODE_KEYS = ("dataplane",)
 WEFTD_KEYS = ("flags", "env", "exec_start")
 
@@ -94,6 +95,7 @@ class Scenario:
     etcd_tls: bool = False
     prefix: str = DEFAULT_PREFIX
     pod_offloads: bool = True
+    node_cpus: bool = True
     store_address: ipaddress.IPv4Address | None = None
     config_text: str = json.dumps(DEFAULT_NETWORK)
     network: NetworkConfig | None = None
@@ -222,6 +224,7 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
         raise _fail(path, "lab.prefix", f"{prefix!r} must be an absolute key path like \"/coreos.com/network\"")
     prefix = prefix.rstrip("/")
     pod_offloads = _get(path, lab, "pod_offloads", "lab.", bool, True)
+    node_cpus = _get(path, lab, "node_cpus", "lab.", bool, True)
     store_address = None
     if "store_address" in lab:
         text = _get(path, lab, "store_address", "lab.", str, "")
@@ -304,7 +307,7 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
 
     return Scenario(name=name, path=path, nodes=nodes, pods_per_node=pods, underlay=underlay,
                     mtu=mtu, store=store, etcd_tls=etcd_tls, prefix=prefix,
-                    pod_offloads=pod_offloads, store_address=store_address,
+                    pod_offloads=pod_offloads, node_cpus=node_cpus, store_address=store_address,
                     config_text=config_text, network=network, node_overrides=overrides,
                     weftd=WeftdSpec(tuple(flags), dict(env), exec_start), description=description)
 

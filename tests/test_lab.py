@@ -105,7 +105,8 @@ def test_unreadable_file_names_the_file(tmp_path):
 def test_defaults():
     s = sc.loads("name = 'x'", "x.toml")
     assert (s.nodes, s.pods_per_node, str(s.underlay), s.mtu, s.store, s.etcd_tls, s.prefix,
-            s.pod_offloads) == (3, 1, "198.18.0.0/15", 1500, "sqlite", False, "/coreos.com/network", True)
+            s.pod_offloads, s.node_cpus) == (3, 1, "198.18.0.0/15", 1500, "sqlite", False, "/coreos.com/network",
+                                             True, True)
     assert json.loads(s.config_text) == sc.DEFAULT_NETWORK
     assert s.network.backend.name == "vxlan/kernel"
     assert str(s.node_ip(3)) == "198.18.0.3"
@@ -332,6 +333,26 @@ def test_lab_builds_works_and_goes_away(tmp_path):
         assert lab.exec("n2", ["sysctl", "-n", "net.ipv4.conf.eth0.rp_filter"]).stdout.strip() == "0"
         with pytest.raises(LabError, match="not a namespace of lab"):
             lab.exec("someone-elses-ns", ["true"])
+
+        # one CPU per node: its weftd, and RPS on every veth that delivers into node N or its pods
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= 2:
+            def rps(ns, dev):
+                out = lab.exec(ns, ["cat", f"/sys/class/net/{dev}/queues/rx-0/rps_cpus"], check=True).stdout
+                return int(out.strip().replace(",", ""), 16)
+            for node in lab.nodes:
+                cpu = cpus[(node.index - 1) % len(cpus)]
+                assert lab.node_cpu(node.index) == cpu
+                assert os.sched_getaffinity(node.pid) == {cpu}
+                pod = next(p for p in lab.pods if p.node == node.index)
+                for ns, dev in ((node.namespace, "eth0"), (node.namespace, "vethp1"),
+                                (pod.namespace, "eth0"), (lab.wire, f"w{node.index}")):
+                    assert rps(ns, dev) == 1 << cpu, (ns, dev)
+            lab.steer_receive(False)
+            assert rps(lab.wire, "w2") == 0 and rps(lab.pods[0].namespace, "eth0") == 0
+            assert lab.ping(lab.pods[0], lab.node(1).gateway)
+            lab.steer_receive(True)
+            assert rps(lab.wire, "w2") == 1 << cpus[1]
 
         # the state file
         with open(os.path.join(lab.dir, "state.json")) as f:
