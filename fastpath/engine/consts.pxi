@@ -41,6 +41,16 @@ cdef enum:
     SOCK_BUF = 8 * 1024 * 1024
     IDLE_POLL_MS = 200        # poll timeout after an I/O error (never spin, never stall stop())
 
+# ICMP destination unreachable replies to TUN packets without a route: a token bucket per worker
+# (the kernel's icmp_msgs_per_sec / icmp_msgs_burst defaults), so an unroutable flood cannot make
+# the engine an amplifier. Credit is kept in nanoseconds: one reply costs ICMP_COST_NS.
+cdef enum:
+    ICMP_RATE = 1000          # replies per second
+    ICMP_BURST = 50           # replies in a burst
+    ICMP_COST_NS = 1000000    # 1e9 / ICMP_RATE
+    ICMP_QUOTE = 8            # bytes of the offending packet's payload quoted (RFC 792)
+    ICMP_BUF = 112            # vnet header (10) + IPv4 (20) + ICMP (8) + IPv4 with options (60) + 8
+
 # Counters, one array per thread; COUNTER_NAMES (in _engine.pyx) is in the same order.
 cdef enum Counter:
     C_TX_PACKETS = 0          # inner packets sent (after segmentation)
@@ -58,6 +68,8 @@ cdef enum Counter:
     C_TX_DROP_GSO_UNSUPPORTED
     C_TX_DROP_SEND_ERROR
     C_TX_READ_ERRORS
+    C_TX_ICMP_UNREACH_SENT    # ICMP net unreachable replies written to the TUN (no route)
+    C_TX_ICMP_UNREACH_LIMITED # ... withheld by the rate limit
     C_RX_DATAGRAMS            # encapsulated packets seen (GRO batches split back into segments)
     C_RX_PACKETS              # inner packets delivered to the TUN
     C_RX_BYTES

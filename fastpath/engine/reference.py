@@ -16,12 +16,14 @@ import select
 import socket
 import struct
 import threading
+import time
 
 COUNTER_NAMES = (
     "tx_packets", "tx_bytes", "tx_reads", "tx_super_packets", "tx_datagram_sends", "tx_batches",
     "tx_batch_1", "tx_batch_2_7", "tx_batch_8_plus",
     "tx_drop_no_route", "tx_drop_not_ipv4", "tx_drop_malformed", "tx_drop_gso_unsupported",
     "tx_drop_send_error", "tx_read_errors",
+    "tx_icmp_unreachable_sent", "tx_icmp_unreachable_limited",
     "rx_datagrams", "rx_packets", "rx_bytes", "rx_tun_writes", "rx_gro_writes", "rx_batches",
     "rx_batch_1", "rx_batch_2_7", "rx_batch_8_plus",
     "rx_drop_short", "rx_drop_bad_ip", "rx_drop_not_ipv4", "rx_drop_oversized",
@@ -31,6 +33,11 @@ COUNTER_NAMES = (
 RX_OUTCOMES = ("rx_packets",) + tuple(n for n in COUNTER_NAMES if n.startswith("rx_drop_"))
 VXLAN_ENCAP = 22
 MAX_DATAGRAM = 65535
+# ICMP net unreachable replies: the compiled engine's token bucket (consts.pxi), per engine.
+ICMP_BURST = 50
+ICMP_COST_NS = 1_000_000          # 1000 replies per second
+ICMP_QUOTE = 8
+ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))
 
 
 def ip_checksum(data: bytes) -> int:
@@ -93,6 +100,9 @@ class ReferenceEngine:
         self._peers: dict[str, tuple[str, str]] = {}
         self._vxlan_hdr = bytes([0x08, 0, 0, 0]) + vni.to_bytes(3, "big") + b"\0"
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self._icmp_id = 0                    # IP ID of the next ICMP reply (deterministic)
+        self._icmp_credit_ns = 0
+        self._icmp_last_ns: int | None = None
         self._stop_r, self._stop_w = os.pipe()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -137,7 +147,8 @@ class ReferenceEngine:
 
     # -- the two directions, one packet each --------------------------------------------------------
     def encap(self, pkt: bytes):
-        """A TUN packet -> (peer IP, datagram), or None (counted as dropped)."""
+        """A TUN packet -> (peer IP, datagram), or None (counted as dropped; one without a route
+        is also answered with an ICMP net unreachable written to the TUN)."""
         c = self.counters
         c["tx_reads"] += 1
         if len(pkt) < 20:
@@ -153,6 +164,7 @@ class ReferenceEngine:
         route = self._route(pkt[16:20])
         if route is None:
             c["tx_drop_no_route"] += 1
+            self._send_unreachable(pkt, ihl)
             return None
         tot = int.from_bytes(pkt[2:4], "big")
         if tot < ihl or tot > len(pkt):
@@ -163,6 +175,75 @@ class ReferenceEngine:
         if self.mode == "vxlan":
             return peer, self._vxlan_hdr + mac + self.mac + b"\x08\x00" + pkt
         return peer, pkt
+
+    # -- ICMP net unreachable for a TUN packet without a route (see _engine.pyx, tx_unreachable) --
+    # The reply comes from the offending packet's destination: the engine has no overlay address
+    # of its own, and the TUN's address (flannel's choice) is local to the host, so Linux would
+    # drop the reply as a martian source; the original destination is routed via the TUN.
+    def _one_host(self, a: int) -> bool:
+        """Not 0/8, 127/8, 224/4, 240/4 (limited broadcast), nor a subnet's all-ones host."""
+        if a >> 24 in (0, 127) or a >= 0xE0000000:
+            return False
+        if self._shift >= 2 and a & self._mask == self._base:
+            host = (1 << self._shift) - 1
+            if a & host == host:
+                return False
+        return True
+
+    def _icmp_allowed(self, pkt: bytes, ihl: int) -> bool:
+        tot = int.from_bytes(pkt[2:4], "big")
+        if tot < ihl or tot > len(pkt):
+            return False                                  # malformed
+        if int.from_bytes(pkt[6:8], "big") & 0x1FFF:
+            return False                                  # a later fragment
+        if not (self._one_host(int.from_bytes(pkt[12:16], "big"))
+                and self._one_host(int.from_bytes(pkt[16:20], "big"))):
+            return False
+        if pkt[9] == 1:                                   # never an ICMP error about an ICMP error
+            if tot < ihl + 1:
+                return False
+            if pkt[ihl] in ICMP_ERROR_TYPES or pkt[ihl] > 18:
+                return False
+        return True
+
+    def _take_token(self) -> bool:
+        now = time.monotonic_ns()
+        cap = ICMP_BURST * ICMP_COST_NS
+        if self._icmp_last_ns is None:
+            credit = cap                                  # first reply: a full bucket
+        else:
+            credit = min(cap, self._icmp_credit_ns + now - self._icmp_last_ns)
+        self._icmp_last_ns = now
+        if credit < ICMP_COST_NS:
+            self._icmp_credit_ns = credit
+            return False
+        self._icmp_credit_ns = credit - ICMP_COST_NS
+        return True
+
+    def unreachable_reply(self, pkt: bytes, ihl: int) -> bytes:
+        """The ICMP 3/0 for ``pkt``: IPv4 (TOS 0xc0 | the offender's TOS bits, the next ID, TTL
+        64, from its destination to its source), ICMP header, its IP header + 8 payload bytes."""
+        tot = int.from_bytes(pkt[2:4], "big")
+        quote = pkt[:ihl + min(ICMP_QUOTE, tot - ihl)]
+        icmp = bytearray(b"\x03\x00\x00\x00\x00\x00\x00\x00" + quote)
+        icmp[2:4] = ip_checksum(bytes(icmp)).to_bytes(2, "big")
+        ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0xC0 | (pkt[1] & 0x1E), 20 + len(icmp),
+                                   self._icmp_id, 0, 64, 1, 0, pkt[16:20], pkt[12:16]))
+        ip[10:12] = ip_checksum(bytes(ip)).to_bytes(2, "big")
+        self._icmp_id = (self._icmp_id + 1) & 0xFFFF
+        return bytes(ip) + bytes(icmp)
+
+    def _send_unreachable(self, pkt: bytes, ihl: int) -> None:
+        if not self._icmp_allowed(pkt, ihl):
+            return
+        if not self._take_token():
+            self.counters["tx_icmp_unreachable_limited"] += 1
+            return
+        try:
+            os.write(self.tun_fd, self.unreachable_reply(pkt, ihl))
+        except OSError:
+            return
+        self.counters["tx_icmp_unreachable_sent"] += 1
 
     def decap(self, d: bytes, src: str):
         """A datagram from ``src`` -> the inner packet, or None; each lands in one counter."""
