@@ -24,18 +24,25 @@ TRANSFER_BYTES = 64 * 1024 * 1024
 CHUNK = 1 << 20
 
 
-def lab_for(scenario, backend: str | None = None, dataplanes: dict[int, str] | None = None) -> Lab:
-    """A lab of ``scenario`` with its backend switched to ``wire/dataplane`` and per-node overrides."""
+def lab_for(scenario, backend: str | None = None, dataplanes: dict[int, str] | None = None,
+            backend_options: dict | None = None, env: dict[str, str] | None = None) -> Lab:
+    """A lab of ``scenario`` with its backend switched to ``wire/dataplane`` and per-node overrides;
+    ``backend_options`` go into the config's Backend object (e.g. ``{"DirectRouting": True}``),
+    ``env`` into every weftd's environment (the scenario's ``[weftd.env]``)."""
     from bench.scenario import NodeSpec
     scn = scenario
-    if backend:
-        wire, _, dp = backend.partition("/")
+    if backend or backend_options:
         doc = json.loads(scn.config_text)
-        doc["Backend"] = {"Type": wire, "Dataplane": dp}
+        if backend:
+            wire, _, dp = backend.partition("/")
+            doc["Backend"] = {"Type": wire, "Dataplane": dp}
+        doc["Backend"] = {**doc.get("Backend", {}), **(backend_options or {})}
         text = json.dumps(doc)
         scn = dataclasses.replace(scn, config_text=text, network=parse_config(text))
     if dataplanes:
         scn = dataclasses.replace(scn, node_overrides={n: NodeSpec(n, dp) for n, dp in dataplanes.items()})
+    if env:
+        scn = dataclasses.replace(scn, weftd=dataclasses.replace(scn.weftd, env={**scn.weftd.env, **env}))
     return Lab(scn)
 
 
@@ -148,11 +155,13 @@ def ebpf_map_has(lab: Lab, n: int, subnet: str) -> bool:
 
 
 def engine_has_all(lab: Lab, n: int, subnet: str) -> bool:
-    """A userspace node programs peers in its engine: its route count covers every other node."""
+    """A userspace node programs peers in its engine, or (DirectRouting) as direct kernel routes:
+    together they cover every other node."""
     try:
-        return metrics(lab, n).get("weft_backend_routes", -1) >= len(lab.nodes) - 1
+        m = metrics(lab, n)
     except Exception:
         return False
+    return m.get("weft_backend_routes", -1) + m.get("weft_backend_peers_direct", 0) >= len(lab.nodes) - 1
 
 
 def programmed(lab: Lab, n: int, subnet: str) -> bool:

@@ -110,3 +110,91 @@ def test_backend_lifecycle(ns, backend, workers):
     assert out["stats"]["workers"] == (1 if backend == "udp/python" else workers)
     if workers > 1 and backend != "udp/python":
         assert "multi_queue" in out["link"] or out["queues"] == 2 * workers
+    if backend != "udp/python":  # per-worker accounting of the compiled engine's threads
+        assert {k for k in out["stats"] if k[6:7].isdigit() and k.startswith("worker")} == {
+            f"worker{i}_{k}" for i in range(workers) for k in ("tun_read_bytes", "tun_write_bytes", "cpu_seconds")}
+
+
+DIRECT_SCRIPT = r'''
+import ipaddress, json, socket, subprocess, time, sys
+from controlplane.backends import load_backend, ExternalInterface, BackendOptions
+from controlplane.config import parse_config
+from controlplane.lease import Lease, LeaseAttrs
+cfg = parse_config(json.dumps({"Network": "10.244.0.0/16",
+                               "Backend": {"Type": "vxlan", "Dataplane": "fastpath", "DirectRouting": True}}))
+iface = ExternalInterface("eth0", socket.if_nametoindex("eth0"), ipaddress.IPv4Address("198.18.0.1"),
+                          ipaddress.IPv4Address("198.18.0.1"), 1500)
+b = load_backend("vxlan/fastpath")(cfg, iface, BackendOptions())
+me = Lease(ipaddress.IPv4Network("10.244.1.0/24"), b.lease_attrs(None), None)
+b.setup(me)
+
+def lease(n, ip, mac="0a:00:00:00:00:%02x"):
+    return Lease(ipaddress.IPv4Network(f"10.244.{n}.0/24"),
+                 LeaseAttrs(ipaddress.IPv4Address(ip), "vxlan", {"VNI": 1, "VtepMAC": mac % n}),
+                 time.time() + 60)
+
+def route(n):
+    return subprocess.run(["ip", "-4", "route", "show", "exact", f"10.244.{n}.0/24"],
+                          capture_output=True, text=True).stdout.strip()
+
+def snap(tag):
+    s = b.stats()
+    out[tag] = {"r2": route(2), "r3": route(3), "engine": sorted(b.engine.routes()),
+                "routes": s["routes"], "direct": s["peers_direct"], "programmed": s["peers_programmed"]}
+
+out = {}
+near, far = lease(2, "198.18.0.2"), lease(3, "198.19.0.3")    # on eth0's /24, and beyond it
+b.add_peer(near); b.add_peer(far); b.add_peer(near)
+snap("added")
+b.add_peer(lease(2, "198.19.0.2"))           # peer 2 moves off our L2 subnet: tunnel
+snap("to_tunnel")
+b.add_peer(lease(3, "198.18.0.3"))           # peer 3 moves onto it: direct
+snap("to_direct")
+b.add_peer(lease(3, "198.18.0.33"))          # still direct, new address: the route follows
+snap("readdressed")
+subprocess.run(["ip", "route", "del", "10.244.3.0/24"], check=True)
+before = b.stats()["entries_restored"]
+b.resync()
+out["restored"] = b.stats()["entries_restored"] - before
+snap("resynced")
+b.remove_peer(lease(3, "198.18.0.33"))
+b.remove_peer(lease(2, "198.19.0.2"))
+snap("removed")
+# a direct route left by a previous run (weftd stopped without --teardown) for a peer we never saw
+subprocess.run(["ip", "route", "add", "10.244.4.0/24", "via", "198.18.0.4", "dev", "eth0"], check=True)
+b.remove_peer(lease(4, "198.18.0.4"))
+out["stale_removed"] = not route(4)
+b.add_peer(near)
+b.add_peer(lease(5, "198.18.0.5"))
+b.teardown()
+out["after_teardown"] = [route(2), route(5)]
+print(json.dumps(out))
+'''
+
+
+def test_vxlan_fastpath_direct_routing(ns):
+    """DirectRouting: a peer on eth0's L2 subnet gets a kernel route and no engine route; moves
+    between the two modes switch cleanly; resync restores, remove_peer and teardown remove."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    res = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", textwrap.dedent(DIRECT_SCRIPT)],
+                         capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    direct2 = "10.244.2.0/24 via 198.18.0.2 dev eth0"
+    a = out["added"]
+    assert a["r2"].startswith(direct2) and a["r3"] == ""
+    assert a["engine"] == ["10.244.3.0/24"] and a["routes"] == 1
+    assert a["direct"] == 1 and a["programmed"] == 2
+    t = out["to_tunnel"]
+    assert t["r2"] == "" and t["engine"] == ["10.244.2.0/24", "10.244.3.0/24"] and t["direct"] == 0
+    d = out["to_direct"]
+    assert d["r3"].startswith("10.244.3.0/24 via 198.18.0.3 dev eth0")
+    assert d["engine"] == ["10.244.2.0/24"] and d["direct"] == 1 and d["programmed"] == 2
+    assert out["readdressed"]["r3"].startswith("10.244.3.0/24 via 198.18.0.33 dev eth0")
+    assert out["readdressed"]["r3"].count("\n") == 0          # replaced, not added next to it
+    assert out["restored"] == 1
+    assert out["resynced"]["r3"].startswith("10.244.3.0/24 via 198.18.0.33 dev eth0")
+    r = out["removed"]
+    assert r["r2"] == r["r3"] == "" and r["engine"] == [] and r["direct"] == 0 and r["programmed"] == 0
+    assert out["stale_removed"]
+    assert out["after_teardown"] == ["", ""]

@@ -8,6 +8,14 @@ from the previous lease). Locally: a TUN named ``flannel.<VNI>`` (as the kernel 
 which it replaces if one is left over) with ``<subnet>.0/32``, MTU = underlay MTU - 50, and the
 whole Network routed through it; the engine adds/strips VXLAN + inner Ethernet
 (dst = the peer's VtepMAC, src = ours, type IPv4).
+
+``DirectRouting`` (``Backend.DirectRouting: true``) means what it means for ``vxlan/kernel``: a peer
+whose PublicIP is on the underlay interface's own L2 subnet gets a kernel route
+``<peer subnet> via <PublicIP> dev <underlay>`` and no engine route, so its traffic never reaches
+the TUN; any other peer goes through the engine. Lease updates that move a peer between the two
+switch it over, resync restores a removed direct route and teardown removes them (the netlink
+side is ``fastpath/direct.py``, shared with ``vxlan/kernel``; the bookkeeping is in
+``fastpath/engine/backend.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ class VXLANFastpathBackend(VtepIdentity, TunEngineBackend):
     dataplane = "fastpath"
     mode = "vxlan"
     vnet_hdr = True
+    supports_direct_routing = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -22,7 +22,8 @@ Design notes (after flannel's ``pkg/backend/vxlan/vxlan.go``):
   entries, so it must survive restarts: it comes from the previous lease, else the existing
   device, else it is a new random locally administered unicast MAC.
 - ``DirectRouting``: a peer whose PublicIP is on our underlay interface's own L2 subnet gets a plain
-  route via its PublicIP (host-gw style) and no neighbour or FDB entry.
+  route via its PublicIP (host-gw style) and no neighbour or FDB entry (``fastpath/direct.py``,
+  shared with ``vxlan/fastpath``).
 - A peer whose VtepMAC or PublicIP changes gets its stale FDB/neighbour entries removed before the
   new ones go in. ``resync`` re-adds any entry of a known peer that someone removed, and recreates
   the device if it vanished (flannel's link watcher does the same on RTM_DELLINK).
@@ -45,12 +46,12 @@ from controlplane.backends.base import BackendError, BackendOptions, ExternalInt
 from controlplane.config import NetworkConfig
 from controlplane.lease import Lease
 
+from .. import direct as direct_routes
 from ..netlink import NetlinkBackend, ignore_gone, nl_errno, only_address, set_mac_and_mtu
 from .vtep import VtepIdentity, parse_unicast_mac
 
 log = logging.getLogger("weft.backend.vxlan")
 
-MAIN_TABLE = 254
 NUD_PERMANENT = 0x80
 NUD_NOARP = 0x40
 NTF_SELF = 0x02
@@ -106,7 +107,7 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
             self._adopt_mac(lease)
             self.lease = lease
             try:
-                self._l2_net = self._iface_network()
+                self._l2_net = direct_routes.underlay_network(self.ipr, self.iface)
                 self._ensure_device()
             except BackendError:
                 raise
@@ -115,15 +116,6 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
                                    f"{exc}") from None
             for peer in list(self._peers.values()):  # setup again after a lease change
                 self._program(peer)
-
-    def _iface_network(self) -> ipaddress.IPv4Network | None:
-        """The underlay interface's own L2 subnet (address + prefix length), for DirectRouting."""
-        if self.iface.address is None:
-            return None
-        for msg in self.ipr.get_addr(family=socket.AF_INET, index=self.iface.index):
-            if msg.get("IFA_ADDRESS") == str(self.iface.address):
-                return ipaddress.IPv4Interface(f"{self.iface.address}/{msg['prefixlen']}").network
-        return None
 
     def _device_compatible(self, msg) -> bool:
         info = msg.get("IFLA_LINKINFO")
@@ -207,8 +199,7 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
             log.warning("peer %s (%s): bad vxlan BackendData (%s); skipped",
                         lease.subnet, lease.attrs.public_ip, why)
             return None
-        direct = bool(self.config.backend.direct_routing and self._l2_net is not None
-                      and lease.attrs.public_ip in self._l2_net)
+        direct = direct_routes.is_direct(self.config, self._l2_net, lease.attrs.public_ip)
         return _Peer(lease.subnet, lease.attrs.public_ip, None if direct else mac, direct)
 
     def add_peer(self, lease: Lease) -> None:
@@ -249,8 +240,7 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
         ipr = self.ipr
         if peer.direct:
             if "route" in parts:
-                ipr.route("replace", dst=str(peer.subnet), gateway=str(peer.public_ip),
-                          oif=self.iface.index)
+                direct_routes.add_route(ipr, peer.subnet, peer.public_ip, self.iface.index)
             return
         idx = self._dev_index()
         if idx is None:
@@ -270,8 +260,7 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
         ipr = self.ipr
         if peer.direct:
             if route:
-                ignore_gone(ipr.route, "del", dst=str(peer.subnet),
-                                  gateway=str(peer.public_ip), oif=self.iface.index)
+                direct_routes.del_route(ipr, peer.subnet, peer.public_ip, self.iface.index)
             return
         idx = self._dev_index()
         if idx is None:
@@ -304,8 +293,7 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
                 mac = parse_unicast_mac(data.get("VtepMAC")) if isinstance(data, dict) else None
                 if mac is None:
                     return
-                direct = bool(self.config.backend.direct_routing and self._l2_net is not None
-                              and lease.attrs.public_ip in self._l2_net)
+                direct = direct_routes.is_direct(self.config, self._l2_net, lease.attrs.public_ip)
                 peer = _Peer(lease.subnet, lease.attrs.public_ip, None if direct else mac, direct)
             try:
                 self._unapply(peer)
@@ -319,12 +307,7 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
         """(routes, neighbours, fdb entries) as sets of comparable tuples."""
         ipr = self.ipr
         idx = self._dev_index()
-        routes = set()
-        for r in ipr.route("dump", family=socket.AF_INET):
-            table = r.get("RTA_TABLE", r["table"])
-            if table != MAIN_TABLE or r.get("RTA_DST") is None:
-                continue
-            routes.add((r.get("RTA_DST"), r["dst_len"], r.get("RTA_GATEWAY"), r.get("RTA_OIF")))
+        routes = direct_routes.main_routes(ipr)
         neigh, fdb = set(), set()
         if idx is not None:
             for n in ipr.neigh("dump", ifindex=idx, family=socket.AF_INET):
@@ -355,8 +338,7 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
                     continue
                 missing = []
                 if peer.direct:
-                    key = (str(subnet.network_address), subnet.prefixlen, str(peer.public_ip),
-                           self.iface.index)
+                    key = direct_routes.route_key(subnet, peer.public_ip, self.iface.index)
                     if key not in routes:
                         missing.append("route")
                 else:
@@ -364,7 +346,7 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
                         missing.append("neigh")
                     if (peer.mac, str(peer.public_ip)) not in fdb:
                         missing.append("fdb")
-                    key = (str(subnet.network_address), subnet.prefixlen, str(peer.gateway), idx)
+                    key = direct_routes.route_key(subnet, peer.gateway, idx)
                     if key not in routes:
                         missing.append("route")
                 if not missing:
