@@ -43,6 +43,9 @@ def rows(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
             notes.append(f"{name}: {b.get('status')}: {b.get('reason', '')}")
             continue
         body.append([name] + [_cell(b, k, f) for k, _, f in COLUMNS])
+        if b.get("tcp1_samples"):
+            notes.append(f"{name}: TCP x1 is the median of {b['tcp1_samples']} underlay samples, one from "
+                         f"every backend's lab (its own lab's median: {b.get('tcp1_gbps_own_lab') or 0:.2f})")
     return heads, body, notes
 
 

@@ -45,6 +45,9 @@ class Plan:
     # The sender and the receiver on their node's CPU (the lab's node_cpus; README, "One CPU per
     # node"). On 2 vCPUs the scheduler otherwise picks a different layout per run, and throughput with it.
     pin: bool = True
+    # One underlay (node 1 -> node 2) TCP sample in every backend's lab: bare's TCP x1, the
+    # reference every ratio_to_bare divides by, is the median of all of them (README, "Ratios").
+    underlay_samples: bool = True
     throttle: dict = field(default_factory=dict)  # backend -> tbf rate on the sending pod (gate self-test)
 
     @classmethod
@@ -148,7 +151,7 @@ def endpoints(lab, backend: str) -> tuple[Endpoint, Endpoint, str]:
     return Endpoint(src.namespace, src.ip), Endpoint(dst.namespace, dst.ip), "eth0"
 
 
-def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str) -> dict:
+def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str, first: bool = False) -> dict:
     src, dst, dev = endpoints(lab, backend)
     cpus = (lab.node_cpu(1), lab.node_cpu(2)) if plan.pin else None
     cpus = None if cpus and None in cpus else cpus
@@ -164,6 +167,14 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str) 
     row["core_s_per_gbit"] = guard.machine_busy_s / gbits if gbits else None
     daemon_s = sum((process_cpu(p) or 0) - (cpu0[p] or 0) for p in pids)
     row["daemon_cores"] = daemon_s / guard.seconds if pids else None
+
+    if first and plan.underlay_samples and backend != BARE:
+        progress.show(f"{label}: TCP 1 stream, underlay (bare reference)")
+        a, b = lab.node(1), lab.node(2)
+        under, _ = guarded(spaces, lambda: measure.iperf3(Endpoint(a.namespace, a.public_ip),
+                                                          Endpoint(b.namespace, b.public_ip),
+                                                          plan.tcp1_s, cpus=cpus), "underlay", row)
+        row["underlay_tcp1_gbps"] = under["gbps"]
 
     progress.show(f"{label}: ping")
     row.update(measure.ping(src, dst.ip, plan.ping_count, plan.ping_interval, cpu=cpus[0] if cpus else None))
@@ -209,7 +220,7 @@ def run_backend(scenario, backend: str, plan: Plan, progress: Progress, lab_fact
         if rate:
             measure.throttle(src.ns, dev, rate)
         for i in range(plan.repeat):
-            row = measure_once(lab, backend, plan, progress, f"{backend} run {i + 1}/{plan.repeat}")
+            row = measure_once(lab, backend, plan, progress, f"{backend} run {i + 1}/{plan.repeat}", first=i == 0)
             row.update(backend=backend, repeat=i + 1)
             rows.append(row)
             progress.show(f"{backend} run {i + 1}/{plan.repeat} done", step=True)

@@ -43,6 +43,24 @@ def test_ratios_in_one_run():
     assert d["backends"]["vxlan/kernel"]["latency_ratio_to_bare"] == pytest.approx(2.0)
 
 
+def test_bare_reference_pools_every_underlay_sample_of_the_run():
+    d = doc(bare=(10.0, 5.0), vxlan__kernel=(8.0, 10.0))
+    for b in d["backends"].values():  # undo doc()'s ratios: recompute with raw runs below
+        b.pop("ratio_to_bare")
+    d["runs"] = [{"backend": "bare", "tcp1_gbps": g} for g in (10.0, 7.0, 10.5)] + [
+        {"backend": "vxlan/kernel", "tcp1_gbps": 8.0, "underlay_tcp1_gbps": 12.0},
+        {"backend": "host-gw/kernel", "tcp1_gbps": 9.0, "underlay_tcp1_gbps": 11.0},
+        {"backend": "udp/python", "tcp1_gbps": 0.4, "underlay_tcp1_gbps": 99.0, "underlay_disturbed": True}]
+    d["backends"]["bare"].pop("tcp1_samples", None)
+    results.add_ratios(d)
+    bare = d["backends"]["bare"]
+    # median of 10, 7, 10.5, 12, 11: the disturbed sample is left out
+    assert (bare["tcp1_gbps"], bare["tcp1_samples"], bare["tcp1_gbps_own_lab"]) == (10.5, 5, 10.0)
+    assert d["backends"]["vxlan/kernel"]["ratio_to_bare"] == pytest.approx(8.0 / 10.5)
+    results.add_ratios(d)  # idempotent
+    assert (bare["tcp1_gbps"], bare["tcp1_gbps_own_lab"]) == (10.5, 10.0)
+
+
 def test_gate_bites_on_ratio_not_absolute_numbers():
     base = doc(bare=(10.0, 5.0), vxlan__kernel=(8.0, 10.0))
     # Another machine, twice as fast overall: same ratios, passes.
