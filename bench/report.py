@@ -34,6 +34,11 @@ def _cell(b: dict, key: str, fmt: str) -> str:
     return fmt.format(v)
 
 
+def _runs(plan: dict) -> str:
+    repeat, extra = plan.get("repeat", "?"), plan.get("tcp1_extra") or 0
+    return f"{repeat} runs" + (f" (TCP x1: {repeat + extra})" if extra and repeat != "?" else "")
+
+
 def rows(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
     """Headings, one row per measured backend, and a note per skipped or failed one."""
     heads = ["backend"] + [h for _, h, _ in COLUMNS]
@@ -60,8 +65,8 @@ def terminal(doc: dict) -> str:
     m, s = doc.get("machine", {}), doc.get("scenario", {})
     out.append("")
     out.append(f"{m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, kernel {m.get('kernel', '?')}; "
-               f"scenario {s.get('name', '?')} ({s.get('store', '?')}); median of "
-               f"{doc.get('plan', {}).get('repeat', '?')} runs; commit {doc.get('git', {}).get('commit', '')[:10]}")
+               f"scenario {s.get('name', '?')} ({s.get('store', '?')}); median of {_runs(doc.get('plan', {}))}; "
+               f"commit {doc.get('git', {}).get('commit', '')[:10]}")
     out += notes
     return "\n".join(out)
 
