@@ -66,7 +66,7 @@ IFNAMSIZ = 15
 from .errors import LabError, LabNotFound
 from .ledger import LAB_ROOT, LEDGER, STATE, Ledger, _write_json, down, list_labs, resolve_lab, teardown
 from .netns import NETNS_DIR, http_status, netns_inode, netns_socket
-from .procs import STOP_TIMEOUT, _signal, alive, proc_start_time
+from .procs import STOP_TIMEOUT, _signal, alive, proc_start_time, stat_fields
 
 # What callers import from here, including names that live in the modules above.
 __all__ = ["Lab", "Node", "Pod", "LabError", "LabNotFound", "LAB_ROOT", "NETNS_DIR", "REPO", "HEALTHZ_PORT",
@@ -682,6 +682,21 @@ class Lab:
                 while self._exit_status(node) is None and time.monotonic() < deadline:
                     time.sleep(0.05)
             self._children.pop(node.pid, None)
+
+    def pause(self) -> None:
+        """Stop every node's weftd (SIGSTOP): a lab kept up while another one is measured costs
+        no CPU. Kernel data planes keep working; a userspace engine stops until ``resume``."""
+        stopping = [n for n in self.nodes if n.pid and _signal(n.pid, n.start, signal.SIGSTOP)]
+        deadline = time.monotonic() + 2.0  # the signal is asynchronous: wait until all have stopped
+        while stopping and time.monotonic() < deadline:
+            stopping = [n for n in stopping if (stat_fields(n.pid) or [b"X"])[0] not in (b"T", b"t", b"X", b"Z")]
+            if stopping:
+                time.sleep(0.005)
+
+    def resume(self) -> None:
+        for node in self.nodes:
+            if node.pid:
+                _signal(node.pid, node.start, signal.SIGCONT)
 
     def start_node(self, n: int, wait: bool = True) -> None:
         """Start node ``n``'s weftd again (after kill_node) and, by default, wait until ready."""

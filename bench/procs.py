@@ -60,8 +60,11 @@ def _reap(pid: int) -> None:
 
 
 def stop_processes(procs: Sequence[tuple[int, int | None]], timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM each (pid, start time) that is still that process, SIGKILL after ``timeout``."""
+    """SIGTERM each (pid, start time) that is still that process, SIGKILL after ``timeout``.
+    SIGCONT follows the SIGTERM: a paused lab's daemons (``Lab.pause``) must run to exit."""
     live = [(pid, start) for pid, start in procs if _signal(pid, start, signal.SIGTERM)]
+    for pid, start in live:
+        _signal(pid, start, signal.SIGCONT)
     deadline = time.monotonic() + timeout
     while live and time.monotonic() < deadline:
         for pid, _ in live:

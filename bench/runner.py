@@ -1,8 +1,9 @@
 """``bench run``: every way of moving pod traffic, measured the same way in one sitting.
 
 For each backend (``wire/dataplane``, or ``bare`` for the underlay itself) the runner builds a
-fresh lab from the scenario with that backend, checks that every pod reaches every other pod,
-then measures pod to pod across nodes 1 and 2, ``repeat`` times, and tears the lab down. Each
+fresh lab from the scenario with that backend and checks that every pod reaches every other pod;
+every lab stays up (paused) and rounds measure each backend in turn, pod to pod across nodes 1
+and 2, ``repeat`` full runs plus ``tcp1_extra`` TCP-only ones; then every lab is torn down. Each
 probe is guarded (``measure.Guard``): one that other processes disturbed is retried, and its
 foreign CPU is recorded with the raw run. Backends that cannot run here are skipped with the
 reason. The result is one JSON document (``bench.results``).
@@ -217,9 +218,9 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str, 
     return row
 
 
-def run_backend(scenario, backend: str, plan: Plan, progress: Progress, lab_factory) -> tuple[dict, list]:
+def build_lab(scenario, backend: str, plan: Plan, progress: Progress, lab_factory):
+    """One backend's lab, up, connected and (for the gate's self-test) throttled."""
     lab = lab_factory(scenario_for(scenario, backend))
-    rows = []
     progress.show(f"{backend}: building the lab")
     lab.up()
     try:
@@ -228,25 +229,21 @@ def run_backend(scenario, backend: str, plan: Plan, progress: Progress, lab_fact
         rate = plan.throttle.get(backend)
         if rate:
             measure.throttle(src.ns, dev, rate)
-        for i in range(plan.repeat):
-            row = measure_once(lab, backend, plan, progress, f"{backend} run {i + 1}/{plan.repeat}", first=i == 0)
-            row.update(backend=backend, repeat=i + 1)
-            rows.append(row)
-            progress.show(f"{backend} run {i + 1}/{plan.repeat} done", step=True)
-        for i in range(plan.repeat, plan.repeat + plan.tcp1_extra):
-            row = measure_once(lab, backend, plan, progress, f"{backend} TCP-only run {i + 1}", tcp_only=True)
-            row.update(backend=backend, repeat=i + 1)
-            rows.append(row)
-            progress.show(f"{backend} TCP-only run {i + 1} done", step=True)
-        rss = [peak_rss_mb(n.pid) for n in lab.nodes if n.pid] if backend != BARE else []
-        extra = {"daemon_rss_mb": max([r for r in rss if r is not None], default=None),
-                 "lab": {"nodes": len(lab.nodes), "pods": len(lab.pods)}}
-    finally:
+    except BaseException:
         lab.down()
-    return extra, rows
+        raise
+    return lab
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def run(scenario, backends: list[str], plan: Plan, lab_factory=None, stream=sys.stderr) -> dict:
+    """Every backend's lab is built first and kept up (paused while another is measured); then
+    each round measures every backend once. So a backend's samples are spread over the whole run,
+    and a slow spell of the machine (README, "Noise") costs one sample of several backends instead
+    of every sample of one."""
     from .lab import Lab
     lab_factory = lab_factory or (lambda scn: Lab(scn))
     doc = results.new_document(scenario, plan)
@@ -257,22 +254,62 @@ def run(scenario, backends: list[str], plan: Plan, lab_factory=None, stream=sys.
             doc["backends"][b] = {"status": "skipped", "reason": why}
         else:
             runnable.append(b)
-    progress = Progress(len(runnable) * (plan.repeat + plan.tcp1_extra), stream)
+    rounds = plan.repeat + plan.tcp1_extra
+    progress = Progress(len(runnable) * rounds, stream)
     for b in backends:
         if b not in runnable:
             progress.show(f"{b}: skipped ({doc['backends'][b]['reason']})")
-            continue
-        t0, steps_before = time.monotonic(), progress.done
-        try:
-            extra, rows = run_backend(scenario, b, plan, progress, lab_factory)
-        except Exception as exc:  # one broken backend must not cost the others' numbers
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            doc["backends"][b] = {"status": "failed", "reason": reason}
-            progress.show(f"{b}: failed: {reason}")
-            progress.done = steps_before + plan.repeat + plan.tcp1_extra
-            continue
-        doc["runs"].extend(rows)
-        doc["backends"][b] = results.summarize(rows, extra, seconds=time.monotonic() - t0)
+    labs: dict = {}
+    rows: dict[str, list] = {b: [] for b in runnable}
+    spent: dict[str, float] = {b: 0.0 for b in runnable}
+
+    def fail(b: str, exc: BaseException) -> None:
+        # one broken backend must not cost the others' numbers
+        doc["backends"][b] = {"status": "failed", "reason": _reason(exc)}
+        progress.show(f"{b}: failed: {_reason(exc)}")
+        progress.done += rounds - len(rows[b])
+        lab = labs.pop(b, None)
+        if lab is not None:
+            lab.down()
+
+    try:
+        for b in runnable:
+            t0 = time.monotonic()
+            try:
+                labs[b] = build_lab(scenario, b, plan, progress, lab_factory)
+                labs[b].pause()
+            except Exception as exc:
+                fail(b, exc)
+            spent[b] += time.monotonic() - t0
+        for i in range(rounds):
+            tcp_only = i >= plan.repeat
+            for b in [b for b in runnable if b in labs]:
+                lab, t0 = labs[b], time.monotonic()
+                label = f"{b} {'TCP-only ' if tcp_only else ''}run {i + 1}/{rounds}"
+                lab.resume()
+                try:
+                    row = measure_once(lab, b, plan, progress, label, first=i == 0, tcp_only=tcp_only)
+                except Exception as exc:
+                    fail(b, exc)
+                    continue
+                finally:
+                    if b in labs:
+                        lab.pause()
+                    spent[b] += time.monotonic() - t0
+                row.update(backend=b, repeat=i + 1)
+                rows[b].append(row)
+                progress.show(f"{label} done", step=True)
+        for b, lab in labs.items():
+            rss = [peak_rss_mb(n.pid) for n in lab.nodes if n.pid] if b != BARE else []
+            extra = {"daemon_rss_mb": max([r for r in rss if r is not None], default=None),
+                     "lab": {"nodes": len(lab.nodes), "pods": len(lab.pods)}}
+            doc["backends"][b] = results.summarize(rows[b], extra, seconds=spent[b])
+    finally:
+        for lab in labs.values():
+            lab.down()
+    for b in runnable:  # the document keeps the order of --backends
+        doc["runs"].extend(rows[b] if doc["backends"].get(b, {}).get("status") == "ok" else [])
+    doc["backends"] = {b: doc["backends"][b] for b in backends if b in doc["backends"]}
     progress.close()
     results.add_ratios(doc)
     return doc

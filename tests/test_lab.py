@@ -20,6 +20,7 @@ import pytest
 from bench import cli
 from bench import scenario as sc
 from bench.lab import LAB_ROOT, NETNS_DIR, REPO, Lab, LabError, alive, proc_start_time
+from bench.procs import stat_fields
 
 from .conftest import needs_etcd, needs_root
 
@@ -381,6 +382,16 @@ def test_lab_builds_works_and_goes_away(tmp_path):
         assert lab.ping(lab.pods[1], node2.gateway)
         directory = lab.dir
         pids = [(n.pid, n.start) for n in lab.nodes] + [(old_pid, None)]
+
+        # pause (SIGSTOP) and resume every daemon; a paused lab still goes away promptly
+        state = lambda pid: stat_fields(pid)[0].decode()
+        lab.pause()
+        assert {state(n.pid) for n in lab.nodes} == {"T"}
+        lab.resume()
+        assert "T" not in {state(n.pid) for n in lab.nodes} and lab.ready(1)
+        lab.pause()
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 5
     _assert_gone(prefix, pids, directory)
     assert lab.down() == []  # idempotent
     _assert_root_untouched(before, prefix)
