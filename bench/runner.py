@@ -157,7 +157,7 @@ def endpoints(lab, backend: str) -> tuple[Endpoint, Endpoint, str]:
     return Endpoint(src.namespace, src.ip), Endpoint(dst.namespace, dst.ip), "eth0"
 
 
-def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str, first: bool = False,
+def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str, underlay: bool = False,
                  tcp_only: bool = False) -> dict:
     src, dst, dev = endpoints(lab, backend)
     cpus = (lab.node_cpu(1), lab.node_cpu(2)) if plan.pin else None
@@ -174,17 +174,16 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str, 
     row["core_s_per_gbit"] = guard.machine_busy_s / gbits if gbits else None
     daemon_s = sum((process_cpu(p) or 0) - (cpu0[p] or 0) for p in pids)
     row["daemon_cores"] = daemon_s / guard.seconds if pids else None
-    if tcp_only:
-        row["tcp_only"] = True
-        return row
-
-    if first and plan.underlay_samples and backend != BARE:
+    if underlay and plan.underlay_samples and backend != BARE:
         progress.show(f"{label}: TCP 1 stream, underlay (bare reference)")
         a, b = lab.node(1), lab.node(2)
         under, _ = guarded(spaces, lambda: measure.iperf3(Endpoint(a.namespace, a.public_ip),
                                                           Endpoint(b.namespace, b.public_ip),
                                                           plan.tcp1_s, cpus=cpus), "underlay", row)
         row["underlay_tcp1_gbps"] = under["gbps"]
+    if tcp_only:
+        row["tcp_only"] = True
+        return row
 
     progress.show(f"{label}: ping")
     row.update(measure.ping(src, dst.ip, plan.ping_count, plan.ping_interval, cpu=cpus[0] if cpus else None))
@@ -283,12 +282,16 @@ def run(scenario, backends: list[str], plan: Plan, lab_factory=None, stream=sys.
             spent[b] += time.monotonic() - t0
         for i in range(rounds):
             tcp_only = i >= plan.repeat
-            for b in [b for b in runnable if b in labs]:
+            for k, b in enumerate(runnable):
+                if b not in labs:
+                    continue
                 lab, t0 = labs[b], time.monotonic()
                 label = f"{b} {'TCP-only ' if tcp_only else ''}run {i + 1}/{rounds}"
                 lab.resume()
                 try:
-                    row = measure_once(lab, b, plan, progress, label, first=i == 0, tcp_only=tcp_only)
+                    # each lab's underlay sample in another round: the reference spans the run too
+                    row = measure_once(lab, b, plan, progress, label, underlay=i == k % rounds,
+                                       tcp_only=tcp_only)
                 except Exception as exc:
                     fail(b, exc)
                     continue
