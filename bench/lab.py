@@ -609,8 +609,7 @@ class Lab:
         # `ip netns exec` mounts the namespace's own sysfs, so these paths are the namespace's devices
         script = "; ".join(f"for q in /sys/class/net/{d}/queues/rx-*; do echo {mask} > $q/rps_cpus; done"
                            for d in devices)
-        result = subprocess.run(["ip", "netns", "exec", ns, "sh", "-ec", script],
-                                capture_output=True, text=True, timeout=15)
+        result = self.exec(ns, ["sh", "-ec", script], timeout=15)
         if result.returncode != 0:
             raise LabError(f"{ns}: cannot set RPS CPUs ({(result.stderr.strip() or 'failed').splitlines()[-1]}); "
                            f"set lab.node_cpus = false in the scenario")

@@ -59,28 +59,28 @@ def _reap(pid: int) -> None:
         pass
 
 
+def _wait_gone(live: list[tuple[int, int | None]], timeout: float) -> list[tuple[int, int | None]]:
+    """Reap and poll until every (pid, start time) is gone or ``timeout`` passes; the ones left."""
+    deadline = time.monotonic() + timeout
+    while live and time.monotonic() < deadline:
+        for pid, _ in live:
+            _reap(pid)
+        live = [(pid, start) for pid, start in live if alive(pid, start)]
+        if live:
+            time.sleep(0.05)
+    return live
+
+
 def stop_processes(procs: Sequence[tuple[int, int | None]], timeout: float = STOP_TIMEOUT) -> None:
     """SIGTERM each (pid, start time) that is still that process, SIGKILL after ``timeout``.
     SIGCONT follows the SIGTERM: a paused lab's daemons (``Lab.pause``) must run to exit."""
     live = [(pid, start) for pid, start in procs if _signal(pid, start, signal.SIGTERM)]
     for pid, start in live:
         _signal(pid, start, signal.SIGCONT)
-    deadline = time.monotonic() + timeout
-    while live and time.monotonic() < deadline:
-        for pid, _ in live:
-            _reap(pid)
-        live = [(pid, start) for pid, start in live if alive(pid, start)]
-        if live:
-            time.sleep(0.05)
+    live = _wait_gone(live, timeout)
     for pid, start in live:
         _signal(pid, start, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while live and time.monotonic() < deadline:
-        for pid, _ in live:
-            _reap(pid)
-        live = [(pid, start) for pid, start in live if alive(pid, start)]
-        if live:
-            time.sleep(0.05)
+    _wait_gone(live, timeout)
 
 
 def process_cpu(pid: int) -> float | None:
