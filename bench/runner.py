@@ -169,7 +169,7 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str, 
     progress.show(f"{label}: TCP 1 stream")
     cpu0 = {p: process_cpu(p) for p in pids}
     tcp1, guard = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp1_s, cpus=cpus), "tcp1", row)
-    row.update(tcp1_gbps=tcp1["gbps"], retransmits=tcp1["retransmits"])
+    row.update(tcp1_gbps=tcp1["gbps"], retransmits=tcp1["retransmits"], tcp1_write_bytes=tcp1["write_bytes"])
     gbits = tcp1["bytes"] * 8 / 1e9
     row["core_s_per_gbit"] = guard.machine_busy_s / gbits if gbits else None
     daemon_s = sum((process_cpu(p) or 0) - (cpu0[p] or 0) for p in pids)

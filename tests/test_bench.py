@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bench import gate, report, results
+from bench import gate, measure, report, results
 from bench.measure import percentile
 
 from .daemons import REPO, run_tool
@@ -164,6 +164,9 @@ def test_full_run_measures_everything(tmp_path):
         assert vx.get(key) is not None, key
     assert vx["ratio_to_vxlan_kernel"] == 1.0 and 0 < vx["ratio_to_bare"] < 1.5
     assert d["runs"] and all("tcp1_foreign_cpu_s" in run for run in d["runs"])
+    # TCP probes write a size that is not a multiple of the page size (bench/measure.py, TCP_WRITE_BYTES)
+    assert {run["tcp1_write_bytes"] for run in d["runs"]} == {measure.TCP_WRITE_BYTES}
+    assert measure.TCP_WRITE_BYTES % 4096
     # 1 full run and 2 TCP-only runs per backend; bare's reference pools its 3 with vxlan's underlay sample
     assert sorted((r["backend"], bool(r.get("tcp_only"))) for r in d["runs"]) == \
         [("bare", False)] + [("bare", True)] * 2 + [("vxlan/kernel", False)] + [("vxlan/kernel", True)] * 2
