@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("bench.commands:ReportCommand", "re-render tables and charts from a results.json"),
     "compare": ("bench.commands:CompareCommand", "two results side by side, with the change"),
     "gate": ("bench.commands:GateCommand", "exit 1 when a result regressed against a baseline"),
+    "baseline": ("bench.commands:BaselineCommand", "merge consecutive runs into a baseline (medians)"),
     "micro": ("bench.commands:MicroCommand", "micro-benchmarks (pytest-benchmark), compared as ratios"),
 }
 

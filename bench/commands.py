@@ -1,4 +1,4 @@
-"""``bench run``, ``report``, ``compare`` and ``gate`` (registered in bench.cli.COMMANDS)."""
+"""``bench run``, ``report``, ``compare``, ``gate`` and ``baseline`` (registered in bench.cli.COMMANDS)."""
 from __future__ import annotations
 
 import json
@@ -160,6 +160,28 @@ class GateCommand(Command):
             return 1
         print(f"gate: ok ({len(findings)} checks, tolerance {args.tolerance:.0%} throughput, "
               f"{args.latency_tolerance:.0%} latency)")
+        return 0
+
+
+class BaselineCommand(Command):
+    def add_arguments(self, p):
+        p.add_argument("results", nargs="+", help="results.json of consecutive runs of the same plan (3 or more)")
+        p.add_argument("--out", required=True, help="the baseline to write (e.g. bench/baselines/quick.json)")
+
+    def run(self, args) -> int:
+        from .gate import BaselineError, merge_baseline
+        try:
+            base = merge_baseline([_load(path) for path in args.results])
+        except BaselineError as exc:
+            raise Failure(str(exc)) from None
+        with open(args.out, "w") as f:
+            json.dump(base, f, indent=1)
+            f.write("\n")
+        for name, b in base["backends"].items():
+            spread = b.get("baseline_spread")
+            if spread:
+                print(f"{name:16} ratio_to_bare {b['ratio_to_bare']:.3f}  runs {spread['ratio_to_bare']}")
+        print(f"wrote {args.out} ({base['baseline']['method']})")
         return 0
 
 

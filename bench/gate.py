@@ -10,6 +10,8 @@ Default tolerances come from measured run-to-run noise on the 2-vCPU lab machine
 """
 from __future__ import annotations
 
+import copy
+import statistics
 from dataclasses import dataclass
 
 DEFAULT_TOLERANCE = 0.25
@@ -73,3 +75,44 @@ def compare_table(a: dict, b: dict, metrics: list[str]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                                enumerate(zip(r, widths))) for r in rows)
+
+
+# What a baseline keeps per backend: the gate's two ratios and what a person reads beside them.
+BASELINE_METRICS = ("ratio_to_bare", "latency_ratio_to_bare", "ratio_to_vxlan_kernel",
+                    "latency_ratio_to_vxlan_kernel", "tcp1_gbps", "rtt_p50_us", "core_s_per_gbit")
+
+
+class BaselineError(ValueError):
+    """Runs that cannot make one baseline; one line."""
+
+
+def merge_baseline(docs: list[dict]) -> dict:
+    """One baseline from several runs of the same plan: per backend, the median of each metric
+    over the runs it succeeded in (so one slow run moves nothing), the spread of the two gated
+    ratios under ``baseline_spread``, every raw run, and ``baseline`` saying how it was made."""
+    if not docs:
+        raise BaselineError("no runs given")
+    fulls = {bool(d.get("plan", {}).get("full")) for d in docs}
+    if len(fulls) > 1:
+        raise BaselineError("the runs mix --quick and full plans; a baseline compares like with like")
+    base = copy.deepcopy(docs[-1])
+    for name in {n for d in docs for n in d.get("backends", {})}:
+        ok = [d["backends"][name] for d in docs if d.get("backends", {}).get(name, {}).get("status") == "ok"]
+        if not ok:  # skipped or failed every time: keep what the last run that had it said
+            base["backends"][name] = copy.deepcopy(
+                next(d["backends"][name] for d in reversed(docs) if name in d.get("backends", {})))
+            continue
+        merged = copy.deepcopy(ok[-1])
+        for m in BASELINE_METRICS:
+            vals = [b[m] for b in ok if b.get(m) is not None]
+            if vals:
+                merged[m] = statistics.median(vals)
+        merged["baseline_spread"] = {m: [round(b.get(m) or 0.0, 3) for b in ok]
+                                     for m in ("ratio_to_bare", "latency_ratio_to_bare")}
+        merged["baseline_runs"] = len(ok)
+        base["backends"][name] = merged
+    base["runs"] = [r for d in docs for r in d.get("runs", [])]
+    base["baseline"] = {"method": f"per backend, the median of each ratio over {len(docs)} "
+                                  f"`bench run{'' if fulls == {True} else ' --quick'}` runs (bench baseline)",
+                        "created": [d.get("created") for d in docs]}
+    return base

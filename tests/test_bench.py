@@ -95,6 +95,36 @@ def test_gate_and_compare_cli(tmp_path):
     assert r.returncode == 1 and "not a bench result" in r.stderr
 
 
+def test_baseline_is_the_median_of_runs(tmp_path):
+    runs = [doc(bare=(10.0, 5.0), vxlan__kernel=(g, 10.0), udp__fastpath=(6.0, r))
+            for g, r in ((8.0, 20.0), (4.0, 40.0), (9.0, 25.0))]
+    runs[2]["backends"]["udp/fastpath"] = {"status": "failed", "reason": "engine crashed"}
+    for i, d in enumerate(runs):
+        d["plan"]["full"], d["created"] = False, f"t{i}"
+    base = gate.merge_baseline(runs)
+    vx, udp = base["backends"]["vxlan/kernel"], base["backends"]["udp/fastpath"]
+    assert vx["ratio_to_bare"] == pytest.approx(0.8) and vx["baseline_runs"] == 3  # the slow run moves nothing
+    assert vx["baseline_spread"]["ratio_to_bare"] == [0.8, 0.4, 0.9]
+    # a backend counts only in the runs it succeeded in
+    assert udp["status"] == "ok" and udp["baseline_runs"] == 2
+    assert udp["latency_ratio_to_bare"] == pytest.approx(6.0)
+    assert base["baseline"]["created"] == ["t0", "t1", "t2"] and "--quick" in base["baseline"]["method"]
+    paths = []
+    for i, d in enumerate(runs):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(d))
+    out = tmp_path / "base.json"
+    r = run_tool("bench.cli", "baseline", *map(str, paths), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["backends"]["vxlan/kernel"]["ratio_to_bare"] == pytest.approx(0.8)
+    g = run_tool("bench.cli", "gate", "--baseline", str(out), str(paths[0]))
+    assert g.returncode == 0, g.stdout + g.stderr
+    runs[0]["plan"]["full"] = True
+    paths[0].write_text(json.dumps(runs[0]))
+    r = run_tool("bench.cli", "baseline", *map(str, paths), "--out", str(out))
+    assert r.returncode == 1 and "mix --quick and full" in r.stderr
+
+
 def test_report_renders_tables_and_charts(tmp_path):
     d = doc(bare=(10.0, 5.0), vxlan__kernel=(8.0, 10.0))
     d["backends"]["vxlan/ebpf"] = {"status": "skipped", "reason": "needs bcc"}
