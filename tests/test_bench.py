@@ -197,10 +197,11 @@ def test_full_run_measures_everything(tmp_path):
     # TCP probes write a size that is not a multiple of the page size (bench/measure.py, TCP_WRITE_BYTES)
     assert {run["tcp1_write_bytes"] for run in d["runs"]} == {measure.TCP_WRITE_BYTES}
     assert measure.TCP_WRITE_BYTES % 4096
-    # 1 full run and 2 TCP-only runs per backend; bare's reference pools its 3 with vxlan's underlay sample
+    # 1 full run and 4 TCP-only runs per backend; bare's reference pools its 5 with vxlan's underlay sample
     assert sorted((r["backend"], bool(r.get("tcp_only"))) for r in d["runs"]) == \
-        [("bare", False)] + [("bare", True)] * 2 + [("vxlan/kernel", False)] + [("vxlan/kernel", True)] * 2
-    assert d["backends"]["bare"]["tcp1_samples"] == 4 and d["backends"]["vxlan/kernel"]["runs"] == 3
+        [("bare", False)] + [("bare", True)] * 4 + [("vxlan/kernel", False)] + [("vxlan/kernel", True)] * 4
+    assert d["backends"]["bare"]["tcp1_samples"] == 6 and d["backends"]["vxlan/kernel"]["runs"] == 5
+    assert d["plan"]["tcp1_s"] == 1.5
     for name in ("results.md", "throughput.png", "latency.png", "cpu.png"):
         assert (tmp_path / name).exists(), name
     assert "vxlan/kernel" in r.stdout and "×bare" in r.stdout
