@@ -165,7 +165,7 @@ class GateCommand(Command):
 
 class BaselineCommand(Command):
     def add_arguments(self, p):
-        p.add_argument("results", nargs="+", help="results.json of consecutive runs of the same plan (3 or more)")
+        p.add_argument("results", nargs="+", help="results.json of consecutive runs of the same plan (the committed baseline merges 3)")
         p.add_argument("--out", required=True, help="the baseline to write (e.g. bench/baselines/quick.json)")
 
     def run(self, args) -> int:
