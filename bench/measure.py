@@ -158,11 +158,13 @@ class Iperf3Server:
                 self.proc.wait()
 
 
-def iperf3(src: Endpoint, dst: Endpoint, seconds: float, streams: int = 1, udp_rate: str = "",
+def iperf3(src: Endpoint, dst: Endpoint, seconds: int, streams: int = 1, udp_rate: str = "",
            length: int = 0, cpus: tuple[int, int] | None = None) -> dict:
     """One iperf3 test; TCP by default, UDP at ``udp_rate`` (e.g. "500M", "0" = unlimited).
     ``cpus``: pin the client and the server to these CPUs."""
-    argv = ["iperf3", "-c", dst.ip, "-p", str(IPERF_PORT), "-t", f"{seconds:g}", "-J", "-P", str(streams)]
+    if seconds < 1 or seconds != int(seconds):  # iperf3 parses -t with atoi: "1.5" runs 1 s
+        raise ValueError(f"iperf3 runs whole seconds, not {seconds!r}")
+    argv = ["iperf3", "-c", dst.ip, "-p", str(IPERF_PORT), "-t", str(int(seconds)), "-J", "-P", str(streams)]
     if udp_rate:
         argv += ["-u", "-b", udp_rate]
     length = length or (0 if udp_rate else TCP_WRITE_BYTES)

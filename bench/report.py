@@ -49,8 +49,12 @@ def rows(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
             continue
         body.append([name] + [_cell(b, k, f) for k, _, f in COLUMNS])
         if b.get("tcp1_samples"):
-            notes.append(f"{name}: TCP x1 is the median of {b['tcp1_samples']} underlay samples, one from "
+            notes.append(f"{name}: TCP x1 is the median of {b['tcp1_samples']} underlay samples, taken in "
                          f"every backend's lab (its own lab's median: {b.get('tcp1_gbps_own_lab') or 0:.2f})")
+        if b.get("ratio_to_bare_spell_pairs"):
+            notes.append(f"{name}: ×bare is the median of {b['ratio_to_bare_pairs']} sample pairs; "
+                         f"{b['ratio_to_bare_spell_pairs']} taken in a slow spell of the host "
+                         f"{'are left out' if b.get('ratio_to_bare_spell_left_out') else 'are in (too few others)'}")
     return heads, body, notes
 
 

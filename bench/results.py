@@ -12,7 +12,7 @@ import os
 import platform
 import subprocess
 
-from .measure import median
+from .measure import median, percentile
 
 SCHEMA = "weft-bench/1"
 # Medians reported per backend: the issue's list, in table order.
@@ -88,8 +88,8 @@ def summarize(rows: list[dict], extra: dict, seconds: float) -> dict:
 
 def pool_underlay(doc: dict) -> None:
     """bare's TCP x1 := the median of every undisturbed underlay sample of the run: its own lab's
-    runs plus the one each backend's lab takes (``underlay_tcp1_gbps``). One lab's median of 3
-    moved by up to 15 % between runs; the reference of every ratio_to_bare needs to move less."""
+    runs plus the one each backend's lab takes after each of its TCP x1 samples
+    (``underlay_tcp1_gbps``). One lab's median of 3 moved by up to 15 % between runs."""
     bare = doc["backends"].get("bare")
     if not bare or bare.get("status") != "ok" or "tcp1_samples" in bare:
         return  # (already pooled)
@@ -102,16 +102,63 @@ def pool_underlay(doc: dict) -> None:
         bare["tcp1_samples"] = len(samples)
 
 
+# A sample pair whose underlay half ran below this fraction of the run's typical underlay speed was
+# taken in one of the host's slow spells (README, "Noise"): every path slows then, but not in
+# proportion (a userspace engine's pair ratio rose from 0.63 to 0.73 in one), so such pairs are
+# left out of a backend's paired ratio while at least MIN_CALM_PAIRS others remain.
+SPELL_FRACTION = 0.8
+MIN_CALM_PAIRS = 3
+
+
+def underlay_typical(doc: dict) -> float | None:
+    """The run's typical undisturbed underlay speed: the 75th percentile of all its samples (a
+    slow spell can take up to half of them and not move it)."""
+    samples = [r["underlay_tcp1_gbps"] for r in doc["runs"]
+               if r.get("underlay_tcp1_gbps") and not r.get("underlay_disturbed")]
+    samples += [r["tcp1_gbps"] for r in doc["runs"]
+                if r.get("backend") == "bare" and r.get("tcp1_gbps") and not r.get("tcp1_disturbed")]
+    return percentile(samples, 0.75) if samples else None
+
+
+def paired_ratio(doc: dict, name: str) -> dict | None:
+    """``name``'s TCP x1 over the underlay, sample by sample: each of its samples divided by the
+    underlay sample its lab took right after it (``underlay_tcp1_gbps``), then the median. A pair
+    spans ~2 s, a slow spell of the host 10-20 s, so both halves mostly see the same machine."""
+    pairs = [r for r in doc["runs"] if r.get("backend") == name and r.get("tcp1_gbps")
+             and r.get("underlay_tcp1_gbps") and not r.get("tcp1_disturbed")
+             and not r.get("underlay_disturbed")]
+    if not pairs:
+        return None
+    typical = underlay_typical(doc)
+    calm = [r for r in pairs if r["underlay_tcp1_gbps"] >= SPELL_FRACTION * typical]
+    use = calm if len(calm) >= MIN_CALM_PAIRS else pairs
+    return {"ratio": median(r["tcp1_gbps"] / r["underlay_tcp1_gbps"] for r in use),
+            "pairs": len(use), "spell_pairs": len(pairs) - len(calm), "spell_left_out": use is calm}
+
+
 def add_ratios(doc: dict) -> None:
-    """Throughput and latency relative to baselines measured in the same run."""
+    """Throughput and latency relative to baselines measured in the same run.
+
+    ``ratio_to_bare`` is the backend's paired ratio when its lab took underlay samples (every
+    ``bench run`` does), else its TCP x1 median over bare's; ``ratio_to_vxlan_kernel`` divides the
+    two backends' ``ratio_to_bare`` where both exist, so it is paired too."""
     pool_underlay(doc)
-    backends = doc["backends"]
-    for base, key in BASELINES.items():
-        ref = backends.get(base, {})
-        for name, b in backends.items():
-            if b.get("status") != "ok":
-                continue
-            t, rt = b.get("tcp1_gbps"), ref.get("tcp1_gbps") if ref.get("status") == "ok" else None
-            b[key] = (t / rt) if t and rt else None
-            lat, rlat = b.get("rtt_p50_us"), ref.get("rtt_p50_us") if ref.get("status") == "ok" else None
-            b["latency_" + key] = (lat / rlat) if lat and rlat else None
+    ok = {n: b for n, b in doc["backends"].items() if b.get("status") == "ok"}
+    bare, vxlan = ok.get("bare", {}), ok.get("vxlan/kernel", {})
+    for name, b in ok.items():
+        paired = paired_ratio(doc, name) if name != "bare" else None
+        if paired:
+            b["ratio_to_bare"] = paired["ratio"]
+            b["ratio_to_bare_pairs"], b["ratio_to_bare_spell_pairs"] = paired["pairs"], paired["spell_pairs"]
+            b["ratio_to_bare_spell_left_out"] = paired["spell_left_out"] and paired["spell_pairs"] > 0
+        else:
+            b["ratio_to_bare"] = _div(b.get("tcp1_gbps"), bare.get("tcp1_gbps"))
+    for b in ok.values():
+        b["ratio_to_vxlan_kernel"] = (_div(b.get("ratio_to_bare"), vxlan.get("ratio_to_bare"))
+                                      or _div(b.get("tcp1_gbps"), vxlan.get("tcp1_gbps")))
+        for base, key in ((bare, "ratio_to_bare"), (vxlan, "ratio_to_vxlan_kernel")):
+            b["latency_" + key] = _div(b.get("rtt_p50_us"), base.get("rtt_p50_us"))
+
+
+def _div(a, b):
+    return a / b if a and b else None

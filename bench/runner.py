@@ -3,7 +3,8 @@
 For each backend (``wire/dataplane``, or ``bare`` for the underlay itself) the runner builds a
 fresh lab from the scenario with that backend and checks that every pod reaches every other pod;
 every lab stays up (paused) and rounds measure each backend in turn, pod to pod across nodes 1
-and 2, ``repeat`` full runs plus ``tcp1_extra`` TCP-only ones; then every lab is torn down. Each
+and 2, ``repeat`` full runs plus ``tcp1_extra`` TCP-only ones, each TCP x1 sample followed by
+its underlay twin in the same lab (``bench.results.paired_ratio``); then every lab is torn down. Each
 probe is guarded (``measure.Guard``): one that other processes disturbed is retried, and its
 foreign CPU is recorded with the raw run. Backends that cannot run here are skipped with the
 reason. The result is one JSON document (``bench.results``).
@@ -34,32 +35,34 @@ class Plan:
     """How long each probe runs and which run; --quick keeps what the CI gate needs."""
     repeat: int = 3
     # TCP x1 samples beyond the full runs (TCP-only runs): its median is over repeat + tcp1_extra.
-    # In a noisy spell of the shared machine, isolated 2 s samples of every data path (bare too)
-    # land 30-45 % low, up to 1 in 3 (README, "Noise"); a median of 5 took three such samples in one
-    # run, so the default run takes 7 shorter ones (a TCP-only round costs ~13 s for 7 backends).
-    # The quick plan (the CI gate, its committed baseline) keeps 5 of 2 s.
+    # In a noisy spell of the shared machine, isolated samples of every data path (bare too) land
+    # 30-45 % low, up to 1 in 3 (README, "Noise"); a median of 5 took three such samples in one
+    # run, so the default run takes 7 of 1 s (a TCP-only round, with the underlay twins, costs
+    # ~14 s for 7 backends). The quick plan (the CI gate, its committed baseline) keeps 5 of 2 s.
     tcp1_extra: int = 4
-    tcp1_s: float = 1.5
-    tcp4_s: float = 1.5
-    udp_s: float = 1.0
+    # Probe durations in whole seconds: iperf3 (3.12) reads -t as an integer.
+    tcp1_s: int = 1
+    tcp4_s: int = 1
+    udp_s: int = 1
     udp_rate: str = "300M"
-    pps_s: float = 1.0
+    pps_s: int = 1
     ping_count: int = 150
     ping_interval: float = 0.004
-    rr_s: float = 1.0
-    nooffload_s: float = 1.0
+    rr_s: int = 1
+    nooffload_s: int = 1
     full: bool = True
     # The sender and the receiver on their node's CPU (the lab's node_cpus; README, "One CPU per
     # node"). On 2 vCPUs the scheduler otherwise picks a different layout per run, and throughput with it.
     pin: bool = True
-    # One underlay (node 1 -> node 2) TCP sample in every backend's lab: bare's TCP x1, the
-    # reference every ratio_to_bare divides by, is the median of all of them (README, "Ratios").
+    # Right after each TCP x1 sample, the same probe over the underlay (node 1 -> node 2) in the
+    # same lab: a backend's ratio_to_bare is the median of its sample pairs, so a slow spell of the
+    # host that outlasts a pair moves both halves (README, "Ratios").
     underlay_samples: bool = True
     throttle: dict = field(default_factory=dict)  # backend -> tbf rate on the sending pod (gate self-test)
 
     @classmethod
     def quick(cls, repeat: int = 3) -> "Plan":
-        return cls(repeat=repeat, tcp1_extra=2, tcp1_s=2.0, ping_count=100, full=False)
+        return cls(repeat=repeat, tcp1_extra=2, tcp1_s=2, ping_count=100, full=False)
 
 
 class Progress:
@@ -158,7 +161,7 @@ def endpoints(lab, backend: str) -> tuple[Endpoint, Endpoint, str]:
     return Endpoint(src.namespace, src.ip), Endpoint(dst.namespace, dst.ip), "eth0"
 
 
-def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str, underlay: bool = False,
+def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str,
                  tcp_only: bool = False) -> dict:
     src, dst, dev = endpoints(lab, backend)
     cpus = (lab.node_cpu(1), lab.node_cpu(2)) if plan.pin else None
@@ -175,8 +178,8 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str, 
     row["core_s_per_gbit"] = guard.machine_busy_s / gbits if gbits else None
     daemon_s = sum((process_cpu(p) or 0) - (cpu0[p] or 0) for p in pids)
     row["daemon_cores"] = daemon_s / guard.seconds if pids else None
-    if underlay and plan.underlay_samples and backend != BARE:
-        progress.show(f"{label}: TCP 1 stream, underlay (bare reference)")
+    if plan.underlay_samples and backend != BARE:
+        progress.show(f"{label}: TCP 1 stream, its underlay twin")
         a, b = lab.node(1), lab.node(2)
         under, _ = guarded(spaces, lambda: measure.iperf3(Endpoint(a.namespace, a.public_ip),
                                                           Endpoint(b.namespace, b.public_ip),
@@ -283,16 +286,14 @@ def run(scenario, backends: list[str], plan: Plan, lab_factory=None, stream=sys.
             spent[b] += time.monotonic() - t0
         for i in range(rounds):
             tcp_only = i >= plan.repeat
-            for k, b in enumerate(runnable):
+            for b in runnable:
                 if b not in labs:
                     continue
                 lab, t0 = labs[b], time.monotonic()
                 label = f"{b} {'TCP-only ' if tcp_only else ''}run {i + 1}/{rounds}"
                 lab.resume()
                 try:
-                    # each lab's underlay sample in another round: the reference spans the run too
-                    row = measure_once(lab, b, plan, progress, label, underlay=i == k % rounds,
-                                       tcp_only=tcp_only)
+                    row = measure_once(lab, b, plan, progress, label, tcp_only=tcp_only)
                 except Exception as exc:
                     fail(b, exc)
                     continue

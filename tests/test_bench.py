@@ -36,6 +36,12 @@ def test_percentile_and_summary():
     assert s["tcp1_gbps"] == 10.5 and s["disturbed_runs"] == 1 and s["daemon_rss_mb"] == 40
 
 
+def test_iperf3_takes_whole_seconds():
+    # iperf3 reads -t with atoi: a plan saying 1.5 s would silently measure 1 s
+    with pytest.raises(ValueError, match="whole seconds"):
+        measure.iperf3(measure.Endpoint("nons", "198.18.0.1"), measure.Endpoint("nons", "198.18.0.2"), 1.5)
+
+
 def test_ratios_in_one_run():
     d = doc(bare=(10.0, 5.0), vxlan__kernel=(8.0, 10.0), host_gw__kernel=(9.5, 6.0))
     assert d["backends"]["vxlan/kernel"]["ratio_to_bare"] == pytest.approx(0.8)
@@ -56,9 +62,43 @@ def test_bare_reference_pools_every_underlay_sample_of_the_run():
     bare = d["backends"]["bare"]
     # median of 10, 7, 10.5, 12, 11: the disturbed sample is left out
     assert (bare["tcp1_gbps"], bare["tcp1_samples"], bare["tcp1_gbps_own_lab"]) == (10.5, 5, 10.0)
-    assert d["backends"]["vxlan/kernel"]["ratio_to_bare"] == pytest.approx(8.0 / 10.5)
+    # vxlan/kernel's one sample pair: its ratio divides by the underlay sample taken beside it
+    assert d["backends"]["vxlan/kernel"]["ratio_to_bare"] == pytest.approx(8.0 / 12.0)
     results.add_ratios(d)  # idempotent
     assert (bare["tcp1_gbps"], bare["tcp1_gbps_own_lab"]) == (10.5, 10.0)
+
+
+def test_ratio_to_bare_pairs_each_sample_with_the_underlay_sample_beside_it():
+    """A slow spell of the host slows a sample and its underlay twin alike: the paired ratio does
+    not move, while a ratio of medians would. Pairs taken in a spell are left out when enough
+    others remain, and ratio_to_vxlan_kernel divides the paired ratios."""
+    d = doc(bare=(13.0, 5.0), vxlan__kernel=(0, 10.0), udp__fastpath=(0, 20.0))
+    d["runs"] = [{"backend": "bare", "tcp1_gbps": g} for g in (13.0, 13.2, 8.0)]
+    # vxlan/kernel: 3 calm pairs at 0.9, two in a spell where the paths bunch together (0.95)
+    d["runs"] += [{"backend": "vxlan/kernel", "tcp1_gbps": 0.9 * u, "underlay_tcp1_gbps": u}
+                  for u in (13.0, 12.8, 13.1)]
+    d["runs"] += [{"backend": "vxlan/kernel", "tcp1_gbps": 0.95 * u, "underlay_tcp1_gbps": u} for u in (8.0, 7.9)]
+    # udp/fastpath: most of its samples in a spell; too few calm pairs, so every pair counts
+    d["runs"] += [{"backend": "udp/fastpath", "tcp1_gbps": 0.65 * u, "underlay_tcp1_gbps": u}
+                  for u in (13.0, 8.0, 7.9, 8.1)]
+    # a disturbed pair is never used
+    d["runs"] += [{"backend": "udp/fastpath", "tcp1_gbps": 1.0, "underlay_tcp1_gbps": 13.0, "tcp1_disturbed": True}]
+    for b in d["backends"].values():
+        b.pop("tcp1_samples", None)
+    results.add_ratios(d)
+    vx, udp = d["backends"]["vxlan/kernel"], d["backends"]["udp/fastpath"]
+    assert vx["ratio_to_bare"] == pytest.approx(0.9)
+    assert (vx["ratio_to_bare_pairs"], vx["ratio_to_bare_spell_pairs"], vx["ratio_to_bare_spell_left_out"]) == \
+        (3, 2, True)
+    assert udp["ratio_to_bare"] == pytest.approx(0.65)
+    assert (udp["ratio_to_bare_pairs"], udp["ratio_to_bare_spell_pairs"], udp["ratio_to_bare_spell_left_out"]) == \
+        (4, 3, False)
+    assert udp["ratio_to_vxlan_kernel"] == pytest.approx(0.65 / 0.9)
+    assert d["backends"]["bare"]["ratio_to_bare"] == 1.0
+    notes = report.rows(d)[2]
+    assert any("vxlan/kernel: ×bare is the median of 3 sample pairs; 2 taken in a slow spell" in n and
+               "left out" in n for n in notes)
+    assert any("udp/fastpath" in n and "too few others" in n for n in notes)
 
 
 def test_gate_bites_on_ratio_not_absolute_numbers():
@@ -197,11 +237,15 @@ def test_full_run_measures_everything(tmp_path):
     # TCP probes write a size that is not a multiple of the page size (bench/measure.py, TCP_WRITE_BYTES)
     assert {run["tcp1_write_bytes"] for run in d["runs"]} == {measure.TCP_WRITE_BYTES}
     assert measure.TCP_WRITE_BYTES % 4096
-    # 1 full run and 4 TCP-only runs per backend; bare's reference pools its 5 with vxlan's underlay sample
+    # 1 full run and 4 TCP-only runs per backend; every vxlan/kernel sample is paired with an
+    # underlay sample, and bare's reference pools its own 5 with those 5
     assert sorted((r["backend"], bool(r.get("tcp_only"))) for r in d["runs"]) == \
         [("bare", False)] + [("bare", True)] * 4 + [("vxlan/kernel", False)] + [("vxlan/kernel", True)] * 4
-    assert d["backends"]["bare"]["tcp1_samples"] == 6 and d["backends"]["vxlan/kernel"]["runs"] == 5
-    assert d["plan"]["tcp1_s"] == 1.5
+    assert d["backends"]["bare"]["tcp1_samples"] == 10 and vx["runs"] == 5
+    assert all(r.get("underlay_tcp1_gbps") for r in d["runs"] if r["backend"] == "vxlan/kernel")
+    assert vx["ratio_to_bare_pairs"] + (vx["ratio_to_bare_spell_pairs"] if vx["ratio_to_bare_spell_left_out"]
+                                        else 0) <= 5
+    assert d["plan"]["tcp1_s"] == 1
     for name in ("results.md", "throughput.png", "latency.png", "cpu.png"):
         assert (tmp_path / name).exists(), name
     assert "vxlan/kernel" in r.stdout and "×bare" in r.stdout

@@ -86,13 +86,8 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):
         super().__init__(config, iface, options)
-        self.vni = config.backend.vni
-        self.port = config.backend.effective_port
-        self.dev_name = f"flannel.{self.vni}"
+        self._init_vxlan_device(config, iface)
         self.bridge = str(options.extra.get("pod_bridge", POD_BRIDGE)) if options.extra else POD_BRIDGE
-        self.local = iface.address or iface.public_ip
-        self.vtep_mac: str | None = None
-        self.lease: Lease | None = None
         self.progs = None  # fastpath.bpf.Programs, compiled on first setup
         self.cfg_flags: int | None = None
         self._peers: dict[ipaddress.IPv4Network, tuple[ipaddress.IPv4Address, str]] = {}

@@ -79,12 +79,7 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):
         super().__init__(config, iface, options)
-        self.vni = config.backend.vni
-        self.port = config.backend.effective_port
-        self.dev_name = f"flannel.{self.vni}"
-        self.local = iface.address or iface.public_ip
-        self.vtep_mac: str | None = None
-        self.lease: Lease | None = None
+        self._init_vxlan_device(config, iface)
         self._l2_net: ipaddress.IPv4Network | None = None
         self._peers: dict[ipaddress.IPv4Network, _Peer] = {}
         self._failed: set[ipaddress.IPv4Network] = set()

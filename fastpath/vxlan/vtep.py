@@ -42,6 +42,16 @@ def lease_mac(lease: Lease | None) -> str | None:
 class VtepIdentity:
     """Mixin for a NetlinkBackend with ``vni``, ``dev_name`` and ``vtep_mac`` (None until chosen)."""
 
+    def _init_vxlan_device(self, config, iface) -> None:
+        """For the backends that own the kernel device ``flannel.<VNI>`` (vxlan/kernel, vxlan/ebpf):
+        its VNI, UDP port, name and local underlay address, as flannel names them."""
+        self.vni = config.backend.vni
+        self.port = config.backend.effective_port
+        self.dev_name = f"flannel.{self.vni}"
+        self.local = iface.address or iface.public_ip
+        self.vtep_mac: str | None = None
+        self.lease: Lease | None = None
+
     def lease_attrs(self, previous: Lease | None) -> LeaseAttrs:
         with self._lock:
             if self.vtep_mac is None:
