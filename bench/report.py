@@ -52,9 +52,10 @@ def rows(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
             notes.append(f"{name}: TCP x1 is the median of {b['tcp1_samples']} underlay samples, taken in "
                          f"every backend's lab (its own lab's median: {b.get('tcp1_gbps_own_lab') or 0:.2f})")
         if b.get("ratio_to_bare_spell_pairs"):
+            n = b["ratio_to_bare_spell_pairs"]
             notes.append(f"{name}: ×bare is the median of {b['ratio_to_bare_pairs']} sample pairs; "
-                         f"{b['ratio_to_bare_spell_pairs']} taken in a slow spell of the host "
-                         f"{'are left out' if b.get('ratio_to_bare_spell_left_out') else 'are in (too few others)'}")
+                         f"{n} taken in a slow spell of the host {'is' if n == 1 else 'are'} "
+                         f"{'left out' if b.get('ratio_to_bare_spell_left_out') else 'in (too few others)'}")
     return heads, body, notes
 
 
