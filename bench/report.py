@@ -39,6 +39,18 @@ def _runs(plan: dict) -> str:
     return f"{repeat} runs" + (f" (TCP x1: {repeat + extra})" if extra and repeat != "?" else "")
 
 
+def _pairs_note(p: dict) -> str:
+    """How a backend's paired ratio_to_bare was taken, when the host's slow spells touched it."""
+    mixed = f"{p['mixed']} with one half in a slow spell of the host"
+    if p["used"] == "calm":
+        return (f"is the median of its {p['calm']} calm sample pairs; left out: {mixed}, "
+                f"{p['spell']} inside a spell")
+    if p["used"] == "calm+spell":
+        return f"is the median of {p['calm']} calm and {p['spell']} spell pairs (too few calm); left out: {mixed}"
+    return (f"is its median over the underlay's: spells cut its pairs to pieces ({p['calm']} calm, "
+            f"{p['spell']} spell, {p['mixed']} mixed)")
+
+
 def rows(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
     """Headings, one row per measured backend, and a note per skipped or failed one."""
     heads = ["backend"] + [h for _, h, _ in COLUMNS]
@@ -51,11 +63,9 @@ def rows(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
         if b.get("tcp1_samples"):
             notes.append(f"{name}: TCP x1 is the median of {b['tcp1_samples']} underlay samples, taken in "
                          f"every backend's lab (its own lab's median: {b.get('tcp1_gbps_own_lab') or 0:.2f})")
-        if b.get("ratio_to_bare_spell_pairs"):
-            n = b["ratio_to_bare_spell_pairs"]
-            notes.append(f"{name}: ×bare is the median of {b['ratio_to_bare_pairs']} sample pairs; "
-                         f"{n} taken in a slow spell of the host {'is' if n == 1 else 'are'} "
-                         f"{'left out' if b.get('ratio_to_bare_spell_left_out') else 'in (too few others)'}")
+        pairs = b.get("ratio_to_bare_pairs")
+        if isinstance(pairs, dict) and (pairs.get("spell") or pairs.get("mixed")):
+            notes.append(f"{name}: ×bare {_pairs_note(pairs)}")
     return heads, body, notes
 
 

@@ -102,38 +102,49 @@ def pool_underlay(doc: dict) -> None:
         bare["tcp1_samples"] = len(samples)
 
 
-# A sample pair whose underlay half ran below this fraction of the run's typical underlay speed was
-# taken in one of the host's slow spells (README, "Noise"): every path slows then, but not in
-# proportion (a userspace engine's pair ratio rose from 0.63 to 0.73 in one), so such pairs are
-# left out of a backend's paired ratio while at least MIN_CALM_PAIRS others remain.
+# A TCP x1 sample below this fraction of its series' typical speed (the 75th percentile of the
+# backend's own samples, or of the run's underlay samples) was taken in one of the host's slow
+# spells (README, "Noise"). A spell can outlast a pair (both halves slow) or begin or end inside
+# it (one half slow: that pair's ratio says nothing), and in a spell the paths do not slow in
+# proportion (a userspace engine's pair ratio rose from 0.63 to 0.73 in one).
 SPELL_FRACTION = 0.8
-MIN_CALM_PAIRS = 3
+MIN_PAIRS = 3
 
 
-def underlay_typical(doc: dict) -> float | None:
-    """The run's typical undisturbed underlay speed: the 75th percentile of all its samples (a
-    slow spell can take up to half of them and not move it)."""
+def _underlay_samples(doc: dict) -> list[float]:
+    """Every undisturbed underlay TCP x1 sample of the run: the backends' twins and bare's own."""
     samples = [r["underlay_tcp1_gbps"] for r in doc["runs"]
                if r.get("underlay_tcp1_gbps") and not r.get("underlay_disturbed")]
-    samples += [r["tcp1_gbps"] for r in doc["runs"]
-                if r.get("backend") == "bare" and r.get("tcp1_gbps") and not r.get("tcp1_disturbed")]
-    return percentile(samples, 0.75) if samples else None
+    return samples + [r["tcp1_gbps"] for r in doc["runs"]
+                      if r.get("backend") == "bare" and r.get("tcp1_gbps") and not r.get("tcp1_disturbed")]
 
 
 def paired_ratio(doc: dict, name: str) -> dict | None:
-    """``name``'s TCP x1 over the underlay, sample by sample: each of its samples divided by the
-    underlay sample its lab took right after it (``underlay_tcp1_gbps``), then the median. A pair
-    spans ~2 s, a slow spell of the host 10-20 s, so both halves mostly see the same machine."""
-    pairs = [r for r in doc["runs"] if r.get("backend") == name and r.get("tcp1_gbps")
-             and r.get("underlay_tcp1_gbps") and not r.get("tcp1_disturbed")
-             and not r.get("underlay_disturbed")]
+    """``name``'s TCP x1 over the underlay, pair by pair: each of its samples divided by the
+    underlay sample its lab took right after it (``underlay_tcp1_gbps``), ~2 s apart.
+
+    Pairs are ``calm`` (both halves at their series' usual speed), ``spell`` (both slow: a spell
+    of the host outlasted the pair) or ``mixed`` (one half slow). The ratio is the median over
+    the calm pairs when there are MIN_PAIRS of them, else over calm and spell pairs, else (a run
+    that spells cut to pieces) the backend's median over the run's underlay median."""
+    pairs = [(r["tcp1_gbps"], r["underlay_tcp1_gbps"]) for r in doc["runs"]
+             if r.get("backend") == name and r.get("tcp1_gbps") and r.get("underlay_tcp1_gbps")
+             and not r.get("tcp1_disturbed") and not r.get("underlay_disturbed")]
     if not pairs:
         return None
-    typical = underlay_typical(doc)
-    calm = [r for r in pairs if r["underlay_tcp1_gbps"] >= SPELL_FRACTION * typical]
-    use = calm if len(calm) >= MIN_CALM_PAIRS else pairs
-    return {"ratio": median(r["tcp1_gbps"] / r["underlay_tcp1_gbps"] for r in use),
-            "pairs": len(use), "spell_pairs": len(pairs) - len(calm), "spell_left_out": use is calm}
+    underlay = _underlay_samples(doc)
+    slow_under = SPELL_FRACTION * percentile(underlay, 0.75)
+    slow_own = SPELL_FRACTION * percentile([t for t, _ in pairs], 0.75)
+    kinds: dict[str, list] = {"calm": [], "spell": [], "mixed": []}
+    for t, u in pairs:
+        a, b = t < slow_own, u < slow_under
+        kinds["spell" if a and b else "mixed" if a or b else "calm"].append(t / u)
+    counts = {k: len(v) for k, v in kinds.items()}
+    if counts["calm"] >= MIN_PAIRS:
+        return {"ratio": median(kinds["calm"]), "used": "calm", **counts}
+    if counts["calm"] + counts["spell"] >= MIN_PAIRS:
+        return {"ratio": median(kinds["calm"] + kinds["spell"]), "used": "calm+spell", **counts}
+    return {"ratio": median(t for t, _ in pairs) / median(underlay), "used": "medians", **counts}
 
 
 def add_ratios(doc: dict) -> None:
@@ -148,9 +159,8 @@ def add_ratios(doc: dict) -> None:
     for name, b in ok.items():
         paired = paired_ratio(doc, name) if name != "bare" else None
         if paired:
-            b["ratio_to_bare"] = paired["ratio"]
-            b["ratio_to_bare_pairs"], b["ratio_to_bare_spell_pairs"] = paired["pairs"], paired["spell_pairs"]
-            b["ratio_to_bare_spell_left_out"] = paired["spell_left_out"] and paired["spell_pairs"] > 0
+            b["ratio_to_bare"] = paired.pop("ratio")
+            b["ratio_to_bare_pairs"] = paired
         else:
             b["ratio_to_bare"] = _div(b.get("tcp1_gbps"), bare.get("tcp1_gbps"))
     for b in ok.values():

@@ -62,43 +62,51 @@ def test_bare_reference_pools_every_underlay_sample_of_the_run():
     bare = d["backends"]["bare"]
     # median of 10, 7, 10.5, 12, 11: the disturbed sample is left out
     assert (bare["tcp1_gbps"], bare["tcp1_samples"], bare["tcp1_gbps_own_lab"]) == (10.5, 5, 10.0)
-    # vxlan/kernel's one sample pair: its ratio divides by the underlay sample taken beside it
-    assert d["backends"]["vxlan/kernel"]["ratio_to_bare"] == pytest.approx(8.0 / 12.0)
+    # one sample pair is too few to pair: vxlan/kernel's median over the run's underlay median
+    assert d["backends"]["vxlan/kernel"]["ratio_to_bare"] == pytest.approx(8.0 / 10.5)
     results.add_ratios(d)  # idempotent
     assert (bare["tcp1_gbps"], bare["tcp1_gbps_own_lab"]) == (10.5, 10.0)
 
 
 def test_ratio_to_bare_pairs_each_sample_with_the_underlay_sample_beside_it():
-    """A slow spell of the host slows a sample and its underlay twin alike: the paired ratio does
-    not move, while a ratio of medians would. Pairs taken in a spell are left out when enough
-    others remain, and ratio_to_vxlan_kernel divides the paired ratios."""
-    d = doc(bare=(13.0, 5.0), vxlan__kernel=(0, 10.0), udp__fastpath=(0, 20.0))
+    """A slow spell of the host that outlasts a pair slows both halves alike; one that begins or
+    ends inside it slows one half, and that pair says nothing. The ratio is the median of the calm
+    pairs, of calm and spell pairs when calm ones are too few, and the run's medians when spells
+    cut every pair; ratio_to_vxlan_kernel divides the paired ratios."""
+    d = doc(bare=(13.0, 5.0), vxlan__kernel=(0, 10.0), udp__fastpath=(0, 20.0), vxlan__ebpf=(0, 8.0))
     d["runs"] = [{"backend": "bare", "tcp1_gbps": g} for g in (13.0, 13.2, 8.0)]
-    # vxlan/kernel: 3 calm pairs at 0.9, two in a spell where the paths bunch together (0.95)
-    d["runs"] += [{"backend": "vxlan/kernel", "tcp1_gbps": 0.9 * u, "underlay_tcp1_gbps": u}
-                  for u in (13.0, 12.8, 13.1)]
-    d["runs"] += [{"backend": "vxlan/kernel", "tcp1_gbps": 0.95 * u, "underlay_tcp1_gbps": u} for u in (8.0, 7.9)]
-    # udp/fastpath: most of its samples in a spell; too few calm pairs, so every pair counts
-    d["runs"] += [{"backend": "udp/fastpath", "tcp1_gbps": 0.65 * u, "underlay_tcp1_gbps": u}
-                  for u in (13.0, 8.0, 7.9, 8.1)]
+
+    def pairs(backend, *samples, **extra):
+        d["runs"].extend({"backend": backend, "tcp1_gbps": t, "underlay_tcp1_gbps": u, **extra}
+                         for t, u in samples)
+
+    # vxlan/kernel: 3 calm pairs at 0.9; one spell pair (0.95); two mixed (0.6, 1.4)
+    pairs("vxlan/kernel", (11.7, 13.0), (11.52, 12.8), (11.79, 13.1), (7.6, 8.0), (7.8, 13.0), (11.9, 8.5))
+    # udp/fastpath: a long spell: 2 calm pairs at 0.65 and 3 spell pairs at 0.7
+    pairs("udp/fastpath", (8.45, 13.0), (8.58, 13.2), (5.6, 8.0), (5.53, 7.9), (5.67, 8.1))
     # a disturbed pair is never used
-    d["runs"] += [{"backend": "udp/fastpath", "tcp1_gbps": 1.0, "underlay_tcp1_gbps": 13.0, "tcp1_disturbed": True}]
+    pairs("udp/fastpath", (1.0, 13.0), tcp1_disturbed=True)
+    # vxlan/ebpf: every pair mixed: its median (12.0) over the run's underlay median
+    pairs("vxlan/ebpf", (12.0, 8.0), (7.0, 13.0), (12.1, 7.9), (7.2, 13.1), (12.2, 8.1))
     for b in d["backends"].values():
         b.pop("tcp1_samples", None)
     results.add_ratios(d)
-    vx, udp = d["backends"]["vxlan/kernel"], d["backends"]["udp/fastpath"]
+    vx, udp, eb = (d["backends"][n] for n in ("vxlan/kernel", "udp/fastpath", "vxlan/ebpf"))
     assert vx["ratio_to_bare"] == pytest.approx(0.9)
-    assert (vx["ratio_to_bare_pairs"], vx["ratio_to_bare_spell_pairs"], vx["ratio_to_bare_spell_left_out"]) == \
-        (3, 2, True)
-    assert udp["ratio_to_bare"] == pytest.approx(0.65)
-    assert (udp["ratio_to_bare_pairs"], udp["ratio_to_bare_spell_pairs"], udp["ratio_to_bare_spell_left_out"]) == \
-        (4, 3, False)
-    assert udp["ratio_to_vxlan_kernel"] == pytest.approx(0.65 / 0.9)
+    assert vx["ratio_to_bare_pairs"] == {"used": "calm", "calm": 3, "spell": 1, "mixed": 2}
+    assert udp["ratio_to_bare"] == pytest.approx(0.7)
+    assert udp["ratio_to_bare_pairs"] == {"used": "calm+spell", "calm": 2, "spell": 3, "mixed": 0}
+    assert udp["ratio_to_vxlan_kernel"] == pytest.approx(0.7 / 0.9)
+    underlay = [13.0, 12.8, 13.1, 8.0, 13.0, 8.5, 13.0, 13.2, 8.0, 7.9, 8.1, 13.0, 8.0, 13.0, 7.9, 13.1,
+                8.1, 13.0, 13.2, 8.0]  # the twins (the disturbed pair's too) and bare's own
+    assert eb["ratio_to_bare_pairs"]["used"] == "medians"
+    assert eb["ratio_to_bare"] == pytest.approx(12.0 / percentile(underlay, 0.5))
     assert d["backends"]["bare"]["ratio_to_bare"] == 1.0
     notes = report.rows(d)[2]
-    assert any("vxlan/kernel: ×bare is the median of 3 sample pairs; 2 taken in a slow spell" in n and
-               "left out" in n for n in notes)
-    assert any("udp/fastpath" in n and "too few others" in n for n in notes)
+    assert "vxlan/kernel: ×bare is the median of its 3 calm sample pairs; left out: 2 with one half in a " \
+           "slow spell of the host, 1 inside a spell" in notes
+    assert any(n.startswith("udp/fastpath: ×bare is the median of 2 calm and 3 spell pairs") for n in notes)
+    assert any(n.startswith("vxlan/ebpf: ×bare is its median over the underlay's") for n in notes)
 
 
 def test_gate_bites_on_ratio_not_absolute_numbers():
@@ -243,8 +251,7 @@ def test_full_run_measures_everything(tmp_path):
         [("bare", False)] + [("bare", True)] * 4 + [("vxlan/kernel", False)] + [("vxlan/kernel", True)] * 4
     assert d["backends"]["bare"]["tcp1_samples"] == 10 and vx["runs"] == 5
     assert all(r.get("underlay_tcp1_gbps") for r in d["runs"] if r["backend"] == "vxlan/kernel")
-    assert vx["ratio_to_bare_pairs"] + (vx["ratio_to_bare_spell_pairs"] if vx["ratio_to_bare_spell_left_out"]
-                                        else 0) <= 5
+    assert sum(vx["ratio_to_bare_pairs"][k] for k in ("calm", "spell", "mixed")) == 5
     assert d["plan"]["tcp1_s"] == 1
     for name in ("results.md", "throughput.png", "latency.png", "cpu.png"):
         assert (tmp_path / name).exists(), name
