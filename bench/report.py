@@ -43,10 +43,12 @@ def _pairs_note(p: dict) -> str:
     """How a backend's paired ratio_to_bare was taken, when the host's slow spells touched it."""
     mixed = f"{p['mixed']} with one half in a slow spell of the host"
     if p["used"] == "calm":
-        return (f"is the median of its {p['calm']} calm sample pairs; left out: {mixed}, "
-                f"{p['spell']} inside a spell")
+        out = [mixed] if p["mixed"] else []
+        out += [f"{p['spell']} inside a slow spell of the host"] if p["spell"] else []
+        return f"is the median of its {p['calm']} calm sample pairs; left out: {', '.join(out)}"
     if p["used"] == "calm+spell":
-        return f"is the median of {p['calm']} calm and {p['spell']} spell pairs (too few calm); left out: {mixed}"
+        return (f"is the median of {p['calm']} calm and {p['spell']} spell pairs (too few calm)"
+                + (f"; left out: {mixed}" if p["mixed"] else ""))
     return (f"is its median over the underlay's: spells cut its pairs to pieces ({p['calm']} calm, "
             f"{p['spell']} spell, {p['mixed']} mixed)")
 

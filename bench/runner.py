@@ -55,8 +55,8 @@ class Plan:
     # node"). On 2 vCPUs the scheduler otherwise picks a different layout per run, and throughput with it.
     pin: bool = True
     # Right after each TCP x1 sample, the same probe over the underlay (node 1 -> node 2) in the
-    # same lab: a backend's ratio_to_bare is the median of its sample pairs, so a slow spell of the
-    # host that outlasts a pair moves both halves (README, "Ratios").
+    # same lab: a backend's ratio_to_bare is the median of its sample pairs, and the pairs that a
+    # slow spell of the host touched are left out (README, "Ratios"; bench.results.paired_ratio).
     underlay_samples: bool = True
     throttle: dict = field(default_factory=dict)  # backend -> tbf rate on the sending pod (gate self-test)
 
