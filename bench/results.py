@@ -18,7 +18,6 @@ SCHEMA = "weft-bench/1"
 # Medians reported per backend: the list, in table order.
 METRICS = ["tcp1_gbps", "tcp4_gbps", "udp_loss_pct", "rtt_p50_us", "rtt_p99_us", "rr_p50_us", "pps",
            "retransmits", "core_s_per_gbit", "daemon_cores", "tcp1_nooffload_gbps", "udp_jitter_ms"]
-BASELINES = {"bare": "ratio_to_bare", "vxlan/kernel": "ratio_to_vxlan_kernel"}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
