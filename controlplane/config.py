@@ -172,6 +172,8 @@ def parse_config(text: str | bytes) -> NetworkConfig:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise ConfigError("config: not valid JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise ConfigError("config: must be a JSON object")
 

@@ -18,7 +18,8 @@ import time
 
 from . import flags, subnetenv
 from .config import ConfigError, parse_config
-from .lease import LeaseAttrs, LeaseFormatError
+from .lease import LeaseAttrs, LeaseFormatError, subnet_key
+from .leasecheck import key_problem, shown
 from .manager import decode
 from .store import LeaseExists, StoreError
 
@@ -85,13 +86,22 @@ def _expiry(expiration) -> str:
 
 
 def cmd_leases(args, store) -> int:
-    records, _ = store.list_leases()
+    """The table (or JSON) lists the leases weftd follows; each one it refuses is named on stderr
+    with the reason it is counted under (``weft_leases_invalid_total``)."""
+    text = store.get_config()
+    try:
+        config = parse_config(text) if text is not None else None
+    except ConfigError as exc:
+        print(f"weftctl: the stored config is invalid ({exc}); leases judged without it", file=sys.stderr)
+        config = None
+    scan = store.scan_subnets()
     rows, bad = [], []
-    for r in records:
+    for r in scan.records:
         try:
-            rows.append(decode(r))
+            rows.append(decode(r, config))
         except LeaseFormatError as exc:
-            bad.append(f"{r.subnet}: {exc}")
+            bad.append((subnet_key(r.subnet), exc.reason, str(exc)))
+    bad += [(f.name, "bad_key", key_problem(f.name)) for f in scan.foreign]
     if args.json:
         print(json.dumps([l.to_dict() for l in rows], indent=2))
     else:
@@ -101,8 +111,9 @@ def cmd_leases(args, store) -> int:
         widths = [max(len(row[i]) for row in table) for i in range(4)]
         for row in table:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    for line in bad:
-        print(f"weftctl: skipped malformed lease {line}", file=sys.stderr)
+    for name, reason, message in sorted(bad):
+        print(f"weftctl: invalid lease subnets/{shown(name)} ({reason}): {message}; weftd ignores it",
+              file=sys.stderr)
     return 0
 
 
@@ -191,10 +202,25 @@ def cmd_peermap(args) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    # The programs' counters, named as on /metrics (weft_backend_<name>); every one is read from
+    # the maps, zeros included. drops_* are per reason (fastpath/bpf/drop_reasons.h).
+    counts = [(k, v) for k, v in doc["counters"].items()] + [(f"drops_{k}", v) for k, v in doc["drops"].items()]
+    if counts:
+        width = max(len(k) for k, _ in counts)
+        print()
+        print(f"{'COUNTER'.ljust(width)}  VALUE")
+        for k, v in counts:
+            print(f"{k.ljust(width)}  {v}")
     return 0
 
 
 COMMANDS = {"config": cmd_config, "leases": cmd_leases, "reserve": cmd_reserve, "release": cmd_release}
+
+
+def _needs_existing_store(args) -> bool:
+    """Commands that must find an existing store (a typo in --store is not an empty store).
+    ``release`` deletes, but from a store that is not there it has nothing to delete."""
+    return args.command in ("leases", "release") or (args.command == "config" and args.action == "get")
 
 
 def main(argv=None) -> int:
@@ -206,7 +232,7 @@ def main(argv=None) -> int:
             return cmd_docker_opts(args)
         if args.command == "peermap":
             return cmd_peermap(args)
-        store = flags.open_store_from_args(args)
+        store = flags.open_store_from_args(args, must_exist=_needs_existing_store(args))
         try:
             return COMMANDS[args.command](args, store)
         finally:

@@ -12,6 +12,14 @@ after kill -9) finds its lease by public IP and keeps the same subnet without di
 A lease deleted by an operator is noticed (by the watch at once, or by the next renewal): weftd
 logs "lease has been revoked", and exits with status 1, as flanneld does; a supervisor that
 restarts it (the shipped systemd unit does) makes it acquire a lease again.
+
+Input from others (see ``controlplane.leasecheck``): a lease that is not valid for the network is
+logged once, counted by reason and never programmed; a peer rewritten into one is removed. This
+node's own key overwritten by someone else (garbage, or another node's value) is not a revocation:
+it is logged, counted, and written back a few seconds later (``OWN_LEASE_RESTORE_DELAY``; the
+delay bounds how often two writers that both claim the key could alternate). The config is read
+once: a config changed while weftd runs is logged and counted (``weft_config_*``), never applied;
+it takes a restart, as with flanneld.
 """
 from __future__ import annotations
 
@@ -25,11 +33,12 @@ from collections import Counter
 
 from . import flags, subnetenv
 from .backends import BackendError, BackendOptions, load_backend
-from .config import ConfigError
+from .claim import CLAIM_TTL, MIN_CLAIM_TTL, NodeClaim
+from .config import ConfigError, NetworkConfig, parse_config
 from .health import HealthServer
 from .iface import IfaceError, resolve
 from .masq import MasqError
-from .lease import Lease
+from .lease import Lease, subnet_key
 from .manager import (DEFAULT_TTL, ConfigMissing, LeaseEvent, LeaseManager, LeaseRevoked,
                       LeaseWatcher)
 from .store import StoreError, StoreUnavailable
@@ -38,6 +47,7 @@ log = logging.getLogger("weft.daemon")
 
 RESYNC_INTERVAL = 10.0  # seconds between backend.resync() calls (flannel's route check)
 RENEW_RETRY = 60.0  # seconds between renewal retries after an error (flannel)
+OWN_LEASE_RESTORE_DELAY = 3.0  # seconds before this node's overwritten lease is written back
 
 
 def build_parser() -> flags.Parser:
@@ -53,8 +63,13 @@ def build_parser() -> flags.Parser:
     flags.add_flag(p, "healthz-port", kind=int, default=0, help="port of /healthz (0: off)")
     flags.add_flag(p, "dataplane", help="override Backend.Dataplane: kernel, ebpf, fastpath, python")
     flags.add_flag(p, "lease-ttl", kind=int, default=DEFAULT_TTL, help="lease TTL in seconds (weft)")
+    flags.add_flag(p, "claim-ttl", kind=int, default=CLAIM_TTL,
+                   help="seconds this node's claim on its public IP outlives it (weft)")
     flags.add_flag(p, "vxlan-tx-csum-off", kind=bool, default=False,
                    help="turn off tx checksum offload on the VXLAN device (kernel bug workaround)")
+    flags.add_flag(p, "source-guard", kind=bool, default=False,
+                   help="vxlan/kernel: drop VXLAN datagrams whose outer source is not the public IP "
+                        "of the lease holding the inner source (tc program on -iface; needs bcc)")
     flags.add_flag(p, "teardown", kind=bool, default=False, help="remove the data plane on exit")
     flags.add_flag(p, "v", kind=int, default=0, help="log verbosity (0: info, 1+: debug)")
     return p
@@ -70,6 +85,8 @@ def parse_args(argv):
         raise flags.UsageError(f"-healthz-port {args.healthz_port}: must be 0..65535")
     if args.lease_ttl < 2:
         raise flags.UsageError(f"--lease-ttl {args.lease_ttl}: must be at least 2 seconds")
+    if args.claim_ttl < MIN_CLAIM_TTL:
+        raise flags.UsageError(f"--claim-ttl {args.claim_ttl}: must be at least {MIN_CLAIM_TTL} seconds")
     return args
 
 
@@ -89,14 +106,16 @@ class Daemon:
         self.masq = None
         self.peers_changed_at = 0.0  # when the set of programmed peers last changed
         self._peer_lock = threading.Lock()
+        self.config: NetworkConfig | None = None  # as stored at start, before --dataplane
+        self.config_stale = False  # the stored config is no longer the one this daemon runs with
+        self.restore_own_lease = threading.Event()  # set by the watch: our key was overwritten
 
     # -- peers ------------------------------------------------------------------------------
     def on_lease_event(self, event: LeaseEvent) -> None:
         lease = event.lease
         self.counters[f"watch_{event.kind}"] += 1
         if self.lease is not None and lease.subnet == self.lease.subnet:
-            if event.kind in ("removed", "expired"):
-                self.revoked(f"lease {lease.subnet} was {event.kind} in the store")
+            self._own_lease_event(event)
             return
         with self._peer_lock:
             if event.kind in ("removed", "expired"):
@@ -122,6 +141,54 @@ class Daemon:
             self.peers[lease.subnet] = lease
             self.backend.add_peer(lease)
 
+    def _own_lease_event(self, event: LeaseEvent) -> None:
+        lease = event.lease
+        if event.kind in ("removed", "expired"):
+            if not event.reason:
+                self.revoked(f"lease {lease.subnet} was {event.kind} in the store")
+                return
+            # Overwritten with something invalid (already logged and counted): not a deletion.
+            log.warning("this node's lease %s was overwritten with an invalid value (%s); writing"
+                        " it back", lease.subnet, event.reason)
+            self.restore_own_lease.set()
+        elif lease.attrs != self.lease.attrs:
+            self.watcher.invalid.report(
+                subnet_key(lease.subnet), lease.revision, "own_subnet",
+                f"this node's subnet, rewritten by someone else (PublicIP {lease.attrs.public_ip},"
+                f" {lease.attrs.wire_type}); writing this node's lease back")
+            self.restore_own_lease.set()
+
+    def on_config(self, text: str | None) -> None:
+        """The stored config changed (the watch thread calls this once per new text)."""
+        prefix = getattr(self.store, "prefix", "")
+        try:
+            stored = parse_config(text) if text is not None else None
+            problem = "" if text is not None else "was deleted"
+        except ConfigError as exc:
+            stored, problem = None, f"is invalid ({exc})"
+        if stored is not None and stored == self.config:
+            if self.config_stale:
+                log.info("the network config at %s/config is again the one weftd runs with", prefix)
+            self.config_stale = False
+            return
+        self.config_stale = True
+        self.counters["config_changes"] += 1
+        if stored is not None:
+            log.warning("the network config at %s/config changed; weftd keeps running with the"
+                        " config it started with: restart weftd to apply it", prefix)
+            return
+        if text is not None:
+            self.counters["config_invalid"] += 1
+        log.warning("the network config at %s/config %s; weftd keeps running with the config it"
+                    " started with (a restart would fail)", prefix, problem)
+
+    def claim_lost(self, why: str) -> None:
+        """Another weftd took this node's public IP while its claim could not be refreshed."""
+        if not self.stop.is_set():
+            log.error("%s; shutting down", why)
+            self.exit_code = 1
+            self.stop.set()
+
     def revoked(self, why: str) -> None:
         if not self.stop.is_set():
             log.error("%s: lease has been revoked, shutting down", why)
@@ -146,6 +213,7 @@ class Daemon:
         self.store = flags.open_store_from_args(a)
         manager = LeaseManager(self.store, ttl=a.lease_ttl)
         health = None
+        claim = None
         if a.healthz_port:
             health = HealthServer(a.healthz_ip, a.healthz_port, self)
             health.start()
@@ -153,11 +221,17 @@ class Daemon:
             config = self.wait_for_config(manager)
             if config is None:
                 return 0
+            self.config = config
             config = config.with_dataplane(a.dataplane)
             iface = resolve(a.iface, a.public_ip)
+            # One running weftd per public IP: refused here, before any lease or data plane.
+            claim = NodeClaim(self.store, iface.public_ip, a.subnet_file, a.claim_ttl, self.claim_lost)
+            if not claim.acquire(self.stop):
+                return 0
+            check_source_guard(a.source_guard, config.backend.name)
             backend_cls = load_backend(config.backend.name)
             self.backend = backend_cls(config, iface, BackendOptions(
-                ip_masq=a.ip_masq, vxlan_tx_csum_off=a.vxlan_tx_csum_off))
+                ip_masq=a.ip_masq, vxlan_tx_csum_off=a.vxlan_tx_csum_off, source_guard=a.source_guard))
             previous = manager.find_by_ip(iface.public_ip)
             attrs = self.backend.lease_attrs(previous)
             self.lease = manager.acquire(config, attrs, subnetenv.previous_subnet(a.subnet_file))
@@ -172,7 +246,8 @@ class Daemon:
             subnetenv.write(a.subnet_file, config.network, self.lease.subnet, self.backend.mtu, a.ip_masq)
             self.ready = True
             notify_systemd("READY=1")
-            self.watcher = LeaseWatcher(self.store, self.on_lease_event)
+            self.watcher = LeaseWatcher(self.store, self.on_lease_event, config=config,
+                                        on_config=self.on_config, config_text=self.config.raw)
             watch_thread = threading.Thread(target=self.watcher.run, args=(self.stop,),
                                             name="lease-watch", daemon=True)
             watch_thread.start()
@@ -185,6 +260,8 @@ class Daemon:
                     self.masq.teardown()
             return self.exit_code
         finally:
+            if claim is not None:
+                claim.release()
             if health is not None:
                 health.stop()
             self.store.close()
@@ -195,6 +272,9 @@ class Daemon:
         renew_at = self._renew_time(margin)
         while not self.stop.is_set():
             now = time.time()
+            if self.restore_own_lease.is_set():  # someone overwrote our key: renew it soon
+                self.restore_own_lease.clear()
+                renew_at = min(renew_at, now + OWN_LEASE_RESTORE_DELAY)
             if now >= renew_at:
                 try:
                     self.lease = manager.renew(self.lease)
@@ -229,6 +309,21 @@ class Daemon:
         if wait <= 0:  # the margin is longer than the TTL: renew at half-life
             wait = remaining / 2
         return time.time() + wait
+
+
+# Data planes that check every received packet's outer source themselves (README, "Spoofed input").
+ALWAYS_GUARDED = ("vxlan/ebpf", "vxlan/fastpath", "udp/fastpath", "udp/python")
+
+
+def check_source_guard(wanted: bool, backend: str) -> None:
+    """--source-guard is vxlan/kernel's opt-in; elsewhere it is built in or cannot be had."""
+    if not wanted or backend == "vxlan/kernel":
+        return
+    if backend in ALWAYS_GUARDED:
+        log.info("--source-guard: %s always checks the outer source of what it receives", backend)
+        return
+    raise flags.UsageError(f"--source-guard: not available on {backend} (vxlan/kernel only; "
+                           "host-gw has no tunnel header to check)")
 
 
 def notify_systemd(state: str) -> None:

@@ -94,8 +94,12 @@ def long_flags_of(parser: argparse.ArgumentParser) -> set[str]:
     return names
 
 
-def open_store_from_args(args):
-    """The store the flags name: --store wins; any etcd flag means etcd; else the embedded default."""
+def open_store_from_args(args, must_exist: bool = False):
+    """The store the flags name: --store wins; any etcd flag means etcd; else the embedded default.
+
+    A SQLite file is never created when it ``must_exist`` (commands with nothing to do on an empty
+    store: a typo in --store is an error, not "no leases"); others create it only in a directory
+    that exists, except at the default path, whose directory (/var/lib/weft) may be created."""
     opts = EtcdOptions(
         endpoints=[e.strip() for e in (args.etcd_endpoints or ",".join(DEFAULT_ETCD_ENDPOINTS)).split(",")
                    if e.strip()],
@@ -105,7 +109,8 @@ def open_store_from_args(args):
     if not url:
         etcd_given = args.etcd_endpoints or args.etcd_cafile or args.etcd_certfile or args.etcd_username
         url = "etcd" if etcd_given else DEFAULT_SQLITE_URL
-    return open_store(url, prefix=args.etcd_prefix, etcd=opts)
+    create = "never" if must_exist else "parents" if url == DEFAULT_SQLITE_URL else "file"
+    return open_store(url, prefix=args.etcd_prefix, etcd=opts, create=create)
 
 
 def fail(prog: str, message: str, code: int = 1) -> int:

@@ -56,11 +56,28 @@ class DaemonCollector:
             events.add_metric([kind], float(wstats.get(kind, 0)))
         yield events
         for key, help_text in (("resyncs", "times the watch re-listed after falling behind"),
-                               ("errors", "store errors while watching"),
-                               ("bad_leases", "leases in the store not in flannel's format")):
+                               ("errors", "store errors while watching")):
             c = CounterMetricFamily(f"weft_watch_{key}", help_text)
             c.add_metric([], float(wstats.get(key, 0)))
             yield c
+        if w is not None:
+            invalid = CounterMetricFamily(
+                "weft_leases_invalid", "writes under <prefix>/subnets/ this daemon refused to follow,"
+                " by reason (each bad write counted once)", labels=["reason"])
+            for reason, n in w.invalid.snapshot().items():
+                invalid.add_metric([reason], float(n))
+            yield invalid
+        if d.config is not None:
+            for key, help_text in (("changes", "new config texts seen in the store while running"
+                                               " (never applied: that takes a restart)"),
+                                   ("invalid", "of those, configs weftd could not start with")):
+                c = CounterMetricFamily(f"weft_config_{key}", help_text)
+                c.add_metric([], float(d.counters.get(f"config_{key}", 0)))
+                yield c
+            stale = GaugeMetricFamily("weft_config_stale", "1 while the config in the store is not"
+                                      " the one this daemon runs with (changed, invalid or deleted)")
+            stale.add_metric([], 1.0 if d.config_stale else 0.0)
+            yield stale
         for key, help_text in (("renewals", "lease renewals"), ("renewal_errors", "failed renewals")):
             c = CounterMetricFamily(f"weft_lease_{key}", help_text)
             c.add_metric([], float(d.counters.get(key, 0)))

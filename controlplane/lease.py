@@ -20,11 +20,26 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-_KEY_RE = re.compile(r"^(\d+\.\d+\.\d+\.\d+)-(\d+)$")
+_KEY_RE = re.compile(r"^([0-9]+\.[0-9]+\.[0-9]+\.[0-9]+)-([0-9]+)$")
 
 
 class LeaseFormatError(ValueError):
-    """A lease key or value that is not in flannel's format."""
+    """A lease key or value that is not in flannel's format. ``reason`` is one word of the fixed
+    vocabulary ``controlplane.leasecheck.REASONS`` (the label of ``weft_leases_invalid_total``)."""
+
+    def __init__(self, message: str, reason: str = "bad_field"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _cut(text: str, limit: int = 64) -> str:
+    """Text someone else wrote, cut short for a one-line message."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _short(value: Any) -> str:
+    """A JSON value for a one-line message, cut short: the value came from someone else."""
+    return _cut(json.dumps(value))
 
 
 def subnet_key(subnet: ipaddress.IPv4Network) -> str:
@@ -36,11 +51,18 @@ def parse_subnet_key(key: str) -> ipaddress.IPv4Network:
     name = key.rsplit("/", 1)[-1]
     m = _KEY_RE.match(name)
     if not m:
-        raise LeaseFormatError(f"lease key {key!r}: not of the form <ip>-<prefixlen>")
+        if "&" in name:  # flanneld's dual-stack key, <ip>-<len>&<ip6>-<len6>
+            raise LeaseFormatError(f"lease key {_cut(key)!r}: a dual-stack key (weft is IPv4 only)",
+                                   "bad_key")
+        raise LeaseFormatError(f"lease key {_cut(key)!r}: not of the form <ip>-<prefixlen>", "bad_key")
     try:
-        return ipaddress.IPv4Network(f"{m.group(1)}/{m.group(2)}")
+        subnet = ipaddress.IPv4Network(f"{m.group(1)}/{m.group(2)}")
     except ValueError:
-        raise LeaseFormatError(f"lease key {key!r}: not an IPv4 subnet with no host bits") from None
+        raise LeaseFormatError(f"lease key {_cut(key)!r}: not an IPv4 subnet with no host bits",
+                               "bad_key") from None
+    if subnet_key(subnet) != name:  # e.g. 10.5.1.0-024: a second key for one subnet
+        raise LeaseFormatError(f"lease key {_cut(key)!r}: not written as {subnet_key(subnet)}", "bad_key")
+    return subnet
 
 
 @dataclass(frozen=True)
@@ -63,19 +85,25 @@ class LeaseAttrs:
         try:
             doc = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise LeaseFormatError(f"lease value is not JSON ({exc})") from None
+            raise LeaseFormatError(f"lease value is not JSON ({exc})", "not_json") from None
+        except RecursionError:
+            raise LeaseFormatError("lease value is not JSON (nested too deeply)", "not_json") from None
         if not isinstance(doc, dict):
-            raise LeaseFormatError("lease value is not a JSON object")
-        pub = doc.get("PublicIP")
+            raise LeaseFormatError("lease value is not a JSON object", "not_json")
+        if "PublicIP" not in doc:
+            raise LeaseFormatError("lease value: no PublicIP", "bad_public_ip")
+        pub = doc["PublicIP"]
         if not isinstance(pub, str):
-            raise LeaseFormatError(f"lease value: PublicIP must be a string, got {json.dumps(pub)}")
+            raise LeaseFormatError(f"lease value: PublicIP must be a string, got {_short(pub)}",
+                                   "bad_public_ip")
         try:
             public_ip = ipaddress.IPv4Address(pub)
         except ValueError:
-            raise LeaseFormatError(f"lease value: PublicIP {pub!r} is not an IPv4 address") from None
+            raise LeaseFormatError(f"lease value: PublicIP {_cut(pub)!r} is not an IPv4 address",
+                                   "bad_public_ip") from None
         btype = doc.get("BackendType", "") or ""
         if not isinstance(btype, str):
-            raise LeaseFormatError(f"lease value: BackendType must be a string, got {json.dumps(btype)}")
+            raise LeaseFormatError(f"lease value: BackendType must be a string, got {_short(btype)}")
         v6 = doc.get("PublicIPv6")
         if v6 is not None and not isinstance(v6, str):
             raise LeaseFormatError("lease value: PublicIPv6 must be a string or null")

@@ -13,6 +13,9 @@ deleted raises ``LeaseRevoked`` instead of being quietly recreated.
 ``LeaseWatcher`` turns a store's raw history into lease events (added, renewed, removed, expired),
 listing first and then watching from the listed revision, so no lease is missed however many
 daemons start at once; after a compaction or a reconnect it re-lists and emits the difference.
+It judges every lease against the network config (``controlplane.leasecheck``): an invalid one is
+logged and counted once per write and never becomes an event; a known lease rewritten into an
+invalid one is "removed" (with the reason). It also reports each new config text it sees.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import NetworkConfig, parse_config
-from .lease import Lease, LeaseAttrs, LeaseFormatError
+from .lease import Lease, LeaseAttrs, LeaseFormatError, subnet_key
+from .leasecheck import InvalidLeases, judge, key_problem
 from .store import (LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError, StoreUnavailable,
                     WatchCompacted)
 
@@ -49,9 +53,10 @@ class LeaseRevoked(StoreError):
     pass
 
 
-def decode(record: LeaseRecord) -> Lease:
-    """A store record as a Lease; LeaseFormatError when its value is not flannel's format."""
-    return Lease(record.subnet, LeaseAttrs.from_json(record.value), record.expiration, record.revision)
+def decode(record: LeaseRecord, config: NetworkConfig | None = None) -> Lease:
+    """A store record as a Lease; LeaseFormatError (with its reason) when it is not one weftd
+    follows: not flannel's format, or, given the config, not a subnet of it."""
+    return judge(record, config)
 
 
 class LeaseManager:
@@ -69,14 +74,16 @@ class LeaseManager:
         return parse_config(text)
 
     def leases(self) -> tuple[list[Lease], int]:
-        """Every well-formed live lease; malformed ones are logged and left alone."""
+        """Every live lease in flannel's format (not judged further: this is for finding a node's
+        own lease, which the acquisition checks against the config); malformed ones are skipped
+        (the watcher logs and counts them)."""
         records, rev = self.store.list_leases()
         out = []
         for r in records:
             try:
-                out.append(decode(r))
-            except LeaseFormatError as exc:
-                log.warning("ignoring lease %s: %s", r.subnet, exc)
+                out.append(Lease(r.subnet, LeaseAttrs.from_json(r.value), r.expiration, r.revision))
+            except LeaseFormatError:
+                continue
         return out, rev
 
     def find_by_ip(self, public_ip: ipaddress.IPv4Address) -> Lease | None:
@@ -153,51 +160,78 @@ class LeaseManager:
 class LeaseEvent:
     kind: str  # "added", "renewed", "removed", "expired"
     lease: Lease
+    reason: str = ""  # "removed" because the key now holds an invalid lease: why (leasecheck.REASONS)
 
 
 class LeaseWatcher:
-    """Follows every lease in the store and calls ``on_event`` for each change, in order."""
+    """Follows every lease in the store and calls ``on_event`` for each change, in order.
+
+    ``config``: leases are judged against it (None: format only). ``on_config(text)`` is called
+    with the stored config's text (None: deleted) whenever it differs from the last one seen,
+    starting from ``config_text`` (the text the caller runs with)."""
 
     def __init__(self, store: Store, on_event: Callable[[LeaseEvent], None],
-                 poll_timeout: float = 1.0, retry_interval: float = 1.0):
+                 poll_timeout: float = 1.0, retry_interval: float = 1.0,
+                 config: NetworkConfig | None = None,
+                 on_config: Callable[[str | None], None] | None = None, config_text: str | None = None):
         self.store = store
         self.on_event = on_event
         self.poll_timeout = poll_timeout
         self.retry_interval = retry_interval
+        self.config = config
+        self.on_config = on_config
+        self.config_text = config_text if config_text is not None else (config.raw if config else None)
         self.known: dict[ipaddress.IPv4Network, Lease] = {}
         self.revision = 0
         self.synced = threading.Event()
         self.stats: Counter[str] = Counter()
-        self._bad: dict = {}
+        self.invalid = InvalidLeases(log)
 
-    def _decode(self, record: LeaseRecord) -> Lease | None:
+    def _decode(self, record: LeaseRecord) -> tuple[Lease | None, str]:
+        """The lease, or None and the reason it is refused (logged and counted once per write)."""
         try:
-            return decode(record)
+            return decode(record, self.config), ""
         except LeaseFormatError as exc:
-            if self._bad.get(record.subnet) != record.revision:
-                self._bad[record.subnet] = record.revision
-                self.stats["bad_leases"] += 1
-                log.warning("ignoring lease %s: %s", record.subnet, exc)
-            return None
+            self.invalid.report(subnet_key(record.subnet), record.revision, exc.reason, str(exc))
+            return None, exc.reason
 
-    def _emit(self, kind: str, lease: Lease) -> None:
+    def _foreign(self, name: str, revision: int) -> None:
+        self.invalid.report(name, revision, "bad_key", key_problem(name))
+
+    def _config(self, text: str | None) -> None:
+        if text == self.config_text:
+            return
+        self.config_text = text
+        if self.on_config is not None:
+            try:
+                self.on_config(text)
+            except Exception:  # a handler bug must not stop the watch
+                self.stats["handler_errors"] += 1
+                log.exception("config change handler failed")
+
+    def _emit(self, kind: str, lease: Lease, reason: str = "") -> None:
         self.stats[kind] += 1
         try:
-            self.on_event(LeaseEvent(kind, lease))
+            self.on_event(LeaseEvent(kind, lease, reason))
         except Exception:  # a handler bug must not stop the watch
             self.stats["handler_errors"] += 1
             log.exception("lease event handler failed on %s %s", kind, lease.subnet)
 
     def resync(self) -> None:
         """List everything and emit what changed since what we knew."""
-        records, rev = self.store.list_leases()
-        current = {}
-        for r in records:
-            lease = self._decode(r)
+        scan = self.store.scan_subnets()
+        current, refused = {}, {}
+        for r in scan.records:
+            lease, reason = self._decode(r)
             if lease is not None:
                 current[lease.subnet] = lease
+            else:
+                refused[r.subnet] = reason
+        for f in scan.foreign:
+            self._foreign(f.name, f.revision)
+        self.invalid.keep_only({subnet_key(s) for s in refused} | {f.name for f in scan.foreign})
         for subnet in [s for s in self.known if s not in current]:
-            self._emit("removed", self.known.pop(subnet))
+            self._emit("removed", self.known.pop(subnet), refused.get(subnet, ""))
         for subnet, lease in current.items():
             old = self.known.get(subnet)
             if old is None:
@@ -206,20 +240,30 @@ class LeaseWatcher:
             elif old.revision != lease.revision:
                 self.known[subnet] = lease
                 self._emit("renewed", lease)
-        self.revision = rev
+        if self.on_config is not None:
+            self._config(self.store.get_config())  # a change while history was lost
+        self.revision = scan.revision
         self.synced.set()
 
     def _apply(self, event) -> None:
-        if event.kind == "put":
-            lease = self._decode(event.record)
+        if event.kind == "config":
+            self._config(event.value)
+        elif event.kind == "foreign":
+            if event.value is None:
+                self.invalid.forget(event.name)
+            else:
+                self._foreign(event.name, event.revision)
+        elif event.kind == "put":
+            lease, reason = self._decode(event.record)
             old = self.known.get(event.subnet)
             if lease is None:
                 if old is not None:  # replaced by garbage: it no longer describes a peer
-                    self._emit("removed", self.known.pop(event.subnet))
+                    self._emit("removed", self.known.pop(event.subnet), reason)
                 return
             self.known[event.subnet] = lease
             self._emit("added" if old is None else "renewed", lease)
-        else:
+        elif event.kind == "delete":
+            self.invalid.forget(subnet_key(event.subnet))
             old = self.known.pop(event.subnet, None)
             if old is not None:
                 expired = event.expired or (old.expiration is not None
@@ -250,6 +294,11 @@ class LeaseWatcher:
             except StoreError as exc:
                 self.stats["errors"] += 1
                 log.warning("watch failed: %s; re-listing", exc)
+                need_list = True
+                stop.wait(self.retry_interval)
+            except Exception:  # a bug or input nobody foresaw: the daemon keeps following leases
+                self.stats["errors"] += 1
+                log.exception("watch failed unexpectedly; re-listing")
                 need_list = True
                 stop.wait(self.retry_interval)
             finally:

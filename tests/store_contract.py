@@ -1,9 +1,11 @@
 """The store contract: every Store implementation runs this same suite.
 
-A test module subclasses ``StoreContract`` and provides two fixtures:
+A test module subclasses ``StoreContract`` and provides three fixtures:
 - ``make_store(prefix)``: open a new client of the store under test (a fresh client each call, so
   concurrency tests use separate connections, as separate daemons do);
-- ``compact_store(store)``: drop the store's history up to its current revision.
+- ``compact_store(store)``: drop the store's history up to its current revision;
+- ``write_raw(store, key, value)``: write ``<prefix>/<key>`` the way another program would (not
+  through the Store), ``value`` None to delete it.
 """
 from __future__ import annotations
 
@@ -135,15 +137,18 @@ class StoreContract:
         store.update_lease(subnet(1), value(11), ttl=3600)
         store.create_lease(subnet(2), value(2), ttl=None)
         store.delete_lease(subnet(1))
-        store.put_config('{"Network":"10.5.0.0/16"}')  # not a lease: no event
+        store.put_config('{"Network":"10.5.0.0/16"}')  # not a lease: a config event
         watch = store.watch(rev)
         try:
-            events = drain(watch, 4)
+            events = drain(watch, 5)
             assert not watch.get(timeout=0.3)
         finally:
             watch.close()
         assert [(e.kind, e.subnet) for e in events] == [
-            ("put", subnet(1)), ("put", subnet(1)), ("put", subnet(2)), ("delete", subnet(1))]
+            ("put", subnet(1)), ("put", subnet(1)), ("put", subnet(2)), ("delete", subnet(1)),
+            ("config", None)]
+        assert events[4].value == '{"Network":"10.5.0.0/16"}'
+        events = events[:4]
         assert [e.record.value for e in events if e.kind == "put"] == [value(1), value(11), value(2)]
         assert events[2].record.expiration is None
         revs = [e.revision for e in events]
@@ -204,6 +209,49 @@ class StoreContract:
         finally:
             watch.close()
 
+    def test_foreign_keys_are_apart_from_leases(self, store, write_raw):
+        """Keys under subnets/ that are not flannel's lease keys: never leases, always reported."""
+        names = ["garbage", "10.5.1.5-24", "10.5.1.0-024", "x/10.5.1.0-24", "10.5.2.0-24/extra"]
+        for name in names:
+            write_raw(store, f"subnets/{name}", value(1))
+        write_raw(store, "SUBNETS/10.5.3.0-24", value(3))  # not under subnets/ at all
+        store.create_lease(subnet(4), value(4), ttl=3600)
+        scan = store.scan_subnets()
+        assert [r.subnet for r in scan.records] == [subnet(4)]
+        assert sorted(f.name for f in scan.foreign) == sorted(names)
+        assert all(0 < f.revision <= scan.revision for f in scan.foreign)
+        records, rev = store.list_leases()
+        assert [r.subnet for r in records] == [subnet(4)] and rev == scan.revision
+        assert store.get_lease(subnet(1)) is None and store.get_lease(subnet(3)) is None
+
+        watch = store.watch(scan.revision)
+        try:
+            write_raw(store, "subnets/10.5.1.0-24/x", "y")
+            write_raw(store, "subnets/garbage", None)
+            write_raw(store, "SUBNETS/10.5.3.0-24", value(3))
+            store.create_lease(subnet(5), value(5), ttl=3600)
+            events = drain(watch, 3)
+        finally:
+            watch.close()
+        assert [(e.kind, e.subnet, e.name, e.value) for e in events] == [
+            ("foreign", None, "10.5.1.0-24/x", "y"), ("foreign", None, "garbage", None),
+            ("put", subnet(5), "", None)]
+
+    def test_config_changes_are_watched(self, store, write_raw):
+        _, rev = store.list_leases()
+        store.put_config('{"Network":"10.5.0.0/16"}')
+        write_raw(store, "config", "garbage")
+        write_raw(store, "config", None)
+        watch = store.watch(rev)
+        try:
+            events = drain(watch, 3)
+        finally:
+            watch.close()
+        assert [(e.kind, e.subnet, e.value) for e in events] == [
+            ("config", None, '{"Network":"10.5.0.0/16"}'), ("config", None, "garbage"),
+            ("config", None, None)]
+        assert store.get_config() is None
+
     def test_prefixes_are_separate(self, make_store, request):
         a = make_store(f"/weft-test/{request.node.name}/a")
         b = make_store(f"/weft-test/{request.node.name}/b")
@@ -241,3 +289,83 @@ class StoreContract:
         assert seed.get_lease(subnet(1)).value == events[-1].record.value
         for s in clients + [seed]:
             s.close()
+
+    # -- node claims (controlplane.claim): one running weftd per public IP -------------------------
+    def test_claim_take_refresh_release(self, store):
+        from controlplane.store.base import ClaimChanged
+        rec = store.take_claim("198.18.0.7", '{"instance":"a"}', 30, None)
+        got = store.get_claim("198.18.0.7")
+        assert (got.value, got.revision) == ('{"instance":"a"}', rec.revision)
+        assert got.expiration == pytest.approx(time.time() + 30, abs=2)
+        with pytest.raises(ClaimChanged):  # create-if-absent
+            store.take_claim("198.18.0.7", '{"instance":"b"}', 30, None)
+        fresh = store.refresh_claim("198.18.0.7", rec, 30)
+        assert fresh.revision != rec.revision and fresh.value == rec.value
+        assert store.get_claim("198.18.0.7").revision == fresh.revision
+        with pytest.raises(ClaimChanged):  # a stale record refreshes nothing
+            store.refresh_claim("198.18.0.7", rec, 30)
+        assert store.release_claim("198.18.0.7", rec) is False  # nor releases anything
+        assert store.get_claim("198.18.0.7").revision == fresh.revision
+        assert store.release_claim("198.18.0.7", fresh) is True
+        assert store.get_claim("198.18.0.7") is None
+        with pytest.raises(ClaimChanged):
+            store.refresh_claim("198.18.0.7", fresh, 30)
+        assert store.get_claim("198.18.1.7") is None
+
+    def test_claim_replaces_only_what_was_seen(self, store):
+        from controlplane.store.base import ClaimChanged
+        seen = store.take_claim("198.18.0.7", '{"instance":"a"}', 30, None)
+        mine = store.take_claim("198.18.0.7", '{"instance":"b"}', 30, seen)
+        with pytest.raises(ClaimChanged):  # a second newcomer that judged the same old claim
+            store.take_claim("198.18.0.7", '{"instance":"c"}', 30, seen)
+        assert store.get_claim("198.18.0.7").value == '{"instance":"b"}'
+        store.refresh_claim("198.18.0.7", mine, 30)
+
+    def test_racing_claimers_one_wins(self, make_store, request):
+        from controlplane.store.base import ClaimChanged
+        prefix = f"/weft-test/{request.node.name}"
+        clients = [make_store(prefix) for _ in range(6)]
+        wins, start = [], threading.Barrier(len(clients))
+
+        def race(i, s):
+            start.wait()
+            try:
+                s.take_claim("198.18.0.7", f'{{"instance":"{i}"}}', 30, None)
+                wins.append(i)
+            except ClaimChanged:
+                pass
+        threads = [threading.Thread(target=race, args=(i, s)) for i, s in enumerate(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(wins) == 1
+        assert clients[0].get_claim("198.18.0.7").value == f'{{"instance":"{wins[0]}"}}'
+        for s in clients:
+            s.close()
+
+    def test_claim_expires(self, store):
+        from controlplane.store.base import ClaimChanged
+        rec = store.take_claim("198.18.0.7", '{"instance":"a"}', 2, None)
+        deadline = time.monotonic() + 6
+        while store.get_claim("198.18.0.7") is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.get_claim("198.18.0.7") is None
+        with pytest.raises(ClaimChanged):
+            store.refresh_claim("198.18.0.7", rec, 2)
+        store.take_claim("198.18.0.7", '{"instance":"b"}', 30, None)
+
+    def test_claims_are_not_leases(self, store):
+        _, rev = store.list_leases()
+        rec = store.take_claim("198.18.0.7", '{"PublicIP":"198.18.0.7","PublicIPv6":null}', 30, None)
+        rec = store.refresh_claim("198.18.0.7", rec, 30)
+        store.release_claim("198.18.0.7", rec)
+        store.create_lease(subnet(1), value(1), ttl=3600)
+        assert [r.subnet for r in store.list_leases()[0]] == [subnet(1)]
+        watch = store.watch(rev)
+        try:
+            events = drain(watch, 1)
+            assert not watch.get(timeout=0.3)
+        finally:
+            watch.close()
+        assert [(e.kind, e.subnet) for e in events] == [("put", subnet(1))]

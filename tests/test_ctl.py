@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 
 import pytest
 
@@ -85,3 +86,49 @@ def test_docker_opts(tmp_path):
     assert r.stdout == 'OPTS="--bip=10.5.52.1/24 --mtu=1450"\n'
     r = run_tool("controlplane.ctl", "docker-opts", "-f", str(tmp_path / "none.env"), "-d", "-")
     assert r.returncode == 1 and "missing or empty" in r.stderr
+
+
+@pytest.mark.parametrize("command", [["leases"], ["leases", "--json"], ["config", "get"],
+                                     ["release", "10.5.3.0/24"]])
+@pytest.mark.parametrize("where", ["no/such/dir/x.db", "x.db"])
+def test_commands_that_read_refuse_a_missing_store(tmp_path, command, where):
+    """A typo in --store must not read as "no leases", nor leave files or directories behind."""
+    url = f"sqlite://{tmp_path}/{where}"
+    r = ctl(["--store", url], *command)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.splitlines() == [f"weftctl: store {url}: no such file (nothing to read; check --store)"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_commands_that_write_create_the_file_only_in_an_existing_directory(tmp_path):
+    url = f"sqlite://{tmp_path}/no/such/dir/x.db"
+    r = ctl(["--store", url], "config", "put", "-", input='{"Network":"10.5.0.0/16"}')
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [f"weftctl: store {url}: directory {tmp_path}/no/such/dir does not"
+                                     " exist (check --store)"]
+    assert os.listdir(tmp_path) == []
+    r = ctl(["--store", url], "reserve", "10.5.3.0/24", "--public-ip", "198.18.0.3")
+    assert r.returncode == 1 and "does not exist" in r.stderr and os.listdir(tmp_path) == []
+    url = f"sqlite://{tmp_path}/x.db"
+    assert ctl(["--store", url], "config", "put", "-", input='{"Network":"10.5.0.0/16"}').returncode == 0
+    assert ctl(["--store", url], "config", "get").stdout.strip() == '{"Network":"10.5.0.0/16"}'
+
+
+def test_leases_names_the_ones_daemons_ignore(args, tmp_path):
+    """``weftctl leases`` shows what weftd follows; every lease it would refuse is named on stderr
+    with the reason weftd counts it under."""
+    ctl(args, "config", "put", "-", input='{"Network":"10.5.0.0/16"}')
+    store = SQLiteStore(str(tmp_path / "weft.db"), prefix="/test/net")
+    good = LeaseAttrs(ipaddress.IPv4Address("198.18.0.9"), "udp").to_json()
+    store.create_lease(ipaddress.IPv4Network("10.5.9.0/24"), good, ttl=3600)
+    store.create_lease(ipaddress.IPv4Network("10.99.0.0/24"), good, ttl=3600)
+    store.create_lease(ipaddress.IPv4Network("10.5.10.0/24"), "nope", ttl=3600)
+    store.close()
+    r = ctl(args, "leases")
+    assert r.returncode == 0
+    assert [l.split()[0] for l in r.stdout.splitlines()[1:]] == ["10.5.9.0/24"]
+    assert r.stderr.splitlines() == [
+        "weftctl: invalid lease subnets/10.5.10.0-24 (not_json): lease value is not JSON"
+        " (Expecting value: line 1 column 1 (char 0)); weftd ignores it",
+        "weftctl: invalid lease subnets/10.99.0.0-24 (outside_network): 10.99.0.0/24 is outside"
+        " Network 10.5.0.0/16; weftd ignores it"]

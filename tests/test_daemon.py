@@ -101,12 +101,14 @@ def test_short_ttl_is_renewed(tmp_path):
 
 
 def test_flanneld_env_and_single_dash_flags(tmp_path):
-    """FLANNELD_* variables and Go-style flags, as a flanneld unit file would pass them."""
+    """FLANNELD_* variables and Go-style flags, as a flanneld unit file would pass them. Every value
+    differs from the default, so each one shows that it was read: the config exists only under
+    the variable's prefix, and the lease lives 600 s instead of a day."""
     args = ["--store", f"sqlite://{tmp_path}/weft.db"]
-    put_config(args, '{"Network":"10.7.0.0/16","Backend":{"Type":"alloc"}}')
-    d = Weftd(str(tmp_path), 2, args, env={"FLANNELD_ETCD_PREFIX": "/coreos.com/network",
-                                           "FLANNELD_IP_MASQ": "false",
-                                           "FLANNELD_SUBNET_LEASE_RENEW_MARGIN": "30"})
+    put_config(args + ["-etcd-prefix", "/weft-env/network"], '{"Network":"10.7.0.0/16","Backend":{"Type":"alloc"}}')
+    d = Weftd(str(tmp_path), 2, args, env={"FLANNELD_ETCD_PREFIX": "/weft-env/network",
+                                           "FLANNELD_LEASE_TTL": "600",
+                                           "FLANNELD_SUBNET_LEASE_RENEW_MARGIN": "5"})
     d.argv = [a.replace("-subnet-file", "-subnet-file=" + d.subnet_file) if a == "-subnet-file" else a
               for a in d.argv]
     d.argv.remove(d.subnet_file)
@@ -117,6 +119,39 @@ def test_flanneld_env_and_single_dash_flags(tmp_path):
             env = f.read()
         assert env.startswith("FLANNEL_NETWORK=10.7.0.0/16\nFLANNEL_SUBNET=10.7.")
         assert env.endswith("FLANNEL_MTU=65536\nFLANNEL_IPMASQ=false\n")
+        expires = d.metric("weft_lease_expiration_timestamp_seconds")
+        assert time.time() < expires <= time.time() + 600, expires - time.time()
+        assert d.metric("weft_lease_renewals_total") == 0  # 5 min margin of a 10 min lease: not yet
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"FLANNELD_SUBNET_LEASE_RENEW_MARGIN": "0"}, "-subnet-lease-renew-margin 0: must be 1..1439"),
+    ({"FLANNELD_IP_MASQ": "maybe"}, "FLANNELD_IP_MASQ='maybe': not a boolean"),
+    ({"FLANNELD_LEASE_TTL": "x"}, "FLANNELD_LEASE_TTL='x': not a valid int"),
+])
+def test_bad_flanneld_env_one_line(tmp_path, env, message):
+    """A variable is read, not ignored: a bad value is refused in one line naming it."""
+    r = run_tool("controlplane.daemon", "--store", f"sqlite://{tmp_path}/weft.db", "-iface", "lo",
+                 "-subnet-file", f"{tmp_path}/e", env=env, timeout=20)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_metric_of_a_dead_daemon_is_an_error_not_a_missing_metric(tmp_path):
+    args = ["--store", f"sqlite://{tmp_path}/weft.db"]
+    put_config(args)
+    d = Weftd(str(tmp_path), 1, args).start()
+    try:
+        d.wait_ready()
+        assert d.metric("weft_ready") == 1
+        assert d.metric("weft_no_such_metric") is None  # answered, and the page lacks it
+        d.signal(signal.SIGKILL)
+        d.wait()
+        with pytest.raises(AssertionError, match="weftd 1 is not running"):
+            d.metric("weft_ready")
     finally:
         d.stop()
 
@@ -167,3 +202,14 @@ def test_notifies_systemd_when_ready(tmp_path):
     finally:
         d.stop()
         sock.close()
+
+
+def test_source_guard_is_refused_where_it_cannot_work(tmp_path):
+    """--source-guard is vxlan/kernel's opt-in: on a data plane that cannot check a tunnel
+    header (host-gw, alloc) weftd refuses it in one line instead of running unguarded."""
+    store_args = ["--store", f"sqlite://{tmp_path}/weft.db"]
+    put_config(store_args, '{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}')
+    d = Weftd(str(tmp_path), 1, store_args, extra=["--source-guard"]).start()
+    assert d.wait(20) == 1
+    errors = [l for l in d.log().splitlines() if " ERROR " in l]
+    assert len(errors) == 1 and "--source-guard: not available on host-gw/kernel" in errors[0], d.log()

@@ -133,7 +133,7 @@ def test_watcher_events_and_bad_leases(store):
         t.join()
     assert events == [("added", first.subnet), ("added", second.subnet), ("renewed", first.subnet),
                       ("removed", first.subnet), ("expired", second.subnet)]
-    assert w.stats["bad_leases"] == 1
+    assert w.invalid.snapshot()["bad_public_ip"] == 1
 
 
 def test_watcher_resyncs_after_compaction(store):
@@ -141,11 +141,12 @@ def test_watcher_resyncs_after_compaction(store):
     events, stop = [], threading.Event()
     w = LeaseWatcher(store, lambda e: events.append((e.kind, e.lease.subnet)), poll_timeout=0.2)
     m = LeaseManager(store, ttl=3600)
-    a = m.acquire(CONFIG, attrs(1))
+    a = m.acquire(CONFIG, attrs(1), previous_subnet=NET("10.5.76.0/24"))
     w.resync()
-    # While the watcher is away: one lease goes, one comes, history is compacted.
+    # While the watcher is away: one lease goes, another comes (not on a's subnet, which a random
+    # pick could reuse), history is compacted.
     store.delete_lease(a.subnet)
-    b = m.acquire(CONFIG, attrs(2))
+    b = m.acquire(CONFIG, attrs(2), previous_subnet=NET("10.5.77.0/24"))
     with sqlite3.connect(store.path) as conn:
         rev = conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0]
         conn.execute("DELETE FROM events WHERE revision <= ?", (rev,))
@@ -160,3 +161,63 @@ def test_watcher_resyncs_after_compaction(store):
         stop.set()
         t.join()
     assert events == [("added", a.subnet), ("removed", a.subnet), ("added", b.subnet)]
+
+
+def _raw_put(store, key: str, value: str) -> None:
+    """A key written into the store's file by another program (not through the Store)."""
+    import sqlite3
+    conn = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
+        rev = conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
+        conn.execute("INSERT INTO events VALUES (?, ?, ?, 'put', ?, NULL, 0)", (rev, store.prefix, key, value))
+        conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, NULL, ?)", (store.prefix, key, value, rev))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def test_watcher_judges_leases_against_the_config(store):
+    """Only leases valid for the network become events; each bad write is counted once, also when
+    a re-list sees it again; a known lease rewritten into an invalid one is removed, with why."""
+    events = []
+    store.create_lease(NET("10.5.1.0/24"), attrs(1).to_json(), ttl=3600)
+    store.create_lease(NET("10.6.0.0/24"), attrs(2).to_json(), ttl=3600)  # outside 10.5.0.0/16
+    store.create_lease(NET("10.5.2.0/23"), attrs(3).to_json(), ttl=3600)  # not a /24
+    store.create_lease(NET("10.5.4.0/24"), LeaseAttrs(IP("198.18.0.4"), "vxlan", {"VNI": 1}).to_json(),
+                       ttl=3600)  # vxlan without a VtepMAC
+    store.create_lease(NET("10.5.5.0/24"), LeaseAttrs(IP("127.0.0.1"), "alloc").to_json(), ttl=3600)
+    _raw_put(store, "subnets/10.5.6.0-24/x", attrs(6).to_json())
+    w = LeaseWatcher(store, lambda e: events.append((e.kind, str(e.lease.subnet), e.reason)), config=CONFIG)
+    w.resync()
+    assert events == [("added", "10.5.1.0/24", "")]
+    counts = {k: v for k, v in w.invalid.snapshot().items() if v}
+    assert counts == {"outside_network": 1, "wrong_length": 1, "bad_backend_data": 1,
+                      "bad_public_ip": 1, "bad_key": 1}
+    w.resync()  # a re-list (after a reconnect or a compaction) counts nothing again
+    assert {k: v for k, v in w.invalid.snapshot().items() if v} == counts
+    store.update_lease(NET("10.5.1.0/24"), '{"PublicIP":"198.18.0.1","BackendType":7}', ttl=3600)
+    w.resync()
+    assert events[-1] == ("removed", "10.5.1.0/24", "bad_field")
+    assert w.invalid.snapshot()["bad_field"] == 1
+    assert w.known == {}
+
+
+def test_watcher_reports_each_new_config_text(store):
+    seen, stop = [], threading.Event()
+    store.put_config(CONFIG.raw)
+    w = LeaseWatcher(store, lambda e: None, poll_timeout=0.2, config=CONFIG, on_config=seen.append)
+    t = threading.Thread(target=w.run, args=(stop,))
+    t.start()
+    try:
+        assert w.synced.wait(5)
+        for text in ("garbage", "garbage", CONFIG.raw, "other"):
+            store.put_config(text)
+        deadline = time.monotonic() + 5
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join()
+    assert seen == ["garbage", CONFIG.raw, "other"]

@@ -33,6 +33,14 @@ def _clean(server: EtcdServer) -> None:
     server.etcdctl("del", "--prefix", "/weft-test/")
 
 
+def etcdctl_write(server: EtcdServer, store, key: str, value: str | None) -> None:
+    """``etcdctl put`` (or ``del`` for None), as an operator would write the key."""
+    if value is None:
+        server.etcdctl("del", f"{store.prefix}/{key}")
+    else:
+        server.etcdctl("put", f"{store.prefix}/{key}", "--", value)
+
+
 class TestEtcdPlain(StoreContract):
     @pytest.fixture
     def make_store(self, etcd_plain):
@@ -42,6 +50,10 @@ class TestEtcdPlain(StoreContract):
     @pytest.fixture
     def compact_store(self, etcd_plain):
         return lambda store: compact_now(etcd_plain, store)
+
+    @pytest.fixture
+    def write_raw(self, etcd_plain):
+        return lambda store, key, value: etcdctl_write(etcd_plain, store, key, value)
 
 
 class TestEtcdMutualTLS(StoreContract):
@@ -54,6 +66,10 @@ class TestEtcdMutualTLS(StoreContract):
     def compact_store(self, etcd_tls):
         return lambda store: compact_now(etcd_tls, store)
 
+    @pytest.fixture
+    def write_raw(self, etcd_tls):
+        return lambda store, key, value: etcdctl_write(etcd_tls, store, key, value)
+
 
 class TestEtcdPasswordAuth(StoreContract):
     @pytest.fixture
@@ -64,6 +80,10 @@ class TestEtcdPasswordAuth(StoreContract):
     @pytest.fixture
     def compact_store(self, etcd_auth):
         return lambda store: compact_now(etcd_auth, store)
+
+    @pytest.fixture
+    def write_raw(self, etcd_auth):
+        return lambda store, key, value: etcdctl_write(etcd_auth, store, key, value)
 
 
 # -- interop with etcdctl (flanneld's layout) ---------------------------------------------------

@@ -18,6 +18,27 @@ class TestSQLiteStore(StoreContract):
         return lambda prefix: SQLiteStore(str(path), prefix=prefix)
 
     @pytest.fixture
+    def write_raw(self):
+        def write(store, key, value):
+            """The store's tables written with a connection of its own, as another program would."""
+            conn = sqlite3.connect(store.path, timeout=15, isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
+                rev = conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
+                conn.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, NULL, 0)",
+                             (rev, store.prefix, key, "put" if value is not None else "delete", value))
+                if value is None:
+                    conn.execute("DELETE FROM kv WHERE prefix = ? AND key = ?", (store.prefix, key))
+                else:
+                    conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, NULL, ?)",
+                                 (store.prefix, key, value, rev))
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+        return write
+
+    @pytest.fixture
     def compact_store(self):
         def compact(store):
             with sqlite3.connect(store.path) as conn:

@@ -45,6 +45,9 @@ class BackendOptions:
     """Node-local switches from weftd's flags."""
     ip_masq: bool = False
     vxlan_tx_csum_off: bool = False
+    # vxlan/kernel: check each VXLAN datagram's outer source against the leases (fastpath/bpf/guard.py).
+    # vxlan/ebpf and the userspace engines always check; host-gw has no guard (README, "Spoofed input").
+    source_guard: bool = False
     extra: dict = field(default_factory=dict)
 
 

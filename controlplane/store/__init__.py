@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 
-from .base import (LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError, StoreEvent,
-                   StoreUnavailable, Watch, WatchCompacted)
+from .base import (ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError,
+                   StoreEvent, StoreUnavailable, SubnetScan, Watch, WatchCompacted)
 
 DEFAULT_PREFIX = "/coreos.com/network"
 DEFAULT_ETCD_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
@@ -39,13 +39,17 @@ def _load(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def open_store(url: str, prefix: str = DEFAULT_PREFIX, etcd: EtcdOptions | None = None) -> Store:
-    """Open the store named by ``url``; raises StoreError with one line on a bad URL."""
+def open_store(url: str, prefix: str = DEFAULT_PREFIX, etcd: EtcdOptions | None = None,
+               create: str = "file") -> Store:
+    """Open the store named by ``url``; raises StoreError with one line on a bad URL.
+
+    ``create`` (SQLite): ``never`` (the file must exist), ``file`` (it may be created in a
+    directory that exists) or ``parents`` (missing directories may be created too)."""
     if url.startswith("sqlite://"):
         path = url[len("sqlite://"):]
         if not path:
             raise StoreError(f"--store {url!r}: no file path (use sqlite:///absolute/path)")
-        return _load("sqlite")(path, prefix=prefix)
+        return _load("sqlite")(path, prefix=prefix, create=create)
     if url == "etcd" or url.startswith("etcd://"):
         opts = etcd or EtcdOptions()
         if url.startswith("etcd://"):
@@ -60,5 +64,6 @@ def open_store(url: str, prefix: str = DEFAULT_PREFIX, etcd: EtcdOptions | None 
 
 
 __all__ = ["open_store", "EtcdOptions", "Store", "StoreError", "StoreUnavailable", "LeaseExists",
-           "LeaseNotFound", "LeaseRecord", "StoreEvent", "Watch", "WatchCompacted", "STORES",
+           "LeaseNotFound", "LeaseRecord", "StoreEvent", "ForeignKey", "SubnetScan", "Watch",
+           "WatchCompacted", "STORES",
            "DEFAULT_PREFIX", "DEFAULT_SQLITE_URL", "DEFAULT_ETCD_ENDPOINTS"]

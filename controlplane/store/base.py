@@ -15,6 +15,12 @@ Contract (tests/store_contract.py runs it against every store):
   its removal is an event (``expired=True`` where the store can tell).
 - ``watch(since)`` returns events with revision > ``since`` in revision order; if the store no
   longer holds history back to ``since`` it raises ``WatchCompacted`` and the caller re-lists.
+- Keys under ``<prefix>/subnets/`` that are not lease keys (``<ip>-<len>`` exactly as flannel
+  writes it, nothing nested) are someone else's writing, never leases: ``scan_subnets`` returns
+  them apart as ``ForeignKey``, and ``watch`` reports their changes as ``foreign`` events, so the
+  caller can log and count them (``list_leases`` leaves them out).
+- ``watch`` also reports every change of the config key (``config`` events), so a daemon notices
+  a config rewritten under it without polling.
 """
 from __future__ import annotations
 
@@ -43,6 +49,10 @@ class WatchCompacted(StoreError):
     """History back to the requested revision is gone; re-list and watch from the new revision."""
 
 
+class ClaimChanged(StoreError):
+    """A node claim is not what the caller expected (taken, replaced or gone meanwhile)."""
+
+
 @dataclass(frozen=True)
 class LeaseRecord:
     subnet: ipaddress.IPv4Network
@@ -52,12 +62,44 @@ class LeaseRecord:
 
 
 @dataclass(frozen=True)
+class ForeignKey:
+    """A key under ``<prefix>/subnets/`` that is not a lease key: someone else wrote it."""
+    name: str  # the key's name under subnets/
+    revision: int  # revision of its last change
+
+
+@dataclass(frozen=True)
+class SubnetScan:
+    """Everything under ``<prefix>/subnets/`` at one revision."""
+    records: list[LeaseRecord]
+    foreign: list[ForeignKey]
+    revision: int
+
+
+@dataclass(frozen=True)
 class StoreEvent:
-    kind: str  # "put" or "delete"
-    subnet: ipaddress.IPv4Network
+    # "put" / "delete": a lease key; "foreign": a key under subnets/ that is not a lease key was
+    # written (value set) or deleted (value None); "config": the config was written (value set)
+    # or deleted (value None).
+    kind: str
+    subnet: ipaddress.IPv4Network | None  # None for "foreign" and "config"
     revision: int
     record: LeaseRecord | None = None  # set for "put"
     expired: bool = False  # "delete" caused by TTL expiry, where the store can tell
+    name: str = ""  # "foreign": the key's name under subnets/
+    value: str | None = None  # "foreign" and "config": the text written; None when deleted
+
+
+@dataclass(frozen=True)
+class ClaimRecord:
+    """A node claim: which running weftd uses a public IP (``controlplane.claim``). Kept apart
+    from the leases (etcd ``<prefix>/weft/claims/<ip>``), so flanneld and lease watchers never
+    see it."""
+    public_ip: str
+    value: str  # weft's JSON, opaque to the store
+    expiration: float | None  # epoch seconds; None only for a key written by hand without TTL
+    revision: int  # changes on every take and every refresh
+    lease_id: int = 0  # etcd: the lease the key is attached to (kept alive by refreshes)
 
 
 class Watch(ABC):
@@ -80,8 +122,13 @@ class Store(ABC):
     def put_config(self, text: str) -> None: ...
 
     @abstractmethod
+    def scan_subnets(self) -> SubnetScan:
+        """All live leases, the foreign keys beside them, and the revision they were read at."""
+
     def list_leases(self) -> tuple[list[LeaseRecord], int]:
         """All live leases and the store revision they were read at."""
+        scan = self.scan_subnets()
+        return scan.records, scan.revision
 
     @abstractmethod
     def get_lease(self, subnet: ipaddress.IPv4Network) -> LeaseRecord | None: ...
@@ -100,6 +147,26 @@ class Store(ABC):
 
     @abstractmethod
     def watch(self, since_revision: int) -> Watch: ...
+
+    # -- node claims (one running weftd per public IP; never a lease, never a watch event) -------
+    @abstractmethod
+    def get_claim(self, public_ip: str) -> ClaimRecord | None:
+        """The live claim of ``public_ip``, or None."""
+
+    @abstractmethod
+    def take_claim(self, public_ip: str, value: str, ttl: float,
+                   expected: ClaimRecord | None) -> ClaimRecord:
+        """Atomically: create the claim when ``expected`` is None and there is no live claim, or
+        replace ``expected`` when the claim is still exactly that; else ``ClaimChanged``."""
+
+    @abstractmethod
+    def refresh_claim(self, public_ip: str, record: ClaimRecord, ttl: float) -> ClaimRecord:
+        """Extend our claim by ``ttl`` and change its revision (so a waiting newcomer sees that its
+        holder is alive); ``ClaimChanged`` when it is no longer ``record`` (expired or taken)."""
+
+    @abstractmethod
+    def release_claim(self, public_ip: str, record: ClaimRecord) -> bool:
+        """Delete the claim if it is still ``record``; True when deleted."""
 
     def stats(self) -> dict[str, float]:
         """Operation counters for metrics (``weft_store_ops_total`` by op)."""

@@ -45,8 +45,9 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ..lease import LeaseFormatError, parse_subnet_key, subnet_key
-from .base import (LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError, StoreEvent,
-                   StoreUnavailable, Watch, WatchCompacted)
+from .base import (ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError,
+                   StoreEvent, StoreUnavailable, SubnetScan, Watch, WatchCompacted)
+from .base import ClaimChanged, ClaimRecord
 
 # gRPC's C core logs TLS and connection failures straight to stderr, several lines each; this
 # store reports them as one-line errors instead. GRPC_VERBOSITY set by the user wins.
@@ -366,6 +367,10 @@ class EtcdStore(Store):
     def _key(self, subnet: ipaddress.IPv4Network) -> bytes:
         return self._subnets + subnet_key(subnet).encode()
 
+    def _name_of(self, key: bytes) -> str:
+        """A key's name under ``<prefix>/subnets/``."""
+        return key[len(self._subnets):].decode("utf-8", "replace")
+
     def _subnet_of(self, key: bytes) -> ipaddress.IPv4Network | None:
         """The subnet of a key directly under ``<prefix>/subnets/``; None for anything else."""
         if not key.startswith(self._subnets):
@@ -392,20 +397,21 @@ class EtcdStore(Store):
         self._do("put_config", lambda c, t: c.client.kvstub.Put(
             etcdrpc.PutRequest(key=self._config_key, value=text.encode()), t, metadata=c.metadata))
 
-    def list_leases(self) -> tuple[list[LeaseRecord], int]:
+    def scan_subnets(self) -> SubnetScan:
         resp = self._do("list", lambda c, t: c.client.kvstub.Range(
             etcdrpc.RangeRequest(key=self._subnets, range_end=_prefix_end(self._subnets)), t,
             metadata=c.metadata))
-        records, cache = [], {}
+        records, foreign, cache = [], [], {}
         for kv in resp.kvs:
             subnet = self._subnet_of(kv.key)
-            if subnet is None:
-                continue  # someone else's key under subnets/
+            if subnet is None:  # someone else's key under subnets/
+                foreign.append(ForeignKey(self._name_of(kv.key), kv.mod_revision))
+                continue
             exp = self._expiration(kv.lease, cache)
             if exp is _GONE:
                 continue  # expired since the range; its delete event follows the revision
             records.append(LeaseRecord(subnet, self._text(kv.value), exp, kv.mod_revision))
-        return records, resp.header.revision
+        return SubnetScan(records, foreign, resp.header.revision)
 
     def get_lease(self, subnet) -> LeaseRecord | None:
         key = self._key(subnet)
@@ -485,6 +491,104 @@ class EtcdStore(Store):
             self._watches.add(w)
         return w
 
+    # -- node claims: <prefix>/weft/claims/<ip>, outside <prefix>/subnets (flanneld's range) ------
+    # A claim is a key attached to an etcd lease of the claim's TTL. A refresh keeps that lease
+    # alive and re-puts the key with it (one write), so its revision moves: a newcomer waiting
+    # on the claim sees that its holder is alive. A holder that dies leaves the lease to expire,
+    # which deletes the key.
+    def _claim_key(self, public_ip: str) -> bytes:
+        return f"{self.prefix}/weft/claims/{public_ip}".encode()
+
+    def get_claim(self, public_ip: str) -> ClaimRecord | None:
+        key = self._claim_key(public_ip)
+        resp = self._do("get_claim", lambda c, t: c.client.kvstub.Range(
+            etcdrpc.RangeRequest(key=key), t, metadata=c.metadata))
+        if not resp.kvs:
+            return None
+        kv = resp.kvs[0]
+        exp = self._expiration(kv.lease)
+        if exp is _GONE:
+            return None
+        return ClaimRecord(public_ip, self._text(kv.value), exp, kv.mod_revision, kv.lease)
+
+    def _claim_txn(self, conn: _Conn, timeout: float, key: bytes, compare, put) -> int | None:
+        """Put ``put`` if ``compare`` holds: the new revision, or None when it did not hold."""
+        resp = conn.client.kvstub.Txn(
+            etcdrpc.TxnRequest(compare=[compare], success=[etcdrpc.RequestOp(request_put=put)]),
+            timeout, metadata=conn.metadata)
+        return resp.header.revision if resp.succeeded else None
+
+    def take_claim(self, public_ip, value, ttl, expected) -> ClaimRecord:
+        key = self._claim_key(public_ip)
+        if expected is None:
+            compare = etcdrpc.Compare(key=key, target=etcdrpc.Compare.VERSION,
+                                      result=etcdrpc.Compare.EQUAL, version=0)
+        else:
+            compare = etcdrpc.Compare(key=key, target=etcdrpc.Compare.MOD,
+                                      result=etcdrpc.Compare.EQUAL, mod_revision=expected.revision)
+
+        def take(conn: _Conn, timeout: float):
+            lease_id, granted = self._grant(conn, timeout, ttl)
+            put = etcdrpc.PutRequest(key=key, value=value.encode(), lease=lease_id)
+            try:
+                revision = self._claim_txn(conn, timeout, key, compare, put)
+            except BaseException:
+                self._revoke(conn, lease_id)  # applied or not: no claim may outlive this error
+                raise
+            if revision is None:
+                self._revoke(conn, lease_id)
+                raise ClaimChanged(f"public IP {public_ip} is claimed" if expected is None
+                                   else f"the claim of public IP {public_ip} changed")
+            if expected is not None:
+                self._revoke(conn, expected.lease_id, only_if_unused=True)
+            return ClaimRecord(public_ip, value, time.time() + granted, revision, lease_id)
+        return self._do("take_claim", take)
+
+    def refresh_claim(self, public_ip, record, ttl) -> ClaimRecord:
+        """Keeps the lease granted at take (its TTL stays the one given then)."""
+        key = self._claim_key(public_ip)
+        compare = etcdrpc.Compare(key=key, target=etcdrpc.Compare.MOD,
+                                  result=etcdrpc.Compare.EQUAL, mod_revision=record.revision)
+
+        def refresh(conn: _Conn, timeout: float):
+            self._count("keepalive")
+            call = conn.client.leasestub.LeaseKeepAlive(
+                iter([etcdrpc.LeaseKeepAliveRequest(ID=record.lease_id)]), timeout,
+                metadata=conn.metadata)
+            try:
+                alive = next(call, None)  # one request, one answer: a keep-alive, not a stream
+            finally:
+                call.cancel()
+            if alive is None or alive.TTL <= 0:
+                raise ClaimChanged(f"the claim of public IP {public_ip} expired")
+            put = etcdrpc.PutRequest(key=key, value=record.value.encode(), lease=record.lease_id)
+            try:
+                revision = self._claim_txn(conn, timeout, key, compare, put)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:  # the lease expired just now
+                    raise ClaimChanged(f"the claim of public IP {public_ip} expired") from None
+                raise
+            if revision is None:
+                self._revoke(conn, record.lease_id, only_if_unused=True)
+                raise ClaimChanged(f"the claim of public IP {public_ip} was taken or released")
+            return ClaimRecord(public_ip, record.value, time.time() + alive.TTL, revision,
+                               record.lease_id)
+        return self._do("refresh_claim", refresh)
+
+    def release_claim(self, public_ip, record) -> bool:
+        key = self._claim_key(public_ip)
+
+        def release(conn: _Conn, timeout: float):
+            compare = etcdrpc.Compare(key=key, target=etcdrpc.Compare.MOD,
+                                      result=etcdrpc.Compare.EQUAL, mod_revision=record.revision)
+            resp = conn.client.kvstub.Txn(etcdrpc.TxnRequest(
+                compare=[compare],
+                success=[etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))]),
+                timeout, metadata=conn.metadata)
+            self._revoke(conn, record.lease_id, only_if_unused=True)
+            return resp.succeeded
+        return self._do("release_claim", release)
+
     def stats(self) -> dict[str, float]:
         with self._ops_lock:
             return dict(self._ops)
@@ -522,7 +626,8 @@ _STOP = object()
 
 
 class _EtcdWatch(Watch):
-    """One etcd watch stream on ``<prefix>/subnets/`` from ``since + 1``; a thread reads it."""
+    """One etcd watch stream on ``<prefix>/config`` and ``<prefix>/subnets/`` from ``since + 1``;
+    a thread reads it."""
 
     def __init__(self, store: EtcdStore, since: int):
         self._store = store
@@ -533,7 +638,10 @@ class _EtcdWatch(Watch):
         self._closed = False
         conn = store._connection()
         self._conn = conn
-        create = etcdrpc.WatchCreateRequest(key=store._subnets, range_end=_prefix_end(store._subnets),
+        # One range, so events stay in revision order: from <prefix>/config to the end of
+        # <prefix>/subnets/. flanneld writes nothing else in it; weft's node claims
+        # (<prefix>/weft/...) sort after it, so their refreshes never reach a lease watcher.
+        create = etcdrpc.WatchCreateRequest(key=store._config_key, range_end=_prefix_end(store._subnets),
                                             start_revision=since + 1)
 
         def requests():
@@ -601,11 +709,18 @@ class _EtcdWatch(Watch):
 
     def _convert(self, ev, cache: dict) -> StoreEvent | None:
         kv = ev.kv
-        subnet = self._store._subnet_of(kv.key)
-        if subnet is None:
-            return None
+        store = self._store
         rev = kv.mod_revision
-        if ev.type == kv_pb2.Event.DELETE:
+        deleted = ev.type == kv_pb2.Event.DELETE
+        if kv.key == store._config_key:
+            return StoreEvent("config", None, rev, value=None if deleted else store._text(kv.value))
+        if not kv.key.startswith(store._subnets):
+            return None  # between config and subnets/ in the range, but not flanneld's
+        subnet = store._subnet_of(kv.key)
+        if subnet is None:
+            return StoreEvent("foreign", None, rev, name=store._name_of(kv.key),
+                              value=None if deleted else store._text(kv.value))
+        if deleted:
             return StoreEvent("delete", subnet, rev)
         exp = self._store._expiration(kv.lease, cache)
         if exp is _GONE:  # superseded since (renewed with a new lease, or expired): already past

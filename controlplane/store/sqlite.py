@@ -18,11 +18,13 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections import Counter
 
 from ..lease import LeaseFormatError, parse_subnet_key, subnet_key
-from .base import (LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError, StoreEvent,
-                   StoreUnavailable, Watch, WatchCompacted)
+from .base import (ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError,
+                   StoreEvent, StoreUnavailable, SubnetScan, Watch, WatchCompacted)
+from .base import ClaimChanged, ClaimRecord
 
 HISTORY_KEEP = 20000  # events kept for watchers that fall behind
 COMPACT_EVERY = 2000  # revisions between compactions
@@ -42,26 +44,76 @@ INSERT OR IGNORE INTO meta VALUES ('revision', 0), ('compacted', 0);
 """
 
 _SUBNETS = "subnets/"
+_SUBNETS_END = "subnets0"  # the first key after every "subnets/..." ('0' follows '/')
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                           check_same_thread=False)
+def _clean(key, value, expires):
+    """A row as the types weft writes. Another program may have written the file with other
+    types (SQLite keeps what it is given): text as bytes, a TTL that is no number."""
+    if isinstance(key, bytes):
+        key = key.decode("utf-8", "replace")
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    elif value is not None and not isinstance(value, str):
+        value = str(value)
+    if not isinstance(expires, (int, float)) or isinstance(expires, bool):
+        expires = None
+    return str(key), value, expires
+
+
+def _subnet_of(key: str):
+    """The subnet of a key ``subnets/<ip>-<len>``; None for any other key under subnets/."""
+    name = key[len(_SUBNETS):]
+    if "/" in name:
+        return None
+    try:
+        return parse_subnet_key(name)
+    except LeaseFormatError:
+        return None
+# Node claims (controlplane.claim) live in a table of their own: no revision, no event, no reaping,
+# so lease watchers and the event history never see them.
+_CLAIMS_SCHEMA = """CREATE TABLE IF NOT EXISTS claims (
+    prefix TEXT NOT NULL, ip TEXT NOT NULL, value TEXT NOT NULL, expires REAL NOT NULL,
+    generation INTEGER NOT NULL, PRIMARY KEY (prefix, ip))"""
+
+
+CREATE_MODES = ("never", "file", "parents")
+
+
+def _connect(path: str, must_exist: bool = False) -> sqlite3.Connection:
+    if must_exist:  # SQLite's own check, so nothing is created even if the file goes meanwhile
+        target, uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw", True
+    else:
+        target, uri = path, False
+    conn = sqlite3.connect(target, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False, uri=uri)
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return conn
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: str, prefix: str = "/coreos.com/network"):
+    """``create`` says what opening may create: ``never`` (the file must exist: commands that
+    only read, so a typo in the path is an error, not an empty store), ``file`` (the file, in a
+    directory that exists) or ``parents`` (missing directories too: only the default path)."""
+
+    def __init__(self, path: str, prefix: str = "/coreos.com/network", create: str = "file"):
+        if create not in CREATE_MODES:
+            raise ValueError(f"create={create!r}: one of {', '.join(CREATE_MODES)}")
         self.path = path
         self.prefix = prefix.rstrip("/")
         self.url = f"sqlite://{os.path.abspath(path)}"
         self._lock = threading.Lock()
         self._ops: Counter[str] = Counter()
         directory = os.path.dirname(os.path.abspath(path))
+        if create == "never" and not os.path.exists(path):
+            raise StoreError(f"store sqlite://{path}: no such file (nothing to read; check --store)")
+        if create == "file" and not os.path.isdir(directory):
+            raise StoreError(f"store sqlite://{path}: directory {directory} does not exist"
+                             " (check --store)")
         try:
-            os.makedirs(directory, exist_ok=True)
-            self._conn = _connect(path)
+            if create == "parents":
+                os.makedirs(directory, exist_ok=True)
+            self._conn = _connect(path, must_exist=create == "never")
             # journal_mode needs a moment of exclusive access; racing openers retry via busy_timeout.
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
@@ -141,14 +193,11 @@ class SQLiteStore(Store):
             self._write(lambda c: None, op="reap")
 
     # -- the Store interface --------------------------------------------------------------
-    def _record(self, key: str, value: str, expires, revision) -> LeaseRecord:
-        return LeaseRecord(parse_subnet_key(key), value, expires, revision)
-
     def get_config(self) -> str | None:
         row = self._read(lambda c: c.execute(
             "SELECT value FROM kv WHERE prefix = ? AND key = 'config'", (self.prefix,)).fetchone(),
             op="get_config")
-        return row[0] if row else None
+        return _clean("config", row[0], None)[1] if row else None
 
     def put_config(self, text: str) -> None:
         def put(conn):
@@ -157,24 +206,27 @@ class SQLiteStore(Store):
                          (self.prefix, text, rev))
         self._write(put, op="put_config")
 
-    def list_leases(self) -> tuple[list[LeaseRecord], int]:
+    def scan_subnets(self) -> SubnetScan:
         now = time.time()
 
         def list_all(conn):
             rev = conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
+            # A range, not LIKE: LIKE ignores case, and SUBNETS/... is not flannel's key.
             rows = conn.execute(
-                "SELECT key, value, expires, revision FROM kv WHERE prefix = ? AND key LIKE ?"
-                " AND (expires IS NULL OR expires > ?) ORDER BY key",
-                (self.prefix, _SUBNETS + "%", now)).fetchall()
+                "SELECT key, value, expires, revision FROM kv WHERE prefix = ? AND key >= ?"
+                " AND key < ? AND (expires IS NULL OR expires > ?) ORDER BY key",
+                (self.prefix, _SUBNETS, _SUBNETS_END, now)).fetchall()
             return rows, rev
         rows, rev = self._read(list_all, op="list")
-        records = []
+        records, foreign = [], []
         for key, value, expires, revision in rows:
-            try:
-                records.append(self._record(key, value, expires, revision))
-            except LeaseFormatError:
-                continue  # a key someone else wrote under subnets/ that is not a subnet
-        return records, rev
+            key, value, expires = _clean(key, value, expires)
+            subnet = _subnet_of(key)
+            if subnet is None:
+                foreign.append(ForeignKey(key[len(_SUBNETS):], revision))
+            else:
+                records.append(LeaseRecord(subnet, value, expires, revision))
+        return SubnetScan(records, foreign, rev)
 
     def get_lease(self, subnet) -> LeaseRecord | None:
         key = _SUBNETS + subnet_key(subnet)
@@ -182,7 +234,10 @@ class SQLiteStore(Store):
             "SELECT value, expires, revision FROM kv WHERE prefix = ? AND key = ?"
             " AND (expires IS NULL OR expires > ?)", (self.prefix, key, time.time())).fetchone(),
             op="get")
-        return LeaseRecord(subnet, row[0], row[1], row[2]) if row else None
+        if not row:
+            return None
+        _, value, expires = _clean(key, row[0], row[1])
+        return LeaseRecord(subnet, value, expires, row[2])
 
     def _put(self, subnet, value: str, ttl, must_exist: bool) -> LeaseRecord:
         key = _SUBNETS + subnet_key(subnet)
@@ -220,6 +275,68 @@ class SQLiteStore(Store):
     def watch(self, since_revision: int) -> Watch:
         return _SQLiteWatch(self, since_revision)
 
+    # -- node claims: a table of their own, outside kv and its events (no watcher sees them) --
+    def _claims(self) -> None:
+        """Create the claims table on first use (a read first: daemons starting at once need
+        not queue for the write lock just to find it there)."""
+        if getattr(self, "_claims_ready", False):
+            return
+        if not self._read(lambda c: c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                                              " AND name = 'claims'").fetchone(), op="init_claims"):
+            self._write(lambda c: c.execute(_CLAIMS_SCHEMA) and None, op="init_claims")
+        self._claims_ready = True
+
+    def get_claim(self, public_ip: str) -> ClaimRecord | None:
+        self._claims()
+        row = self._read(lambda c: c.execute(
+            "SELECT value, expires, generation FROM claims WHERE prefix = ? AND ip = ?"
+            " AND expires > ?", (self.prefix, public_ip, time.time())).fetchone(), op="get_claim")
+        return ClaimRecord(public_ip, row[0], row[1], row[2]) if row else None
+
+    def _claim_row(self, conn, public_ip: str):
+        return conn.execute("SELECT value, expires, generation FROM claims WHERE prefix = ? AND ip = ?",
+                            (self.prefix, public_ip)).fetchone()
+
+    def _put_claim(self, conn, public_ip: str, value: str, ttl: float, row) -> ClaimRecord:
+        # The generation only ever grows per row; with the value (a random instance id inside)
+        # it tells one holder's claim from the next, even after a delete and a re-create.
+        generation = row[2] + 1 if row else 1
+        expires = time.time() + ttl
+        conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?)",
+                     (self.prefix, public_ip, value, expires, generation))
+        return ClaimRecord(public_ip, value, expires, generation)
+
+    def take_claim(self, public_ip, value, ttl, expected) -> ClaimRecord:
+        self._claims()
+
+        def take(conn):
+            row = self._claim_row(conn, public_ip)
+            if expected is None:
+                if row and row[1] > time.time():
+                    raise ClaimChanged(f"public IP {public_ip} is claimed")
+            elif not row or (row[0], row[2]) != (expected.value, expected.revision):
+                raise ClaimChanged(f"the claim of public IP {public_ip} changed")
+            return self._put_claim(conn, public_ip, value, ttl, row)
+        return self._write(take, op="take_claim")
+
+    def refresh_claim(self, public_ip, record, ttl) -> ClaimRecord:
+        self._claims()
+
+        def refresh(conn):
+            row = self._claim_row(conn, public_ip)
+            if not row or (row[0], row[2]) != (record.value, record.revision):
+                raise ClaimChanged(f"the claim of public IP {public_ip} was taken or released")
+            if row[1] <= time.time():
+                raise ClaimChanged(f"the claim of public IP {public_ip} expired")
+            return self._put_claim(conn, public_ip, record.value, ttl, row)
+        return self._write(refresh, op="refresh_claim")
+
+    def release_claim(self, public_ip, record) -> bool:
+        self._claims()
+        return self._write(lambda c: c.execute(
+            "DELETE FROM claims WHERE prefix = ? AND ip = ? AND value = ? AND generation = ?",
+            (self.prefix, public_ip, record.value, record.revision)).rowcount > 0, op="release_claim")
+
     def stats(self) -> dict[str, float]:
         with self._lock:
             return dict(self._ops)
@@ -252,11 +369,16 @@ class _SQLiteWatch(Watch):
         events = []
         for rev, key, kind, value, expires, expired in rows:
             self._since = rev
+            key, value, expires = _clean(key, value, expires)
+            text = value if kind == "put" else None
+            if key == "config":
+                events.append(StoreEvent("config", None, rev, value=text))
+                continue
             if not key.startswith(_SUBNETS):
                 continue
-            try:
-                subnet = parse_subnet_key(key)
-            except LeaseFormatError:
+            subnet = _subnet_of(key)
+            if subnet is None:
+                events.append(StoreEvent("foreign", None, rev, name=key[len(_SUBNETS):], value=text))
                 continue
             record = LeaseRecord(subnet, value, expires, rev) if kind == "put" else None
             events.append(StoreEvent(kind, subnet, rev, record, bool(expired)))
