@@ -6,6 +6,10 @@
   the Network, TTL 1; the frame it leaves behind is checked byte for byte (inner MACs, TTL and IP
   checksum) and so are the per-CPU counters and drop reasons. The receive program's FIB path runs
   in a scratch network namespace (a thread that entered it), never against the root namespace's FIB.
+- weft_from_underlay (the underlay interface's ingress) on crafted VXLAN datagrams: each class of
+  foreign, spoofed or malformed datagram lands in its drop reason, a peer's passes, other traffic is
+  untouched; 3,000 random mutations are each counted exactly once; UDP GSO batches datagram by
+  datagram. The MTU guard of weft_from_pods keys on gso_size (GSO), not gso_segs.
 - The map follows add/remove; 1,000 synthetic leases go into the map in under 1 s, measured through
   the backend (vxlan/ebpf add_peer) and compared with vxlan/kernel programming the same 1,000 peers
   as neighbour + FDB + route entries, each in its own scratch namespace.
@@ -37,6 +41,10 @@ PEER_MAC = "02:0e:00:00:00:02"
 POD_MAC = "02:aa:00:00:00:05"
 CNI_MAC = "02:bb:00:00:00:01"
 NETWORK = ipaddress.IPv4Network("10.244.0.0/16")
+OUR_IP = "198.18.0.1"
+PUBLIC_IP = "203.0.113.1"  # behind NAT: peers send to this, the NAT box forwards to OUR_IP
+PORT = 8472
+VNI = 1
 PREFIX = f"wbp{os.getpid() % 1000}-"
 
 
@@ -49,14 +57,21 @@ def ip_checksum(hdr: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def frame(src: str, dst: str, ttl: int = 64, dmac: str = CNI_MAC, smac: str = POD_MAC,
-          ethertype: int = 0x0800, payload: bytes = b"weft" * 16) -> bytes:
-    total = 20 + 8 + len(payload)
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0, ttl, 17, 0,
+def ipv4(src: str, dst: str, proto: int, body: bytes, ttl: int = 64, tos: int = 0, frag: int = 0) -> bytes:
+    """An IPv4 header (checksum filled in) + body."""
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, tos, 20 + len(body), 1, frag, ttl, proto, 0,
                       socket.inet_aton(src), socket.inet_aton(dst))
-    hdr = hdr[:10] + struct.pack("!H", ip_checksum(hdr)) + hdr[12:]
-    udp = struct.pack("!HHHH", 1234, 5678, 8 + len(payload), 0)
-    return fb.mac_bytes(dmac) + fb.mac_bytes(smac) + struct.pack("!H", ethertype) + hdr + udp + payload
+    return hdr[:10] + struct.pack("!H", ip_checksum(hdr)) + hdr[12:] + body
+
+
+def frame(src: str, dst: str, ttl: int = 64, dmac: str = CNI_MAC, smac: str = POD_MAC,
+          ethertype: int = 0x0800, payload: bytes = b"weft" * 16, proto: int = 17, tos: int = 0) -> bytes:
+    if proto == 6:  # TCP, 20-byte header (doff 5), ACK
+        l4 = struct.pack("!HHIIBBHHH", 1234, 5678, 1, 1, 5 << 4, 0x10, 65535, 0, 0) + payload
+    else:
+        l4 = struct.pack("!HHHH", 1234, 5678, 8 + len(payload), 0) + payload
+    return (fb.mac_bytes(dmac) + fb.mac_bytes(smac) + struct.pack("!H", ethertype)
+            + ipv4(src, dst, proto, l4, ttl=ttl, tos=tos))
 
 
 def ip_of(pkt: bytes) -> dict:
@@ -86,14 +101,27 @@ def fresh(progs):
 
 def config(flags: int, ifindex: int = 7, mtu: int = 1450) -> fb.Config:
     return fb.Config(vtep_mac=(ctypes.c_uint8 * 6)(*fb.mac_bytes(OUR_MAC)), vxlan_ifindex=ifindex,
-                     local_ipv4=int(ipaddress.IPv4Address("198.18.0.1")),
+                     local_ipv4=int(ipaddress.IPv4Address(OUR_IP)),
                      network=struct.unpack("=I", NETWORK.network_address.packed)[0],
-                     netmask=struct.unpack("=I", NETWORK.netmask.packed)[0], mtu=mtu, flags=flags)
+                     netmask=struct.unpack("=I", NETWORK.netmask.packed)[0], mtu=mtu, flags=flags,
+                     vxlan_port=socket.htons(PORT), vni=VNI,
+                     public_ipv4=int(ipaddress.IPv4Address(PUBLIC_IP)))
 
 
 def add_peer(progs, subnet="10.244.2.0/24", ip="198.18.0.2", mac=PEER_MAC):
     progs.put_peer(fb.peer_key(ipaddress.IPv4Network(subnet)),
                    fb.peer_value(ipaddress.IPv4Address(ip), 1, mac))
+
+
+def skb_ctx(ingress_ifindex: int = 0, gso_segs: int = 0, gso_size: int = 0) -> bytes:
+    """A struct __sk_buff for BPF_PROG_TEST_RUN (6.1 layout, 192 bytes) with the fields the kernel
+    lets a test set: ingress_ifindex (offset 36), gso_segs (164), gso_size (176). A TCP skb that
+    is not GSO still carries gso_segs 1 (tcp_skb_pcount); GSO is gso_size > 0."""
+    ctx = bytearray(192)
+    struct.pack_into("=I", ctx, 36, ingress_ifindex)
+    struct.pack_into("=I", ctx, 164, gso_segs)
+    struct.pack_into("=I", ctx, 176, gso_size)
+    return bytes(ctx)
 
 
 def run(progs, name: str, pkt: bytes, ctx: bytes | None = None) -> tuple[int, bytes]:
@@ -118,7 +146,8 @@ def test_struct_mirrors_match_compiled_layout(progs):
     finally:
         bpf.cleanup()
     assert (progs.peers.key_size, progs.peers.value_size) == (8, 16) == (ctypes.sizeof(fb.PeerKey), 16)
-    assert progs.config.value_size == ctypes.sizeof(fb.Config) == 32
+    assert progs.config.value_size == ctypes.sizeof(fb.Config) == 40
+    assert (progs.peer_ips.key_size, progs.peer_ips.value_size) == (4, 4)
     assert (progs.endpoints.key_size, progs.endpoints.value_size) == (4, ctypes.sizeof(fb.Endpoint)) == (4, 16)
     assert progs.counters.value_size == progs.drops.value_size == 8
 
@@ -132,7 +161,8 @@ def test_enum_mirrors_match_headers():
         text = f.read()
     for name, value in (("RX_REDIRECT", fb.CFG_RX_REDIRECT), ("RX_NEIGH", fb.CFG_RX_NEIGH),
                         ("TTL_DEC", fb.CFG_TTL_DEC), ("PODS_REDIRECT", fb.CFG_PODS_REDIRECT),
-                        ("RX_PEER", fb.CFG_RX_PEER), ("OUTER_CSUM", fb.CFG_OUTER_CSUM)):
+                        ("RX_PEER", fb.CFG_RX_PEER), ("OUTER_CSUM", fb.CFG_OUTER_CSUM),
+                        ("RX_CHECK", fb.CFG_RX_CHECK)):
         shift = int(text.split(f"WEFT_CFG_{name}")[1].split("<<")[1].split(")")[0])
         assert 1 << shift == value, name
 
@@ -227,7 +257,41 @@ def test_from_pods_too_big_without_gso_goes_to_the_stack(fresh):
     assert rc == sysbpf.TC_ACT_OK and fresh.counter_sums()["pods_stack"] == 1
 
 
+# The MTU guard: what is too big for the overlay goes to the stack (which answers with ICMP "frag
+# needed"), keyed on GSO (gso_size), not on gso_segs. Overlay MTU 1450; TCP, IPv4 + TCP headers 40.
+@pytest.mark.parametrize("payload,gso_segs,gso_size,to_stack", [
+    (1500, 1, 0, True),       # an ordinary TCP skb (gso_segs 1, no GSO) of 1540 bytes: too big
+    (1410, 1, 0, False),      # 1450 bytes exactly: fits
+    (1500, 0, 0, True),       # no gso_segs at all (e.g. UDP): too big
+    (2820, 2, 1410, False),   # GSO, segments of 40 + 1410 = 1450: fit
+    (2822, 2, 1411, True),    # GSO, segments of 1451: one byte too big for the overlay
+], ids=["tcp-1540", "tcp-1450", "udp-1540", "gso-fits", "gso-seg-too-big"])
+def test_from_pods_mtu_guard_keys_on_gso_size(fresh, payload, gso_segs, gso_size, to_stack):
+    add_peer(fresh)
+    pkt = frame("10.244.1.2", "10.244.2.7", proto=6, payload=b"x" * payload)
+    rc, _ = run(fresh, "weft_from_pods", pkt, skb_ctx(gso_segs=gso_segs, gso_size=gso_size))
+    c = fresh.counter_sums()
+    if to_stack:
+        assert (rc, c["pods_stack"], c["pods_redirect"]) == (sysbpf.TC_ACT_OK, 1, 0)
+    else:
+        assert (rc, c["pods_stack"], c["pods_redirect"]) == (sysbpf.TC_ACT_REDIRECT, 0, 1)
+        assert c["tx_packets"] == max(gso_segs, 1)
+
+
 # -- weft_from_overlay (flannel.N ingress) -------------------------------------------------------------
+# BPF_PROG_TEST_RUN cannot give a frame a tunnel key (the VXLAN device's metadata), so the paths
+# behind the receive check run with it off here; tests/test_ebpf_e2e.py checks it on real packets.
+RX_NO_CHECK = fb.CFG_DEFAULT & ~fb.CFG_RX_CHECK
+
+
+def test_from_overlay_without_a_tunnel_key_is_dropped(fresh):
+    """With the receive check on (the default), a frame that did not come out of the VXLAN socket
+    (no tunnel key: no sender to check) is dropped, counted."""
+    pkt = frame("10.244.2.7", "10.244.1.2", dmac=OUR_MAC, smac=PEER_MAC)
+    rc, _ = run(fresh, "weft_from_overlay", pkt)
+    assert rc == sysbpf.TC_ACT_SHOT
+    assert fresh.drop_sums()["tunnel_key"] == 1 and fresh.counter_sums()["rx_packets"] == 1
+
 
 def test_from_overlay_counts_and_passes_without_redirect_flag(fresh):
     fresh.set_config(config(flags=0))
@@ -258,14 +322,11 @@ def scratch_ns():
         subprocess.run(["ip", "netns", "del", name], timeout=10)
 
 
-def skb_ctx(ingress_ifindex: int) -> bytes:
-    """A struct __sk_buff for BPF_PROG_TEST_RUN with ingress_ifindex set (offset 36)."""
-    ctx = bytearray(192)  # sizeof(struct __sk_buff) in 6.1 headers
-    struct.pack_into("=I", ctx, 36, ingress_ifindex)
-    return bytes(ctx)
 
 
 def test_from_overlay_fib_redirects_to_the_pod(fresh, scratch_ns):
+    fresh.set_config(config(flags=RX_NO_CHECK))
+
     def go():
         d0 = socket.if_nametoindex("d0")
         pkt = frame("10.244.2.7", "10.244.1.2", ttl=63, dmac=OUR_MAC, smac=PEER_MAC)
@@ -285,6 +346,278 @@ def test_from_overlay_fib_redirects_to_the_pod(fresh, scratch_ns):
     assert rc3 == sysbpf.TC_ACT_OK
     c = fresh.counter_sums()
     assert c["rx_redirect"] == 2 and c["rx_stack"] == 1 and c["rx_packets"] == 3
+
+
+# -- weft_from_underlay (the underlay interface's ingress) ------------------------------------------------
+# Node 198.18.0.1 holds 10.244.1.0/24; peers 198.18.0.2 (10.244.2.0/24) and 198.18.0.3 (10.244.3.0/24).
+# BPF_PROG_TEST_RUN gives the frame the loopback device, whose MAC is 00:..:00: a frame to that MAC
+# is PACKET_HOST, any other unicast MAC PACKET_OTHERHOST (not for this host).
+HOST_MAC = "00:00:00:00:00:00"
+PEER3_MAC = "02:0e:00:00:00:03"
+
+
+def vxlan_datagram(outer_src="198.18.0.2", inner_src="10.244.2.7", inner_dst="10.244.1.2", *,
+                   outer_dst=OUR_IP, dport=PORT, vx_flags=0x08000000, vni=VNI, vni_low=0,
+                   inner_dmac=OUR_MAC, inner_smac=PEER_MAC, inner_type=0x0800, outer_tos=0,
+                   inner_tos=0, frag=0, dmac=HOST_MAC, payload=b"weft" * 8, udp_len=None) -> bytes:
+    """A VXLAN datagram as it arrives on the underlay: outer Ethernet + IPv4 + UDP + VXLAN + the
+    inner frame (a UDP packet from inner_src to inner_dst)."""
+    inner = frame(inner_src, inner_dst, dmac=inner_dmac, smac=inner_smac, ethertype=inner_type,
+                  payload=payload, tos=inner_tos)
+    vx = struct.pack("!II", vx_flags, (vni << 8) | vni_low) + inner
+    udp = struct.pack("!HHHH", 40000, dport, udp_len if udp_len is not None else 8 + len(vx), 0) + vx
+    return (fb.mac_bytes(dmac) + fb.mac_bytes("02:ee:00:00:00:02") + b"\x08\x00"
+            + ipv4(outer_src, outer_dst, 17, udp, tos=outer_tos, frag=frag))
+
+
+def with_ip_header(pkt: bytes, **fields) -> bytes:
+    """pkt with outer IPv4 header fields replaced (ihl, tot_len, check) and no checksum fix-up."""
+    hdr = bytearray(pkt[14:34])
+    if "tot_len" in fields:
+        struct.pack_into("!H", hdr, 2, fields["tot_len"])
+    if "check" in fields:
+        struct.pack_into("!H", hdr, 10, fields["check"])
+    if "ihl" in fields:
+        hdr[0] = 0x40 | fields["ihl"]
+    return pkt[:14] + bytes(hdr) + pkt[34:]
+
+
+@pytest.fixture
+def underlay(fresh):
+    """The maps as vxlan/ebpf fills them: our own subnet (local) and two peers."""
+    fresh.put_peer(fb.peer_key(ipaddress.IPv4Network("10.244.1.0/24")),
+                   fb.peer_value(ipaddress.IPv4Address(OUR_IP), VNI, OUR_MAC, fb.PEER_LOCAL))
+    add_peer(fresh, "10.244.2.0/24", "198.18.0.2", PEER_MAC)
+    add_peer(fresh, "10.244.3.0/24", "198.18.0.3", PEER3_MAC)
+    return fresh
+
+
+def underlay_buckets(progs) -> dict[str, int]:
+    """Every counter a datagram to our port can land in, by name (drops_<reason>, underlay_passed)."""
+    drops = progs.drop_sums()
+    out = {f"drops_{r.name.lower()}": drops[r.name.lower()] for r in fb.UNDERLAY_REASONS}
+    out["underlay_passed"] = progs.counter_sums()["underlay_passed"]
+    return out
+
+
+def test_from_underlay_passes_a_peers_datagram(underlay):
+    pkt = vxlan_datagram()
+    assert run(underlay, "weft_from_underlay", pkt) == (sysbpf.TC_ACT_OK, pkt)
+    # to our PublicIP (a second address), and to the link's broadcast: the VXLAN socket takes both
+    assert run(underlay, "weft_from_underlay", vxlan_datagram(outer_dst=PUBLIC_IP))[0] == sysbpf.TC_ACT_OK
+    assert run(underlay, "weft_from_underlay", vxlan_datagram(outer_dst="198.18.0.255",
+                                                               dmac="ff:ff:ff:ff:ff:ff"))[0] == sysbpf.TC_ACT_OK
+    # a GRO packet counts its segments
+    assert run(underlay, "weft_from_underlay", pkt, skb_ctx(gso_segs=5, gso_size=len(pkt) - 84))[0] == sysbpf.TC_ACT_OK
+    b = underlay_buckets(underlay)
+    assert b["underlay_passed"] == 8 and sum(b.values()) == 8
+    assert underlay.peer_ip_entries() == {"198.18.0.2": 1, "198.18.0.3": 1}  # our own IP is no peer
+
+
+BAD = {
+    # the rule: the outer source is the PublicIP of the lease that holds the inner source
+    "spoofed-other-peer": (vxlan_datagram(inner_src="10.244.3.7"), "spoofed_src"),
+    "spoofed-our-subnet": (vxlan_datagram(inner_src="10.244.1.9"), "spoofed_src"),
+    "spoofed-outside-network": (vxlan_datagram(inner_src="192.0.2.1"), "spoofed_src"),
+    "non-peer": (vxlan_datagram(outer_src="198.18.0.66"), "unknown_peer"),
+    "non-peer-claims-a-subnet": (vxlan_datagram(outer_src="198.18.0.66", inner_src="10.244.9.1"), "unknown_peer"),
+    "our-own-ip": (vxlan_datagram(outer_src=OUR_IP, inner_src="10.244.1.9"), "unknown_peer"),
+    "wrong-vni": (vxlan_datagram(vni=2), "wrong_vni"),
+    "no-i-flag": (vxlan_datagram(vx_flags=0), "bad_vxlan"),
+    "extra-flag": (vxlan_datagram(vx_flags=0x0C000000), "bad_vxlan"),
+    "reserved-vni-byte": (vxlan_datagram(vni_low=1), "bad_vxlan"),
+    "inner-dmac-not-ours": (vxlan_datagram(inner_dmac="02:0e:00:00:00:77"), "wrong_mac"),
+    "inner-smac-ours": (vxlan_datagram(inner_smac=OUR_MAC), "wrong_mac"),
+    "inner-ipv6": (vxlan_datagram(inner_type=0x86DD), "inner_not_ipv4"),
+    "inner-arp": (vxlan_datagram(inner_type=0x0806), "inner_not_ipv4"),
+    "ecn-ce-on-not-ect": (vxlan_datagram(outer_tos=3, inner_tos=0), "ecn"),
+    "first-fragment": (vxlan_datagram(frag=0x2000), "fragment"),
+    "bad-ip-checksum": (with_ip_header(vxlan_datagram(), check=0x1234), "malformed"),
+    "ip-options": (None, "malformed"),
+    "udp-len-short": (vxlan_datagram(udp_len=60), "malformed"),
+    "udp-len-long": (vxlan_datagram(udp_len=1400), "malformed"),
+    "udp-len-below-header": (vxlan_datagram(udp_len=4), "malformed"),
+    "vxlan-header-only": (vxlan_datagram()[:50], "malformed"),  # cut: IPv4 total length lies
+}
+
+
+def _truncated(n: int) -> bytes:
+    """A datagram whose UDP payload is n bytes (lengths consistent)."""
+    full = vxlan_datagram()
+    body = full[42:42 + n]
+    udp = struct.pack("!HHHH", 40000, PORT, 8 + n, 0) + body
+    return full[:14] + ipv4("198.18.0.2", OUR_IP, 17, udp)
+
+
+BAD["truncated-empty"] = (_truncated(0), "truncated")
+BAD["truncated-vxlan-only"] = (_truncated(8), "truncated")
+BAD["truncated-no-inner-ip"] = (_truncated(8 + 14 + 10), "truncated")
+def _inner_len_lies() -> bytes:
+    """Inner IPv4 total length 200 in a datagram that carries 36 bytes of it."""
+    pkt = bytearray(vxlan_datagram())
+    struct.pack_into("!H", pkt, 84 - 20 + 2, 200)
+    return bytes(pkt)
+
+
+BAD["inner-total-length-lies"] = (_inner_len_lies(), "truncated")
+
+
+def _ip_options() -> bytes:
+    """The peer's datagram with 4 bytes of IPv4 options (NOPs): consistent, but not what a VTEP sends."""
+    full = vxlan_datagram()
+    udp = full[34:]
+    hdr = bytearray(full[14:34])
+    hdr[0] = 0x46
+    struct.pack_into("!H", hdr, 2, 24 + len(udp))
+    hdr += b"\x01" * 4
+    struct.pack_into("!H", hdr, 10, 0)
+    s = sum(struct.unpack("!12H", bytes(hdr)))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    struct.pack_into("!H", hdr, 10, ~s & 0xFFFF)
+    return full[:14] + bytes(hdr) + udp
+
+
+BAD["ip-options"] = (_ip_options(), "malformed")
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_from_underlay_drops_by_reason(underlay, name):
+    pkt, reason = BAD[name]
+    rc, _ = run(underlay, "weft_from_underlay", pkt)
+    b = underlay_buckets(underlay)
+    assert rc == sysbpf.TC_ACT_SHOT, (name, b)
+    assert b[f"drops_{reason}"] == 1 and sum(b.values()) == 1, (name, b)
+
+
+@pytest.mark.parametrize("name,pkt", [
+    ("other-port", vxlan_datagram(dport=4789)),
+    ("later-fragment", vxlan_datagram(frag=100)),                  # no UDP header to tell the port
+    ("to-a-pod", vxlan_datagram(outer_dst="10.244.1.2")),          # a pod's own UDP port 8472
+    ("forwarded", vxlan_datagram(outer_dst="198.18.0.99")),        # for another host, routed by us
+    ("not-for-this-host", vxlan_datagram(dmac="02:ee:00:00:00:99")),  # PACKET_OTHERHOST
+    ("tcp", vxlan_datagram()[:23] + b"\x06" + vxlan_datagram()[24:]),
+    ("ipv6-ethertype", vxlan_datagram()[:12] + b"\x86\xdd" + vxlan_datagram()[14:]),
+])
+def test_from_underlay_leaves_other_traffic_alone(underlay, name, pkt):
+    assert run(underlay, "weft_from_underlay", pkt) == (sysbpf.TC_ACT_OK, pkt), name
+    assert sum(underlay_buckets(underlay).values()) == 0
+
+
+def _ours(pkt: bytes) -> bool:
+    """Whether from_underlay must count pkt: IPv4 for this host, UDP, not a later fragment, to our
+    port, to an address outside the Network (the program's definition, said independently)."""
+    other_host = not pkt[0] & 1 and pkt[0:6] != b"\0" * 6  # unicast, not the loopback device's MAC
+    if len(pkt) < 38 or other_host or pkt[12:14] != b"\x08\x00":
+        return False
+    ver, ihl = pkt[14] >> 4, (pkt[14] & 15) * 4
+    frag = struct.unpack("!H", pkt[20:22])[0]
+    if ver != 4 or ihl < 20 or pkt[23] != 17 or frag & 0x1FFF or len(pkt) < 14 + ihl + 4:
+        return False
+    if not pkt[0] & 1 and pkt[30:34] not in (socket.inet_aton(OUR_IP), socket.inet_aton(PUBLIC_IP)):
+        return False
+    return struct.unpack("!H", pkt[14 + ihl + 2:14 + ihl + 4])[0] == PORT
+
+
+def test_from_underlay_counts_every_datagram_exactly_once(underlay):
+    """3,000 random mutations of datagrams (bytes flipped, cut, from peers, non-peers and spoofed):
+    every one to our port lands in exactly one bucket, and passes only when it keeps the rule; the
+    rest is untouched and uncounted."""
+    import random
+    rng = random.Random(13)
+    seeds = [vxlan_datagram(), vxlan_datagram(inner_src="10.244.3.7"), vxlan_datagram(outer_src="198.18.0.3",
+             inner_src="10.244.3.4", inner_smac=PEER3_MAC), vxlan_datagram(outer_src="198.18.0.9")]
+    ours = passed = 0
+    prev = underlay_buckets(underlay)
+    for i in range(3000):
+        pkt = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 3)):
+            kind = rng.random()
+            if kind < 0.6:  # flip a byte, mostly in the headers
+                pos = rng.randrange(min(len(pkt), 100) if rng.random() < 0.8 else len(pkt))
+                pkt[pos] = rng.randrange(256)
+            elif kind < 0.8:
+                pkt = pkt[:rng.randint(38, len(pkt))]
+            else:
+                pkt = pkt + bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+        pkt = bytes(pkt)
+        rc, _ = run(underlay, "weft_from_underlay", pkt)
+        now = underlay_buckets(underlay)
+        delta = sum(now.values()) - sum(prev.values())
+        did_pass = now["underlay_passed"] - prev["underlay_passed"]
+        prev = now
+        if _ours(pkt):
+            ours += 1
+            assert delta == 1, (i, pkt.hex())
+            assert rc == (sysbpf.TC_ACT_OK if did_pass else sysbpf.TC_ACT_SHOT), (i, pkt.hex())
+            if did_pass:
+                passed += 1
+                outer_src = ipaddress.IPv4Address(pkt[26:30])
+                inner_src = ipaddress.IPv4Address(pkt[14 + 20 + 8 + 8 + 14 + 12:][:4])
+                holder = {"10.244.2.0/24": "198.18.0.2", "10.244.3.0/24": "198.18.0.3"}
+                assert any(inner_src in ipaddress.IPv4Network(n) and str(outer_src) == ip
+                           for n, ip in holder.items()), (i, pkt.hex())
+        else:
+            assert (rc, delta) == (sysbpf.TC_ACT_OK, 0), (i, pkt.hex())
+    b = underlay_buckets(underlay)
+    assert sum(b.values()) == ours and b["underlay_passed"] == passed
+    print(f"\n{ours} of 3000 to our port; {passed} passed; {b}")
+    assert ours > 1500 and passed > 50 and sum(1 for v in b.values() if v) >= 8, b
+
+
+def gso_batch(datagrams: list[bytes], outer_src: str = "198.18.0.2") -> bytes:
+    """A UDP GSO batch as a UDP_SEGMENT send arrives over a veth: one outer Ethernet + IPv4 + UDP
+    header, then the VXLAN datagrams' payloads back to back (gso_size = the first one's length)."""
+    body = b"".join(d[42:] for d in datagrams)
+    udp = struct.pack("!HHHH", 40000, PORT, 8 + len(body), 0) + body
+    return fb.mac_bytes(HOST_MAC) + fb.mac_bytes("02:ee:00:00:00:02") + b"\x08\x00" + ipv4(outer_src, OUR_IP, 17, udp)
+
+
+def test_from_underlay_checks_every_datagram_of_a_gso_batch(underlay):
+    """A vxlan/fastpath peer sends UDP_SEGMENT batches; over a veth one skb carries them all. Each
+    datagram is checked and counted; one bad datagram drops the batch (the rest: gso_batch)."""
+    good = [vxlan_datagram(inner_src=f"10.244.2.{i}") for i in range(1, 6)]
+    gso = len(good[0]) - 42
+    ctx = skb_ctx(gso_segs=5, gso_size=gso)
+    rc, _ = run(underlay, "weft_from_underlay", gso_batch(good), ctx)
+    assert rc == sysbpf.TC_ACT_OK
+    assert underlay_buckets(underlay)["underlay_passed"] == 5
+    bad = good[:2] + [vxlan_datagram(inner_src="10.244.3.9")] + good[3:4] + [vxlan_datagram(vni=9)]
+    rc, _ = run(underlay, "weft_from_underlay", gso_batch(bad), ctx)
+    b = underlay_buckets(underlay)
+    assert rc == sysbpf.TC_ACT_SHOT
+    assert (b["drops_spoofed_src"], b["drops_wrong_vni"], b["drops_gso_batch"], b["underlay_passed"]) == (1, 1, 3, 5)
+    # a short last datagram is checked as what it is
+    tail = vxlan_datagram(payload=b"")
+    rc, _ = run(underlay, "weft_from_underlay", gso_batch(good[:2] + [tail]), skb_ctx(gso_segs=3, gso_size=gso))
+    assert rc == sysbpf.TC_ACT_OK and underlay_buckets(underlay)["underlay_passed"] == 8
+    # a non-peer's batch: one hash lookup, every datagram counted
+    rc, _ = run(underlay, "weft_from_underlay", gso_batch(good, outer_src="198.18.0.66"), ctx)
+    assert rc == sysbpf.TC_ACT_SHOT and underlay_buckets(underlay)["drops_unknown_peer"] == 5
+    # more datagrams than one UDP_SEGMENT send of vxlan/fastpath holds (64): malformed, each counted
+    tiny = _truncated(8 + 14 + 20)
+    rc, _ = run(underlay, "weft_from_underlay", gso_batch([tiny] * 70), skb_ctx(gso_segs=70, gso_size=42))
+    b = underlay_buckets(underlay)
+    assert rc == sysbpf.TC_ACT_SHOT and b["drops_malformed"] == 70
+    assert sum(b.values()) == 5 + 5 + 3 + 5 + 70
+
+
+def test_peer_ips_follow_the_peer_map(fresh):
+    """weft_peer_ips holds a PublicIP while any subnet maps to it, and never our own entry's."""
+    ip = ipaddress.IPv4Address
+    fresh.put_peer(fb.peer_key(ipaddress.IPv4Network("10.244.1.0/24")),
+                   fb.peer_value(ip(OUR_IP), VNI, OUR_MAC, fb.PEER_LOCAL))
+    add_peer(fresh, "10.244.2.0/24", "198.18.0.2")
+    add_peer(fresh, "10.244.4.0/24", "198.18.0.2")      # a second subnet, same PublicIP
+    assert fresh.peer_ip_entries() == {"198.18.0.2": 2}
+    add_peer(fresh, "10.244.2.0/24", "198.18.0.2")      # renewed: no change
+    assert fresh.peer_ip_entries() == {"198.18.0.2": 2}
+    assert fresh.delete_peer(fb.peer_key(ipaddress.IPv4Network("10.244.4.0/24")))
+    assert fresh.peer_ip_entries() == {"198.18.0.2": 1}
+    add_peer(fresh, "10.244.2.0/24", "198.18.0.5")      # the subnet moved to another node
+    assert fresh.peer_ip_entries() == {"198.18.0.5": 1}
+    assert fresh.delete_peer(fb.peer_key(ipaddress.IPv4Network("10.244.2.0/24")))
+    assert fresh.peer_ip_entries() == {}
 
 
 # -- the map and the control plane ----------------------------------------------------------------------
@@ -371,6 +704,7 @@ def test_from_overlay_redirect_peer_only_when_the_neighbour_agrees(fresh, scratc
     """A learnt endpoint whose MAC matches the kernel's neighbour entry: redirect_peer into the pod;
     a stale one (other MAC): the FIB redirect, as if it were not learnt."""
     pkt = frame("10.244.2.7", "10.244.1.2", ttl=63, dmac=OUR_MAC, smac=PEER_MAC)
+    fresh.set_config(config(flags=RX_NO_CHECK))
 
     def go():
         d1 = socket.if_nametoindex("d1")
@@ -393,6 +727,7 @@ def test_from_overlay_outside_the_network_meets_the_stack(fresh):
     """Only pod traffic takes a shortcut: other destinations keep the stack's netfilter (no FIB
     lookup happens, so this runs in the test's own namespace)."""
     pkt = frame("10.244.2.7", "192.0.2.1", dmac=OUR_MAC, smac=PEER_MAC)
+    fresh.set_config(config(flags=RX_NO_CHECK))
     assert run(fresh, "weft_from_overlay", pkt) == (sysbpf.TC_ACT_OK, pkt)
     c = fresh.counter_sums()
     assert (c["rx_stack"], c["rx_redirect"], c["rx_peer"]) == (1, 0, 0)

@@ -10,7 +10,11 @@ transfer byte-identical, the map follows add/remove, no per-peer neighbour/FDB/r
 ``weftctl peermap``, a restart keeps the VtepMAC and forwards before any lease event (it inherits
 the old programs' map),
 resync puts back a removed device or filter, the outer headers on the wire equal vxlan/kernel's,
-teardown leaves nothing.
+teardown leaves nothing. Hostile input: spoofed, foreign and malformed datagrams (from a peer, from
+a host with no lease, from a pod to its own node) sent to an eBPF node and to a vxlan/kernel node
+with the source guard land in exactly their counter and never reach the pod; a vxlan/fastpath
+peer's UDP GSO batches are checked datagram by datagram; without the guard a kernel node takes a
+spoofed datagram (flannel's behaviour).
 
 Part 2 (daemon level, bench/lab.py + tests/e2e.py): the lab suite on 3 weftd nodes with vxlan/ebpf
 and on a mixed lab (node 2 vxlan/kernel): all pod pairs ping, 64 MiB each way byte-identical,
@@ -31,6 +35,7 @@ import os
 import re
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -113,11 +118,12 @@ class Cluster:
         addr = ipaddress.IPv4Address(f"198.18.0.{n}")
         return {"name": "eth0", "address": addr, "public_ip": addr, "mtu": 1500}
 
-    def start(self, kinds: dict[int, str], config=CONFIG) -> None:
-        """Start a backend per node (``{1: "vxlan/ebpf", ...}``) and program every peer."""
+    def start(self, kinds: dict[int, str], config=CONFIG, options: dict[int, dict] | None = None) -> None:
+        """Start a backend per node (``{1: "vxlan/ebpf", ...}``, with BackendOptions fields per node
+        in ``options``) and program every peer."""
         self.kinds = dict(kinds)
         for n, kind in kinds.items():
-            self.agents[n].backend("b", kind, config, self.iface(n))
+            self.agents[n].backend("b", kind, config, self.iface(n), (options or {}).get(n))
             attrs = self.agents[n].call("b", "lease_attrs", None)
             self.leases[n] = Lease(ipaddress.IPv4Network(f"10.244.{n}.0/24"), attrs, time.time() + 3600)
         for n in kinds:
@@ -295,6 +301,7 @@ def test_teardown_leaves_nothing(net):
     for n in NODES:
         assert "flannel.1" not in sh("ip", "-n", net.node[n], "link", "show")
         assert "bpf" not in sh("tc", "-n", net.node[n], "filter", "show", "dev", "cni0", "ingress")
+        assert "bpf" not in sh("tc", "-n", net.node[n], "filter", "show", "dev", "eth0", "ingress")
         assert "10.244.0.0/16" not in sh("ip", "-n", net.node[n], "route", "show")
 
 
@@ -314,7 +321,7 @@ def test_restart_keeps_vtep_mac_and_mesh(net):
     net.call(1, "add_peer", net.leases[3])
     assert net.ping_failures() == []
     # exactly one filter of ours per hook after the restart
-    for dev, hook in (("flannel.1", "egress"), ("flannel.1", "ingress"), ("cni0", "ingress")):
+    for dev, hook in (("flannel.1", "egress"), ("flannel.1", "ingress"), ("cni0", "ingress"), ("eth0", "ingress")):
         assert sh("tc", "-n", net.node[1], "filter", "show", "dev", dev, hook).count("direct-action") == 1
 
 
@@ -415,6 +422,7 @@ def bench_sequential(net: Cluster, rounds: int = 3, which: str = "") -> None:
 # -- part 2: weftd in the lab (bench/lab.py, tests/e2e.py) ---------------------------------------------
 
 def _lab_suite(dataplanes: dict[int, str] | None):
+    import fastpath.bpf as fb
     from bench.scenario import load
     from .e2e import lab_for, nothing_left, run_suite
     lab = lab_for(load(os.path.join(REPO, "scenarios", "default.toml")), "vxlan/ebpf", dataplanes)
@@ -432,6 +440,10 @@ def _lab_suite(dataplanes: dict[int, str] | None):
         assert m["weft_backend_pods_redirect"] + m["weft_backend_tx_packets"] > 0
         assert m["weft_backend_rx_peer"] + m["weft_backend_rx_redirect"] > 0, m
         assert m.get("weft_backend_drops_tunnel_key", 0) == 0 and "weft_backend_drops_no_peer" in m
+        # every datagram the peers sent crossed weft_from_underlay and passed; none was dropped
+        assert m["weft_backend_underlay_passed"] > 1000, m
+        for r in fb.UNDERLAY_REASONS:
+            assert m[f"weft_backend_drops_{r.name.lower()}"] == 0, (r.name, m)
         # weftctl peermap works from the node's namespace (its own process, own mount namespace)
         out = lab.exec(lab.node(1).namespace, [PY, "-m", "controlplane.ctl", "peermap"], timeout=30, check=True)
         assert "10.244." in out.stdout and "VTEP MAC" in out.stdout
@@ -456,15 +468,229 @@ def test_resync_puts_back_what_was_removed(net):
     node = net.node[1]
     sh("tc", "filter", "del", "dev", "flannel.1", "egress", ns=node)
     sh("tc", "filter", "del", "dev", "cni0", "ingress", ns=node)
+    sh("tc", "filter", "del", "dev", "eth0", "ingress", ns=node)
     net.call(1, "resync")
-    assert net.call(1, "stats")["filters_restored"] == 1
+    assert net.call(1, "stats")["filters_restored"] == 2  # the device's, then the underlay's
     assert sh("tc", "-n", node, "filter", "show", "dev", "cni0", "ingress").count("direct-action") == 1
+    assert sh("tc", "-n", node, "filter", "show", "dev", "eth0", "ingress").count("direct-action") == 1
     assert net.ping_failures([(1, 2), (2, 1)]) == []
     sh("ip", "link", "del", "flannel.1", ns=node)
     net.call(1, "resync")
     assert net.call(1, "stats")["device_recreated"] == 1
     assert net.ping_failures([(1, 2), (2, 1), (1, 3)]) == []
     assert net.ping_failures([(1, 2)], src_ns=net.node) == []
+
+
+# -- hostile input: spoofed, foreign and malformed datagrams ---------------------------------------------
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def icmp_echo(src: str, dst: str, seq: int) -> bytes:
+    """An IPv4 ICMP echo request (checksums right): a pod that gets it counts Icmp InEchos."""
+    icmp = struct.pack("!BBHHH", 8, 0, 0, 0x77, seq) + b"weft-hostile-input"
+    icmp = icmp[:2] + struct.pack("!H", _csum(icmp)) + icmp[4:]
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), seq, 0, 64, 1, 0,
+                      socket.inet_aton(src), socket.inet_aton(dst))
+    return hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:] + icmp
+
+
+def vxlan_payload(inner: bytes, dmac: str, smac: str, vni: int = 1, flags: int = 0x08000000,
+                  ethertype: int = 0x0800) -> bytes:
+    """The UDP payload of a VXLAN datagram: VXLAN header + inner Ethernet frame."""
+    mac = lambda m: bytes(int(x, 16) for x in m.split(":"))  # noqa: E731
+    return struct.pack("!II", flags, vni << 8) + mac(dmac) + mac(smac) + struct.pack("!H", ethertype) + inner
+
+
+_SEND = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.sendto(bytes.fromhex(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def send_udp(ns: str, dst: str, payload: bytes, port: int = 8472) -> None:
+    """One UDP datagram from namespace ``ns`` (outer source: its own address) to dst:port."""
+    sh(PY, "-c", _SEND, dst, str(port), payload.hex(), ns=ns, timeout=30)
+
+
+def in_echos(ns: str) -> int:
+    """Icmp InEchos of a namespace (/proc/net/snmp is per network namespace)."""
+    lines = [l.split() for l in sh("cat", "/proc/net/snmp", ns=ns).splitlines() if l.startswith("Icmp:")]
+    return int(lines[1][lines[0].index("InEchos")])
+
+
+RX_BUCKETS = ("underlay_passed", "drops_fragment", "drops_malformed", "drops_unknown_peer", "drops_truncated",
+              "drops_bad_vxlan", "drops_wrong_vni", "drops_wrong_mac", "drops_inner_not_ipv4", "drops_ecn",
+              "drops_spoofed_src", "drops_gso_batch")
+
+
+def intruder(net: "Cluster") -> str:
+    """A host on the underlay that holds no lease: namespace <p>x, 198.18.0.66 on the wire's bridge."""
+    name = net.prefix + "x"
+    if name not in net.created:
+        net._netns(name)
+        sh("ip", "-n", net.wire, "link", "add", "wx", "type", "veth", "peer", "name", "eth0", "netns", name)
+        sh("ip", "-n", net.wire, "link", "set", "wx", "master", "br0", "up")
+        sh("ip", "-n", name, "addr", "add", "198.18.0.66/24", "dev", "eth0")
+        sh("ip", "-n", name, "link", "set", "eth0", "up")
+    return name
+
+
+def hostile_cases(net: "Cluster", t: int) -> list[tuple[str, str, str, bytes, str | None]]:
+    """(name, sending namespace, destination, UDP payload, the one counter it must land in) for node t.
+    Node 2 is a real peer; the intruder is no peer; ``other`` is a third node's subnet."""
+    mac = {n: net.leases[n].attrs.backend_data["VtepMAC"] for n in net.kinds}
+    other = 3 if t == 1 else 1
+    to = f"198.18.0.{t}"
+    pod = f"10.244.{t}.2"
+    legit = lambda seq: icmp_echo("10.244.2.2", pod, seq)  # noqa: E731
+    n2, x = net.node[2], intruder(net)
+    return [
+        ("legit", n2, to, vxlan_payload(legit(1), mac[t], mac[2]), "underlay_passed"),
+        ("spoofed: another peer's subnet", n2, to,
+         vxlan_payload(icmp_echo(f"10.244.{other}.2", pod, 2), mac[t], mac[2]), "drops_spoofed_src"),
+        ("spoofed: outside the Network", n2, to,
+         vxlan_payload(icmp_echo("192.0.2.1", pod, 3), mac[t], mac[2]), "drops_spoofed_src"),
+        ("non-peer", x, to, vxlan_payload(legit(4), mac[t], mac[2]), "drops_unknown_peer"),
+        ("wrong VNI", n2, to, vxlan_payload(legit(5), mac[t], mac[2], vni=7), "drops_wrong_vni"),
+        ("bad VXLAN flags", n2, to, vxlan_payload(legit(6), mac[t], mac[2], flags=0x0C000000), "drops_bad_vxlan"),
+        ("truncated", n2, to, b"\x08\x00\x00\x00\x00\x00", "drops_truncated"),
+        ("inner not IPv4", n2, to, vxlan_payload(legit(7), mac[t], mac[2], ethertype=0x86DD),
+         "drops_inner_not_ipv4"),
+        ("inner MAC not ours", n2, to, vxlan_payload(legit(8), "02:00:00:00:00:99", mac[2]), "drops_wrong_mac"),
+        ("oversized (fragmented)", n2, to, vxlan_payload(legit(9), mac[t], mac[2]) + b"x" * 2000,
+         "drops_fragment"),
+    ]
+
+
+def _buckets(net: "Cluster", n: int) -> dict[str, float]:
+    s = net.call(n, "stats")
+    return {k: s[k] for k in RX_BUCKETS}
+
+
+def _check_cases(net: "Cluster", t: int) -> None:
+    for name, ns, dst, payload, bucket in hostile_cases(net, t):
+        before, echos = _buckets(net, t), in_echos(net.pod[t])
+        send_udp(ns, dst, payload)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and _buckets(net, t) == before:
+            time.sleep(0.05)
+        after = _buckets(net, t)
+        delta = {k: after[k] - before[k] for k in RX_BUCKETS if after[k] != before[k]}
+        assert delta == {bucket: 1}, (t, name, delta)
+        time.sleep(0.2)  # a delivered echo is counted by the pod at once; give a dropped one the same
+        assert in_echos(net.pod[t]) - echos == (1 if bucket == "underlay_passed" else 0), (t, name)
+
+
+def test_hostile_datagrams_dropped_and_counted(net):
+    """Every class of hostile datagram sent to an eBPF node (1) and to a kernel node with the source
+    guard (3) lands in exactly its counter; the spoofed and foreign ones never reach the pod (its
+    Icmp InEchos), the legit one does; weftctl peermap shows the counters; the mesh still works."""
+    net.start(MIXED, options={3: {"source_guard": True}})
+    for t in (1, 3):
+        _check_cases(net, t)
+    assert net.ping_failures() == []
+    doc = json.loads(sh(PY, "-m", "controlplane.ctl", "peermap", "--json", ns=net.node[1], timeout=30))
+    assert doc["drops"]["spoofed_src"] == 2 and doc["drops"]["unknown_peer"] == 1, doc["drops"]
+    assert doc["peer_ips"] == {"198.18.0.2": 1, "198.18.0.3": 1}
+    text = sh(PY, "-m", "controlplane.ctl", "peermap", "--dev", "eth0", ns=net.node[3], timeout=30)
+    assert re.search(r"drops_spoofed_src\s+2\b", text) and re.search(r"underlay_passed\s+[1-9]", text), text
+
+
+def test_pod_cannot_inject_through_its_node(net):
+    """A pod that sends VXLAN to its own node (the datagram never crosses the underlay interface)
+    claiming a peer's pod as source: weft_from_overlay drops it (the tunnel source is the pod, no
+    peer), counted; the pod never sees its own forged echo."""
+    net.start(EBPF3)
+    mac1, mac2 = (net.leases[n].attrs.backend_data["VtepMAC"] for n in (1, 2))
+    before, echos = net.call(1, "stats"), in_echos(net.pod[1])
+    send_udp(net.pod[1], "10.244.1.1", vxlan_payload(icmp_echo("10.244.2.2", "10.244.1.2", 1), mac1, mac2))
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and net.call(1, "stats")["drops_unknown_peer"] == before["drops_unknown_peer"]:
+        time.sleep(0.05)
+    after = net.call(1, "stats")
+    assert after["drops_unknown_peer"] - before["drops_unknown_peer"] == 1
+    assert after["underlay_passed"] == before["underlay_passed"]  # it never crossed eth0
+    assert in_echos(net.pod[1]) == echos
+
+
+def test_source_guard_restart_resync_teardown(net):
+    """vxlan/kernel with the source guard: a restart keeps guarding with the previous run's peers
+    until the leases are back (then drops the rest), resync re-attaches a removed filter, teardown
+    removes it, and a later start without the guard removes a guard left behind."""
+    guarded = {3: {"source_guard": True}}
+    net.start(MIXED, options=guarded)
+    tc = lambda: sh("tc", "-n", net.node[3], "filter", "show", "dev", "eth0", "ingress")  # noqa: E731
+    assert tc().count("direct-action") == 1
+    net.agents[3].drop("b")  # the daemon dies; the guard stays attached
+    net.agents[3].backend("b", "vxlan/kernel", CONFIG, net.iface(3), guarded[3])
+    net.agents[3].call("b", "lease_attrs", net.leases[3])
+    net.call(3, "setup", net.leases[3])
+    assert net.call(3, "stats")["guard_peer_ips"] == 2  # inherited before any lease event
+    net.call(3, "add_peer", net.leases[1])
+    net.call(3, "add_peer", net.leases[2])
+    assert net.ping_failures([(1, 3), (2, 3), (3, 1)]) == []
+    net.call(3, "remove_peer", net.leases[2])
+    net.call(3, "resync")
+    assert net.call(3, "stats")["guard_peer_ips"] == 1
+    assert net.ping_failures([(2, 3)]) == [(2, 3)]  # node 2 is no peer any more: dropped at eth0
+    assert net.call(3, "stats")["drops_unknown_peer"] > 0
+    net.call(3, "add_peer", net.leases[2])
+    sh("tc", "filter", "del", "dev", "eth0", "ingress", ns=net.node[3])
+    net.call(3, "resync")
+    assert tc().count("direct-action") == 1 and net.ping_failures([(2, 3)]) == []
+    net.call(3, "teardown")
+    net.agents[3].drop("b")
+    assert "bpf" not in tc()
+    # a guard left by a run that stopped without teardown, then a run without the guard
+    net.agents[3].backend("b", "vxlan/kernel", CONFIG, net.iface(3), guarded[3])
+    net.agents[3].call("b", "lease_attrs", net.leases[3])
+    net.call(3, "setup", net.leases[3])
+    net.agents[3].drop("b")
+    assert tc().count("direct-action") == 1
+    net.agents[3].backend("b", "vxlan/kernel", CONFIG, net.iface(3))
+    net.agents[3].call("b", "lease_attrs", net.leases[3])
+    net.call(3, "setup", net.leases[3])
+    assert "bpf" not in tc()
+
+
+def test_fastpath_peer_batches_are_checked_per_datagram(net):
+    """A vxlan/fastpath peer sends UDP_SEGMENT batches (up to 64 datagrams per send); over the veth
+    underlay each batch reaches weft_from_underlay as one skb. Every datagram is checked and counted:
+    what passed the underlay equals what flannel.1 received, nothing is dropped, bytes are intact."""
+    net.start({1: "vxlan/ebpf", 2: "vxlan/fastpath"})
+    assert net.ping_failures() == []
+    before = net.call(1, "stats")
+    sent, got = net.transfer(2, 1, 64)
+    assert sent and sent == got
+    after = net.call(1, "stats")
+    delta = {k: after[k] - before[k] for k in RX_BUCKETS + ("rx_packets",)}
+    assert delta["underlay_passed"] > 40000 and delta["underlay_passed"] == delta["rx_packets"], delta
+    assert all(delta[k] == 0 for k in RX_BUCKETS if k.startswith("drops_")), delta
+    fp = net.call(2, "stats")
+    assert fp["tx_datagram_sends"] * 4 < fp["tx_packets"], fp  # batches, not single datagrams
+
+
+def test_kernel_node_without_guard_takes_spoofed_input(net):
+    """vxlan/kernel as flannel: no check; a spoofed datagram from a peer reaches the pod. (What the
+    source guard is for: the same datagram is dropped with it, see above.)"""
+    net.start(MIXED)
+    mac = {n: net.leases[n].attrs.backend_data["VtepMAC"] for n in NODES}
+    echos = in_echos(net.pod[3])
+    send_udp(net.node[2], "198.18.0.3", vxlan_payload(icmp_echo("10.244.1.2", "10.244.3.2", 1), mac[3], mac[2]))
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and in_echos(net.pod[3]) == echos:
+        time.sleep(0.05)
+    assert in_echos(net.pod[3]) == echos + 1
+    assert "drops_spoofed_src" not in net.call(3, "stats")
+    assert "bpf" not in sh("tc", "-n", net.node[3], "filter", "show", "dev", "eth0", "ingress")
 
 
 def _capture_vxlan(ns: str, iface: str, seconds: float, during) -> list[bytes]:

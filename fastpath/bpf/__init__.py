@@ -4,7 +4,8 @@ Layout, after Cilium's ``bpf/``:
 
 - one C file per hook, entry named after the direction relative to its device:
   ``to_overlay.c`` (tc egress of flannel.<VNI>), ``from_overlay.c`` (tc ingress of flannel.<VNI>),
-  ``from_pods.c`` (tc ingress of the pod bridge, cni0);
+  ``from_pods.c`` (tc ingress of the pod bridge, cni0), ``from_underlay.c`` (tc ingress of the
+  underlay interface: every datagram to the VXLAN port checked and counted before the kernel);
 - ``maps.h`` declares every map once, ``types.h`` every key/value struct and the counter indexes,
   ``drop_reasons.h`` the drop reasons; ``common.h`` holds the shared steps.
 
@@ -12,7 +13,7 @@ The structs, counters and drop reasons below mirror the headers; tests/test_bpf_
 them (sizes and offsets against what bcc compiled, enum values against the header text).
 
 bcc only rewrites map accesses (``map.lookup(&k)``) in the *main* file of a compile, so the loader
-hands it one text in which the local ``#include "..."`` lines are expanded in place. All three
+hands it one text in which the local ``#include "..."`` lines are expanded in place. All four
 programs share one compile (about 0.3 s) and therefore one set of maps. The compile runs in a
 child process (``fastpath.bpf.loader``); ``Programs`` holds only fds and uses bpf(2) via sysbpf.
 """
@@ -28,7 +29,7 @@ import socket
 import struct
 
 BPF_DIR = os.path.dirname(os.path.abspath(__file__))
-PROGRAM_FILES = ("to_overlay.c", "from_pods.c", "from_overlay.c")
+PROGRAM_FILES = ("to_overlay.c", "from_pods.c", "from_overlay.c", "from_underlay.c")
 FIX = "install python3-bpfcc and linux-headers-amd64; run ./bootstrap"
 
 
@@ -60,13 +61,15 @@ class Endpoint(ctypes.Structure):
 
 class Config(ctypes.Structure):
     _fields_ = [("vtep_mac", ctypes.c_uint8 * 6),
-                ("pad", ctypes.c_uint16),
+                ("vxlan_port", ctypes.c_uint16),  # network order
                 ("vxlan_ifindex", ctypes.c_uint32),
                 ("local_ipv4", ctypes.c_uint32),  # host order
                 ("network", ctypes.c_uint32),  # network order
                 ("netmask", ctypes.c_uint32),  # network order
                 ("mtu", ctypes.c_uint32),
-                ("flags", ctypes.c_uint32)]
+                ("flags", ctypes.c_uint32),
+                ("vni", ctypes.c_uint32),
+                ("public_ipv4", ctypes.c_uint32)]  # host order
 
 
 CFG_RX_REDIRECT = 1 << 0
@@ -75,7 +78,9 @@ CFG_TTL_DEC = 1 << 2
 CFG_PODS_REDIRECT = 1 << 3
 CFG_RX_PEER = 1 << 4
 CFG_OUTER_CSUM = 1 << 5
-CFG_DEFAULT = CFG_RX_REDIRECT | CFG_TTL_DEC | CFG_PODS_REDIRECT | CFG_RX_PEER | CFG_OUTER_CSUM
+CFG_RX_CHECK = 1 << 6
+CFG_DEFAULT = (CFG_RX_REDIRECT | CFG_TTL_DEC | CFG_PODS_REDIRECT | CFG_RX_PEER | CFG_OUTER_CSUM
+               | CFG_RX_CHECK)
 
 
 class Counter(enum.IntEnum):
@@ -89,7 +94,8 @@ class Counter(enum.IntEnum):
     PODS_REDIRECT = 7
     PODS_STACK = 8
     RX_PEER = 9
-    MAX = 10
+    UNDERLAY_PASSED = 10
+    MAX = 11
 
 
 class DropReason(enum.IntEnum):
@@ -100,7 +106,26 @@ class DropReason(enum.IntEnum):
     NO_PEER = 4
     TUNNEL_KEY = 5
     NO_CONFIG = 6
-    MAX = 7
+    FRAGMENT = 7
+    MALFORMED = 8
+    UNKNOWN_PEER = 9
+    TRUNCATED = 10
+    BAD_VXLAN = 11
+    WRONG_VNI = 12
+    WRONG_MAC = 13
+    INNER_NOT_IPV4 = 14
+    ECN = 15
+    SPOOFED_SRC = 16
+    GSO_BATCH = 17
+    MAX = 18
+
+
+# The drop reasons weft_from_underlay uses: with counter UNDERLAY_PASSED they partition every
+# datagram to our VXLAN port that arrives on the underlay interface.
+UNDERLAY_REASONS = (DropReason.FRAGMENT, DropReason.MALFORMED, DropReason.UNKNOWN_PEER,
+                    DropReason.TRUNCATED, DropReason.BAD_VXLAN, DropReason.WRONG_VNI,
+                    DropReason.WRONG_MAC, DropReason.INNER_NOT_IPV4, DropReason.ECN,
+                    DropReason.SPOOFED_SRC, DropReason.GSO_BATCH)
 
 
 def header_enum(header: str, prefix: str) -> dict[str, int]:
@@ -182,8 +207,8 @@ def check_toolchain(import_bcc: bool = True):
     return BPF
 
 
-ENTRIES = ("weft_to_overlay", "weft_from_pods", "weft_from_overlay")
-MAPS = ("weft_peers", "weft_config", "weft_counters", "weft_drops", "weft_endpoints")
+ENTRIES = ("weft_to_overlay", "weft_from_pods", "weft_from_overlay", "weft_from_underlay")
+MAPS = ("weft_peers", "weft_config", "weft_counters", "weft_drops", "weft_endpoints", "weft_peer_ips")
 LOAD_TIMEOUT = 60.0  # seconds a compile + load may take before the loader is killed
 
 
@@ -310,6 +335,8 @@ class Programs:
         self.counters = self.maps["weft_counters"]
         self.drops = self.maps["weft_drops"]
         self.endpoints = self.maps["weft_endpoints"]
+        self.peer_ips = self.maps["weft_peer_ips"]
+        self._ip_refs: dict[int, int] = {}  # PublicIP (network-order u32) -> subnets it holds
 
     def set_config(self, cfg: Config) -> None:
         self.config.update(struct.pack("=I", 0), bytes(cfg))
@@ -318,10 +345,44 @@ class Programs:
         return Config.from_buffer_copy(self.config.lookup(struct.pack("=I", 0)))
 
     def put_peer(self, key: PeerKey, value: Peer) -> None:
+        """Put a weft_peers entry and keep weft_peer_ips (the receive check's peer set) in step."""
+        old = self._peer_ip(self.peers.lookup(bytes(key)))
         self.peers.update(bytes(key), bytes(value))
+        new = self._peer_ip(bytes(value))
+        if old != new:
+            self._ip_ref(new, +1)
+            self._ip_ref(old, -1)
 
     def delete_peer(self, key: PeerKey) -> bool:
-        return self.peers.delete(bytes(key))
+        old = self._peer_ip(self.peers.lookup(bytes(key)))
+        gone = self.peers.delete(bytes(key))
+        if gone:
+            self._ip_ref(old, -1)
+        return gone
+
+    @staticmethod
+    def _peer_ip(raw: bytes | None) -> int | None:
+        """The PublicIP (network-order u32) of a weft_peers value; None for none or our own entry."""
+        if raw is None:
+            return None
+        v = Peer.from_buffer_copy(raw[:ctypes.sizeof(Peer)])
+        return None if v.flags & PEER_LOCAL else socket.htonl(v.remote_ipv4)
+
+    def _ip_ref(self, ip: int | None, delta: int) -> None:
+        if ip is None:
+            return
+        n = self._ip_refs.get(ip, 0) + delta
+        key = struct.pack("=I", ip)
+        if n > 0:
+            self._ip_refs[ip] = n
+            self.peer_ips.update(key, struct.pack("=I", n))
+        else:
+            self._ip_refs.pop(ip, None)
+            self.peer_ips.delete(key)
+
+    def peer_ip_entries(self) -> dict[str, int]:
+        """weft_peer_ips as {PublicIP: subnets it holds}, read from the map."""
+        return {socket.inet_ntoa(k[:4]): int.from_bytes(v[:4], "little") for k, v in self.peer_ips.items()}
 
     def set_endpoints(self, want: dict[ipaddress.IPv4Address, tuple[int, str, str]]) -> int:
         """Make weft_endpoints exactly ``{pod IP: (ifindex, pod MAC, bridge MAC)}``; returns changes."""

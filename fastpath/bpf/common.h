@@ -23,14 +23,22 @@ static __always_inline void weft_count(__u32 idx, __u64 n)
 		*v += n;
 }
 
-static __always_inline int weft_drop(__u32 reason)
+/* Drop, counting n packets (a GRO packet on receive counts its segments). */
+static __always_inline int weft_drop_n(__u32 reason, __u64 n)
 {
 	__u64 *v = weft_drops.lookup(&reason);
 	if (v)
-		*v += 1;
+		*v += n;
 	return TC_ACT_SHOT;
 }
 
+static __always_inline int weft_drop(__u32 reason)
+{
+	return weft_drop_n(reason, 1);
+}
+
+/* How many packets an skb stands for: for counting only. Whether an skb is GSO is gso_size (a
+ * TCP skb that is not GSO still carries gso_segs 1). */
 static __always_inline __u32 weft_segs(struct __sk_buff *skb)
 {
 	__u32 segs = skb->gso_segs;
@@ -71,6 +79,26 @@ static __always_inline void weft_ttl_dec(struct iphdr *ip)
 	ip->ttl--;
 }
 
+static __always_inline int weft_mac_eq(const __u8 *a, const __u8 *b)
+{
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) |
+		(a[5] ^ b[5])) == 0;
+}
+
+/* The receive rule (the userspace engines' too): the inner source must lie in the subnet of the
+ * peer whose PublicIP sent it (remote: host byte order). 0 or WEFT_DROP_SPOOFED_SRC. */
+static __always_inline __u32 weft_check_source(__u32 inner_saddr, __u32 remote)
+{
+	struct weft_peer_key key = {.prefixlen = 32, .addr = inner_saddr};
+	struct weft_peer *peer = weft_peers.lookup(&key);
+	if (!peer)
+		return WEFT_DROP_SPOOFED_SRC;
+	/* one branch, not three: see weft_check_datagram (from_underlay.c) */
+	if ((peer->flags & WEFT_PEER_LOCAL) | (peer->remote_ipv4 ^ remote))
+		return WEFT_DROP_SPOOFED_SRC;
+	return 0;
+}
+
 static __always_inline void weft_set_macs(struct ethhdr *eth, const __u8 *dst, const __u8 *src)
 {
 	__builtin_memcpy(eth->h_dest, dst, ETH_ALEN);
@@ -91,6 +119,26 @@ static __always_inline int weft_peer_of(struct weft_config *cfg, __u32 daddr, st
 		return WEFT_ENCAP_PASS;
 	*out = peer;
 	return WEFT_ENCAP_DONE;
+}
+
+/* Whether a packet (or, when it is GSO, each of its segments) is bigger than the overlay MTU.
+ * The IPv4 header (IHL 5) follows eth. GSO is gso_size > 0: a segment is then the IPv4 and TCP/UDP
+ * headers + gso_size; other GSO types (a tunnel inside the pod) count as too big: the stack decides. */
+static __always_inline int weft_too_big(struct __sk_buff *skb, struct weft_config *cfg, struct iphdr *ip)
+{
+	__u32 gso = skb->gso_size;
+	if (!gso)
+		return skb->len > cfg->mtu + ETH_HLEN;
+	__u32 l4 = 8;
+	if (ip->protocol == 6) {
+		__u8 doff = 0;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(struct iphdr) + 12, &doff, 1) < 0)
+			return 1;
+		l4 = (doff >> 4) * 4;
+	} else if (ip->protocol != 17) {
+		return 1;
+	}
+	return sizeof(struct iphdr) + l4 + gso > cfg->mtu;
 }
 
 /* Encapsulate toward peer: the tunnel key (outer destination, VNI) for the collect_md device, and

@@ -1,6 +1,8 @@
 /* weft_from_overlay: tc INGRESS of flannel.<VNI> (VXLAN, external/collect_md mode).
  *
  * Decapsulated frames from any peer (kernel VXLAN or eBPF) arrive here addressed to our VtepMAC.
+ * With WEFT_CFG_RX_CHECK (the default) a frame whose tunnel source does not hold its inner source
+ * (or a foreign VNI, MAC, or non-IPv4) is dropped first, counted by reason (weft_check_rx).
  * With WEFT_CFG_RX_PEER, a pod in weft_endpoints whose MAC the kernel's neighbour table confirms
  * gets the frame through bpf_redirect_peer: straight into its namespace, no bridge, no backlog.
  * With WEFT_CFG_RX_REDIRECT a FIB lookup finds the pod bridge and the pod's MAC, and the frame is
@@ -20,18 +22,46 @@ static long (*weft_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 
 #define AF_INET 2
 #endif
 
-static __always_inline int weft_mac_eq(const __u8 *a, const __u8 *b)
+/* WEFT_CFG_RX_CHECK: the tunnel key names the sender (outer source, VNI); the frame must be IPv4 to
+ * our VtepMAC from a source in that sender's subnet. Datagrams that crossed the underlay interface
+ * were checked by weft_from_underlay already (and pass again); this catches what reached the VXLAN
+ * socket another way (a pod or process of this node sending to our port, another interface) and
+ * fragmented datagrams if from_underlay is not attached. 0 or a drop reason. */
+static __always_inline __u32 weft_check_rx(struct __sk_buff *skb, struct weft_config *cfg)
 {
-	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) | (a[4] ^ b[4]) |
-		(a[5] ^ b[5])) == 0;
+	struct bpf_tunnel_key tkey = {};
+	if (bpf_skb_get_tunnel_key(skb, &tkey, sizeof(tkey), 0) < 0)
+		return WEFT_DROP_TUNNEL_KEY;
+	if (tkey.tunnel_id != cfg->vni)
+		return WEFT_DROP_WRONG_VNI;
+	__u32 remote = bpf_htonl(tkey.remote_ipv4);
+	if (!weft_peer_ips.lookup(&remote))
+		return WEFT_DROP_UNKNOWN_PEER;
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return WEFT_DROP_INNER_NOT_IPV4;
+	struct ethhdr *eth = weft_frame(skb);
+	if (!eth)
+		return WEFT_DROP_TRUNCATED;
+	if (!weft_mac_eq(eth->h_dest, cfg->vtep_mac))
+		return WEFT_DROP_WRONG_MAC;
+	struct iphdr *ip = (void *)(eth + 1);
+	if (ip->version != 4 || ip->ihl < 5)
+		return WEFT_DROP_INNER_NOT_IPV4;
+	return weft_check_source(ip->saddr, tkey.remote_ipv4);
 }
 
 int weft_from_overlay(struct __sk_buff *skb)
 {
-	weft_count(WEFT_CNT_RX_PACKETS, weft_segs(skb));
+	__u32 segs = weft_segs(skb);
+	weft_count(WEFT_CNT_RX_PACKETS, segs);
 	weft_count(WEFT_CNT_RX_BYTES, skb->len);
 
 	struct weft_config *cfg = weft_cfg();
+	if (cfg && (cfg->flags & WEFT_CFG_RX_CHECK)) {
+		__u32 reason = weft_check_rx(skb, cfg);
+		if (reason)
+			return weft_drop_n(reason, segs);
+	}
 	if (!cfg || !(cfg->flags & WEFT_CFG_RX_REDIRECT) || skb->protocol != bpf_htons(ETH_P_IP))
 		goto stack;
 	struct ethhdr *eth = weft_frame(skb);

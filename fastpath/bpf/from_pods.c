@@ -3,8 +3,8 @@
  * Pod traffic routed by the node reaches cni0's ingress (frames addressed to the bridge's own MAC).
  * Traffic for a peer's subnet is encapsulated here and redirected straight to flannel.<VNI>'s
  * egress, skipping the IP forwarding path; the TTL is decremented as forwarding would. Everything
- * else (local, outside the Network, TTL expiring, too big without GSO, no peer entry) follows the
- * normal stack; a miss is counted.
+ * else (local, outside the Network, TTL expiring, bigger than the overlay MTU (GSO: a segment),
+ * no peer entry) follows the normal stack; a miss is counted.
  */
 #include "common.h"
 
@@ -29,9 +29,9 @@ int weft_from_pods(struct __sk_buff *skb)
 		weft_count(WEFT_CNT_PODS_STACK, 1);
 		return TC_ACT_OK;
 	}
-	/* Leave to the stack what it must answer with ICMP: expiring TTL, too big to send; and IP
-	 * options, which forwarding may have to process. */
-	if (ip->ttl <= 1 || (!skb->gso_segs && skb->len > cfg->mtu + ETH_HLEN) || ip->ihl != 5) {
+	/* Leave to the stack what it must answer with ICMP: expiring TTL, too big to send (GSO by
+	 * its segments); and IP options, which forwarding may have to process. */
+	if (ip->ttl <= 1 || ip->ihl != 5 || weft_too_big(skb, cfg, ip)) {
 		weft_count(WEFT_CNT_PODS_STACK, 1);
 		return TC_ACT_OK;
 	}

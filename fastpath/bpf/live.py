@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 
 from . import Counter, DropReason, decode_peer
@@ -48,12 +49,37 @@ def attached_prog_id(dev: str, hook: str = "egress") -> int:
     raise NoProgram(f"{dev}: no weft BPF program attached (is weftd running with vxlan/ebpf?)")
 
 
+def attached_prog_ids(dev: str) -> list[int]:
+    """The weft programs on ``dev``'s egress, then ingress (flannel.N: both; the underlay
+    interface of a vxlan/kernel node with the source guard: ingress)."""
+    ids = []
+    for hook in ("egress", "ingress"):
+        ids += [f["id"] for f in filters(dev, hook) if str(f["name"]).startswith("weft_")]
+    if not ids:
+        raise NoProgram(f"{dev}: no weft BPF program attached (is weftd running with vxlan/ebpf, or "
+                        "vxlan/kernel with the source guard on this interface?)")
+    return ids
+
+
 def read(dev: str = "flannel.1") -> dict:
-    """{"device", "program_id", "peers": [...], "counters": {...}, "drops": {...}}."""
-    prog_id = attached_prog_id(dev)
-    maps = maps_of_prog(prog_id)
+    """{"device", "program_id", "peers": [...], "peer_ips": {PublicIP: subnets}, "counters": {...},
+    "drops": {...}}, from the maps of the weft programs attached to ``dev`` (one compile: they
+    share their maps)."""
+    ids = attached_prog_ids(dev)
+    prog_id = ids[0]
+    maps: dict = {}
     try:
-        out = {"device": dev, "program_id": prog_id, "peers": [], "counters": {}, "drops": {}}
+        for pid in ids:
+            for name, (fd, info) in maps_of_prog(pid).items():
+                if name in maps:
+                    os.close(fd)
+                else:
+                    maps[name] = (fd, info)
+        out = {"device": dev, "program_id": prog_id, "peers": [], "peer_ips": {}, "counters": {}, "drops": {}}
+        if "weft_peer_ips" in maps:
+            fd, info = maps["weft_peer_ips"]
+            out["peer_ips"] = {socket.inet_ntoa(k[:4]): int.from_bytes(v[:4], "little")
+                               for k, v in map_items(fd, info.key_size, info.value_size)}
         if "weft_peers" in maps:
             fd, info = maps["weft_peers"]
             out["peers"] = sorted((decode_peer(k, v) for k, v in map_items(fd, info.key_size, info.value_size)),

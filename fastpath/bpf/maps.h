@@ -9,6 +9,11 @@
 /* Peer subnet -> peer PublicIP, VNI, VtepMAC. LPM so that any pod address finds its subnet. */
 BPF_LPM_TRIE(weft_peers, struct weft_peer_key, struct weft_peer, 65536);
 
+/* Peer PublicIP (network byte order) -> how many of the peers' subnets it holds. The receive
+ * check's first question, "is the sender a peer at all", is one hash lookup (O(1) per datagram,
+ * whatever the number of peers). Kept by the control plane with weft_peers; our own IP is not in it. */
+BPF_HASH(weft_peer_ips, __u32, __u32, 65536);
+
 /* Local pod IPv4 -> host veth ifindex, pod MAC, bridge MAC; learnt by the control plane from the
  * pod bridge's neighbour and FDB tables. Only a shortcut: a pod not in it takes the FIB path. */
 BPF_HASH(weft_endpoints, __u32, struct weft_endpoint, 4096);

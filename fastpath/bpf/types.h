@@ -33,13 +33,15 @@ struct weft_endpoint {
 /* weft_config[0]: this node's runtime settings, written by the control plane. */
 struct weft_config {
 	__u8 vtep_mac[6];	/* our VtepMAC: inner source MAC */
-	__u16 pad;
+	__u16 vxlan_port;	/* the UDP port VXLAN arrives on (Backend.Port), network byte order */
 	__u32 vxlan_ifindex;	/* the external (collect_md) VXLAN device */
 	__u32 local_ipv4;	/* outer source address, host byte order; 0: the route's */
 	__u32 network;		/* the cluster Network, network byte order */
 	__u32 netmask;		/* its mask, network byte order */
 	__u32 mtu;		/* the VXLAN device's MTU */
 	__u32 flags;		/* WEFT_CFG_* */
+	__u32 vni;		/* our VNI (Backend.VNI): the only one received */
+	__u32 public_ipv4;	/* our PublicIP, host byte order (peers send to it; may differ behind NAT) */
 };
 
 /* weft_config.flags: runtime switches (never cflags). */
@@ -49,6 +51,7 @@ struct weft_config {
 #define WEFT_CFG_PODS_REDIRECT	(1U << 3)	/* from_pods: encapsulate and redirect (else: stack) */
 #define WEFT_CFG_RX_PEER	(1U << 4)	/* from_overlay: known endpoint -> bpf_redirect_peer into the pod */
 #define WEFT_CFG_OUTER_CSUM	(1U << 5)	/* outer UDP checksum, as the kernel device (udpcsum is its default) */
+#define WEFT_CFG_RX_CHECK	(1U << 6)	/* from_overlay: tunnel source must hold the inner source (else drop) */
 
 /* Indexes of weft_counters (per-CPU u64). Packets count GSO segments. */
 enum weft_counter {
@@ -62,7 +65,8 @@ enum weft_counter {
 	WEFT_CNT_PODS_REDIRECT = 7,	/* from_pods: encapsulated and redirected, stack bypassed */
 	WEFT_CNT_PODS_STACK = 8,	/* from_pods: IPv4 in the Network left to the stack (TTL, MTU, miss) */
 	WEFT_CNT_RX_PEER = 9,		/* received and redirected into the pod's namespace (redirect_peer) */
-	WEFT_CNT_MAX = 10,
+	WEFT_CNT_UNDERLAY_PASSED = 10,	/* from_underlay: VXLAN datagrams that passed every check */
+	WEFT_CNT_MAX = 11,
 };
 
 #endif

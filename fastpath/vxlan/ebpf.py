@@ -10,12 +10,13 @@ Design notes (Cilium's tunnel shape, wire-identical to ``vxlan/kernel``):
 - Peers live in one BPF LPM trie, ``weft_peers`` (peer subnet -> PublicIP, VNI, VtepMAC; our own
   subnet is there too, flagged local). Adding or removing a peer is one map update; there is no
   per-peer neighbour, FDB or route entry. 1,000 peers take milliseconds, not the ~1 s of netlink.
-- Three tc programs (fastpath/bpf/, clsact direct-action):
+- Four tc programs (fastpath/bpf/, clsact direct-action):
 
   * ``weft_from_pods`` on the pod bridge's (cni0) ingress: pod traffic for a peer is encapsulated
     (tunnel key + inner MACs: dst = peer VtepMAC, src = ours) and redirected straight to
     flannel.N, skipping IP forwarding (the TTL is decremented in the program). Anything else
-    (local, outside the Network, TTL 1, too big without GSO, no peer) follows the stack, counted.
+    (local, outside the Network, TTL 1, bigger than the overlay MTU (GSO: a segment), no peer)
+    follows the stack, counted.
   * ``weft_to_overlay`` on flannel.N egress: what the stack routes into the overlay (the node's own
     traffic; pod traffic before cni0 exists) gets the same treatment; a miss is dropped, counted.
   * ``weft_from_overlay`` on flannel.N ingress: a FIB lookup finds the local pod; a pod the
@@ -23,6 +24,12 @@ Design notes (Cilium's tunnel shape, wire-identical to ``vxlan/kernel``):
     neighbour entry confirms, gets the frame through ``bpf_redirect_peer`` (straight into its
     namespace: no bridge, no backlog queue); otherwise the frame is redirected to the bridge
     (``bpf_redirect_neigh`` while the neighbour is unresolved). Not for a local pod: the stack.
+    First (``CFG_RX_CHECK``) the frame's tunnel key must name a peer that holds the inner source.
+  * ``weft_from_underlay`` on the underlay interface's (``-iface``) ingress: every UDP datagram to
+    our VXLAN port is checked before the kernel's UDP and VXLAN code sees it (outer source a peer's
+    PublicIP: one hash lookup; that peer holds the inner source: one LPM lookup; VXLAN header, VNI,
+    inner MACs, lengths) and counted in exactly one counter: ``underlay_passed`` or a drop reason.
+    ``weft_peer_ips`` (PublicIP -> subnets held) follows ``weft_peers``.
 
   The outer UDP checksum is on, as on a VXLAN device created the way flannel creates it (udpcsum is
   the kernel's default and flannel does not change it); tests/test_ebpf_e2e.py compares the
@@ -44,8 +51,8 @@ Design notes (Cilium's tunnel shape, wire-identical to ``vxlan/kernel``):
 - ``weftctl peermap`` (run in the node's namespace) prints the live map: it finds the program on
   flannel.N's egress with ``tc`` and opens that program's maps by id (no bpffs pin, which the
   private mount namespace of ``ip netns exec`` would hide from other processes).
-- Teardown removes our filter from cni0 (by priority and handle) and the device (its filters and
-  the Network route go with it); the maps go with the last reference.
+- Teardown removes our filters from the underlay interface and cni0 (by priority and handle) and
+  the device (its filters and the Network route go with it); the maps go with the last reference.
 - Not done: DirectRouting (every peer goes through the tunnel), IPv6.
 
 bcc or kernel headers missing: setup raises BackendError naming the fix, never a traceback.
@@ -62,7 +69,7 @@ from controlplane.backends.base import BackendError, BackendOptions, ExternalInt
 from controlplane.config import NetworkConfig
 from controlplane.lease import Lease
 
-from ..netlink import GONE, NetlinkBackend, ignore_gone, nl_errno, only_address, set_mac_and_mtu
+from ..netlink import NetlinkBackend, ignore_gone, nl_errno, only_address, set_mac_and_mtu
 from .vtep import VtepIdentity, parse_unicast_mac
 
 log = logging.getLogger("weft.backend.vxlan.ebpf")
@@ -71,10 +78,6 @@ IFF_NOARP = 0x80
 NUD_PERMANENT = 0x80
 NUD_VALID = 0x80 | 0x40 | 0x02 | 0x10 | 0x04 | 0x08  # PERMANENT NOARP REACHABLE PROBE STALE DELAY
 SCOPE_LINK = 253
-CLSACT_INGRESS = "ffff:fff2"
-CLSACT_EGRESS = "ffff:fff3"
-FILTER_PRIO = 0xC0F  # ours, on every hook; lets teardown find exactly our filter on cni0
-FILTER_HANDLE = 1
 POD_BRIDGE = "cni0"
 WATCH_INTERVAL = 1.0  # seconds between looks at the pod bridge (new pods, cni0 created late)
 
@@ -144,6 +147,7 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
                     self._put(progs, subnet, public_ip, mac)
                 self._attach_device(idx)
                 self._attach_bridge()
+                self._attach_underlay()
             except BackendError:
                 raise
             except Exception as exc:
@@ -161,20 +165,12 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
         keep traffic flowing until the lease watch re-adds them; the first resync drops the rest."""
         if self.progs is None or self._index(self.dev_name) is None:
             return {}
-        from fastpath.bpf.live import NoProgram, read
-        try:
-            doc = read(self.dev_name)
-        except (NoProgram, OSError, ValueError) as exc:
-            log.debug("nothing to inherit from %s: %s", self.dev_name, exc)
-            return {}
-        ours = set(self.prog_ids().values())
-        if doc["program_id"] in ours:
-            return {}
+        from fastpath.bpf.guard import inherited_peers
         out = {}
-        for e in doc["peers"]:
-            mac = parse_unicast_mac(e["vtep_mac"])
-            if not e["local"] and mac:
-                out[ipaddress.IPv4Network(e["subnet"])] = (ipaddress.IPv4Address(e["public_ip"]), mac)
+        for subnet, (public_ip, raw) in inherited_peers(self.dev_name, set(self.prog_ids().values())).items():
+            mac = parse_unicast_mac(raw)
+            if mac:
+                out[subnet] = (public_ip, mac)
         if out:
             log.info("kept %d peers from the programs a previous weftd left on %s", len(out), self.dev_name)
         return out
@@ -254,7 +250,8 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
                      local_ipv4=int(self.local) if self.iface.address else 0,
                      network=struct.unpack("=I", net.network_address.packed)[0],
                      netmask=struct.unpack("=I", net.netmask.packed)[0], mtu=self.mtu,
-                     flags=self.cfg_flags)
+                     flags=self.cfg_flags, vxlan_port=socket.htons(self.port), vni=self.vni,
+                     public_ipv4=int(self.iface.public_ip))
         progs.set_config(cfg)
 
     def set_flags(self, flags: int) -> None:
@@ -265,27 +262,25 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
             cfg.flags = flags
             self.progs.set_config(cfg)
 
-    def _filter_ids(self, dev: str, hook: str) -> list[int]:
-        """Ids of the BPF programs attached as our filter (our priority) on one clsact hook."""
-        from fastpath.bpf.live import NoProgram, filters
-        try:
-            return [f["id"] for f in filters(dev, hook) if f["prio"] == FILTER_PRIO]
-        except NoProgram:
-            return []
+    @staticmethod
+    def _filter_ids(dev: str, hook: str) -> list[int]:
+        from fastpath.bpf.guard import filter_ids
+        return filter_ids(dev, hook)
 
     def _attach(self, idx: int, parent: str, fn_name: str) -> None:
-        fn = self.progs.fns[fn_name]
-        try:
-            self.ipr.tc("add", "clsact", idx)
-        except Exception as exc:
-            if nl_errno(exc) != errno.EEXIST:
-                raise
-        self.ipr.tc("replace-filter", "bpf", idx, handle=FILTER_HANDLE, fd=fn.fd, name=fn.name,
-                    parent=parent, prio=FILTER_PRIO, classid=1, direct_action=True)
+        from fastpath.bpf.guard import attach_filter
+        attach_filter(self.ipr, idx, parent, self.progs.fns[fn_name])
 
     def _attach_device(self, idx: int) -> None:
+        from fastpath.bpf.guard import CLSACT_EGRESS, CLSACT_INGRESS
         self._attach(idx, CLSACT_EGRESS, "weft_to_overlay")
         self._attach(idx, CLSACT_INGRESS, "weft_from_overlay")
+
+    def _attach_underlay(self) -> None:
+        """weft_from_underlay on the underlay interface: every datagram to our port is checked and
+        counted before the kernel's UDP and VXLAN code (after the maps are filled)."""
+        from fastpath.bpf.guard import CLSACT_INGRESS
+        self._attach(self.iface.index, CLSACT_INGRESS, "weft_from_underlay")
 
     def _attach_bridge(self) -> bool:
         """Put weft_from_pods on the pod bridge if it exists; True when attached now."""
@@ -293,6 +288,7 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
         if bidx is None:
             self._bridge_index = None
             return False
+        from fastpath.bpf.guard import CLSACT_INGRESS
         self._attach(bidx, CLSACT_INGRESS, "weft_from_pods")
         self._bridge_index = bidx
         return True
@@ -414,6 +410,10 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
                     self._attach_device(idx)
                     self._counters["filters_restored"] += 1
                     log.info("re-attached the programs on %s", self.dev_name)
+                if ours["weft_from_underlay"] not in self._filter_ids(self.iface.name, "ingress"):
+                    self._attach_underlay()
+                    self._counters["filters_restored"] += 1
+                    log.info("re-attached weft_from_underlay on %s", self.iface.name)
                 bidx = self._index(self.bridge)
                 if bidx is not None and ours["weft_from_pods"] not in self._filter_ids(self.bridge, "ingress"):
                     self._attach_bridge()
@@ -441,14 +441,15 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
             self._watch.join(5)
             self._watch = None
         with self._lock:
-            bidx = self._index(self.bridge)
-            if bidx is not None:
+            from fastpath.bpf.guard import CLSACT_INGRESS, detach_filter
+            for dev in (self.iface.name, self.bridge):
+                idx = self._index(dev)
+                if idx is None:
+                    continue
                 try:
-                    self.ipr.tc("del-filter", "bpf", bidx, handle=FILTER_HANDLE,
-                                parent=CLSACT_INGRESS, prio=FILTER_PRIO)
+                    detach_filter(self.ipr, idx, CLSACT_INGRESS)
                 except Exception as exc:
-                    if nl_errno(exc) not in GONE | {errno.EINVAL}:
-                        log.warning("removing our filter from %s failed: %s", self.bridge, exc)
+                    log.warning("removing our filter from %s failed: %s", dev, exc)
             idx = self._index(self.dev_name)
             if idx is not None:
                 ignore_gone(self.ipr.link, "del", index=idx)
@@ -465,6 +466,7 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
             s["peers_programmed"] = float(len(self._peers))
             if self.progs is not None:
                 s["endpoints"] = float(self.progs.endpoint_count())
+                s["peer_ips"] = float(len(self.progs.peer_ip_entries()))
             if self.progs is not None:
                 for k, v in self.progs.counter_sums().items():
                     s[k] = float(v)

@@ -24,6 +24,11 @@ Design notes (after flannel's ``pkg/backend/vxlan/vxlan.go``):
 - ``DirectRouting``: a peer whose PublicIP is on our underlay interface's own L2 subnet gets a plain
   route via its PublicIP (host-gw style) and no neighbour or FDB entry (``fastpath/direct.py``,
   shared with ``vxlan/fastpath``).
+- The source guard (opt-in, weftd ``--source-guard``, ``BackendOptions.source_guard``): ``weft_from_underlay``
+  (fastpath/bpf/guard.py) on the underlay interface's ingress drops, counted by reason, every
+  datagram to our VXLAN port whose outer source is not the PublicIP of the lease that holds its
+  inner source (and malformed ones), before the kernel's VXLAN device sees it: one hash and one LPM
+  lookup per datagram, no per-peer rule. Without it, as flannel, the device takes any datagram.
 - A peer whose VtepMAC or PublicIP changes gets its stale FDB/neighbour entries removed before the
   new ones go in. ``resync`` re-adds any entry of a known peer that someone removed, and recreates
   the device if it vanished (flannel's link watcher does the same on RTM_DELLINK).
@@ -85,10 +90,18 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
         self._failed: set[ipaddress.IPv4Network] = set()
         self._counters = {"entries_restored": 0, "peers_bad_backend_data": 0, "peer_errors": 0,
                           "device_recreated": 0, "tx_csum_off_failed": 0}
+        self._guard_wanted = options.source_guard
+        self.guard = None  # fastpath.bpf.guard.SourceGuard when the source guard is on
 
     # -- netlink plumbing -------------------------------------------------------------------------
 
 
+
+    def close(self) -> None:
+        """Release the netlink socket and the guard's fds (an attached guard keeps working)."""
+        if self.guard is not None:
+            self.guard.close()
+        super().close()
 
     def _dev_index(self) -> int | None:
         found = self.ipr.link_lookup(ifname=self.dev_name)
@@ -111,6 +124,29 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
                                    f"{exc}") from None
             for peer in list(self._peers.values()):  # setup again after a lease change
                 self._program(peer)
+            self._setup_guard(lease)
+
+    def _setup_guard(self, lease: Lease) -> None:
+        """Start the source guard when asked; otherwise remove one a previous run left on the
+        underlay interface (its maps would no longer follow the leases)."""
+        from fastpath.bpf.guard import CLSACT_INGRESS, SourceGuard, detach_filter
+        if not self._guard_wanted:
+            try:
+                if detach_filter(self.ipr, self.iface.index, CLSACT_INGRESS):
+                    log.info("removed a stale weft_from_underlay filter from %s", self.iface.name)
+            except Exception as exc:
+                log.warning("removing a stale filter from %s failed: %s", self.iface.name, exc)
+            return
+        from fastpath.bpf import BpfUnavailable
+        if self.guard is None:
+            self.guard = SourceGuard(self.ipr, self.iface.name, self.iface.index, self.config.network,
+                                     self.vni, self.port, self.local, self.iface.public_ip)
+        try:
+            self.guard.start(lease.subnet, self.vtep_mac)
+        except BpfUnavailable as exc:
+            raise BackendError(f"vxlan/kernel source guard: {exc}") from None
+        except Exception as exc:
+            raise BackendError(f"vxlan/kernel source guard on {self.iface.name}: {exc}") from None
 
     def _device_compatible(self, msg) -> bool:
         info = msg.get("IFLA_LINKINFO")
@@ -212,6 +248,20 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
                     log.warning("peer %s: removing stale entries failed: %s", peer.subnet, exc)
             self._peers[peer.subnet] = peer
             self._program(peer)
+            if self.guard is not None or self._guard_wanted:
+                self._guard_put(lease)
+
+    def _guard_put(self, lease: Lease) -> None:
+        from fastpath.bpf.guard import SourceGuard
+        if self.guard is None:
+            self.guard = SourceGuard(self.ipr, self.iface.name, self.iface.index, self.config.network,
+                                     self.vni, self.port, self.local, self.iface.public_ip)
+        mac = parse_unicast_mac(lease.attrs.backend_data.get("VtepMAC"))
+        try:
+            self.guard.put(lease.subnet, lease.attrs.public_ip, mac)
+        except Exception as exc:
+            self._counters["peer_errors"] += 1
+            log.warning("peer %s: source guard map update failed, resync retries: %s", lease.subnet, exc)
 
     def _program(self, peer: _Peer) -> bool:
         """neigh, fdb, route, in that order; on failure roll back neigh/fdb, count, retry in resync."""
@@ -282,6 +332,11 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
         with self._lock:
             peer = self._peers.pop(lease.subnet, None)
             self._failed.discard(lease.subnet)
+            if self.guard is not None:
+                try:
+                    self.guard.delete(lease.subnet)
+                except Exception as exc:
+                    log.warning("peer %s: source guard map update failed: %s", lease.subnet, exc)
             if peer is None:
                 # Not programmed by us (bad data, or before a restart): remove what its lease implies.
                 data = lease.attrs.backend_data
@@ -327,6 +382,11 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
             except Exception as exc:
                 log.warning("vxlan resync failed: %s", exc)
                 return
+            if self.guard is not None:
+                try:
+                    self.guard.resync()
+                except Exception as exc:
+                    log.warning("source guard resync failed: %s", exc)
             for subnet, peer in list(self._peers.items()):
                 if subnet in self._failed:
                     self._program(peer)
@@ -358,6 +418,9 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
 
     def teardown(self) -> None:
         with self._lock:
+            if self.guard is not None:
+                self.guard.stop()
+                self.guard = None
             for peer in self._peers.values():
                 if peer.direct:
                     try:
@@ -378,4 +441,6 @@ class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
             s["peers_programmed"] = len(self._peers) - len(self._failed)
             s["peers_failed"] = len(self._failed)
             s["peers_direct"] = sum(1 for p in self._peers.values() if p.direct)
+            if self.guard is not None:
+                s.update(self.guard.stats())
             return {k: float(v) for k, v in s.items()}
