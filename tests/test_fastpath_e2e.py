@@ -44,9 +44,9 @@ def test_e2e_suite(backend):
     assert out["removal_s"] < 2.0
     m1 = out["metrics"][1]
     # the traffic went through the engine, and nothing valid was dropped as malformed
-    assert m1.get("weft_backend_tx_packets", 0) > 1000 and m1.get("weft_backend_rx_packets", 0) > 1000
-    assert m1.get("weft_backend_rx_drop_bad_ip", 0) == 0
-    assert m1.get("weft_backend_rx_drop_spoofed_src", 0) == 0
+    assert m1["weft_backend_tx_packets"] > 1000 and m1["weft_backend_rx_packets"] > 1000
+    # exported (a missing counter is no zero) and zero
+    assert (m1["weft_backend_rx_drop_bad_ip"], m1["weft_backend_rx_drop_spoofed_src"]) == (0, 0)
 
 
 @pytest.mark.parametrize("dataplanes", [
@@ -57,6 +57,12 @@ def test_mixed_vxlan_kernel_and_fastpath(dataplanes):
     lab = lab_for(load(DEFAULT), "vxlan/kernel", dataplanes)
     out = _run(lab)
     assert out["removal_s"] < 2.0
+    if dataplanes[1] == "fastpath":    # (node 2 restarts after the transfers: its counts restart)
+        fast = out["metrics"][1]
+        # the kernel peer's TSO packets crossed the veth whole (no GRO size) and were written
+        # whole; its VXLAN headers (reserved bits clear) and inner packets all passed the checks
+        assert fast["weft_backend_rx_super_packets"] > 0
+        assert {k: v for k, v in fast.items() if k.startswith("weft_backend_rx_drop_") and v} == {}
 
 
 def test_fastpath_lab_mtu_and_device():
@@ -155,7 +161,7 @@ WORKERS = 2
 
 
 def _worker_bytes(m: dict, i: int, key: str) -> float:
-    return m.get(f"weft_backend_worker{i}_{key}", 0.0)
+    return m[f"weft_backend_worker{i}_{key}"]          # missing: the per-thread accounting broke
 
 
 def _udp_flows(lab, src, dst, flows: int = 16, per_flow: int = 200, size: int = 1000,
@@ -232,8 +238,7 @@ def test_multiqueue_workers(backend):
         for node in lab.nodes:
             m = metrics(lab, node.index)
             assert m["weft_backend_tx_packets"] > 1000, m
-            assert m.get("weft_backend_rx_drop_bad_ip", 0) == 0
-            assert m.get("weft_backend_rx_drop_spoofed_src", 0) == 0
+            assert (m["weft_backend_rx_drop_bad_ip"], m["weft_backend_rx_drop_spoofed_src"]) == (0, 0)
             wrote = sum(_worker_bytes(m, i, "tun_write_bytes") for i in range(WORKERS))
             read = sum(_worker_bytes(m, i, "tun_read_bytes") for i in range(WORKERS))
             assert wrote >= streams_in[node.index] * (16 << 20), (node.index, wrote)

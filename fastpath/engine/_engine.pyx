@@ -29,6 +29,13 @@ Per worker (one TUN queue + one UDP socket), one thread runs both directions und
 
 Routes: ``routes[i]`` is the peer holding the i-th subnet of the Network, so the lookup is one
 subtraction and one shift. Entries are replaced by Python under a per-entry seqlock (wire.h).
+The peers' public IPs are also kept in a hash set (wire.h, ``wf_peers_t``), so a datagram from
+an unknown sender costs O(1) to classify, however many routes there are.
+
+Hostile input: every datagram taken from the socket counts once in ``rx_datagrams`` and once in
+``rx_packets`` or one ``rx_drop_*`` (the first check it fails); every TUN read once in
+``tx_reads`` and in ``tx_packets`` or one ``tx_drop_*``. No header field is read before the
+length that holds it is checked. What the kernel drops before the socket is ``rx_socket_drops``.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset, memcmp
@@ -61,6 +68,7 @@ COUNTER_NAMES = (
     "rx_drop_short", "rx_drop_bad_ip", "rx_drop_not_ipv4", "rx_drop_oversized",
     "rx_drop_bad_vxlan", "rx_drop_wrong_vni", "rx_drop_wrong_mac", "rx_drop_unknown_peer",
     "rx_drop_spoofed_src", "rx_drop_tun_write", "rx_recv_errors", "rx_super_packets",
+    "rx_gro_messages",
 )
 assert len(COUNTER_NAMES) == N_COUNTERS
 
@@ -77,8 +85,10 @@ def _stop_all():
 
 atexit.register(_stop_all)
 
-# Every encapsulated packet ends in exactly one of these (the fuzz test's invariant).
+# Every datagram counted in rx_datagrams ends in exactly one of these; every TUN read counted in
+# tx_reads in one tx_drop_* or in tx_packets (a super-packet: as many as it was cut into).
 RX_OUTCOMES = ("rx_packets",) + tuple(n for n in COUNTER_NAMES if n.startswith("rx_drop_"))
+TX_OUTCOMES = ("tx_packets",) + tuple(n for n in COUNTER_NAMES if n.startswith("tx_drop_"))
 
 
 cdef struct Conf:
@@ -92,6 +102,7 @@ cdef struct Conf:
     uint32_t nroutes
     int64_t local_idx
     wf_route_t *routes
+    wf_peers_t peers          # the public IPs that hold a route (is_peer)
     uint8_t vni[3]            # network order, as on the wire
     uint8_t mac[6]            # our VTEP MAC
     uint16_t port_n           # peers' UDP port, network order
@@ -164,12 +175,8 @@ cdef inline uint32_t route_of(Conf *c, uint32_t ip_n, uint8_t *mac) noexcept nog
 
 
 cdef inline bint is_peer(Conf *c, uint32_t ip_n) noexcept nogil:
-    """Whether some lease has this public IP (drop path only: linear)."""
-    cdef uint32_t i
-    for i in range(c.nroutes):
-        if wf_route_read(&c.routes[i], NULL) == ip_n:
-            return True
-    return False
+    """Whether some route goes to this public IP (network order): O(1), whatever the routes."""
+    return wf_peer_has(&c.peers, ip_n) != 0
 
 
 cdef inline void bucket(uint64_t *cnt, int base, int n) noexcept nogil:
@@ -311,8 +318,8 @@ cdef void tx_segment(Worker *w, uint8_t *pkt, uint32_t plen, uint32_t ihl, bint 
     UDP_SEGMENT sends (each below the 64 KB limit of one UDP send)."""
     cdef Conf *c = w.conf
     cdef uint8_t *l4 = pkt + ihl
-    cdef uint32_t l4hl = ((l4[12] >> 4) * 4) if tcp else 8
-    cdef uint32_t hl = ihl + l4hl
+    cdef uint32_t l4min = 20 if tcp else 8
+    cdef uint32_t l4hl, hl
     cdef uint32_t paylen, nseg, segsize, per_send, i, chunk, k, seq0 = 0, id0
     cdef uint8_t flags0 = 0, f
     cdef uint8_t *payload
@@ -323,17 +330,29 @@ cdef void tx_segment(Worker *w, uint8_t *pkt, uint32_t plen, uint32_t ihl, bint 
     cdef iovec *iov
     cdef uint64_t s
     cdef uint16_t cs
-    if (tcp and l4hl < 20) or hl > plen:
+    # Malformed (the read contradicts itself): a TCP/UDP header cut short or a TCP data offset
+    # below 5 words (both looked at only once the bytes are known to be there), no segment size.
+    if ihl + l4min > plen:
+        w.tx_cnt[<int>C_TX_DROP_MALFORMED] += 1
+        return
+    l4hl = ((l4[12] >> 4) * 4) if tcp else 8
+    hl = ihl + l4hl
+    if l4hl < l4min or hl > plen or mss == 0:
         w.tx_cnt[<int>C_TX_DROP_MALFORMED] += 1
         return
     paylen = plen - hl
-    if paylen <= mss or mss == 0:
+    if paylen <= mss:             # one segment (a segment size above the payload is no error)
         nseg = 1
         mss = paylen if paylen else 1
     else:
         nseg = (paylen + mss - 1) // mss
-    payload = pkt + hl
     segsize = c.encap + hl + mss
+    if segsize > MAX_UDP_PAYLOAD:
+        # No UDP datagram carries such a segment (and its size would not fit UDP_SEGMENT's 16 bits)
+        w.tx_cnt[<int>C_TX_DROP_GSO_UNSUPPORTED] += 1
+        return
+    w.tx_cnt[<int>C_TX_SUPER] += 1
+    payload = pkt + hl
     per_send = MAX_UDP_PAYLOAD // segsize
     if per_send > UDP_MAX_SEGS:
         per_send = UDP_MAX_SEGS
@@ -571,10 +590,8 @@ cdef void tx_packet(Worker *w, uint8_t *buf, ssize_t n) noexcept nogil:
             wf_put_csum(pkt + cs + co, <uint16_t>~wf_fold(wf_csum(pkt + cs, plen - cs, 0)))
         tx_single(w, pkt, plen, peer, mac)
     elif gso == VIRTIO_NET_HDR_GSO_TCPV4 and pkt[9] == 6:
-        w.tx_cnt[<int>C_TX_SUPER] += 1
         tx_segment(w, pkt, plen, ihl, True, vh.gso_size, peer, mac)
     elif gso == GSO_UDP_L4 and pkt[9] == 17:
-        w.tx_cnt[<int>C_TX_SUPER] += 1
         tx_segment(w, pkt, plen, ihl, False, vh.gso_size, peer, mac)
     else:
         w.tx_cnt[<int>C_TX_DROP_GSO_UNSUPPORTED] += 1
@@ -794,20 +811,23 @@ cdef void rx_write_gso(Worker *w, uint8_t *p, uint32_t n, uint32_t l4hl, uint32_
 
 
 cdef void rx_segment(Worker *w, uint8_t *d, uint32_t n, uint32_t src_n, uint32_t gso) noexcept nogil:
-    """Check one encapsulated packet and deliver it, or count why it was dropped.
+    """Check one encapsulated packet and deliver it, or count why it was dropped: rx_datagrams
+    and then exactly one of rx_packets (when written) or an rx_drop_* counter. The checks run in
+    this order and the first one failed names the counter (engine.md lists them).
 
     ``gso`` > 0: the datagram is one VXLAN packet whose inner packet is a TSO/USO super-packet
     with that segment size (what a kernel VXLAN device sends over a veth)."""
     cdef Conf *c = w.conf
     cdef uint64_t *cnt = w.rx_cnt
     cdef uint8_t *p = d
-    cdef uint32_t ihl, tot, l4hl = 0
+    cdef uint32_t ihl, tot, peer, l4hl = 0
     cnt[<int>C_RX_DATAGRAMS] += 1
     if c.mode == MODE_VXLAN:
         if n < VXLAN_ENCAP:
             cnt[<int>C_RX_DROP_SHORT] += 1
             return
-        if (d[0] & 0x08) == 0:
+        # The I flag set, every reserved bit clear (as Linux's vxlan without extensions checks)
+        if d[0] != 0x08 or d[1] != 0 or d[2] != 0 or d[3] != 0 or d[7] != 0:
             cnt[<int>C_RX_DROP_BAD_VXLAN] += 1
             return
         if d[4] != c.vni[0] or d[5] != c.vni[1] or d[6] != c.vni[2]:
@@ -836,19 +856,27 @@ cdef void rx_segment(Worker *w, uint8_t *d, uint32_t n, uint32_t src_n, uint32_t
         cnt[<int>C_RX_DROP_BAD_IP] += 1
         return
     if gso:
+        # a super-packet's TCP/UDP header must be whole (its segments repeat it): TCP with a data
+        # offset of at least 5 words, within the packet
         if p[9] == 6 and tot >= ihl + 20:
             l4hl = (p[ihl + 12] >> 4) * 4
+            if l4hl < 20 or ihl + l4hl > tot:
+                cnt[<int>C_RX_DROP_BAD_IP] += 1
+                return
         elif p[9] == 17 and tot >= ihl + 8:
             l4hl = 8
         if gso == GSO_AUTO and c.mtu > ihl + l4hl:
             gso = c.mtu - ihl - l4hl          # no GRO size given: the largest segment we take
-        if l4hl < 8 or ihl + l4hl > tot or ihl + l4hl + gso > c.mtu or (wf_be16(p + 6) & 0x3fff):
+        if l4hl == 0 or ihl + l4hl + gso > c.mtu or (wf_be16(p + 6) & 0x3fff):
             cnt[<int>C_RX_DROP_OVERSIZED] += 1
             return
     elif tot > c.mtu:
         cnt[<int>C_RX_DROP_OVERSIZED] += 1
         return
-    if route_of(c, wf_ld32(p + 12), NULL) != src_n:
+    # the inner source must be in a subnet whose route goes to the sender (0: no route; and no
+    # sender has the address 0, so an unrouted source from 0.0.0.0 is no match)
+    peer = route_of(c, wf_ld32(p + 12), NULL)
+    if peer == 0 or peer != src_n:
         if is_peer(c, src_n):
             cnt[<int>C_RX_DROP_SPOOFED_SRC] += 1
         else:
@@ -860,20 +888,37 @@ cdef void rx_segment(Worker *w, uint8_t *d, uint32_t n, uint32_t src_n, uint32_t
         rx_deliver(w, p, tot)
 
 
+cdef inline bint is_kernel_gso(Conf *c, const uint8_t *d, uint32_t n, uint32_t gro) noexcept nogil:
+    """Whether a socket message is a kernel VXLAN sender's GSO packet, which reaches a UDP socket
+    unsegmented when it crossed a veth: one VXLAN header and one inner packet above the MTU whose
+    total length is the rest of the datagram; TCP without a GRO size (a TSO packet: the kernel
+    gives a size only for UDP GSO) or UDP with one (USO: its segment size). Anything else with a
+    GRO size is what UDP GRO made of datagrams that were separate on the wire: cut and counted
+    one by one."""
+    cdef const uint8_t *p = d + VXLAN_ENCAP
+    if c.mode != MODE_VXLAN or n <= VXLAN_ENCAP + 20 or n - VXLAN_ENCAP <= c.mtu:
+        return False
+    if (p[0] >> 4) != 4 or wf_be16(p + 2) != n - VXLAN_ENCAP:
+        return False
+    return (p[9] == 6 and gro == 0) or (p[9] == 17 and gro != 0 and gro < n)
+
+
 cdef void rx_datagram(Worker *w, uint8_t *d, uint32_t n, uint32_t gro, uint32_t src_n) noexcept nogil:
+    """One socket message: one datagram, or with UDP GRO several of ``gro`` bytes each (the last
+    may be shorter), each checked and counted on its own."""
     cdef uint32_t off = 0, seg
     cdef Conf *c = w.conf
+    if is_kernel_gso(c, d, n, gro):
+        # one datagram: passed on whole (vnet: a GSO write), or without a vnet header too large
+        rx_segment(w, d, n, src_n, (gro if gro != 0 and gro < n else GSO_AUTO) if c.vnet else 0)
+        return
     if gro == 0 or gro > n:
         gro = n
     if n == 0:
         rx_segment(w, d, 0, src_n, 0)
         return
-    # A kernel VXLAN sender's GSO packet reaches a UDP socket unsegmented: one VXLAN header and
-    # one inner super-packet, with the inner MSS as the GRO size. Pass it on whole.
-    if (c.mode == MODE_VXLAN and c.vnet and n > VXLAN_ENCAP + 20 and n - VXLAN_ENCAP > c.mtu
-            and (d[VXLAN_ENCAP] >> 4) == 4 and wf_be16(d + VXLAN_ENCAP + 2) == n - VXLAN_ENCAP):
-        rx_segment(w, d, n, src_n, gro if gro < n else GSO_AUTO)
-        return
+    if gro < n:
+        w.rx_cnt[<int>C_RX_GRO_MESSAGES] += 1
     while off < n:
         seg = n - off
         if seg > gro:
@@ -1068,11 +1113,13 @@ cdef class Engine:
     cdef readonly str mode
     cdef readonly int subnet_len
     cdef dict _peers
+    cdef dict _peer_refs      # public IP (network order) -> routes that go to it
     cdef readonly bint split_threads
 
     def __cinit__(self):
         self.workers = NULL
         self.conf.routes = NULL
+        self.conf.peers.slot = NULL
         self.stop_fd = -1
 
     def __init__(self, tun_fd, sock_fd, *, mode="udp", network, subnet_len, local_subnet, vni=1,
@@ -1103,6 +1150,7 @@ cdef class Engine:
         self.network = net
         self.local_subnet = local
         self._peers = {}
+        self._peer_refs = {}
         self.threads = []
         self.conf.mode = MODE_VXLAN if mode == "vxlan" else MODE_UDP
         self.conf.encap = VXLAN_ENCAP if mode == "vxlan" else 0
@@ -1129,6 +1177,16 @@ cdef class Engine:
         self.conf.busy_poll_ns = int(busy_poll_us) * 1000
         self.conf.routes = <wf_route_t *>calloc(self.conf.nroutes, sizeof(wf_route_t))
         if self.conf.routes == NULL:
+            raise MemoryError()
+        # peer set: at least twice the slots of the most distinct peers there can be (one per
+        # route), so it is never more than half full and never resized under the packet threads
+        slots = 16
+        while slots < 2 * self.conf.nroutes:
+            slots *= 2
+        self.conf.peers.mask = slots - 1
+        self.conf.peers.seed = int.from_bytes(os.urandom(4), "little")
+        self.conf.peers.slot = <uint32_t *>calloc(slots, sizeof(uint32_t))
+        if self.conf.peers.slot == NULL:
             raise MemoryError()
         self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.stop_fd < 0:
@@ -1162,6 +1220,9 @@ cdef class Engine:
         if self.conf.routes != NULL:
             free(self.conf.routes)
             self.conf.routes = NULL
+        if self.conf.peers.slot != NULL:
+            free(self.conf.peers.slot)
+            self.conf.peers.slot = NULL
         if self.stop_fd >= 0:
             close(self.stop_fd)
             self.stop_fd = -1
@@ -1188,18 +1249,46 @@ cdef class Engine:
         for i in range(6):
             mac[i] = m[i]
         wf_route_write(&self.conf.routes[idx], htonl(int(ip)), mac)
-        self._peers[str(ipaddress.IPv4Network(subnet))] = (str(ip), m.hex(":"))
+        key = str(ipaddress.IPv4Network(subnet))
+        old = self._peers.get(key)
+        self._peers[key] = (str(ip), m.hex(":"))
+        if old is None or old[0] != str(ip):
+            self._peer_ref(htonl(int(ip)), 1)
+            if old is not None:
+                self._peer_ref(htonl(int(ipaddress.IPv4Address(old[0]))), -1)
 
     def remove_route(self, subnet):
         cdef uint32_t idx = self._index(subnet)
         cdef uint8_t mac[6]
         memset(mac, 0, 6)
         wf_route_write(&self.conf.routes[idx], 0, mac)
-        self._peers.pop(str(ipaddress.IPv4Network(subnet)), None)
+        old = self._peers.pop(str(ipaddress.IPv4Network(subnet)), None)
+        if old is not None:
+            self._peer_ref(htonl(int(ipaddress.IPv4Address(old[0]))), -1)
+
+    cdef _peer_ref(self, uint32_t ip_n, int change):
+        """Count a route to ``ip_n`` in or out; the peer set holds the IPs with at least one."""
+        n = self._peer_refs.get(ip_n, 0) + change
+        if n > 0:
+            self._peer_refs[ip_n] = n
+            if n == 1 and change > 0:
+                wf_peer_add(&self.conf.peers, ip_n)
+        else:
+            self._peer_refs.pop(ip_n, None)
+            wf_peer_del(&self.conf.peers, ip_n)
 
     def routes(self):
         """{subnet: (peer_ip, peer_mac)} as programmed."""
         return dict(self._peers)
+
+    def lookup(self, addr):
+        """(peer_ip, peer_mac) that a packet to ``addr`` goes to, read from the packet path's
+        route table; None: no route."""
+        cdef uint8_t mac[6]
+        cdef uint32_t ip = route_of(&self.conf, htonl(int(ipaddress.IPv4Address(addr))), mac)
+        if ip == 0:
+            return None
+        return str(ipaddress.IPv4Address(ntohl(ip))), bytes(mac[:6]).hex(":")
 
     # -- running -------------------------------------------------------------------------------
     def _run_tx(self, int i):
@@ -1258,13 +1347,32 @@ cdef class Engine:
             for k in range(N_COUNTERS):
                 tot[k] += self.workers[i].tx_cnt[k] + self.workers[i].rx_cnt[k]
         out = {COUNTER_NAMES[k]: tot[k] for k in range(N_COUNTERS)}
+        drops = self._socket_drops()
+        if drops is not None:
+            out["rx_socket_drops"] = drops
         out["routes"] = len(self._peers)
         out["workers"] = self.nworkers
         return out
 
+    def _socket_drops(self):
+        """Datagrams the kernel dropped at the engine's sockets before the engine could read
+        them (its receive buffer was full: Udp RcvbufErrors): SO_MEMINFO's count since each socket was
+        opened, summed; None when a socket cannot tell (closed), never a made-up 0."""
+        cdef uint32_t info[SK_MEMINFO_VARS]
+        cdef socklen_t size
+        cdef int i
+        total = 0
+        for fd in {self.workers[i].sock_fd for i in range(self.nworkers)}:
+            size = sizeof(info)
+            if getsockopt(fd, SOL_SOCKET, SO_MEMINFO, info, &size) != 0 or size < sizeof(info):
+                return None
+            total += info[SK_MEMINFO_DROPS]
+        return total
+
     # -- test and benchmark hooks (engine not started) -----------------------------------------
     def _inject_rx(self, bytes datagram, src_ip, int gro=0):
-        """Run the receive path on one datagram as if it came from ``src_ip`` (writes to the TUN)."""
+        """Run the receive path on one socket message as if it came from ``src_ip`` with UDP GRO
+        size ``gro`` (0: none) and write what passes to the TUN."""
         cdef Worker *w = &self.workers[0]
         cdef uint32_t n = len(datagram)
         cdef uint32_t src = htonl(int(ipaddress.IPv4Address(src_ip)))
@@ -1276,6 +1384,25 @@ cdef class Engine:
         with nogil:
             rx_datagram(w, w.rx_buf, n, gro, src)
             rx_flush_run(w)
+
+    def _is_peer(self, ip):
+        """Whether the packet path takes ``ip`` for a peer (the peer set's answer)."""
+        return is_peer(&self.conf, htonl(int(ipaddress.IPv4Address(ip))))
+
+    def _inject_tx(self, bytes read):
+        """Run the transmit path on one TUN read (vnet header included when the engine has one)
+        and send what it queued."""
+        cdef Worker *w = &self.workers[0]
+        cdef uint32_t n = len(read)
+        if self.threads:
+            raise RuntimeError("_inject_tx on a running engine")
+        if n > RD_STRIDE:
+            raise ValueError("read larger than a TUN read buffer")
+        memcpy(w.rd_buf, <const char *>read, n)
+        with nogil:
+            tx_packet(w, w.rd_buf, n)
+            if w.n_msgs:
+                tx_flush(w)
 
     def _bench_encap(self, bytes packet, int count):
         """ns spent queueing ``count`` TUN reads of ``packet`` (vnet header included when the

@@ -5,6 +5,9 @@ cdef enum:
     SOL_UDP = 17
     UDP_SEGMENT = 103
     UDP_GRO = 104
+    SO_MEMINFO = 55           # getsockopt: uint32_t[SK_MEMINFO_VARS], the socket's memory and drops
+    SK_MEMINFO_VARS = 9
+    SK_MEMINFO_DROPS = 8      # datagrams the kernel dropped at the socket (its receive buffer full)
 # TUN offloads (TUNSETOFFLOAD); USO4/6 are missing from Debian 12's 6.1 headers.
 cdef enum:
     TUN_F_CSUM = 0x01
@@ -70,7 +73,7 @@ cdef enum Counter:
     C_TX_READ_ERRORS
     C_TX_ICMP_UNREACH_SENT    # ICMP net unreachable replies written to the TUN (no route)
     C_TX_ICMP_UNREACH_LIMITED # ... withheld by the rate limit
-    C_RX_DATAGRAMS            # encapsulated packets seen (GRO batches split back into segments)
+    C_RX_DATAGRAMS            # datagrams taken from the socket (a GRO message: each datagram in it)
     C_RX_PACKETS              # inner packets delivered to the TUN
     C_RX_BYTES
     C_RX_TUN_WRITES
@@ -91,4 +94,5 @@ cdef enum Counter:
     C_RX_DROP_TUN_WRITE
     C_RX_RECV_ERRORS
     C_RX_SUPER                # kernel VXLAN GSO datagrams (one inner TSO packet) passed on whole
+    C_RX_GRO_MESSAGES         # socket messages that held several datagrams (UDP GRO)
     N_COUNTERS

@@ -29,8 +29,11 @@ COUNTER_NAMES = (
     "rx_drop_short", "rx_drop_bad_ip", "rx_drop_not_ipv4", "rx_drop_oversized",
     "rx_drop_bad_vxlan", "rx_drop_wrong_vni", "rx_drop_wrong_mac", "rx_drop_unknown_peer",
     "rx_drop_spoofed_src", "rx_drop_tun_write", "rx_recv_errors", "rx_super_packets",
+    "rx_gro_messages",
 )
 RX_OUTCOMES = ("rx_packets",) + tuple(n for n in COUNTER_NAMES if n.startswith("rx_drop_"))
+TX_OUTCOMES = ("tx_packets",) + tuple(n for n in COUNTER_NAMES if n.startswith("tx_drop_"))
+SO_MEMINFO = 55                   # getsockopt: 9 x uint32, the 9th the socket's drop count
 VXLAN_ENCAP = 22
 MAX_DATAGRAM = 65535
 # ICMP net unreachable replies: the compiled engine's token bucket (consts.pxi), per engine.
@@ -98,6 +101,7 @@ class ReferenceEngine:
         self._local_idx = (int(self.local_subnet.network_address) - self._base) >> self._shift
         self._routes: list[tuple[str, bytes] | None] = [None] * self._nroutes
         self._peers: dict[str, tuple[str, str]] = {}
+        self._peer_refs: dict[str, int] = {}     # public IP -> routes that go to it
         self._vxlan_hdr = bytes([0x08, 0, 0, 0]) + vni.to_bytes(3, "big") + b"\0"
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self._icmp_id = 0                    # IP ID of the next ICMP reply (deterministic)
@@ -126,14 +130,34 @@ class ReferenceEngine:
         if self.mode == "vxlan" and mac == b"\0" * 6:
             raise ValueError("vxlan routes need the peer's VTEP MAC")
         self._routes[idx] = (str(ip), mac)  # one reference swap: atomic for the loop thread
-        self._peers[str(ipaddress.IPv4Network(subnet))] = (str(ip), mac.hex(":"))
+        key = str(ipaddress.IPv4Network(subnet))
+        old = self._peers.get(key)
+        self._peers[key] = (str(ip), mac.hex(":"))
+        if old is None or old[0] != str(ip):
+            self._peer_ref(str(ip), 1)
+            if old is not None:
+                self._peer_ref(old[0], -1)
 
     def remove_route(self, subnet) -> None:
         self._routes[self._index(subnet)] = None
-        self._peers.pop(str(ipaddress.IPv4Network(subnet)), None)
+        old = self._peers.pop(str(ipaddress.IPv4Network(subnet)), None)
+        if old is not None:
+            self._peer_ref(old[0], -1)
+
+    def _peer_ref(self, ip: str, change: int) -> None:
+        n = self._peer_refs.get(ip, 0) + change
+        if n > 0:
+            self._peer_refs[ip] = n
+        else:
+            self._peer_refs.pop(ip, None)
 
     def routes(self) -> dict:
         return dict(self._peers)
+
+    def lookup(self, addr):
+        """(peer_ip, peer_mac) that a packet to ``addr`` goes to; None: no route."""
+        route = self._route(ipaddress.IPv4Address(addr).packed)
+        return None if route is None else (route[0], route[1].hex(":"))
 
     def _route(self, addr: bytes):
         a = int.from_bytes(addr, "big")
@@ -143,7 +167,7 @@ class ReferenceEngine:
         return self._routes[idx]
 
     def _is_peer(self, ip: str) -> bool:
-        return any(r is not None and r[0] == ip for r in self._routes)
+        return ip in self._peer_refs
 
     # -- the two directions, one packet each --------------------------------------------------------
     def encap(self, pkt: bytes):
@@ -254,7 +278,7 @@ class ReferenceEngine:
             if len(d) < VXLAN_ENCAP:
                 c["rx_drop_short"] += 1
                 return None
-            if not d[0] & 0x08:
+            if d[0:4] != b"\x08\0\0\0" or d[7]:     # I flag; reserved bits clear (as Linux)
                 c["rx_drop_bad_vxlan"] += 1
                 return None
             if d[4:7] != self._vxlan_hdr[4:7]:
@@ -332,19 +356,23 @@ class ReferenceEngine:
         c = self.counters
         c["tx_batches"] += 1
         c["tx_batch_1"] += 1
+        self._tx_packet(pkt)
+        return True
+
+    def _tx_packet(self, pkt: bytes) -> None:
+        c = self.counters
         out = self.encap(pkt)
         if out is None:
-            return True
+            return
         peer, dgram = out
         try:
             self.sock.sendto(dgram, (peer, self.port))
         except OSError:
             c["tx_drop_send_error"] += 1
-            return True
+            return
         c["tx_datagram_sends"] += 1
         c["tx_packets"] += 1
         c["tx_bytes"] += len(dgram) - (VXLAN_ENCAP if self.mode == "vxlan" else 0)
-        return True
 
     def _rx_one(self) -> bool:
         try:
@@ -403,22 +431,50 @@ class ReferenceEngine:
 
     def stats(self) -> dict:
         out = dict(self.counters)
+        try:   # datagrams the kernel dropped at the socket (its receive buffer full)
+            info = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36)
+            out["rx_socket_drops"] = struct.unpack("9I", info)[8]
+        except OSError:
+            pass                      # closed: no number rather than a made-up 0
         out["routes"] = len(self._peers)
         out["workers"] = 1
         return out
 
     # -- test hooks -----------------------------------------------------------------------------
+    def _inject_tx(self, read: bytes) -> None:
+        """Run the transmit path on one TUN read, as the loop does."""
+        if self._thread is not None:
+            raise RuntimeError("_inject_tx on a running engine")
+        self._tx_packet(read)
+
+    def _is_kernel_gso(self, d: bytes, gro: int) -> bool:
+        """The compiled engine's test (is_kernel_gso): a kernel VXLAN sender's unsegmented GSO
+        packet is one datagram, never cut at the GRO size."""
+        n = len(d)
+        if self.mode != "vxlan" or n <= VXLAN_ENCAP + 20 or n - VXLAN_ENCAP <= self.mtu:
+            return False
+        p = d[VXLAN_ENCAP:]
+        if p[0] >> 4 != 4 or int.from_bytes(p[2:4], "big") != n - VXLAN_ENCAP:
+            return False
+        return (p[9] == 6 and gro == 0) or (p[9] == 17 and 0 < gro < n)
+
     def _inject_rx(self, datagram: bytes, src_ip, gro: int = 0) -> None:
+        """One socket message from ``src_ip``, with UDP GRO size ``gro`` (0: none) as the
+        compiled engine gets them (this engine's socket has no GRO: each datagram comes alone)."""
         if self._thread is not None:
             raise RuntimeError("_inject_rx on a running engine")
         src = str(ipaddress.IPv4Address(src_ip))
         n = len(datagram)
+        if self._is_kernel_gso(datagram, gro):
+            gro = n
         gro = gro if 0 < gro <= n else n
         if n == 0:
             pkt = self.decap(datagram, src)
             if pkt is not None:
                 self._deliver(pkt)
             return
+        if gro < n:
+            self.counters["rx_gro_messages"] += 1
         for off in range(0, n, gro):
             pkt = self.decap(datagram[off:off + gro], src)
             if pkt is not None:

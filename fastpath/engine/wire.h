@@ -6,6 +6,7 @@
  * - The route table entry and its seqlock: Python (one writer, holding the GIL) replaces an entry
  *   while the packet threads read it without a lock; a reader that sees the sequence change or odd
  *   retries, so it never uses half of an old entry and half of a new one.
+ * - The set of peers' public addresses (a hash under the same kind of seqlock).
  */
 #ifndef WEFT_WIRE_H
 #define WEFT_WIRE_H
@@ -128,6 +129,95 @@ static inline void wf_route_write(wf_route_t *r, uint32_t ip, const uint8_t *mac
     __atomic_store_n(&r->ip, ip, __ATOMIC_RELAXED);
     memcpy(r->mac, mac, 6);
     __atomic_store_n(&r->seq, s + 2, __ATOMIC_RELEASE);
+}
+
+/* The peers' public IPv4 addresses (network order; 0 is never one), so that telling a spoofed
+ * inner source (the sender holds a lease) from an unknown sender costs O(1) whatever the number
+ * of routes: open addressing with linear probing, at most half full (the engine sizes it for a
+ * distinct peer per route slot), deletion by backward shift (no tombstones to pile up). The hash
+ * is seeded per engine, so senders cannot choose addresses that probe long. One writer (Python,
+ * holding the GIL) changes it under a sequence count; packet threads read it without a lock and
+ * retry while the count is odd or moved, as for a route entry. */
+typedef struct {
+    uint32_t seq;
+    uint32_t mask;     /* number of slots - 1 (a power of two) */
+    uint32_t seed;
+    uint32_t *slot;    /* 0: empty */
+} wf_peers_t;
+
+static inline uint32_t wf_peer_home(const wf_peers_t *t, uint32_t ip) {
+    uint32_t h = ip ^ t->seed;          /* murmur3's finalizer: every input bit moves every output bit */
+    h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16;
+    return h & t->mask;
+}
+
+static inline int wf_peer_has(const wf_peers_t *t, uint32_t ip) {
+    uint32_t s1, s2, i, n, v;
+    int found;
+    if (ip == 0)
+        return 0;
+    for (;;) {
+        s1 = __atomic_load_n(&t->seq, __ATOMIC_ACQUIRE);
+        found = 0;
+        if (!(s1 & 1)) {
+            i = wf_peer_home(t, ip);
+            for (n = 0; n <= t->mask; n++) {    /* bounded even mid-change: never a full table */
+                v = __atomic_load_n(&t->slot[i], __ATOMIC_RELAXED);
+                if (v == ip) { found = 1; break; }
+                if (v == 0) break;
+                i = (i + 1) & t->mask;
+            }
+        }
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        s2 = __atomic_load_n(&t->seq, __ATOMIC_RELAXED);
+        if (!(s1 & 1) && s1 == s2)
+            return found;
+    }
+}
+
+static inline void wf_peers_begin(wf_peers_t *t) {
+    __atomic_store_n(&t->seq, t->seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static inline void wf_peers_end(wf_peers_t *t) { __atomic_store_n(&t->seq, t->seq + 1, __ATOMIC_RELEASE); }
+
+/* Writer only; ``ip`` != 0 and the table has an empty slot. */
+static inline void wf_peer_add(wf_peers_t *t, uint32_t ip) {
+    uint32_t i = wf_peer_home(t, ip);
+    while (t->slot[i] != 0) {
+        if (t->slot[i] == ip)
+            return;
+        i = (i + 1) & t->mask;
+    }
+    wf_peers_begin(t);
+    __atomic_store_n(&t->slot[i], ip, __ATOMIC_RELAXED);
+    wf_peers_end(t);
+}
+
+/* Writer only. Each later member of the cluster whose home slot is not cyclically in (hole, its
+ * slot] moves back into the hole, so every member stays reachable from its home (Knuth, 6.4 R). */
+static inline void wf_peer_del(wf_peers_t *t, uint32_t ip) {
+    uint32_t i = wf_peer_home(t, ip), j, k, v;
+    while (t->slot[i] != ip) {
+        if (t->slot[i] == 0)
+            return;
+        i = (i + 1) & t->mask;
+    }
+    wf_peers_begin(t);
+    for (j = i;;) {
+        j = (j + 1) & t->mask;
+        v = t->slot[j];
+        if (v == 0)
+            break;
+        k = wf_peer_home(t, v);
+        if (j > i ? (k <= i || k > j) : (k <= i && k > j)) {
+            __atomic_store_n(&t->slot[i], v, __ATOMIC_RELAXED);
+            i = j;
+        }
+    }
+    __atomic_store_n(&t->slot[i], 0, __ATOMIC_RELAXED);
+    wf_peers_end(t);
 }
 
 static inline int wf_load_flag(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }

@@ -1,4 +1,4 @@
-# C declarations of wire.h: packet field access, checksums, the seqlocked route entry.
+# C declarations of wire.h: packet field access, checksums, the seqlocked route entry, the peer set.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from "wire.h" nogil:
@@ -18,5 +18,13 @@ cdef extern from "wire.h" nogil:
         uint8_t mac[6]
     uint32_t wf_route_read(const wf_route_t *r, uint8_t *mac)
     void wf_route_write(wf_route_t *r, uint32_t ip, const uint8_t *mac)
+    ctypedef struct wf_peers_t:
+        uint32_t seq
+        uint32_t mask
+        uint32_t seed
+        uint32_t *slot
+    int wf_peer_has(const wf_peers_t *t, uint32_t ip)
+    void wf_peer_add(wf_peers_t *t, uint32_t ip)
+    void wf_peer_del(wf_peers_t *t, uint32_t ip)
     int wf_load_flag(const int *p)
     void wf_store_flag(int *p, int v)
