@@ -27,6 +27,15 @@ needs_etcd = pytest.mark.skipif(not HAVE_ETCD, reason="needs etcd and etcdctl (D
 REQUIRE_ALL = os.environ.get("WEFT_REQUIRE_ALL") == "1"
 
 
+def _required(report, reason: str) -> None:
+    report.outcome = "failed"
+    report.longrepr = f"skipped in CI (WEFT_REQUIRE_ALL=1), which must run everything: {reason}"
+
+
+def _skip_reason(report) -> str:
+    return report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """In CI (WEFT_REQUIRE_ALL=1) a skipped test is a failure: the bootstrap must provide root,
@@ -34,6 +43,16 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        report.outcome = "failed"
-        report.longrepr = f"skipped in CI (WEFT_REQUIRE_ALL=1), which must run everything: {reason}"
+        _required(report, _skip_reason(report))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a skip while collecting (a module-level ``pytest.importorskip`` or
+    ``pytest.skip(allow_module_level=True)``): it skips a whole module before any test report
+    exists, so only its collect report can fail the run (pytest then stops with a collection
+    error, exit status 2)."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped:
+        _required(report, f"{collector.nodeid}: {_skip_reason(report)}")

@@ -71,10 +71,18 @@ class Weftd:
         raise AssertionError(f"weftd {self.n} not ready in {timeout} s: {self.log()[-2000:]}")
 
     def metric(self, name: str) -> float | None:
+        """``name``'s value on /metrics (the first label set); None when the page lacks it. A
+        daemon that is not running or does not answer raises: that is no missing metric."""
+        if self.proc is None or self.proc.poll() is not None:
+            code = None if self.proc is None else self.proc.returncode
+            raise AssertionError(f"weftd {self.n} is not running (exit status {code}), so it has no "
+                                 f"{name}: {self.log()[-1000:]}")
         try:
-            _, text = self.get("/metrics")
-        except (OSError, urllib.error.URLError):
-            return None
+            status, text = self.get("/metrics")
+        except (OSError, urllib.error.URLError) as exc:
+            raise AssertionError(f"weftd {self.n} (pid {self.proc.pid}) does not answer /metrics: {exc}") from None
+        if status != 200:
+            raise AssertionError(f"weftd {self.n} (pid {self.proc.pid}): /metrics answered {status}")
         m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
         return float(m.group(1)) if m else None
 

@@ -4,6 +4,13 @@ Each check runs against a lab that is up (``bench.lab.Lab``): all pod pairs ping
 transfer across nodes arrives byte-identical, a lease removed with weftctl disappears from the
 other nodes' data planes within 2 s, a restarted weftd keeps its subnet and the mesh, and after
 ``down`` nothing of the run is left.
+
+An absence is evidence only from a daemon that is there: a weftd that died loses its engine's
+peers and answers no /metrics without removing anything. So every probe here that reports a peer
+absent (``kernel_route``, ``ebpf_map_has``, ``engine_has_all``, hence ``programmed``), and
+``lease_removal_propagates`` before it accepts a removal, proves the node's weftd still running and
+answering /healthz (``assert_answering``) and raises otherwise; a metric the probe needs and
+/metrics lacks is an error, never a count of 0.
 """
 from __future__ import annotations
 
@@ -17,7 +24,9 @@ import subprocess
 import threading
 import time
 
-from bench.lab import Lab, proc_start_time, venv_python
+from bench.lab import HEALTHZ_PORT, Lab, log_tail, proc_start_time, venv_python
+from bench.netns import http_status
+from bench.procs import alive
 from controlplane.config import parse_config
 
 TRANSFER_BYTES = 64 * 1024 * 1024
@@ -62,6 +71,8 @@ def weftctl(lab: Lab, *args: str) -> subprocess.CompletedProcess:
 
 def all_pairs_ping(lab: Lab) -> list[str]:
     """Pod pairs that do not reach each other (empty: full mesh)."""
+    if len({p.node for p in lab.pods}) < 2:  # else an empty list would claim a mesh never tried
+        raise AssertionError(f"pods on {len({p.node for p in lab.pods})} node(s): no pair crosses nodes")
     bad = []
     for a in lab.pods:
         for b in lab.pods:
@@ -116,10 +127,31 @@ def transfer(lab: Lab, src, dst, nbytes: int = TRANSFER_BYTES, port: int = 7777)
     return sent.hexdigest(), got["digest"]
 
 
-def kernel_route(lab: Lab, node: int, subnet: str) -> bool:
-    """Whether node's main table has a route for exactly ``subnet`` (vxlan and host-gw kernel paths)."""
-    out = lab.exec(lab.node(node).namespace, ["ip", "-4", "route", "show", "exact", subnet]).stdout
-    return bool(out.strip())
+def assert_answering(lab: Lab, n: int) -> None:
+    """Node n's weftd is still the process the lab started and answers /healthz; raises otherwise.
+
+    Call it after reading an absence on node n (no route, no peer, no metric), not before: a daemon
+    alive after the read was alive during it (a PID is checked with its start time)."""
+    node = lab.node(n)
+    if not node.pid or not alive(node.pid, node.start):
+        raise AssertionError(f"node {n} ({node.namespace}): weftd is not running (pid {node.pid}), so "
+                             f"what its data plane lacks proves nothing; log {node.log}: {log_tail(node.log)}")
+    status = http_status(node.namespace, "127.0.0.1", HEALTHZ_PORT, "/healthz", timeout=5.0)
+    if status != 200:
+        raise AssertionError(f"node {n} ({node.namespace}): weftd (pid {node.pid}) does not answer "
+                             f"/healthz ({status or 'unreachable'}), so what its data plane lacks proves "
+                             f"nothing; log {node.log}: {log_tail(node.log)}")
+
+
+def kernel_route(lab: Lab, node: int, subnet: str, check_daemon: bool = True) -> bool:
+    """Whether node's main table has a route for exactly ``subnet`` (vxlan and host-gw kernel paths).
+    No route counts only while the node's weftd runs (``check_daemon=False``: the table alone)."""
+    out = lab.exec(lab.node(node).namespace, ["ip", "-4", "route", "show", "exact", subnet], check=True).stdout
+    if out.strip():
+        return True
+    if check_daemon:
+        assert_answering(lab, node)
+    return False
 
 
 def metrics(lab: Lab, n: int) -> dict[str, float]:
@@ -151,17 +183,32 @@ def ebpf_map_has(lab: Lab, n: int, subnet: str) -> bool:
     """Whether node n's live weft_peers map (read as weftctl peermap reads it) holds ``subnet``."""
     from fastpath.bpf.live import read
     doc = in_netns(lab.node(n).namespace, read)
-    return any(e["subnet"] == subnet and not e["local"] for e in doc["peers"])
+    if any(e["subnet"] == subnet and not e["local"] for e in doc["peers"]):
+        return True
+    assert_answering(lab, n)
+    return False
 
 
 def engine_has_all(lab: Lab, n: int, subnet: str) -> bool:
     """A userspace node programs peers in its engine, or (DirectRouting) as direct kernel routes:
-    together they cover every other node."""
+    together they cover every other node. (The engine counts routes, it does not name them: this
+    holds while one lease at a time is removed.)"""
     try:
         m = metrics(lab, n)
     except Exception:
-        return False
-    return m.get("weft_backend_routes", -1) + m.get("weft_backend_peers_direct", 0) >= len(lab.nodes) - 1
+        assert_answering(lab, n)  # a dead or silent weftd says so; else the error itself
+        raise
+    needed = ["weft_backend_routes"]
+    if lab.scenario.network.backend.type == "vxlan":  # udp has no DirectRouting, so no such count
+        needed.append("weft_backend_peers_direct")
+    missing = [k for k in needed if k not in m]
+    if missing:
+        raise AssertionError(f"node {n}: /metrics has no {', '.join(missing)} (is node {n} a userspace "
+                             f"data plane? it runs {lab.scenario.dataplane(n)})")
+    if sum(m[k] for k in needed) >= len(lab.nodes) - 1:
+        return True
+    assert_answering(lab, n)
+    return False
 
 
 def programmed(lab: Lab, n: int, subnet: str) -> bool:
@@ -175,7 +222,8 @@ def programmed(lab: Lab, n: int, subnet: str) -> bool:
 
 
 def lease_removal_propagates(lab: Lab, victim: int, has_peer=programmed, within: float = 2.0) -> float:
-    """Release node ``victim``'s lease with weftctl; seconds until no other node has it programmed."""
+    """Release node ``victim``'s lease with weftctl; seconds until no other node has it programmed,
+    each of them with its weftd still running and answering (a dead one removed nothing)."""
     subnet = lab.node(victim).subnet
     others = [n.index for n in lab.nodes if n.index != victim]
     assert all(has_peer(lab, n, subnet) for n in others), "peer not programmed before removal"
@@ -185,7 +233,10 @@ def lease_removal_propagates(lab: Lab, victim: int, has_peer=programmed, within:
     deadline = t0 + within
     while time.monotonic() < deadline:
         if not any(has_peer(lab, n, subnet) for n in others):
-            return time.monotonic() - t0
+            took = time.monotonic() - t0
+            for n in others:  # also when has_peer is a caller's own probe that does not check
+                assert_answering(lab, n)
+            return took
         time.sleep(0.05)
     raise AssertionError(f"{subnet} still programmed on some of nodes {others} after {within} s")
 
@@ -205,7 +256,7 @@ def restart_keeps_subnet_and_mesh(lab: Lab, node: int) -> None:
 def nothing_left(lab: Lab) -> list[str]:
     """What of the run still exists after down(): namespaces, processes, the lab directory."""
     left = []
-    names = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    names = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split())
     left += [n for n in names if n.startswith(lab.prefix)]
     left += [f"pid {n.pid}" for n in lab.nodes if n.pid and os.path.exists(f"/proc/{n.pid}")
              and proc_start_time(n.pid) == n.start]
@@ -216,7 +267,8 @@ def nothing_left(lab: Lab) -> list[str]:
 
 def run_suite(lab: Lab, has_peer=programmed) -> dict:
     """The whole suite on a 3-node lab that is up; returns what it measured."""
-    assert not all_pairs_ping(lab), all_pairs_ping(lab)
+    bad = all_pairs_ping(lab)
+    assert not bad, bad
     a = next(p for p in lab.pods if p.node == 1)
     b = next(p for p in lab.pods if p.node == 2)
     sent, got = transfer(lab, a, b)

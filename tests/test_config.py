@@ -41,8 +41,10 @@ def test_seed_config_and_dataplane_override():
 
 
 def test_unknown_keys_are_ignored_as_flannel_does():
-    c = parse_config('{"Network": "10.5.0.0/16", "Backend": {"Type": "vxlan", "GBP": true}, "Foo": 1}')
-    assert c.backend.type == "vxlan"
+    # none of the known values is a default, so the known keys beside the unknown ones were read
+    c = parse_config('{"Network": "10.5.0.0/16", "SubnetLen": 26, "Foo": 1, '
+                     '"Backend": {"Type": "udp", "GBP": true, "Port": 9000}}')
+    assert c.subnet_len == 26 and c.backend.type == "udp" and c.backend.effective_port == 9000
 
 
 def test_subnet_min_max():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from bench.scenario import load
 
 from .daemons import REPO
-from .e2e import all_pairs_ping, lab_for, nothing_left, run_suite
+from .e2e import (all_pairs_ping, engine_has_all, kernel_route, lab_for, lease_removal_propagates,
+                  nothing_left, programmed, run_suite)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 DEFAULT = os.path.join(REPO, "scenarios", "default.toml")
@@ -43,7 +45,8 @@ def test_seed_walkthrough(name):
         keys = [l for l in out if l.startswith("/kube-centos/network/subnets/172.30.")]
         assert len(keys) == 3, out
         wire = "vxlan" if name == "seed.toml" else "host-gw"
-        assert all(f'"BackendType":"{wire}"' in l for l in out if l.startswith("{"))
+        values = [l for l in out if l.startswith("{")]
+        assert len(values) == 3 and all(f'"BackendType":"{wire}"' in l for l in values), out
         for node in lab.nodes:
             assert node.subnet.startswith("172.30.") and node.subnet.endswith("/24")
             if wire == "vxlan":
@@ -80,3 +83,37 @@ def test_peer_of_another_wire_format_is_counted_not_programmed():
         assert not all_pairs_ping(lab)
     finally:
         lab.down()
+
+
+def test_an_absence_on_a_dead_daemon_is_not_a_removal():
+    """A node whose weftd died has not "removed" a peer: every check that accepts an absence (no
+    route, no peer in the engine, a metric missing) proves the node's weftd alive and answering
+    first. Node 2 runs the userspace engine, which dies with its daemon: its peers really vanish."""
+    lab = lab_for(load(DEFAULT), "vxlan/kernel", {2: "fastpath"})
+    lab.up()
+    try:
+        looks = []
+
+        def node2_dies_after_the_release(lab_, n, subnet):
+            # lease_removal_propagates looks at nodes 1 and 2 before it releases node 3's lease; on
+            # its first look after that node 2's weftd dies, as one crashing on the event would
+            looks.append(n)
+            if len(looks) == 3:
+                lab.kill_node(2, signal.SIGKILL)
+            return programmed(lab_, n, subnet)
+
+        with pytest.raises(AssertionError, match=r"node 2 .*weftd is not running"):
+            lease_removal_propagates(lab, 3, node2_dies_after_the_release)
+        never_programmed = "10.244.250.0/24"
+        with pytest.raises(AssertionError, match=r"node 2 .*weftd is not running"):
+            kernel_route(lab, 2, never_programmed)
+        with pytest.raises(AssertionError, match=r"node 2 .*weftd is not running"):
+            engine_has_all(lab, 2, never_programmed)
+        # node 1 is alive but runs the kernel data plane: its /metrics has no engine route count,
+        # and a count that is not there is no count of 0
+        assert not kernel_route(lab, 1, never_programmed)
+        with pytest.raises(AssertionError, match="weft_backend_routes"):
+            engine_has_all(lab, 1, never_programmed)
+    finally:
+        problems = lab.down()
+    assert not problems and not nothing_left(lab)
