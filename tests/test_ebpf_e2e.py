@@ -439,7 +439,7 @@ def _lab_suite(dataplanes: dict[int, str] | None):
         assert m["weft_backend_tx_packets"] > 1000 and m["weft_backend_rx_packets"] > 1000, m
         assert m["weft_backend_pods_redirect"] + m["weft_backend_tx_packets"] > 0
         assert m["weft_backend_rx_peer"] + m["weft_backend_rx_redirect"] > 0, m
-        assert m.get("weft_backend_drops_tunnel_key", 0) == 0 and "weft_backend_drops_no_peer" in m
+        assert m["weft_backend_drops_tunnel_key"] == 0 and "weft_backend_drops_no_peer" in m, m
         # every datagram the peers sent crossed weft_from_underlay and passed; none was dropped
         assert m["weft_backend_underlay_passed"] > 1000, m
         for r in fb.UNDERLAY_REASONS:
