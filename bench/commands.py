@@ -66,6 +66,7 @@ class RunCommand(Command):
         out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
         if scenario.pods_per_node == 0 and scenario.network.backend.type == "alloc":
             return self.run_control_plane(scenario, plan, out, args.json)
+        named = backends if args.backends.strip() else ()
         doc = runner.run(scenario, backends, plan)
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "results.json")
@@ -75,6 +76,11 @@ class RunCommand(Command):
         files = report.write_all(doc, out)
         print(report.terminal(doc))
         print(f"\nwrote {path}" + "".join(f", {os.path.basename(x)}" for x in files))
+        failures, skips = runner.verdict(doc, named)
+        for note in skips:
+            print(f"bench run: {note}", file=sys.stderr)
+        if failures:  # every backend asked for must be measured; the numbers taken are written above
+            raise Failure("; ".join(failures))
         if not any(b.get("status") == "ok" for b in doc["backends"].values()):
             raise Failure("no backend could be measured")
         return 0
@@ -96,8 +102,10 @@ class RunCommand(Command):
                 json.dump(doc, f, indent=1)
         print(scale.table(doc["control_plane"]))
         print(f"\nwrote {path}")
-        if not any("converge_p50_s" in r for r in doc["control_plane"].values()):
-            raise Failure("no store could be measured")
+        failed = [f"{store} failed: {r.get('reason', '')}" for store, r in doc["control_plane"].items()
+                  if "converge_p50_s" not in r]
+        if failed:
+            raise Failure("; ".join(failed))
         return 0
 
 
@@ -133,33 +141,39 @@ class CompareCommand(Command):
 
 class GateCommand(Command):
     def add_arguments(self, p):
-        from .gate import DEFAULT_LATENCY_TOLERANCE, DEFAULT_TOLERANCE
+        from .gate import DEFAULT_LATENCY_TOLERANCE, DEFAULT_LOSS_TOLERANCE, DEFAULT_TOLERANCE
         p.add_argument("result", help="results.json of the run to judge")
         p.add_argument("--baseline", required=True, help="baseline results.json (bench/baselines/)")
         p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                        help=f"allowed relative fall of ratio_to_bare (default {DEFAULT_TOLERANCE})")
         p.add_argument("--latency-tolerance", type=float, default=DEFAULT_LATENCY_TOLERANCE,
                        help=f"allowed relative rise of latency_ratio_to_bare (default {DEFAULT_LATENCY_TOLERANCE})")
+        p.add_argument("--loss-tolerance", type=float, default=DEFAULT_LOSS_TOLERANCE,
+                       help="allowed rise of ping loss over the baseline's, in percentage points "
+                            f"(default {DEFAULT_LOSS_TOLERANCE})")
 
     def run(self, args) -> int:
         from .gate import gate
         if not 0 < args.tolerance < 1:
             raise UsageError("--tolerance must be between 0 and 1")
+        if args.latency_tolerance <= 0 or args.loss_tolerance < 0:
+            raise UsageError("--latency-tolerance must be above 0 and --loss-tolerance at least 0")
         findings, notes = gate(_load(args.baseline), _load(args.result), args.tolerance,
-                               args.latency_tolerance)
+                               args.latency_tolerance, args.loss_tolerance)
         for f in findings:
             print(f.line())
         for n in notes:
             print(f"note {n}")
         failed = [f for f in findings if f.failed]
         if not findings:
-            raise Failure("nothing to compare: no backend measured in both documents")
+            raise Failure("nothing to compare: the baseline has no backend it can judge")
         if failed:
-            print(f"gate: FAIL: {len(failed)} regression(s): " + "; ".join(
-                f"{f.backend} {f.metric} {f.change:+.1%}" for f in failed), file=sys.stderr)
+            print(f"gate: FAIL: {len(failed)} problem(s): " + "; ".join(f.summary() for f in failed),
+                  file=sys.stderr)
             return 1
         print(f"gate: ok ({len(findings)} checks, tolerance {args.tolerance:.0%} throughput, "
-              f"{args.latency_tolerance:.0%} latency)")
+              f"{args.latency_tolerance:.0%} latency, {args.loss_tolerance:g} pp ping loss"
+              + (f"; {len(notes)} note(s) above" if notes else "") + ")")
         return 0
 
 
@@ -179,8 +193,15 @@ class BaselineCommand(Command):
             f.write("\n")
         for name, b in base["backends"].items():
             spread = b.get("baseline_spread")
-            if spread:
-                print(f"{name:16} ratio_to_bare {b['ratio_to_bare']:.3f}  runs {spread['ratio_to_bare']}")
+            if not spread:  # never measured in these runs: the gate will note it cannot judge it
+                print(f"bench baseline: {name}: {b.get('status')} in every run ({b.get('reason', '')}): "
+                      "the baseline cannot judge it", file=sys.stderr)
+                continue
+            ratio = b.get("ratio_to_bare")
+            print(f"{name:16} ratio_to_bare {'–' if ratio is None else f'{ratio:.3f}'}  "
+                  f"runs {spread['ratio_to_bare']}  ping loss % {spread['ping_loss_pct']}"
+                  + (f"  (ok in {b['baseline_runs']} of {len(args.results)} runs)"
+                     if b["baseline_runs"] < len(args.results) else ""))
         print(f"wrote {args.out} ({base['baseline']['method']})")
         return 0
 
@@ -218,10 +239,31 @@ class MicroCommand(Command):
             return 0
         with open(args.baseline) as f:
             base = json.load(f)
-        lines, failed = compare_micro(base, cur, args.tolerance)
+        # With -k only the benchmarks it selects are expected; a baselined one that no longer
+        # exists at all is expected too (and fails: it did not run).
+        selected = None
+        if args.select:
+            every = _collected(None)
+            selected = _collected(args.select) | {b["name"] for b in base.get("benchmarks", [])
+                                                  if b["name"] not in every}
+        try:
+            lines, failed = compare_micro(base, cur, args.tolerance, selected=selected)
+        except ValueError as exc:  # no calibration benchmark: nothing to divide by
+            raise Failure(str(exc)) from None
         print("\n".join(lines))
         if failed:
             print(f"micro: FAIL: {', '.join(failed)}", file=sys.stderr)
             return 1
         print(f"micro: ok (tolerance {args.tolerance:.0%} on time/calibration)")
         return 0
+
+
+def _collected(select: str | None) -> set[str]:
+    """The benchmark names pytest collects in benchmarks/ (with ``-k select``)."""
+    import subprocess
+    argv = [sys.executable, "-m", "pytest", os.path.join(REPO, "benchmarks"), "-q", "-p", "no:cacheprovider",
+            "--collect-only"] + (["-k", select] if select else [])
+    r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    if r.returncode not in (0, 5):  # 5: nothing selected
+        raise Failure(f"micro-benchmarks: pytest --collect-only exit {r.returncode}")
+    return {line.split("::", 1)[1] for line in r.stdout.splitlines() if "::" in line}

@@ -3,7 +3,14 @@
 The gate compares ratios measured within each run (``ratio_to_bare`` for throughput,
 ``latency_ratio_to_bare`` for ping RTT), never absolute numbers, so a baseline taken on one
 machine can gate a run on another. A backend fails the gate when its throughput ratio falls by
-more than ``tolerance`` (relative) or its latency ratio rises by more than ``latency_tolerance``.
+more than ``tolerance`` (relative), its latency ratio rises by more than ``latency_tolerance``
+(relative), or its ping loss rises by more than ``loss_tolerance`` percentage points.
+
+Every backend of the baseline must be judged: one that is missing from the run, did not run
+(``failed``/``skipped``), or has a null where the gate needs a number fails the gate, naming
+the backend and why. A backend the baseline itself has no number for (it failed there, or the
+baseline predates the metric) cannot be judged on it: a note says so. A backend in the run but
+not in the baseline is a note.
 
 Default tolerances come from measured run-to-run noise on the 2-vCPU lab machine (see README,
 "Gate tolerances"): the largest swing of ``ratio_to_bare`` over consecutive quick runs, with margin.
@@ -16,43 +23,83 @@ from dataclasses import dataclass
 
 DEFAULT_TOLERANCE = 0.25
 DEFAULT_LATENCY_TOLERANCE = 1.0
+# Percentage points. Ping loss was 0 in every run of the committed baseline (100 echoes a run,
+# so one lost echo is 1 point); a loss above one point over the baseline's is not noise.
+DEFAULT_LOSS_TOLERANCE = 1.0
 
 
 @dataclass
 class Finding:
     backend: str
     metric: str
-    baseline: float
-    current: float
-    change: float  # relative: +0.10 = 10 % higher
+    baseline: float | None
+    current: float | None
+    change: float | None  # relative (+0.10 = 10 % higher), or percentage points for ping loss
     failed: bool
+    why: str = ""  # set when there is no number to compare: what is wrong instead
 
     def line(self) -> str:
         verdict = "FAIL" if self.failed else "ok"
-        return (f"{verdict:4} {self.backend:16} {self.metric:24} {self.baseline:8.3f} -> "
-                f"{self.current:8.3f} ({self.change:+.1%})")
+        head = f"{verdict:4} {self.backend:16} {self.metric:24}"
+        if self.why:
+            return f"{head} {self.why}"
+        change = f"{self.change:+.2f} pp" if self.metric == "ping_loss_pct" else f"{self.change:+.1%}"
+        return f"{head} {self.baseline:8.3f} -> {self.current:8.3f} ({change})"
+
+    def summary(self) -> str:
+        if self.why:
+            return f"{self.backend} {self.metric}: {self.why}"
+        change = f"{self.change:+.2f} pp" if self.metric == "ping_loss_pct" else f"{self.change:+.1%}"
+        return f"{self.backend} {self.metric} {change}"
+
+
+# (metric, which tolerance, worse when lower, relative change); bare's ratios are 1 by definition
+GATED = (("ratio_to_bare", "tolerance", True, True),
+         ("latency_ratio_to_bare", "latency_tolerance", False, True),
+         ("ping_loss_pct", "loss_tolerance", False, False))
 
 
 def gate(baseline: dict, current: dict, tolerance: float = DEFAULT_TOLERANCE,
-         latency_tolerance: float = DEFAULT_LATENCY_TOLERANCE) -> tuple[list[Finding], list[str]]:
-    """Findings for every backend measured in both documents, and notes on the rest."""
+         latency_tolerance: float = DEFAULT_LATENCY_TOLERANCE,
+         loss_tolerance: float = DEFAULT_LOSS_TOLERANCE) -> tuple[list[Finding], list[str]]:
+    """A finding for every gated metric of every backend of the baseline, and notes on what the
+    baseline cannot judge and on backends it does not have."""
+    tolerances = {"tolerance": tolerance, "latency_tolerance": latency_tolerance,
+                  "loss_tolerance": loss_tolerance}
     findings, notes = [], []
+    now = current.get("backends", {})
     for name, base in baseline.get("backends", {}).items():
-        cur = current.get("backends", {}).get(name)
+        cur = now.get(name)
         if base.get("status") != "ok":
+            notes.append(f"{name}: {base.get('status')} in the baseline ({base.get('reason', '')}): "
+                         "it cannot judge this backend; remake the baseline")
             continue
-        if cur is None or cur.get("status") != "ok":
-            why = "absent" if cur is None else f"{cur.get('status')}: {cur.get('reason', '')}"
-            notes.append(f"{name}: in the baseline but not measured now ({why})")
+        if cur is None:
+            findings.append(Finding(name, "status", None, None, None, True, "not in the run"))
             continue
-        for metric, tol, worse_is_lower in (("ratio_to_bare", tolerance, True),
-                                            ("latency_ratio_to_bare", latency_tolerance, False)):
-            b, c = base.get(metric), cur.get(metric)
-            if not b or c is None or name == "bare":
+        if cur.get("status") != "ok":
+            findings.append(Finding(name, "status", None, None, None, True,
+                                    f"{cur.get('status')}: {cur.get('reason', '')}"))
+            continue
+        for metric, which, worse_is_lower, relative in GATED:
+            if name == "bare" and metric != "ping_loss_pct":
                 continue
-            change = c / b - 1
+            b, c = base.get(metric), cur.get(metric)
+            if b is None or (relative and not b):
+                notes.append(f"{name}: the baseline has no {metric}: it cannot judge it"
+                             + (" (made before ping loss was recorded; remake it with bench baseline)"
+                                if metric == "ping_loss_pct" else ""))
+                continue
+            if c is None:
+                findings.append(Finding(name, metric, b, None, None, True, f"{metric} is null in the run"))
+                continue
+            change = c / b - 1 if relative else c - b
+            tol = tolerances[which]
             failed = change < -tol if worse_is_lower else change > tol
             findings.append(Finding(name, metric, b, c, change, failed))
+    for name in now:
+        if name not in baseline.get("backends", {}):
+            notes.append(f"{name}: not in the baseline, so not judged")
     return findings, notes
 
 
@@ -78,7 +125,7 @@ def compare_table(a: dict, b: dict, metrics: list[str]) -> str:
 
 
 # What a baseline keeps per backend: the gate's two ratios and what a person reads beside them.
-BASELINE_METRICS = ("ratio_to_bare", "latency_ratio_to_bare", "ratio_to_vxlan_kernel",
+BASELINE_METRICS = ("ratio_to_bare", "latency_ratio_to_bare", "ping_loss_pct", "ratio_to_vxlan_kernel",
                     "latency_ratio_to_vxlan_kernel", "tcp1_gbps", "rtt_p50_us", "core_s_per_gbit")
 
 
@@ -107,8 +154,8 @@ def merge_baseline(docs: list[dict]) -> dict:
             vals = [b[m] for b in ok if b.get(m) is not None]
             if vals:
                 merged[m] = statistics.median(vals)
-        merged["baseline_spread"] = {m: [round(b.get(m) or 0.0, 3) for b in ok]
-                                     for m in ("ratio_to_bare", "latency_ratio_to_bare")}
+        merged["baseline_spread"] = {m: [None if b.get(m) is None else round(b[m], 3) for b in ok]
+                                     for m in ("ratio_to_bare", "latency_ratio_to_bare", "ping_loss_pct")}
         merged["baseline_runs"] = len(ok)
         base["backends"][name] = merged
     base["runs"] = [r for d in docs for r in d.get("runs", [])]

@@ -179,20 +179,30 @@ def iperf3(src: Endpoint, dst: Endpoint, seconds: int, streams: int = 1, udp_rat
         raise MeasureError("iperf3: output is not JSON") from None
     if "error" in doc:
         raise MeasureError(f"iperf3: {doc['error']}")
-    end = doc["end"]
-    cpu = end.get("cpu_utilization_percent", {})
-    if udp_rate:
-        s = end.get("sum_received") or end["sum"]
+    return parse_iperf3(doc, udp=bool(udp_rate), seconds=seconds)
+
+
+def parse_iperf3(doc: dict, udp: bool, seconds: float) -> dict:
+    """The numbers of one iperf3 -J document. A field iperf3 left out is None (never 0 % loss,
+    0 ms jitter or 0 retransmits); a document without its sums is a MeasureError."""
+    end = doc.get("end") or {}
+    cpu = end.get("cpu_utilization_percent") or {}
+    want = ("sum",) if udp else ("sum_received", "sum_sent")
+    for key in want:
+        if not isinstance(end.get(key), dict) or (key != "sum_sent" and "bits_per_second" not in end[key]):
+            raise MeasureError(f"iperf3: no end.{key} in its output")
+    if udp:
         summ = end["sum"]
-        packets = summ.get("packets", 0)
-        lost = summ.get("lost_packets", 0)
-        return {"gbps": s["bits_per_second"] / 1e9, "loss_pct": summ.get("lost_percent", 0.0),
-                "jitter_ms": summ.get("jitter_ms", 0.0),
-                "pps": (packets - lost) / max(summ.get("seconds", seconds), 1e-9),
-                "seconds": summ.get("seconds", seconds), "cpu_host_pct": cpu.get("host_total", 0.0)}
+        received = end.get("sum_received") or summ
+        packets, lost = summ.get("packets"), summ.get("lost_packets")
+        took = summ.get("seconds") or seconds
+        return {"gbps": received["bits_per_second"] / 1e9, "loss_pct": summ.get("lost_percent"),
+                "jitter_ms": summ.get("jitter_ms"),
+                "pps": (packets - lost) / took if packets is not None and lost is not None else None,
+                "seconds": summ.get("seconds"), "cpu_host_pct": cpu.get("host_total")}
     recv, sent = end["sum_received"], end["sum_sent"]
-    return {"gbps": recv["bits_per_second"] / 1e9, "retransmits": sent.get("retransmits", 0),
-            "bytes": recv["bytes"], "seconds": recv["seconds"], "cpu_host_pct": cpu.get("host_total", 0.0),
+    return {"gbps": recv["bits_per_second"] / 1e9, "retransmits": sent.get("retransmits"),
+            "bytes": recv.get("bytes"), "seconds": recv.get("seconds"), "cpu_host_pct": cpu.get("host_total"),
             "write_bytes": doc.get("start", {}).get("test_start", {}).get("blksize")}
 
 

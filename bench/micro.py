@@ -19,16 +19,24 @@ def normalized(doc: dict) -> dict[str, float]:
     return {name: t / cal for name, t in stats.items()}
 
 
-def compare_micro(base: dict, cur: dict, tolerance: float) -> tuple[list[str], list[str]]:
+def compare_micro(base: dict, cur: dict, tolerance: float,
+                  selected: set[str] | None = None) -> tuple[list[str], list[str]]:
+    """Lines to print and failures. A baselined benchmark that did not run fails, unless it is
+    outside ``selected`` (the names -k chose; None: every benchmark was to run)."""
     b, c = normalized(base), normalized(cur)
     lines, failed = [], []
     for name in sorted(b):
         if name not in c:
-            lines.append(f"note {name}: in the baseline, not run now")
+            if selected is not None and name not in selected:
+                lines.append(f"note {name}: in the baseline, not selected (-k)")
+            else:
+                failed.append(f"{name}: in the baseline, not run")
+                lines.append(f"FAIL {name}: in the baseline, not run")
             continue
         change = c[name] / b[name] - 1
         bad = change > tolerance
         if bad:
             failed.append(f"{name} {change:+.0%}")
         lines.append(f"{'FAIL' if bad else 'ok':4} {name:48} {b[name]:9.4f} -> {c[name]:9.4f} x calibration ({change:+.0%})")
+    lines += [f"note {name}: not in the baseline" for name in sorted(set(c) - set(b))]
     return lines, failed

@@ -17,6 +17,7 @@ COLUMNS = [
     ("udp_loss_pct", "UDP loss %", "{:.2f}"),
     ("rtt_p50_us", "RTT p50 µs", "{:.0f}"),
     ("rtt_p99_us", "RTT p99 µs", "{:.0f}"),
+    ("ping_loss_pct", "ping loss %", "{:.1f}"),
     ("rr_p50_us", "RR p50 µs", "{:.1f}"),
     ("pps", "kpps", "{:.0f}"),
     ("core_s_per_gbit", "core-s/Gb", "{:.3f}"),
@@ -25,9 +26,16 @@ COLUMNS = [
 ]
 
 
+HEADINGS = {key: heading for key, heading, _ in COLUMNS}
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _cell(b: dict, key: str, fmt: str) -> str:
     v = b.get(key)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if _missing(v):
         return "–"
     if key == "pps":
         v = v / 1000
@@ -62,9 +70,14 @@ def rows(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
             notes.append(f"{name}: {b.get('status')}: {b.get('reason', '')}")
             continue
         body.append([name] + [_cell(b, k, f) for k, _, f in COLUMNS])
+        for key, (without, measured) in (b.get("missing") or {}).items():
+            label = HEADINGS.get(key, key)
+            notes.append(f"{name}: {label} is missing: no value in {without} of {measured} runs"
+                         if _missing(b.get(key)) else
+                         f"{name}: {label}: no value in {without} of {measured} runs (the median of the others)")
         if b.get("tcp1_samples"):
             notes.append(f"{name}: TCP x1 is the median of {b['tcp1_samples']} underlay samples, taken in "
-                         f"every backend's lab (its own lab's median: {b.get('tcp1_gbps_own_lab') or 0:.2f})")
+                         f"every backend's lab (its own lab's median: {_cell(b, 'tcp1_gbps_own_lab', '{:.2f}')})")
         pairs = b.get("ratio_to_bare_pairs")
         if isinstance(pairs, dict) and (pairs.get("spell") or pairs.get("mixed")):
             notes.append(f"{name}: ×bare {_pairs_note(pairs)}")
@@ -100,6 +113,38 @@ def markdown(doc: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def figure(ok: dict, title: str, unit: str, series: list, log: bool = False):
+    """One grouped bar chart over the backends in ``ok``; None when no series has a value."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(ok)
+    series = [(k, label) for k, label in series if any(ok[n].get(k) is not None for n in names)]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) + 2), 4))
+    width = 0.8 / len(series)
+    for i, (key, label) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
+        have = [(x, ok[n][key]) for x, n in zip(xs, names) if not _missing(ok[n].get(key))]
+        bars = ax.bar([x for x, _ in have], [v for _, v in have], width, label=label, color=f"C{i}")
+        ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
+        for x, n in zip(xs, names):  # a missing value is no bar (never a 0 one), and says so
+            if _missing(ok[n].get(key)):
+                ax.text(x, 0.01, "n/a", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                        fontsize=8, rotation=90, color=f"C{i}")
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel(unit)
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def charts(doc: dict, directory: str) -> list[str]:
     """PNG bar charts: throughput, latency, CPU per Gbit. Returns the files written."""
     import matplotlib
@@ -109,7 +154,6 @@ def charts(doc: dict, directory: str) -> list[str]:
     ok = {n: b for n, b in doc["backends"].items() if b.get("status") == "ok"}
     if not ok:
         return []
-    names = list(ok)
     os.makedirs(directory, exist_ok=True)
     written = []
     specs = [
@@ -120,24 +164,9 @@ def charts(doc: dict, directory: str) -> list[str]:
         ("cpu.png", "CPU cost per Gbit (whole machine)", "core-seconds / Gbit", [("core_s_per_gbit", "TCP 1 stream")]),
     ]
     for filename, title, unit, series in specs:
-        series = [(k, label) for k, label in series if any(ok[n].get(k) is not None for n in names)]
-        if not series:
+        fig = figure(ok, title, unit, series, log=filename == "latency.png")
+        if fig is None:
             continue
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) + 2), 4))
-        width = 0.8 / len(series)
-        for i, (key, label) in enumerate(series):
-            vals = [ok[n].get(key) or 0 for n in names]
-            xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
-            bars = ax.bar(xs, vals, width, label=label)
-            ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=1)
-        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        if filename == "latency.png":
-            ax.set_yscale("log")
-        ax.legend(fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
         path = os.path.join(directory, filename)
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -16,8 +16,8 @@ from .measure import median, percentile
 
 SCHEMA = "weft-bench/1"
 # Medians reported per backend: the issue's list, in table order.
-METRICS = ["tcp1_gbps", "tcp4_gbps", "udp_loss_pct", "rtt_p50_us", "rtt_p99_us", "rr_p50_us", "pps",
-           "retransmits", "core_s_per_gbit", "daemon_cores", "tcp1_nooffload_gbps", "udp_jitter_ms"]
+METRICS = ["tcp1_gbps", "tcp4_gbps", "udp_loss_pct", "rtt_p50_us", "rtt_p99_us", "ping_loss_pct", "rr_p50_us",
+           "pps", "retransmits", "core_s_per_gbit", "daemon_cores", "tcp1_nooffload_gbps", "udp_jitter_ms"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -74,12 +74,26 @@ def disturbed(row: dict) -> bool:
 
 
 def summarize(rows: list[dict], extra: dict, seconds: float) -> dict:
-    """Medians over the runs no foreign load disturbed (over all runs when every one was)."""
+    """Per metric, the median over the runs that measured it and no foreign load disturbed (over
+    all that measured it when every one was). Per metric, because TCP-only runs measure TCP x1
+    alone: with run-wide exclusion one disturbed full run left only TCP-only rows, and every
+    other metric null.
+
+    A metric a run measured but got no value for (the tool left it out) is None in that run's
+    row; ``missing`` maps such a metric to [runs without a value, runs that measured it], so a
+    median of fewer runs, or a null, is said so. A metric the plan does not measure has no key in
+    the rows and is simply None."""
     clean = [r for r in rows if not disturbed(r)]
-    use = clean or rows
     out = {"status": "ok", "runs": len(rows), "seconds": round(seconds, 1)}
+    missing = {}
     for m in METRICS:
-        out[m] = median(r.get(m) for r in use)
+        measured = [r for r in clean if m in r] or [r for r in rows if m in r]
+        out[m] = median(r[m] for r in measured)
+        lacking = sum(1 for r in measured if r[m] is None)
+        if lacking:
+            missing[m] = [lacking, len(measured)]
+    if missing:
+        out["missing"] = missing
     out["disturbed_runs"] = len(rows) - len(clean)
     out.update(extra)
     return out
@@ -170,4 +184,4 @@ def add_ratios(doc: dict) -> None:
 
 
 def _div(a, b):
-    return a / b if a and b else None
+    return a / b if a is not None and b else None  # 0 / x is a measured 0; x / 0 or a null: None

@@ -122,14 +122,21 @@ def scenario_for(scenario, backend: str):
                                node_overrides={})
 
 
-def guarded(lab_namespaces, probe, label: str, rows_meta: dict):
-    """Run ``probe()`` until other processes leave it alone (at most RETRIES extra tries)."""
+def guarded(lab_namespaces, probe, label: str, rows_meta: dict, pids=()):
+    """Run ``probe()`` until other processes leave it alone (at most RETRIES extra tries).
+
+    The returned guard is the kept attempt's; ``guard.pids_cpu_s`` is the CPU that ``pids`` (the
+    lab's daemons) used during that attempt alone, so dividing it by ``guard.seconds`` is a rate."""
     for attempt in range(RETRIES + 1):
         if attempt:
             time.sleep(0.5 * attempt)  # let a passing burst of foreign load go by
         guard = measure.Guard(lab_namespaces)
+        cpu0 = {p: process_cpu(p) for p in pids}
         with guard:
             value = probe()
+        cpu1 = {p: process_cpu(p) for p in pids}
+        gone = None in cpu0.values() or None in cpu1.values()  # a daemon exited: its CPU is unknown
+        guard.pids_cpu_s = None if gone else sum(cpu1[p] - cpu0[p] for p in pids)
         rows_meta[f"{label}_foreign_cpu_s"] = round(guard.foreign_cpu_s, 3)
         rows_meta[f"{label}_attempts"] = attempt + 1
         if not guard.disturbed:
@@ -171,13 +178,13 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str,
     row: dict = {}
 
     progress.show(f"{label}: TCP 1 stream")
-    cpu0 = {p: process_cpu(p) for p in pids}
-    tcp1, guard = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp1_s, cpus=cpus), "tcp1", row)
-    row.update(tcp1_gbps=tcp1["gbps"], retransmits=tcp1["retransmits"], tcp1_write_bytes=tcp1["write_bytes"])
-    gbits = tcp1["bytes"] * 8 / 1e9
+    tcp1, guard = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp1_s, cpus=cpus), "tcp1", row, pids)
+    row.update(tcp1_gbps=tcp1["gbps"], retransmits=tcp1["retransmits"], tcp1_write_bytes=tcp1["write_bytes"],
+               tcp1_seconds=tcp1["seconds"])
+    gbits = tcp1["bytes"] * 8 / 1e9 if tcp1["bytes"] is not None else None
     row["core_s_per_gbit"] = guard.machine_busy_s / gbits if gbits else None
-    daemon_s = sum((process_cpu(p) or 0) - (cpu0[p] or 0) for p in pids)
-    row["daemon_cores"] = daemon_s / guard.seconds if pids else None
+    if pids:  # bare has no daemons: no key at all, rather than a number that is missing
+        row["daemon_cores"] = guard.pids_cpu_s / guard.seconds if guard.pids_cpu_s is not None else None
     if plan.underlay_samples and backend != BARE:
         progress.show(f"{label}: TCP 1 stream, its underlay twin")
         a, b = lab.node(1), lab.node(2)
@@ -240,6 +247,25 @@ def build_lab(scenario, backend: str, plan: Plan, progress: Progress, lab_factor
 
 def _reason(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def verdict(doc: dict, named=()) -> tuple[list[str], list[str]]:
+    """Why a ``bench run`` failed (one item per backend), and the skips that are not failures.
+
+    A backend that failed fails the run; so does one that was skipped although ``--backends``
+    named it (``named``). A default backend this machine cannot run is skipped with its reason."""
+    failures, notes = [], []
+    for name, b in doc.get("backends", {}).items():
+        status, reason = b.get("status"), b.get("reason", "")
+        if status == "failed":
+            failures.append(f"{name} failed: {reason}")
+        elif status == "skipped" and name in named:
+            failures.append(f"{name} skipped: {reason} (named in --backends)")
+        elif status == "skipped":
+            notes.append(f"{name} skipped: {reason} (this machine cannot run it)")
+        elif status != "ok":
+            failures.append(f"{name}: status {status!r}")
+    return failures, notes
 
 
 def run(scenario, backends: list[str], plan: Plan, lab_factory=None, stream=sys.stderr) -> dict:

@@ -24,12 +24,17 @@ from .procs import CLK_TCK, peak_rss_mb
 CONVERGE_TIMEOUT = 90.0
 
 
-def _btime() -> float:
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("btime"):
-                return float(line.split()[1])
-    return 0.0
+def boot_wall_time() -> float:
+    """When the machine booted, in wall-clock seconds, to the microsecond: now minus
+    CLOCK_BOOTTIME, the clock /proc/PID/stat's start times count on. (/proc/stat's ``btime`` is
+    whole seconds: up to 1 s early.)"""
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def start_wall_time(start_ticks: int, boot: float | None = None) -> float:
+    """The wall-clock time a process started, from its /proc/PID/stat start time (clock ticks
+    since boot, so to 1/CLK_TCK s)."""
+    return (boot_wall_time() if boot is None else boot) + start_ticks / CLK_TCK
 
 
 def metrics(ns: str, timeout: float = 2.0) -> dict[str, float]:
@@ -50,8 +55,8 @@ def measure_store(scenario, store: str, lab_factory, progress=None) -> dict:
     lab.up()
     try:
         n = len(lab.nodes)
-        boot = _btime()
-        starts = [boot + node.start / CLK_TCK for node in lab.nodes if node.start]
+        boot = boot_wall_time()
+        starts = [start_wall_time(node.start, boot) for node in lab.nodes if node.start]
         t0 = min(starts) if starts else t_build
         deadline = time.monotonic() + CONVERGE_TIMEOUT
         pending = {node.index: node for node in lab.nodes}
@@ -65,7 +70,7 @@ def measure_store(scenario, store: str, lab_factory, progress=None) -> dict:
                     continue
                 if m.get("weft_peers") == n - 1:
                     converged[idx] = m["weft_peers_changed_timestamp_seconds"] - t0
-                    ops[idx] = m.get("weft_store_ops_total", 0.0)
+                    ops[idx] = m.get("weft_store_ops_total")  # None: not exported, not 0
                     del pending[idx]
             if progress:
                 progress.show(f"control plane on {store}: {n - len(pending)}/{n} daemons know every peer")
@@ -77,13 +82,14 @@ def measure_store(scenario, store: str, lab_factory, progress=None) -> dict:
         times = list(converged.values())
         t_all = max(times)
         rss = [r for r in (peak_rss_mb(node.pid) for node in lab.nodes if node.pid) if r is not None]
+        ops_total = None if None in ops.values() else sum(ops.values())
         return {
             "nodes": n, "store": store,
             "start_spread_s": (max(starts) - min(starts)) if starts else None,
             "converge_p50_s": percentile(times, 0.5), "converge_p99_s": percentile(times, 0.99),
             "converge_max_s": t_all,
-            "store_ops_total": sum(ops.values()),
-            "store_ops_per_s": sum(ops.values()) / t_all if t_all > 0 else None,
+            "store_ops_total": ops_total,
+            "store_ops_per_s": ops_total / t_all if ops_total is not None and t_all > 0 else None,
             "daemon_rss_mb_p50": percentile(rss, 0.5) if rss else None,
             "daemon_rss_mb_max": max(rss) if rss else None,
             "lab_build_s": time.time() - t_build,
@@ -104,6 +110,10 @@ def run(scenario, stores=("sqlite", "etcd"), lab_factory=None, progress=None) ->
     return out
 
 
+def _num(value, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
 def table(cp: dict) -> str:
     heads = ["store", "nodes", "converge p50 s", "p99 s", "max s", "store ops/s", "RSS p50 MB", "RSS max MB"]
     rows = [heads]
@@ -111,9 +121,9 @@ def table(cp: dict) -> str:
         if "converge_p50_s" not in r:
             rows.append([store, r.get("reason", "failed")] + [""] * 6)
             continue
-        rows.append([store, str(r["nodes"]), f"{r['converge_p50_s']:.2f}", f"{r['converge_p99_s']:.2f}",
-                     f"{r['converge_max_s']:.2f}", f"{r['store_ops_per_s'] or 0:.0f}",
-                     f"{r['daemon_rss_mb_p50'] or 0:.0f}", f"{r['daemon_rss_mb_max'] or 0:.0f}"])
+        rows.append([store, str(r["nodes"])] + [_num(r.get(k), f) for k, f in (
+            ("converge_p50_s", "{:.2f}"), ("converge_p99_s", "{:.2f}"), ("converge_max_s", "{:.2f}"),
+            ("store_ops_per_s", "{:.0f}"), ("daemon_rss_mb_p50", "{:.0f}"), ("daemon_rss_mb_max", "{:.0f}"))])
     widths = [max(len(r[i]) for r in rows) for i in range(len(heads))]
     return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      for r in rows)
