@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gate": ("bench.commands:GateCommand", "exit 1 when a result regressed against a baseline"),
     "baseline": ("bench.commands:BaselineCommand", "merge consecutive runs into a baseline (medians)"),
     "micro": ("bench.commands:MicroCommand", "micro-benchmarks (pytest-benchmark), compared as ratios"),
+    "flood": ("bench.flood:FloodCommand", "flood each data plane with hostile datagrams; count every one"),
 }
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}

@@ -412,6 +412,18 @@ class Lab:
             self._ip(self.store_ns, ["link set lo up", f"addr add {s.store_ip}/{plen} dev eth0",
                                      "link set eth0 up"])
 
+    def add_underlay_host(self, short: str, address: str) -> str:
+        """One more namespace on the underlay, a host that is not a node (``bench flood``'s
+        sender): ``<prefix><short>``, eth0 = ``address``, port ``w<short>`` on br0. Recorded in the
+        ledger like every other namespace, so down() removes it. Returns the namespace's name."""
+        s = self.scenario
+        ns = self.prefix + short
+        self._add_netns([ns])
+        self._ip(self.wire, [f"link add w{short} mtu {s.mtu} type veth peer name eth0 mtu {s.mtu} netns {ns}",
+                             f"link set w{short} master br0 up"])
+        self._ip(ns, ["link set lo up", f"addr add {address}/{s.underlay.prefixlen} dev eth0", "link set eth0 up"])
+        return ns
+
     def _build_store(self) -> None:
         s = self.scenario
         if s.store == "sqlite":
