@@ -16,19 +16,12 @@ import random
 import struct
 from dataclasses import dataclass, field
 
+from fastpath.engine.reference import ip_checksum as checksum
+
 ETH_IP, ETH_IP6, ETH_ARP, ETH_VLAN = 0x0800, 0x86DD, 0x0806, 0x8100
 VXLAN_FLAGS = 0x08                 # the I flag: the VNI is valid
 DISCARD_PORT = 9                   # inner UDP destination port: the discard service, never answered
 POOL = 256                         # distinct datagrams per class
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def mac(text: str) -> bytes:

@@ -45,6 +45,7 @@ import pytest
 from controlplane.backends import BackendError, ExternalInterface, load_backend
 from controlplane.config import parse_config
 from controlplane.lease import Lease
+from fastpath.engine.reference import ip_checksum as _csum
 
 from .conftest import needs_bcc, needs_root
 from .e2e import ebpf_map_has, in_netns, metrics
@@ -482,15 +483,6 @@ def test_resync_puts_back_what_was_removed(net):
 
 
 # -- hostile input: spoofed, foreign and malformed datagrams ---------------------------------------------
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
 
 def icmp_echo(src: str, dst: str, seq: int) -> bytes:
     """An IPv4 ICMP echo request (checksums right): a pod that gets it counts Icmp InEchos."""
