@@ -731,3 +731,134 @@ def test_from_overlay_outside_the_network_meets_the_stack(fresh):
     assert run(fresh, "weft_from_overlay", pkt) == (sysbpf.TC_ACT_OK, pkt)
     c = fresh.counter_sums()
     assert (c["rx_stack"], c["rx_redirect"], c["rx_peer"]) == (1, 0, 0)
+
+
+# -- weft_hostgw_guard (host-gw's opt-in source guard, the underlay interface's ingress) -------------
+# Node 198.18.0.1 (u0) holds 10.244.1.0/24. Peers by lease: 10.244.2 at 198.18.0.2 (PEER_MAC),
+# 10.244.3 at 198.18.0.3 (PEER3_MAC), 10.244.4 at 198.18.0.4 (no neighbour entry), 10.244.5 at
+# 192.0.2.5 (reached over another interface, d0), 10.244.6 at 203.0.113.6 (no route), 10.244.7 at
+# 198.19.0.7 (behind a gateway, 198.18.0.2: not on the segment). The FIB is a scratch namespace's.
+HG_LEASES = {"10.244.2.0/24": "198.18.0.2", "10.244.3.0/24": "198.18.0.3", "10.244.4.0/24": "198.18.0.4",
+             "10.244.5.0/24": "192.0.2.5", "10.244.6.0/24": "203.0.113.6", "10.244.7.0/24": "198.19.0.7"}
+THIRD_MAC = "02:66:00:00:00:66"  # a host on the segment that holds no lease
+
+
+@pytest.fixture
+def hostgw(fresh):
+    """The maps as host-gw/kernel's guard fills them (config: the Network; our subnet local; a
+    peer entry per lease) and a scratch namespace with the underlay u0 and neighbours."""
+    cfg = config(flags=0)
+    cfg.vxlan_port, cfg.vni = 0, 0
+    cfg.vtep_mac = (ctypes.c_uint8 * 6)()
+    fresh.set_config(cfg)
+    fresh.put_peer(fb.peer_key(ipaddress.IPv4Network("10.244.1.0/24")),
+                   fb.peer_value(ipaddress.IPv4Address(OUR_IP), 0, HOST_MAC, fb.PEER_LOCAL))
+    for subnet, ip in HG_LEASES.items():
+        add_peer(fresh, subnet, ip, HOST_MAC)
+    name = PREFIX + "hg"
+    if name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+        pytest.fail(f"namespace {name} exists; not touching it")
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
+    try:
+        for cmd in (["link", "set", "lo", "up"],
+                    ["link", "add", "u0", "type", "veth", "peer", "name", "u1"],
+                    ["addr", "add", "198.18.0.1/24", "dev", "u0"],
+                    ["link", "set", "u0", "up"], ["link", "set", "u1", "up"],
+                    ["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+                    ["addr", "add", "192.0.2.1/24", "dev", "d0"],
+                    ["link", "set", "d0", "up"], ["link", "set", "d1", "up"],
+                    ["neigh", "replace", "198.18.0.2", "lladdr", PEER_MAC, "dev", "u0", "nud", "permanent"],
+                    ["neigh", "replace", "198.18.0.3", "lladdr", PEER3_MAC, "dev", "u0", "nud", "reachable"],
+                    ["neigh", "replace", "192.0.2.5", "lladdr", PEER_MAC, "dev", "d0", "nud", "permanent"],
+                    ["route", "add", "198.19.0.0/16", "via", "198.18.0.2", "dev", "u0"]):
+            subprocess.run(["ip", "-n", name, *cmd], check=True, timeout=10)
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv4.conf.all.forwarding=1"],
+                       check=True, timeout=10)
+        yield fresh, name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], timeout=10)
+
+
+def hostgw_buckets(progs) -> dict[str, int]:
+    """Every counter a checked packet can land in (drops_hostgw_<reason>, hostgw_passed)."""
+    drops = progs.drop_sums()
+    out = {f"drops_{r.name.lower()}": drops[r.name.lower()] for r in fb.HOSTGW_REASONS}
+    out["hostgw_passed"] = progs.counter_sums()["hostgw_passed"]
+    return out
+
+
+def hostgw_frame(src: str, smac: str, dst: str = "10.244.1.2", **kw) -> bytes:
+    return frame(src, dst, dmac=HOST_MAC, smac=smac, **kw)
+
+
+def _hostgw_run(progs, ns: str, pkts: list[tuple[bytes, str, bytes | None]]) -> list[tuple[int, bytes]]:
+    """Run weft_hostgw_guard on each (frame, ingress device, ctx extra) inside the scratch namespace."""
+    def go():
+        out = []
+        for pkt, dev, segs in pkts:
+            ctx = skb_ctx(socket.if_nametoindex(dev), **(segs or {}))
+            out.append(sysbpf.test_run(progs.fns["weft_hostgw_guard"].fd, pkt, ctx)[:2])
+        return out
+    return in_netns(ns, go)
+
+
+def test_hostgw_guard_passes_the_lease_holders_packets(hostgw):
+    progs, ns = hostgw
+    pkt = hostgw_frame("10.244.2.7", PEER_MAC)
+    tcp = hostgw_frame("10.244.3.7", PEER3_MAC, proto=6)  # neighbour REACHABLE, not PERMANENT
+    res = _hostgw_run(progs, ns, [(pkt, "u0", None), (tcp, "u0", None),
+                                  (pkt, "u0", {"gso_segs": 5, "gso_size": 100})])  # GSO: by segment
+    assert res == [(sysbpf.TC_ACT_OK, pkt), (sysbpf.TC_ACT_OK, tcp), (sysbpf.TC_ACT_OK, pkt)]
+    b = hostgw_buckets(progs)
+    assert b["hostgw_passed"] == 7 and sum(b.values()) == 7, b
+
+
+HOSTGW_BAD = {
+    # (source, frame's source MAC, ingress device) -> the one counter
+    "a peer claims another peer's subnet": (("10.244.3.7", PEER_MAC, "u0"), "drops_hostgw_spoofed"),
+    "a third host claims a peer's subnet": (("10.244.2.7", THIRD_MAC, "u0"), "drops_hostgw_spoofed"),
+    "our own subnet from the underlay": (("10.244.1.9", PEER_MAC, "u0"), "drops_hostgw_own_subnet"),
+    "a source no lease holds": (("10.244.99.1", PEER_MAC, "u0"), "drops_hostgw_no_peer"),
+    "the lease holder's neighbour unresolved": (("10.244.4.7", PEER_MAC, "u0"), "drops_hostgw_no_neigh"),
+    "the lease holder on another interface": (("10.244.5.7", PEER_MAC, "u0"), "drops_hostgw_not_routed"),
+    "the lease holder unreachable": (("10.244.6.7", PEER_MAC, "u0"), "drops_hostgw_not_routed"),
+    "the lease holder behind a gateway": (("10.244.7.7", PEER_MAC, "u0"), "drops_hostgw_not_routed"),
+    "the right MAC on the wrong interface": (("10.244.2.7", PEER_MAC, "d0"), "drops_hostgw_not_routed"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTGW_BAD))
+def test_hostgw_guard_drops_by_reason(hostgw, name):
+    progs, ns = hostgw
+    (src, smac, dev), bucket = HOSTGW_BAD[name]
+    [(rc, _)] = _hostgw_run(progs, ns, [(hostgw_frame(src, smac), dev, None)])
+    b = hostgw_buckets(progs)
+    assert rc == sysbpf.TC_ACT_SHOT and b[bucket] == 1 and sum(b.values()) == 1, (name, b)
+
+
+def test_hostgw_guard_leaves_the_rest_untouched(hostgw):
+    """Outside the Network (the node's own underlay traffic), not IPv4 (ARP), not for this host
+    (the kernel drops it before IP), an IPv4 header the kernel refuses (IHL 4): passed as is,
+    counted nowhere. (A frame cut inside the IPv4 header is refused by BPF_PROG_TEST_RUN itself.)"""
+    progs, ns = hostgw
+    spoofed = hostgw_frame("10.244.3.7", PEER_MAC)
+    arp = (fb.mac_bytes("ff:ff:ff:ff:ff:ff") + fb.mac_bytes(THIRD_MAC) + b"\x08\x06"
+           + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + fb.mac_bytes(THIRD_MAC)
+           + socket.inet_aton("10.244.2.7") + bytes(6) + socket.inet_aton("198.18.0.1"))
+    pkts = [hostgw_frame("198.18.0.66", THIRD_MAC, dst="198.18.0.1"),          # underlay
+            hostgw_frame("10.244.3.7", PEER_MAC, ethertype=0x86DD),           # not IPv4
+            arp,
+            frame("10.244.3.7", "10.244.1.2", dmac="02:77:00:00:00:01", smac=PEER_MAC),  # other host
+            spoofed[:14] + b"\x44" + spoofed[15:]]                               # IHL 4
+    res = _hostgw_run(progs, ns, [(p, "u0", None) for p in pkts])
+    assert res == [(sysbpf.TC_ACT_OK, p) for p in pkts]
+    assert sum(hostgw_buckets(progs).values()) == 0
+
+
+def test_hostgw_guard_ignores_vxlan_config_and_from_underlay_ignores_hostgw_config(hostgw):
+    """The two guards share a compile: weft_from_underlay with host-gw's config (no VXLAN port)
+    leaves a VXLAN datagram alone, uncounted."""
+    progs, _ = hostgw
+    pkt = vxlan_datagram()
+    assert run(progs, "weft_from_underlay", pkt) == (sysbpf.TC_ACT_OK, pkt)
+    assert sum(underlay_buckets(progs).values()) == 0

@@ -5,7 +5,8 @@ Layout, after Cilium's ``bpf/``:
 - one C file per hook, entry named after the direction relative to its device:
   ``to_overlay.c`` (tc egress of flannel.<VNI>), ``from_overlay.c`` (tc ingress of flannel.<VNI>),
   ``from_pods.c`` (tc ingress of the pod bridge, cni0), ``from_underlay.c`` (tc ingress of the
-  underlay interface: every datagram to the VXLAN port checked and counted before the kernel);
+  underlay interface: every datagram to the VXLAN port checked and counted before the kernel),
+  ``hostgw_guard.c`` (host-gw's source guard, tc ingress of the underlay interface);
 - ``maps.h`` declares every map once, ``types.h`` every key/value struct and the counter indexes,
   ``drop_reasons.h`` the drop reasons; ``common.h`` holds the shared steps.
 
@@ -13,7 +14,7 @@ The structs, counters and drop reasons below mirror the headers; tests/test_bpf_
 them (sizes and offsets against what bcc compiled, enum values against the header text).
 
 bcc only rewrites map accesses (``map.lookup(&k)``) in the *main* file of a compile, so the loader
-hands it one text in which the local ``#include "..."`` lines are expanded in place. All four
+hands it one text in which the local ``#include "..."`` lines are expanded in place. All five
 programs share one compile (about 0.3 s) and therefore one set of maps. The compile runs in a
 child process (``fastpath.bpf.loader``); ``Programs`` holds only fds and uses bpf(2) via sysbpf.
 """
@@ -29,7 +30,7 @@ import socket
 import struct
 
 BPF_DIR = os.path.dirname(os.path.abspath(__file__))
-PROGRAM_FILES = ("to_overlay.c", "from_pods.c", "from_overlay.c", "from_underlay.c")
+PROGRAM_FILES = ("to_overlay.c", "from_pods.c", "from_overlay.c", "from_underlay.c", "hostgw_guard.c")
 FIX = "install python3-bpfcc and linux-headers-amd64; run ./bootstrap"
 
 
@@ -95,7 +96,8 @@ class Counter(enum.IntEnum):
     PODS_STACK = 8
     RX_PEER = 9
     UNDERLAY_PASSED = 10
-    MAX = 11
+    HOSTGW_PASSED = 11
+    MAX = 12
 
 
 class DropReason(enum.IntEnum):
@@ -117,7 +119,12 @@ class DropReason(enum.IntEnum):
     ECN = 15
     SPOOFED_SRC = 16
     GSO_BATCH = 17
-    MAX = 18
+    HOSTGW_OWN_SUBNET = 18
+    HOSTGW_NO_PEER = 19
+    HOSTGW_NOT_ROUTED = 20
+    HOSTGW_NO_NEIGH = 21
+    HOSTGW_SPOOFED = 22
+    MAX = 23
 
 
 # The drop reasons weft_from_underlay uses: with counter UNDERLAY_PASSED they partition every
@@ -126,6 +133,11 @@ UNDERLAY_REASONS = (DropReason.FRAGMENT, DropReason.MALFORMED, DropReason.UNKNOW
                     DropReason.TRUNCATED, DropReason.BAD_VXLAN, DropReason.WRONG_VNI,
                     DropReason.WRONG_MAC, DropReason.INNER_NOT_IPV4, DropReason.ECN,
                     DropReason.SPOOFED_SRC, DropReason.GSO_BATCH)
+
+# The drop reasons weft_hostgw_guard uses: with counter HOSTGW_PASSED they partition every IPv4
+# packet with a source in the Network that arrives on the underlay interface (host-gw).
+HOSTGW_REASONS = (DropReason.HOSTGW_OWN_SUBNET, DropReason.HOSTGW_NO_PEER, DropReason.HOSTGW_NOT_ROUTED,
+                  DropReason.HOSTGW_NO_NEIGH, DropReason.HOSTGW_SPOOFED)
 
 
 def header_enum(header: str, prefix: str) -> dict[str, int]:
@@ -207,7 +219,7 @@ def check_toolchain(import_bcc: bool = True):
     return BPF
 
 
-ENTRIES = ("weft_to_overlay", "weft_from_pods", "weft_from_overlay", "weft_from_underlay")
+ENTRIES = ("weft_to_overlay", "weft_from_pods", "weft_from_overlay", "weft_from_underlay", "weft_hostgw_guard")
 MAPS = ("weft_peers", "weft_config", "weft_counters", "weft_drops", "weft_endpoints", "weft_peer_ips")
 LOAD_TIMEOUT = 60.0  # seconds a compile + load may take before the loader is killed
 

@@ -5,7 +5,9 @@
  * 1-6: sending (to_overlay, from_pods). 7-17: receiving: from_underlay (the underlay interface's
  * ingress, every datagram to our VXLAN port lands in exactly one of 7-17 or in
  * weft_counters[UNDERLAY_PASSED]) and from_overlay (flannel.N ingress: what reached the VXLAN
- * socket some other way, e.g. a local pod sending to its node's port). */
+ * socket some other way, e.g. a local pod sending to its node's port). 18-22: hostgw_guard (host-gw's
+ * source guard on the underlay interface's ingress: every IPv4 packet with a source in the Network
+ * lands in exactly one of 18-22 or in weft_counters[HOSTGW_PASSED]). */
 #ifndef WEFT_DROP_REASONS_H
 #define WEFT_DROP_REASONS_H
 
@@ -28,7 +30,12 @@ enum weft_drop_reason {
 	WEFT_DROP_ECN = 15,		/* outer CE on a not-ECT inner packet (RFC 6040: drop) */
 	WEFT_DROP_SPOOFED_SRC = 16,	/* inner source outside the subnet of the peer that sent it */
 	WEFT_DROP_GSO_BATCH = 17,	/* passed, but shared a UDP GSO skb with a datagram that failed */
-	WEFT_DROP_MAX = 18,
+	WEFT_DROP_HOSTGW_OWN_SUBNET = 18,	/* source in this node's own subnet, arriving from the underlay */
+	WEFT_DROP_HOSTGW_NO_PEER = 19,	/* source in the Network, but no lease holds it */
+	WEFT_DROP_HOSTGW_NOT_ROUTED = 20,	/* the lease holder's PublicIP is not a neighbour on this interface */
+	WEFT_DROP_HOSTGW_NO_NEIGH = 21,	/* the lease holder's MAC is not resolved (no valid neighbour entry) */
+	WEFT_DROP_HOSTGW_SPOOFED = 22,	/* the frame's source MAC is not the lease holder's */
+	WEFT_DROP_MAX = 23,
 };
 
 #endif

@@ -1,9 +1,12 @@
-"""weft's tc filters, and the source guard: ``weft_from_underlay`` on the underlay interface.
+"""weft's tc filters, and the source guards on the underlay interface.
 
 vxlan/ebpf always attaches ``weft_from_underlay`` (with its own programs and maps). vxlan/kernel
 attaches it when asked (``SourceGuard``, the ``source_guard`` backend option): the kernel's VXLAN
 device then only ever sees datagrams whose outer source is the PublicIP of the lease that holds the
 inner source, at the price of one hash and one LPM lookup per datagram, with no per-peer rule.
+host-gw/kernel attaches ``weft_hostgw_guard`` when asked (``HostGWGuard``): a packet from a pod
+address must come from the MAC of the PublicIP whose lease holds that address (one LPM lookup and
+one FIB lookup per packet, no per-peer rule).
 """
 from __future__ import annotations
 
@@ -83,6 +86,8 @@ class SourceGuard:
     weft_peers (every peer subnet -> PublicIP, VtepMAC; ours flagged local) and weft_peer_ips.
     """
 
+    ENTRY = "weft_from_underlay"
+
     def __init__(self, ipr, iface_name: str, iface_index: int, network: ipaddress.IPv4Network,
                  vni: int, port: int, local_ip: ipaddress.IPv4Address, public_ip: ipaddress.IPv4Address):
         self.ipr, self.iface_name, self.iface_index = ipr, iface_name, iface_index
@@ -123,6 +128,9 @@ class SourceGuard:
         then attach. Raises fastpath.bpf.BpfUnavailable when bcc or the headers are missing."""
         from . import PEER_LOCAL
         progs = self._programs()
+        if self.lease_subnet is not None and self.lease_subnet != subnet and self.lease_subnet not in self._peers:
+            from . import peer_key
+            progs.delete_peer(peer_key(self.lease_subnet))  # a new lease: the old one is not ours now
         self.lease_subnet, self.vtep_mac = subnet, vtep_mac
         progs.set_config(self._config())
         self._put(subnet, self.local_ip, vtep_mac, PEER_LOCAL)
@@ -132,7 +140,7 @@ class SourceGuard:
                 self._inherited.add(s)
         for s, (ip, mac) in self._peers.items():
             self._put(s, ip, mac)
-        attach_filter(self.ipr, self.iface_index, CLSACT_INGRESS, progs.fns["weft_from_underlay"])
+        attach_filter(self.ipr, self.iface_index, CLSACT_INGRESS, progs.fns[self.ENTRY])
 
     def put(self, subnet, public_ip, mac) -> None:
         self._peers[subnet] = (public_ip, mac)
@@ -156,11 +164,11 @@ class SourceGuard:
         if self.progs is None or self.lease_subnet is None:
             return
         from . import PEER_LOCAL, peer_key
-        fn = self.progs.fns["weft_from_underlay"]
+        fn = self.progs.fns[self.ENTRY]
         if self.prog_ids() and not set(filter_ids(self.iface_name, "ingress")) & self.prog_ids():
             attach_filter(self.ipr, self.iface_index, CLSACT_INGRESS, fn)
             self.restored += 1
-            log.info("re-attached weft_from_underlay on %s", self.iface_name)
+            log.info("re-attached %s on %s", self.ENTRY, self.iface_name)
         for s in self._inherited - set(self._peers):
             self.progs.delete_peer(peer_key(s))
         self._inherited.clear()
@@ -177,7 +185,7 @@ class SourceGuard:
         try:
             detach_filter(self.ipr, self.iface_index, CLSACT_INGRESS)
         except Exception as exc:
-            log.warning("removing weft_from_underlay from %s failed: %s", self.iface_name, exc)
+            log.warning("removing %s from %s failed: %s", self.ENTRY, self.iface_name, exc)
         self.close()
 
     def close(self) -> None:
@@ -194,4 +202,39 @@ class SourceGuard:
         out = {f"drops_{r.name.lower()}": float(drops[r.name.lower()]) for r in UNDERLAY_REASONS}
         out["underlay_passed"] = float(self.progs.counter_sums()["underlay_passed"])
         out["guard_peer_ips"] = float(len(self.progs.peer_ip_entries()))
+        return out
+
+
+NO_MAC = "00:00:00:00:00:00"
+
+
+class HostGWGuard(SourceGuard):
+    """weft_hostgw_guard for host-gw/kernel: the program on the underlay interface's ingress, and
+    maps filled from the leases: weft_config (the Network; no VXLAN port, so weft_from_underlay of
+    the same compile is inert), weft_peers (every lease's subnet -> PublicIP, ours flagged local).
+    The MAC a packet must come from is the kernel's neighbour entry for that PublicIP, looked up
+    by the program (bpf_fib_lookup): nothing per peer is kept here but the lease map."""
+
+    ENTRY = "weft_hostgw_guard"
+
+    def __init__(self, ipr, iface_name: str, iface_index: int, network: ipaddress.IPv4Network,
+                 local_ip: ipaddress.IPv4Address):
+        super().__init__(ipr, iface_name, iface_index, network, vni=0, port=0, local_ip=local_ip,
+                         public_ip=local_ip)
+
+    def start(self, subnet: ipaddress.IPv4Network, vtep_mac: str = NO_MAC) -> None:
+        super().start(subnet, NO_MAC)
+
+    def put(self, subnet, public_ip, mac: str = NO_MAC) -> None:
+        super().put(subnet, public_ip, NO_MAC)
+
+    def stats(self) -> dict[str, float]:
+        if self.progs is None:
+            return {}
+        from . import HOSTGW_REASONS
+        drops = self.progs.drop_sums()
+        out = {f"drops_{r.name.lower()}": float(drops[r.name.lower()]) for r in HOSTGW_REASONS}
+        out["hostgw_passed"] = float(self.progs.counter_sums()["hostgw_passed"])
+        # leases in the map: the known ones, and a previous run's until the first resync
+        out["guard_peers"] = float(len(set(self._peers) | self._inherited))
         return out

@@ -66,7 +66,8 @@ enum weft_counter {
 	WEFT_CNT_PODS_STACK = 8,	/* from_pods: IPv4 in the Network left to the stack (TTL, MTU, miss) */
 	WEFT_CNT_RX_PEER = 9,		/* received and redirected into the pod's namespace (redirect_peer) */
 	WEFT_CNT_UNDERLAY_PASSED = 10,	/* from_underlay: VXLAN datagrams that passed every check */
-	WEFT_CNT_MAX = 11,
+	WEFT_CNT_HOSTGW_PASSED = 11,	/* hostgw_guard: packets from a Network source that passed (by segment) */
+	WEFT_CNT_MAX = 12,
 };
 
 #endif
