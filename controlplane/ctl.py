@@ -6,7 +6,7 @@
   weftctl ... reserve SUBNET --public-ip IP                    a lease that never expires
   weftctl ... release SUBNET                                   delete a reservation or a lease
   weftctl docker-opts [-f subnet.env] [-d OUT|-] [-i] [-c] [-m] [-k KEY]   as mk-docker-opts.sh
-  weftctl peermap [--dev flannel.1] [--json]                   vxlan/ebpf: this node's live BPF peer map
+  weftctl peermap [--dev flannel.1] [--json]                   this node's live BPF maps and counters
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def build_parser() -> flags.Parser:
     dk.add_argument("-c", dest="combined", action="store_true", help="write the combined line")
     dk.add_argument("-m", dest="no_masq", action="store_true", help="leave out --ip-masq")
     dk.add_argument("-k", dest="key", default="DOCKER_OPTS", help="name of the combined variable")
-    pm = sub.add_parser("peermap", help="vxlan/ebpf: print this node's BPF peer map (run in the node's netns)")
-    pm.add_argument("--dev", default="flannel.1", help="the VXLAN device the programs are attached to")
+    pm = sub.add_parser("peermap", help="print this node's BPF peer map and counters (vxlan/ebpf, or a --source-guard; run in the node's netns)")
+    pm.add_argument("--dev", default="flannel.1", help="the VXLAN device the programs are attached to, or -iface for a --source-guard")
     pm.add_argument("--json", action="store_true", help="print JSON (peers, counters, drops)")
     return p
 

@@ -57,7 +57,7 @@ def attached_prog_ids(dev: str) -> list[int]:
         ids += [f["id"] for f in filters(dev, hook) if str(f["name"]).startswith("weft_")]
     if not ids:
         raise NoProgram(f"{dev}: no weft BPF program attached (is weftd running with vxlan/ebpf, or "
-                        "vxlan/kernel with the source guard on this interface?)")
+                        "vxlan/kernel or host-gw/kernel with --source-guard on this interface?)")
     return ids
 
 
