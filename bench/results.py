@@ -117,7 +117,7 @@ def pool_underlay(doc: dict) -> None:
 
 # A TCP x1 sample below this fraction of its series' typical speed (the 75th percentile of the
 # backend's own samples, or of the run's underlay samples) was taken in one of the host's slow
-# spells (README, "Noise"). A spell can outlast a pair (both halves slow) or begin or end inside
+# spells (docs/measurement-notes.md, "Noise"). A spell can outlast a pair (both halves slow) or begin or end inside
 # it (one half slow: that pair's ratio says nothing), and in a spell the paths do not slow in
 # proportion (a userspace engine's pair ratio rose from 0.63 to 0.73 in one).
 SPELL_FRACTION = 0.8

@@ -36,7 +36,7 @@ class Plan:
     repeat: int = 3
     # TCP x1 samples beyond the full runs (TCP-only runs): its median is over repeat + tcp1_extra.
     # In a noisy spell of the shared machine, isolated samples of every data path (bare too) land
-    # 30-45 % low, up to 1 in 3 (README, "Noise"); a median of 5 took three such samples in one
+    # 30-45 % low, up to 1 in 3 (docs/measurement-notes.md, "Noise"); a median of 5 took three such samples in one
     # run, so the default run takes 7 of 1 s (a TCP-only round, with the underlay twins, costs
     # ~14 s for 7 backends). The quick plan (the CI gate, its committed baseline) keeps 5 of 2 s.
     tcp1_extra: int = 4
@@ -271,7 +271,7 @@ def verdict(doc: dict, named=()) -> tuple[list[str], list[str]]:
 def run(scenario, backends: list[str], plan: Plan, lab_factory=None, stream=sys.stderr) -> dict:
     """Every backend's lab is built first and kept up (paused while another is measured); then
     each round measures every backend once. So a backend's samples are spread over the whole run,
-    and a slow spell of the machine (README, "Noise") costs one sample of several backends instead
+    and a slow spell of the machine (docs/measurement-notes.md, "Noise") costs one sample of several backends instead
     of every sample of one."""
     from .lab import Lab
     lab_factory = lab_factory or (lambda scn: Lab(scn))

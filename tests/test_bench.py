@@ -474,7 +474,7 @@ def test_committed_baseline_is_a_quick_run():
 def gate_failures(tmp_path, name: str, *extra: str) -> set[str]:
     """The backends the gate fails in a quick run against the committed baseline.
 
-    A TCP sample lands in a slow state now and then (README, "Noise"), so a failure counts only
+    A TCP sample lands in a slow state now and then (docs/measurement-notes.md, "Noise"), so a failure counts only
     when the same backend fails again in a second run, as a CI confirmation run does. A real
     regression (the throttle below) fails both times.
     """
