@@ -37,6 +37,7 @@ from .store.base import ClaimChanged, ClaimRecord
 log = logging.getLogger("weft.claim")
 
 CLAIM_TTL = 15  # seconds; refreshed every third of it
+WAIT_LOG_INTERVAL = 30.0  # seconds between "waiting for the store" lines
 MIN_CLAIM_TTL = 3  # etcd grants leases of at least ~2 s; a third of the TTL must leave room
 
 TAKE, REFUSE, WAIT = "take", "refuse", "wait"
@@ -167,7 +168,7 @@ class NodeClaim:
         """Take the claim, waiting while the rule says so; then keep it refreshed. False when
         ``stop`` was set while waiting; raises PublicIPInUse on a refusal."""
         watched: ClaimRecord | None = None  # a claim being waited out, as first seen
-        unavailable = False
+        logged_at: float | None = None  # when "waiting for the store" was last logged
         poll = min(1.0, self.ttl / 6)
         while not stop.is_set():
             try:
@@ -199,9 +200,11 @@ class NodeClaim:
                 stop.wait(0.05)  # another newcomer moved first (or etcd is deleting an expired key)
                 continue  # judge the claim as it is now
             except StoreUnavailable as exc:
-                if not unavailable:
-                    log.warning("reading the claim of public IP %s: %s; retrying", self.public_ip, exc)
-                    unavailable = True
+                now = time.monotonic()
+                if logged_at is None or now - logged_at >= WAIT_LOG_INTERVAL:
+                    log.warning("waiting for the store at %s: %s (claim of public IP %s)",
+                                getattr(self.store, "url", "?"), exc, self.public_ip)
+                    logged_at = now
             stop.wait(poll)
         else:
             return False
@@ -209,10 +212,18 @@ class NodeClaim:
         self._thread.start()
         return True
 
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The refresh thread (None before ``acquire``)."""
+        return self._thread
+
     # -- while running ------------------------------------------------------------------------
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception:  # a bug or input nobody foresaw: the claim keeps being refreshed
+                log.exception("refreshing the claim of public IP %s failed unexpectedly", self.public_ip)
 
     def refresh(self) -> None:
         try:

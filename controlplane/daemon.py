@@ -11,7 +11,20 @@ after kill -9) finds its lease by public IP and keeps the same subnet without di
 
 A lease deleted by an operator is noticed (by the watch at once, or by the next renewal): weftd
 logs "lease has been revoked", and exits with status 1, as flanneld does; a supervisor that
-restarts it (the shipped systemd unit does) makes it acquire a lease again.
+restarts it (the shipped systemd unit does) makes it acquire a lease again. A lease that *expired*
+(this node paused, or the store away, past the TTL: the watch reports it expired, or the renewal
+finds it gone after its expiration time) is no revocation: weftd takes it again through the
+usual acquisition order, keeps its data plane and counts ``weft_lease_reacquired_total``. If
+another node holds that subnet by then, weftd takes another one and exits 1 with one line: its
+pods have addresses of the old subnet, so the node needs a restart (the supervisor's) to set up
+the data plane and subnet.env for the new one.
+
+The store may go away at any time (see ``controlplane.store.monitor``): at start, opening it,
+reading the config, taking the claim and acquiring the lease wait for it ("waiting for the store
+at URL: reason", again every ``WAIT_LOG_INTERVAL``), until it answers or SIGTERM; configuration
+errors (bad flags or config, a missing directory or TLS file, a corrupt SQLite file) stay fatal.
+While running, nothing the store does stops weftd: its lease and data plane stay, every failure
+is counted and the outage is logged once when it starts and once when it ends.
 
 Input from others (see ``controlplane.leasecheck``): a lease that is not valid for the network is
 logged once, counted by reason and never programmed; a peer rewritten into one is removed. This
@@ -33,21 +46,45 @@ from collections import Counter
 
 from . import flags, subnetenv
 from .backends import BackendError, BackendOptions, load_backend
-from .claim import CLAIM_TTL, MIN_CLAIM_TTL, NodeClaim
+from .claim import CLAIM_TTL, MIN_CLAIM_TTL, WAIT_LOG_INTERVAL, NodeClaim
 from .config import ConfigError, NetworkConfig, parse_config
 from .health import HealthServer
 from .iface import IfaceError, resolve
 from .masq import MasqError
-from .lease import Lease, subnet_key
+from .lease import Lease, LeaseAttrs, LeaseFormatError, subnet_key
 from .manager import (DEFAULT_TTL, ConfigMissing, LeaseEvent, LeaseManager, LeaseRevoked,
                       LeaseWatcher)
-from .store import StoreError, StoreUnavailable
+from .store import StoreCorrupt, StoreError, StoreUnavailable
+from .store.monitor import MonitoredStore, StoreHealth
 
 log = logging.getLogger("weft.daemon")
 
 RESYNC_INTERVAL = 10.0  # seconds between backend.resync() calls (flannel's route check)
 RENEW_RETRY = 60.0  # seconds between renewal retries after an error (flannel)
 OWN_LEASE_RESTORE_DELAY = 3.0  # seconds before this node's overwritten lease is written back
+STORE_RETRY = 0.5  # seconds between attempts while waiting for the store at start
+EXPIRY_SLACK = 1.0  # seconds: etcd may expire a lease this much before the time computed here
+_STOPPED = object()
+
+
+class _StoreWaiter:
+    """Logs a store that does not answer at start: the first failure, then one line every
+    ``WAIT_LOG_INTERVAL`` seconds, not one per retry."""
+
+    def __init__(self, url: str, health: StoreHealth):
+        self.url = url
+        self.health = health
+        self.last_log: float | None = None
+
+    def unavailable(self, exc: Exception, op: str) -> None:
+        self.health.failed(op, exc)
+        now = time.monotonic()
+        if self.last_log is None or now - self.last_log >= WAIT_LOG_INTERVAL:
+            log.warning("waiting for the store at %s: %s", self.url, exc)
+            self.last_log = now
+
+    def answered(self) -> None:
+        self.last_log = None
 
 
 def build_parser() -> flags.Parser:
@@ -69,7 +106,9 @@ def build_parser() -> flags.Parser:
                    help="turn off tx checksum offload on the VXLAN device (kernel bug workaround)")
     flags.add_flag(p, "source-guard", kind=bool, default=False,
                    help="vxlan/kernel: drop VXLAN datagrams whose outer source is not the public IP "
-                        "of the lease holding the inner source (tc program on -iface; needs bcc)")
+                        "of the lease holding the inner source; host-gw/kernel: drop packets from a "
+                        "Network address whose source MAC is not that of the public IP of the lease "
+                        "holding it (tc program on -iface; needs bcc)")
     flags.add_flag(p, "teardown", kind=bool, default=False, help="remove the data plane on exit")
     flags.add_flag(p, "v", kind=int, default=0, help="log verbosity (0: info, 1+: debug)")
     return p
@@ -109,6 +148,11 @@ class Daemon:
         self.config: NetworkConfig | None = None  # as stored at start, before --dataplane
         self.config_stale = False  # the stored config is no longer the one this daemon runs with
         self.restore_own_lease = threading.Event()  # set by the watch: our key was overwritten
+        self.lease_gone = threading.Event()  # set by the watch: our lease expired in the store
+        self.run_config: NetworkConfig | None = None  # the config with --dataplane applied
+        self.store_health = StoreHealth(flags.describe_store(args))
+        self.waiter = _StoreWaiter(self.store_health.url, self.store_health)
+        self.threads: dict[str, threading.Thread] = {}  # must stay alive while running
 
     # -- peers ------------------------------------------------------------------------------
     def on_lease_event(self, event: LeaseEvent) -> None:
@@ -143,6 +187,11 @@ class Daemon:
 
     def _own_lease_event(self, event: LeaseEvent) -> None:
         lease = event.lease
+        if event.kind == "expired" and not event.reason:
+            # Not an operator's doing: this node could not renew in time. The renewal loop takes
+            # the lease again (or stops, if the subnet went to another node meanwhile).
+            self.lease_gone.set()
+            return
         if event.kind in ("removed", "expired"):
             if not event.reason:
                 self.revoked(f"lease {lease.subnet} was {event.kind} in the store")
@@ -195,13 +244,59 @@ class Daemon:
             self.exit_code = 1
             self.stop.set()
 
+    # -- health -----------------------------------------------------------------------------
+    def dead_threads(self) -> list[str]:
+        """Threads that should run and do not (/healthz)."""
+        if self.stop.is_set():
+            return []
+        return [name for name, t in self.threads.items() if not t.is_alive()]
+
+    def readiness(self) -> tuple[bool, str]:
+        """/readyz: ready once the data plane is programmed, the lease held and subnet.env
+        written, and for as long as the lease has not expired and the watch runs. A store outage
+        alone does not make it 503 (pod traffic is fine meanwhile; /metrics says so)."""
+        if not self.ready:
+            return False, "not ready"
+        lease = self.lease
+        if lease is not None and lease.expiration is not None and lease.expiration <= time.time():
+            return False, f"lease {lease.subnet} expired (not renewed: the store is unavailable?)"
+        watch = self.threads.get("lease-watch")
+        if watch is not None and not watch.is_alive() and not self.stop.is_set():
+            return False, "the lease watch stopped"
+        return True, "ready"
+
     # -- main -------------------------------------------------------------------------------
+    def until_store(self, op: str, fn):
+        """``fn()``, retried while the store is unavailable (not when it is corrupt: an operator
+        must act); ``_STOPPED`` when told to stop first."""
+        while not self.stop.is_set():
+            try:
+                result = fn()
+            except StoreCorrupt:
+                raise
+            except StoreUnavailable as exc:
+                self.waiter.unavailable(exc, op)
+                self.stop.wait(STORE_RETRY)
+                continue
+            self.waiter.answered()
+            return result
+        return _STOPPED
+
+    def open_store(self):
+        def open_once():
+            store = flags.open_store_from_args(self.args)
+            self.store_health.url = store.url or self.store_health.url
+            self.store_health.answered("open")
+            return MonitoredStore(store, self.store_health)
+        return self.until_store("open", open_once)
+
     def wait_for_config(self, manager: LeaseManager):
         warned = False
         while not self.stop.is_set():
             try:
-                return manager.get_config()
-            except (ConfigMissing, StoreUnavailable) as exc:
+                got = self.until_store("get_config", manager.get_config)
+                return None if got is _STOPPED else got
+            except ConfigMissing as exc:
                 if not warned:
                     log.warning("%s; waiting", exc)
                     warned = True
@@ -210,31 +305,43 @@ class Daemon:
 
     def run(self) -> int:
         a = self.args
-        self.store = flags.open_store_from_args(a)
-        manager = LeaseManager(self.store, ttl=a.lease_ttl)
         health = None
         claim = None
-        if a.healthz_port:
+        if a.healthz_port:  # first: /metrics shows a store that is not there yet
             health = HealthServer(a.healthz_ip, a.healthz_port, self)
             health.start()
         try:
+            store = self.open_store()
+            if store is _STOPPED:
+                return 0
+            self.store = store
+            manager = LeaseManager(self.store, ttl=a.lease_ttl)
             config = self.wait_for_config(manager)
             if config is None:
                 return 0
             self.config = config
             config = config.with_dataplane(a.dataplane)
+            self.run_config = config
             iface = resolve(a.iface, a.public_ip)
             # One running weftd per public IP: refused here, before any lease or data plane.
             claim = NodeClaim(self.store, iface.public_ip, a.subnet_file, a.claim_ttl, self.claim_lost)
             if not claim.acquire(self.stop):
                 return 0
+            if claim.thread is not None:
+                self.threads["claim-refresh"] = claim.thread
             check_source_guard(a.source_guard, config.backend.name)
             backend_cls = load_backend(config.backend.name)
             self.backend = backend_cls(config, iface, BackendOptions(
                 ip_masq=a.ip_masq, vxlan_tx_csum_off=a.vxlan_tx_csum_off, source_guard=a.source_guard))
-            previous = manager.find_by_ip(iface.public_ip)
+            previous = self.until_store("list", lambda: manager.find_by_ip(iface.public_ip))
+            if previous is _STOPPED:
+                return 0
             attrs = self.backend.lease_attrs(previous)
-            self.lease = manager.acquire(config, attrs, subnetenv.previous_subnet(a.subnet_file))
+            lease = self.until_store("acquire", lambda: manager.acquire(
+                config, attrs, subnetenv.previous_subnet(a.subnet_file)))
+            if lease is _STOPPED:
+                return 0
+            self.lease = lease
             log.info("lease %s on %s (%s, public IP %s), backend %s, MTU %d", self.lease.subnet,
                      iface.name, iface.address, iface.public_ip, config.backend.name, self.backend.mtu)
             self.backend.setup(self.lease)
@@ -250,6 +357,7 @@ class Daemon:
                                         on_config=self.on_config, config_text=self.config.raw)
             watch_thread = threading.Thread(target=self.watcher.run, args=(self.stop,),
                                             name="lease-watch", daemon=True)
+            self.threads["lease-watch"] = watch_thread
             watch_thread.start()
             self.renew_loop(manager)
             watch_thread.join(timeout=5)
@@ -264,18 +372,36 @@ class Daemon:
                 claim.release()
             if health is not None:
                 health.stop()
-            self.store.close()
+            if self.store is not None:
+                self.store.close()
 
     def renew_loop(self, manager: LeaseManager) -> None:
         margin = self.args.subnet_lease_renew_margin * 60
         next_resync = time.monotonic() + RESYNC_INTERVAL
         renew_at = self._renew_time(margin)
+        reacquire_failing = False
         while not self.stop.is_set():
             now = time.time()
             if self.restore_own_lease.is_set():  # someone overwrote our key: renew it soon
                 self.restore_own_lease.clear()
                 renew_at = min(renew_at, now + OWN_LEASE_RESTORE_DELAY)
-            if now >= renew_at:
+            if self.lease_gone.is_set():  # the watch saw our lease expire: take it again now
+                self.lease_gone.clear()
+                renew_at = min(renew_at, now)
+            if now >= renew_at and self.lease_expired():
+                try:
+                    if not self.reacquire(manager):
+                        break
+                    renew_at = self._renew_time(margin)
+                    reacquire_failing = False
+                except StoreError as exc:
+                    self.counters["renewal_errors"] += 1
+                    renew_at = now + 1.0
+                    if not reacquire_failing:  # once per streak: the store monitor logs outages
+                        log.warning("taking the expired lease %s again failed: %s; retrying every"
+                                    " second", self.lease.subnet, exc)
+                        reacquire_failing = True
+            elif now >= renew_at:
                 try:
                     self.lease = manager.renew(self.lease)
                     self.counters["renewals"] += 1
@@ -284,6 +410,9 @@ class Daemon:
                              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.lease.expiration))
                              if self.lease.expiration else "forever (reservation)")
                 except LeaseRevoked as exc:
+                    if self.lease_expired():  # gone because it expired meanwhile: not revoked
+                        renew_at = now
+                        continue
                     self.revoked(str(exc))
                     break
                 except StoreError as exc:
@@ -301,6 +430,47 @@ class Daemon:
                     log.exception("resync failed")
             self.stop.wait(max(0.05, min(renew_at - time.time(), next_resync - time.monotonic(), 1.0)))
 
+    def lease_expired(self) -> bool:
+        exp = self.lease.expiration
+        return exp is not None and time.time() >= exp - EXPIRY_SLACK
+
+    def reacquire(self, manager: LeaseManager) -> bool:
+        """Our lease expired: take it again by the usual order (ours by public IP, else the same
+        subnet if free). False (and stopping, status 1) when another node holds the subnet now."""
+        old = self.lease
+        late = time.time() - old.expiration
+        lease = manager.acquire(self.run_config, old.attrs, old.subnet)
+        if lease.subnet != old.subnet:
+            log.error("lease %s expired %.0f s ago (this node could not renew it: paused, or the"
+                      " store unreachable, past its TTL) and %s holds that subnet now; this node took"
+                      " %s instead: exiting so that a restart sets up the data plane and subnet.env"
+                      " for it (pods here have addresses of the old subnet)", old.subnet,
+                      max(0.0, late), self._holder_of(old.subnet), lease.subnet)
+            self.lease = lease
+            self.exit_code = 1
+            self.stop.set()
+            return False
+        self.lease = lease
+        self.counters["lease_reacquired"] += 1
+        log.warning("lease %s expired %.0f s ago (this node could not renew it: paused, or the store"
+                    " unreachable, past its TTL); took it again, data plane unchanged", old.subnet,
+                    max(0.0, late))
+        return True
+
+    def _holder_of(self, subnet) -> str:
+        try:
+            rec = self.store.get_lease(subnet)
+        except StoreError:
+            return "another node"
+        if rec is None:
+            return "another node"
+        try:
+            ip = LeaseAttrs.from_json(rec.value).public_ip
+        except LeaseFormatError:
+            return "another writer"
+        kind = "a reservation" if rec.expiration is None else "a lease"
+        return f"{kind} of {ip}"
+
     def _renew_time(self, margin: float) -> float:
         remaining = self.lease.remaining()
         if remaining == float("inf"):
@@ -316,14 +486,15 @@ ALWAYS_GUARDED = ("vxlan/ebpf", "vxlan/fastpath", "udp/fastpath", "udp/python")
 
 
 def check_source_guard(wanted: bool, backend: str) -> None:
-    """--source-guard is vxlan/kernel's opt-in; elsewhere it is built in or cannot be had."""
-    if not wanted or backend == "vxlan/kernel":
+    """--source-guard is vxlan/kernel's and host-gw/kernel's opt-in; elsewhere it is built in or
+    cannot be had (alloc carries no traffic)."""
+    if not wanted or backend in ("vxlan/kernel", "host-gw/kernel"):
         return
     if backend in ALWAYS_GUARDED:
         log.info("--source-guard: %s always checks the outer source of what it receives", backend)
         return
-    raise flags.UsageError(f"--source-guard: not available on {backend} (vxlan/kernel only; "
-                           "host-gw has no tunnel header to check)")
+    raise flags.UsageError(f"--source-guard: not available on {backend} (vxlan/kernel and "
+                           "host-gw/kernel only)")
 
 
 def notify_systemd(state: str) -> None:

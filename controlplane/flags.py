@@ -94,8 +94,24 @@ def long_flags_of(parser: argparse.ArgumentParser) -> set[str]:
     return names
 
 
+def store_url(args) -> str:
+    """The store the flags name: --store wins; any etcd flag means etcd; else the embedded default."""
+    if args.store:
+        return args.store
+    etcd_given = args.etcd_endpoints or args.etcd_cafile or args.etcd_certfile or args.etcd_username
+    return "etcd" if etcd_given else DEFAULT_SQLITE_URL
+
+
+def describe_store(args) -> str:
+    """The store for people: its URL, or etcd's endpoints."""
+    url = store_url(args)
+    if url == "etcd":
+        return args.etcd_endpoints or ",".join(DEFAULT_ETCD_ENDPOINTS)
+    return url
+
+
 def open_store_from_args(args, must_exist: bool = False):
-    """The store the flags name: --store wins; any etcd flag means etcd; else the embedded default.
+    """The store the flags name (``store_url``).
 
     A SQLite file is never created when it ``must_exist`` (commands with nothing to do on an empty
     store: a typo in --store is an error, not "no leases"); others create it only in a directory
@@ -105,10 +121,7 @@ def open_store_from_args(args, must_exist: bool = False):
                    if e.strip()],
         cafile=args.etcd_cafile, certfile=args.etcd_certfile, keyfile=args.etcd_keyfile,
         username=args.etcd_username, password=args.etcd_password)
-    url = args.store
-    if not url:
-        etcd_given = args.etcd_endpoints or args.etcd_cafile or args.etcd_certfile or args.etcd_username
-        url = "etcd" if etcd_given else DEFAULT_SQLITE_URL
+    url = store_url(args)
     create = "never" if must_exist else "parents" if url == DEFAULT_SQLITE_URL else "file"
     return open_store(url, prefix=args.etcd_prefix, etcd=opts, create=create)
 

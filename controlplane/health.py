@@ -1,8 +1,13 @@
 """/healthz, /readyz and /metrics for weftd.
 
-/healthz is 200 while the process serves; /readyz is 200 only once the lease is held, the backend
-is set up and subnet.env is written (flanneld's meaning), 503 before. /metrics is Prometheus text,
-collected at scrape time from the daemon's state: nothing is counted per packet in Python.
+/healthz is 200 while the process serves and its threads run (the lease watch, the claim
+refresh), 503 naming a thread that died. /readyz is 200 once the lease is held, the backend is set
+up and subnet.env is written (flanneld's meaning), and stays 200 through a store outage for as
+long as the lease has not expired (pod traffic does not need the store); it is 503 before that,
+once the lease expired unrenewed, or when the lease watch stopped. A store outage shows on
+/metrics: ``weft_store_up`` 0, ``weft_store_down_since_timestamp_seconds``,
+``weft_store_errors_total{op}``. /metrics is Prometheus text, collected at scrape time from the
+daemon's state: nothing is counted per packet in Python.
 """
 from __future__ import annotations
 
@@ -78,9 +83,30 @@ class DaemonCollector:
                                       " the one this daemon runs with (changed, invalid or deleted)")
             stale.add_metric([], 1.0 if d.config_stale else 0.0)
             yield stale
-        for key, help_text in (("renewals", "lease renewals"), ("renewal_errors", "failed renewals")):
+        sh = d.store_health
+        up = GaugeMetricFamily("weft_store_up", "1 while the store answers, 0 while it does not"
+                               " (or never did yet)")
+        up.add_metric([], 1.0 if sh.up else 0.0)
+        yield up
+        since = GaugeMetricFamily("weft_store_down_since_timestamp_seconds",
+                                  "when the store stopped answering (0: it answers)")
+        since.add_metric([], float(sh.down_since or 0.0) if not sh.up else 0.0)
+        yield since
+        errors = CounterMetricFamily("weft_store_errors", "failed store operations by op",
+                                     labels=["op"])
+        for op, n in sorted(dict(sh.errors).items()):
+            errors.add_metric([op], float(n))
+        yield errors
+        outages = CounterMetricFamily("weft_store_outages", "times the store stopped answering")
+        outages.add_metric([], float(sh.outages))
+        yield outages
+        dead = GaugeMetricFamily("weft_threads_dead", "threads of weftd that should run and do not")
+        dead.add_metric([], float(len(d.dead_threads())))
+        yield dead
+        for key, help_text in (("renewals", "lease renewals"), ("renewal_errors", "failed renewals"),
+                               ("reacquired", "leases taken again after they expired unrenewed")):
             c = CounterMetricFamily(f"weft_lease_{key}", help_text)
-            c.add_metric([], float(d.counters.get(key, 0)))
+            c.add_metric([], float(d.counters.get("lease_reacquired" if key == "reacquired" else key, 0)))
             yield c
         if d.store is not None:
             ops = CounterMetricFamily("weft_store_ops", "store operations by kind", labels=["op"])
@@ -104,10 +130,14 @@ class HealthServer:
             def do_GET(self):
                 path = self.path.split("?", 1)[0]
                 if path == "/healthz":
-                    self._send(200, b"ok\n")
+                    dead = daemon.dead_threads()
+                    if dead:
+                        self._send(503, f"thread(s) stopped: {', '.join(dead)}\n".encode())
+                    else:
+                        self._send(200, b"ok\n")
                 elif path == "/readyz":
-                    self._send(200 if daemon.ready else 503,
-                               b"ready\n" if daemon.ready else b"not ready\n")
+                    ok, why = daemon.readiness()
+                    self._send(200 if ok else 503, f"{why}\n".encode())
                 elif path == "/metrics":
                     self._send(200, generate_latest(registry), "text/plain; version=0.0.4")
                 else:

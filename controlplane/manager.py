@@ -171,13 +171,15 @@ class LeaseWatcher:
     starting from ``config_text`` (the text the caller runs with)."""
 
     def __init__(self, store: Store, on_event: Callable[[LeaseEvent], None],
-                 poll_timeout: float = 1.0, retry_interval: float = 1.0,
+                 poll_timeout: float = 1.0, retry_interval: float = 0.25,
+                 max_retry_interval: float = 1.0,
                  config: NetworkConfig | None = None,
                  on_config: Callable[[str | None], None] | None = None, config_text: str | None = None):
         self.store = store
         self.on_event = on_event
         self.poll_timeout = poll_timeout
         self.retry_interval = retry_interval
+        self.max_retry_interval = max_retry_interval
         self.config = config
         self.on_config = on_config
         self.config_text = config_text if config_text is not None else (config.raw if config else None)
@@ -231,7 +233,11 @@ class LeaseWatcher:
             self._foreign(f.name, f.revision)
         self.invalid.keep_only({subnet_key(s) for s in refused} | {f.name for f in scan.foreign})
         for subnet in [s for s in self.known if s not in current]:
-            self._emit("removed", self.known.pop(subnet), refused.get(subnet, ""))
+            old, reason = self.known.pop(subnet), refused.get(subnet, "")
+            # Gone while history was lost: past its expiration it expired (a node that could not
+            # renew, e.g. through a long store outage), else someone deleted it.
+            expired = not reason and old.expiration is not None and old.expiration <= time.time() + 1
+            self._emit("expired" if expired else "removed", old, reason)
         for subnet, lease in current.items():
             old = self.known.get(subnet)
             if old is None:
@@ -271,36 +277,48 @@ class LeaseWatcher:
                 self._emit("expired" if expired else "removed", old)
 
     def run(self, stop: threading.Event) -> None:
+        """Follow the store until ``stop``. Never returns early: every failure (the store away,
+        a corrupt file, a bug) is counted and retried, waiting ``retry_interval`` at first and
+        twice as long after each failure in a row, up to ``max_retry_interval``. A store that is
+        away is logged by the store monitor (once per outage); anything else once per streak."""
         need_list = True
+        delay = self.retry_interval
+        failing = False
         while not stop.is_set():
             watch = None
             try:
                 if need_list:
                     self.resync()
                     need_list = False
+                    delay, failing = self.retry_interval, False
                 watch = self.store.watch(self.revision)
                 while not stop.is_set():
                     for event in watch.get(self.poll_timeout):
                         self.revision = max(self.revision, event.revision)
                         self._apply(event)
+                        delay, failing = self.retry_interval, False
             except WatchCompacted as exc:
                 self.stats["resyncs"] += 1
                 log.info("watch fell behind (%s); re-listing", exc)
                 need_list = True
-            except StoreUnavailable as exc:
+            except Exception as exc:
                 self.stats["errors"] += 1
-                log.warning("store unavailable: %s; retrying", exc)
-                stop.wait(self.retry_interval)
-            except StoreError as exc:
-                self.stats["errors"] += 1
-                log.warning("watch failed: %s; re-listing", exc)
-                need_list = True
-                stop.wait(self.retry_interval)
-            except Exception:  # a bug or input nobody foresaw: the daemon keeps following leases
-                self.stats["errors"] += 1
-                log.exception("watch failed unexpectedly; re-listing")
-                need_list = True
-                stop.wait(self.retry_interval)
+                if isinstance(exc, StoreUnavailable):
+                    log.debug("watch: store unavailable: %s; retrying in %.2f s", exc, delay)
+                elif isinstance(exc, StoreError):
+                    if not failing:
+                        log.warning("watch failed: %s; re-listing (retrying with backoff)", exc)
+                    need_list = True
+                else:  # a bug or input nobody foresaw: the daemon keeps following leases
+                    if not failing:
+                        log.exception("watch failed unexpectedly; re-listing (retrying with backoff)")
+                    need_list = True
+                failing = True
+                stop.wait(delay)
+                delay = min(delay * 2, self.max_retry_interval)
             finally:
                 if watch is not None:
-                    watch.close()
+                    try:
+                        watch.close()
+                    except Exception:  # closing a broken watch must not end the thread
+                        pass

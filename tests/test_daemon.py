@@ -205,11 +205,11 @@ def test_notifies_systemd_when_ready(tmp_path):
 
 
 def test_source_guard_is_refused_where_it_cannot_work(tmp_path):
-    """--source-guard is vxlan/kernel's opt-in: on a data plane that cannot check a tunnel
-    header (host-gw, alloc) weftd refuses it in one line instead of running unguarded."""
+    """--source-guard is vxlan/kernel's and host-gw/kernel's opt-in: on a backend that has no
+    guard (alloc) weftd refuses it in one line instead of running unguarded."""
     store_args = ["--store", f"sqlite://{tmp_path}/weft.db"]
-    put_config(store_args, '{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}')
+    put_config(store_args, '{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}')
     d = Weftd(str(tmp_path), 1, store_args, extra=["--source-guard"]).start()
     assert d.wait(20) == 1
     errors = [l for l in d.log().splitlines() if " ERROR " in l]
-    assert len(errors) == 1 and "--source-guard: not available on host-gw/kernel" in errors[0], d.log()
+    assert len(errors) == 1 and "--source-guard: not available on alloc/kernel" in errors[0], d.log()

@@ -221,3 +221,19 @@ def test_watcher_reports_each_new_config_text(store):
         stop.set()
         t.join()
     assert seen == ["garbage", CONFIG.raw, "other"]
+
+
+def test_relist_tells_an_expired_lease_from_a_deleted_one(store):
+    """Leases gone while the watcher's history was lost (a long outage, a compaction): one past
+    its expiration expired (its node could not renew: weftd takes its own again), the other was
+    deleted (weftd treats its own as revoked)."""
+    events = []
+    w = LeaseWatcher(store, lambda e: events.append((e.kind, e.lease.subnet)), config=CONFIG)
+    short = LeaseManager(store, ttl=1).acquire(CONFIG, attrs(1))
+    deleted = LeaseManager(store, ttl=3600).acquire(CONFIG, attrs(2))
+    w.resync()
+    store.delete_lease(deleted.subnet)
+    time.sleep(1.2)  # past the 1 s TTL
+    w.resync()
+    assert events[2:] == [("expired", short.subnet), ("removed", deleted.subnet)] or \
+        events[2:] == [("removed", deleted.subnet), ("expired", short.subnet)], events

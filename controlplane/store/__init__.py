@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 
 from .base import (ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError,
-                   StoreEvent, StoreUnavailable, SubnetScan, Watch, WatchCompacted)
+                   StoreCorrupt, StoreEvent, StoreUnavailable, SubnetScan, Watch, WatchCompacted)
 
 DEFAULT_PREFIX = "/coreos.com/network"
 DEFAULT_ETCD_ENDPOINTS = ("http://127.0.0.1:4001", "http://127.0.0.1:2379")
@@ -63,7 +63,7 @@ def open_store(url: str, prefix: str = DEFAULT_PREFIX, etcd: EtcdOptions | None 
     raise StoreError(f"--store {url!r}: unknown store (use sqlite:///PATH, etcd or etcd://HOST:PORT)")
 
 
-__all__ = ["open_store", "EtcdOptions", "Store", "StoreError", "StoreUnavailable", "LeaseExists",
+__all__ = ["open_store", "EtcdOptions", "Store", "StoreError", "StoreUnavailable", "StoreCorrupt", "LeaseExists",
            "LeaseNotFound", "LeaseRecord", "StoreEvent", "ForeignKey", "SubnetScan", "Watch",
            "WatchCompacted", "STORES",
            "DEFAULT_PREFIX", "DEFAULT_SQLITE_URL", "DEFAULT_ETCD_ENDPOINTS"]

@@ -37,6 +37,11 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached right now; the caller may retry."""
 
 
+class StoreCorrupt(StoreUnavailable):
+    """The store's data cannot be read (a SQLite file that is no database any more). A running
+    daemon retries (the file may be restored); a daemon starting stops with this one line."""
+
+
 class LeaseExists(StoreError):
     pass
 

@@ -24,7 +24,7 @@ from collections import Counter
 from ..lease import LeaseFormatError, parse_subnet_key, subnet_key
 from .base import (ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError,
                    StoreEvent, StoreUnavailable, SubnetScan, Watch, WatchCompacted)
-from .base import ClaimChanged, ClaimRecord
+from .base import ClaimChanged, ClaimRecord, StoreCorrupt
 
 HISTORY_KEEP = 20000  # events kept for watchers that fall behind
 COMPACT_EVERY = 2000  # revisions between compactions
@@ -80,6 +80,14 @@ _CLAIMS_SCHEMA = """CREATE TABLE IF NOT EXISTS claims (
 CREATE_MODES = ("never", "file", "parents")
 
 
+def _inode_of(path: str) -> int | None:
+    """The file's inode (None: gone): a file moved aside or replaced has another."""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
 def _connect(path: str, must_exist: bool = False) -> sqlite3.Connection:
     if must_exist:  # SQLite's own check, so nothing is created even if the file goes meanwhile
         target, uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw", True
@@ -110,54 +118,111 @@ class SQLiteStore(Store):
         if create == "file" and not os.path.isdir(directory):
             raise StoreError(f"store sqlite://{path}: directory {directory} does not exist"
                              " (check --store)")
+        self._create = create
+        self._claims_ready = False
+        self._conn: sqlite3.Connection | None = None
+        self._inode = 0
         try:
             if create == "parents":
                 os.makedirs(directory, exist_ok=True)
-            self._conn = _connect(path, must_exist=create == "never")
-            # journal_mode needs a moment of exclusive access; racing openers retry via busy_timeout.
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._write(lambda c: c.executescript(_SCHEMA) and None, op="init", script=True)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"sqlite store {path}: {exc}") from None
         except OSError as exc:
             raise StoreError(f"sqlite store {path}: {exc.strerror}") from None
+        with self._lock:
+            self._open()
+
+    def _open(self) -> None:
+        """(Re)connect and make sure the schema is there; the caller holds the lock."""
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+            self._conn = None
+        try:
+            conn = _connect(self.path, must_exist=self._create == "never")
+            try:
+                # journal_mode needs a moment of exclusive access; racing openers retry via busy_timeout.
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(_SCHEMA)
+                self._inode = os.stat(self.path).st_ino
+            except BaseException:
+                conn.close()
+                raise
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
+        except OSError as exc:
+            raise StoreUnavailable(f"sqlite store {self.path}: {exc.strerror}") from None
+        self._conn = conn
+        self._claims_ready = False
+
+    def _error(self, exc: sqlite3.Error) -> StoreError:
+        """A sqlite3 error as one line naming the file. The connection is reopened by the next
+        operation: a file replaced, restored or repaired meanwhile is then read afresh."""
+        self._broken = True
+        text = str(exc)
+        if not isinstance(exc, sqlite3.OperationalError) and isinstance(exc, sqlite3.DatabaseError) \
+                and ("not a database" in text or "malformed" in text):
+            return StoreCorrupt(f"store file {os.path.abspath(self.path)} is not a weft SQLite database"
+                                f" (corrupt?): move it aside and restart weftd; leases will be"
+                                f" re-acquired (sqlite: {text})")
+        if isinstance(exc, sqlite3.DatabaseError):  # read-only, disk full, I/O error, locked
+            return StoreUnavailable(f"sqlite store {self.path}: {text}")
+        return StoreError(f"sqlite store {self.path}: {text}")
+
+    _broken = False
+
+    def _ready_conn(self, write: bool) -> sqlite3.Connection:
+        """The connection, reopened after an error or when the file was replaced; the caller holds
+        the lock. A write into a file that is no longer writable is refused here, as SQLite refuses
+        it to every connection opened since (this one's open descriptor would still write)."""
+        inode = _inode_of(self.path)
+        if self._broken or self._conn is None or inode != self._inode:
+            self._broken = True
+            self._open()
+            self._broken = False
+        if write and not os.access(self.path, os.W_OK):
+            raise StoreUnavailable(f"sqlite store {self.path}: attempt to write a readonly database"
+                                   " (the file is not writable)")
+        return self._conn
 
     # -- transactions --------------------------------------------------------------------
-    def _write(self, fn, op: str, script: bool = False):
+    def _write(self, fn, op: str):
         """Run ``fn(conn)`` in one IMMEDIATE transaction; expired keys are reaped first."""
         with self._lock:
             self._ops[op] += 1
             try:
-                if script:  # executescript commits on its own
-                    return fn(self._conn)
-                self._conn.execute("BEGIN IMMEDIATE")
+                conn = self._ready_conn(write=True)
+                conn.execute("BEGIN IMMEDIATE")
                 try:
-                    self._reap(self._conn)
-                    result = fn(self._conn)
-                    self._conn.execute("COMMIT")
+                    self._reap(conn)
+                    result = fn(conn)
+                    conn.execute("COMMIT")
                     return result
                 except BaseException:
-                    self._conn.execute("ROLLBACK")
+                    try:  # SQLite may have rolled back already (disk full): keep the first error
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
                     raise
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"sqlite store {self.path}: {exc}") from None
-            except sqlite3.DatabaseError as exc:
-                raise StoreError(f"sqlite store {self.path}: {exc}") from None
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
 
     def _read(self, fn, op: str):
         with self._lock:
             self._ops[op] += 1
             try:
-                self._conn.execute("BEGIN")
+                conn = self._ready_conn(write=False)
+                conn.execute("BEGIN")
                 try:
-                    return fn(self._conn)
+                    return fn(conn)
                 finally:
-                    self._conn.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"sqlite store {self.path}: {exc}") from None
-            except sqlite3.DatabaseError as exc:
-                raise StoreError(f"sqlite store {self.path}: {exc}") from None
+                    try:
+                        conn.execute("COMMIT")
+                    except sqlite3.Error:
+                        pass
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
 
     @staticmethod
     def _next_revision(conn: sqlite3.Connection) -> int:
@@ -186,9 +251,8 @@ class SQLiteStore(Store):
     def reap_expired(self) -> None:
         """Turn expired keys into delete events now (readers already ignore them)."""
         now = time.time()
-        with self._lock:
-            due = self._conn.execute("SELECT 1 FROM kv WHERE expires IS NOT NULL AND expires <= ?"
-                                     " LIMIT 1", (now,)).fetchone()
+        due = self._read(lambda c: c.execute("SELECT 1 FROM kv WHERE expires IS NOT NULL AND"
+                                             " expires <= ? LIMIT 1", (now,)).fetchone(), op="reap_check")
         if due:
             self._write(lambda c: None, op="reap")
 
@@ -279,7 +343,7 @@ class SQLiteStore(Store):
     def _claims(self) -> None:
         """Create the claims table on first use (a read first: daemons starting at once need
         not queue for the write lock just to find it there)."""
-        if getattr(self, "_claims_ready", False):
+        if self._claims_ready:
             return
         if not self._read(lambda c: c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
                                               " AND name = 'claims'").fetchone(), op="init_claims"):
@@ -343,21 +407,32 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
 
 
 class _SQLiteWatch(Watch):
     def __init__(self, store: SQLiteStore, since: int):
         self._store = store
         self._since = since
-        self._conn = _connect(store.path)
         self._closed = False
+        self._inode = _inode_of(store.path)
+        try:
+            self._conn = _connect(store.path)
+        except sqlite3.Error as exc:
+            raise store._error(exc) from None
 
     def _poll(self) -> list[StoreEvent]:
         conn = self._conn
         conn.execute("BEGIN")
         try:
+            if _inode_of(self._store.path) != self._inode:
+                raise StoreUnavailable(f"sqlite store {self._store.path}: the file was replaced")
             compacted = conn.execute("SELECT value FROM meta WHERE name = 'compacted'").fetchone()[0]
+            revision = conn.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0]
+            if revision < self._since:  # an older file (restored from a backup): history differs
+                raise WatchCompacted(f"revision {self._since} is past the store's {revision}"
+                                     " (file restored from an older copy?)")
             if self._since < compacted:
                 raise WatchCompacted(f"revision {self._since} is compacted (oldest kept {compacted + 1})")
             rows = conn.execute(
@@ -365,7 +440,10 @@ class _SQLiteWatch(Watch):
                 " WHERE revision > ? AND prefix = ? ORDER BY revision LIMIT 1000",
                 (self._since, self._store.prefix)).fetchall()
         finally:
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error:
+                pass
         events = []
         for rev, key, kind, value, expires, expired in rows:
             self._since = rev
@@ -392,8 +470,8 @@ class _SQLiteWatch(Watch):
         while not self._closed:
             try:
                 events = self._poll()
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"sqlite store {self._store.path}: {exc}") from None
+            except sqlite3.Error as exc:
+                raise self._store._error(exc) from None
             if events:
                 return events
             left = deadline - time.monotonic()
@@ -404,4 +482,7 @@ class _SQLiteWatch(Watch):
 
     def close(self) -> None:
         self._closed = True
-        self._conn.close()
+        try:
+            self._conn.close()
+        except sqlite3.Error:
+            pass
