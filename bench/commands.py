@@ -151,6 +151,8 @@ class GateCommand(Command):
         p.add_argument("--loss-tolerance", type=float, default=DEFAULT_LOSS_TOLERANCE,
                        help="allowed rise of ping loss over the baseline's, in percentage points "
                             f"(default {DEFAULT_LOSS_TOLERANCE})")
+        p.add_argument("--backends", help="judge only these backends of the baseline (comma-separated; "
+                                          "default: every one, and one missing from the run fails)")
 
     def run(self, args) -> int:
         from .gate import gate
@@ -158,8 +160,12 @@ class GateCommand(Command):
             raise UsageError("--tolerance must be between 0 and 1")
         if args.latency_tolerance <= 0 or args.loss_tolerance < 0:
             raise UsageError("--latency-tolerance must be above 0 and --loss-tolerance at least 0")
-        findings, notes = gate(_load(args.baseline), _load(args.result), args.tolerance,
-                               args.latency_tolerance, args.loss_tolerance)
+        only = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+        try:
+            findings, notes = gate(_load(args.baseline), _load(args.result), args.tolerance,
+                                   args.latency_tolerance, args.loss_tolerance, only)
+        except ValueError as exc:
+            raise UsageError(f"--backends: {exc}") from None
         for f in findings:
             print(f.line())
         for n in notes:

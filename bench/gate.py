@@ -61,14 +61,22 @@ GATED = (("ratio_to_bare", "tolerance", True, True),
 
 def gate(baseline: dict, current: dict, tolerance: float = DEFAULT_TOLERANCE,
          latency_tolerance: float = DEFAULT_LATENCY_TOLERANCE,
-         loss_tolerance: float = DEFAULT_LOSS_TOLERANCE) -> tuple[list[Finding], list[str]]:
-    """A finding for every gated metric of every backend of the baseline, and notes on what the
-    baseline cannot judge and on backends it does not have."""
+         loss_tolerance: float = DEFAULT_LOSS_TOLERANCE,
+         only: list[str] | None = None) -> tuple[list[Finding], list[str]]:
+    """A finding for every gated metric of every backend of the baseline (or of ``only``, names
+    the baseline must have), and notes on what the baseline cannot judge and on backends it does
+    not have."""
     tolerances = {"tolerance": tolerance, "latency_tolerance": latency_tolerance,
                   "loss_tolerance": loss_tolerance}
     findings, notes = [], []
     now = current.get("backends", {})
-    for name, base in baseline.get("backends", {}).items():
+    judged = baseline.get("backends", {})
+    if only is not None:
+        unknown = [n for n in only if n not in judged]
+        if unknown:
+            raise ValueError(f"not in the baseline: {', '.join(unknown)} (it has {', '.join(judged)})")
+        judged = {n: judged[n] for n in only}
+    for name, base in judged.items():
         cur = now.get(name)
         if base.get("status") != "ok":
             notes.append(f"{name}: {base.get('status')} in the baseline ({base.get('reason', '')}): "
@@ -100,6 +108,8 @@ def gate(baseline: dict, current: dict, tolerance: float = DEFAULT_TOLERANCE,
     for name in now:
         if name not in baseline.get("backends", {}):
             notes.append(f"{name}: not in the baseline, so not judged")
+        elif only is not None and name not in only:
+            notes.append(f"{name}: not in --backends, so not judged")
     return findings, notes
 
 
