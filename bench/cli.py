@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "baseline": ("bench.commands:BaselineCommand", "merge consecutive runs into a baseline (medians)"),
     "micro": ("bench.commands:MicroCommand", "micro-benchmarks (pytest-benchmark), compared as ratios"),
     "flood": ("bench.flood:FloodCommand", "flood each data plane with hostile datagrams; count every one"),
+    "faults": ("bench.faults:FaultsCommand", "inject and heal faults under traffic; what was lost, what recovered"),
 }
 
 _TRUE = {"1", "true", "yes", "on", "y", "t"}

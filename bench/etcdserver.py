@@ -64,7 +64,8 @@ class EtcdServer:
                  peer_port: int | None = None, name: str = "weft-etcd",
                  auth_password: str | None = None, health_timeout: float = HEALTH_TIMEOUT,
                  extra_args: Sequence[str] = (), die_with_parent: bool = False,
-                 start: bool = True):
+                 start: bool = True, initial_cluster: str | None = None, cluster_token: str | None = None,
+                 wait_healthy: bool = True):
         self.tls = tls
         self.pki = pki
         self.netns = netns
@@ -75,6 +76,11 @@ class EtcdServer:
         self.health_timeout = health_timeout
         self.extra_args = list(extra_args)
         self.die_with_parent = die_with_parent
+        # a member of a cluster: every member's name=peer URL, one token; the first members cannot be
+        # healthy before a quorum runs, so the caller waits (``wait_healthy=False``, then ``_wait_healthy``)
+        self.initial_cluster = initial_cluster
+        self.cluster_token = cluster_token
+        self.wait_healthy = wait_healthy
         self.user: str | None = None
         self.password: str | None = None
         self.proc: subprocess.Popen | None = None
@@ -154,8 +160,9 @@ class EtcdServer:
                 "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                 "--listen-peer-urls", self.peer_url,
                 "--initial-advertise-peer-urls", self.peer_url,
-                "--initial-cluster", f"{self.name}={self.peer_url}",
-                "--initial-cluster-state", "new", "--initial-cluster-token", f"{self.name}-{os.getpid()}",
+                "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
+                "--initial-cluster-state", "new",
+                "--initial-cluster-token", self.cluster_token or f"{self.name}-{os.getpid()}",
                 "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
                 "--quota-backend-bytes", str(128 * 1024 * 1024), "--snapshot-count", "10000",
                 "--enable-v2=false",
@@ -164,13 +171,15 @@ class EtcdServer:
                 argv += ["--cert-file", self.pki["server"], "--key-file", self.pki["server_key"],
                          "--trusted-ca-file", self.pki["ca"], "--client-cert-auth"]
             argv += self.extra_args
+            self._argv = argv
             self._log = open(self.log_path, "ab")
             self.proc = subprocess.Popen(self._wrap(argv), stdin=subprocess.DEVNULL,
                                          stdout=self._log, stderr=subprocess.STDOUT,
                                          start_new_session=True,
                                          preexec_fn=_die_with_parent if self.die_with_parent else None)
             atexit.register(self.stop)
-            self._wait_healthy()
+            if self.wait_healthy:
+                self._wait_healthy()
             if self._auth_password is not None:
                 self.enable_auth(self._auth_password)
         except BaseException:
@@ -231,6 +240,23 @@ class EtcdServer:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
         self.user = self.password = None  # the data (users included) went with the data dir
+
+    def kill(self) -> None:
+        """SIGKILL the server and keep its data dir (a crash); ``restart`` starts it again on it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=STOP_TIMEOUT)
+
+    def restart(self) -> None:
+        """Start the killed server again: same data dir, ports, certificates and flags; wait until healthy."""
+        if self.proc is None or self.tmpdir is None:
+            raise EtcdServerError("restart: the server was never started or was stopped (data dir gone)")
+        if self.proc.poll() is None:
+            raise EtcdServerError(f"restart: etcd (pid {self.proc.pid}) is still running")
+        self.proc = subprocess.Popen(self._wrap(self._argv), stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent if self.die_with_parent else None)
+        self._wait_healthy()
 
     def __enter__(self) -> "EtcdServer":
         return self.start()

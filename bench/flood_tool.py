@@ -17,10 +17,12 @@ reached the device. One binary, three modes:
     stopped (it raises SIGSTOP once its socket is ready); stops on SIGTERM or after MAXSEC; prints
     one JSON line (sent, send errors).
 
-``recv ADDR PORT MAXSEC MAXSEQ``
+``recv ADDR PORT MAXSEC MAXSEQ [TRACE]``
     Counts the stream's datagrams by sequence number (a bitmap: unique, duplicates, reordered,
     foreign), with an 8 MB receive buffer: the app shares node 2's CPU with the flood, and its
     own lag is not the data plane's loss. Stops on SIGTERM or after MAXSEC; prints one JSON line.
+    With TRACE (``bench faults``), writes per unique datagram ``u64 seq, f64 sent, f64 received``
+    (CLOCK_MONOTONIC seconds; the sender stamps its send time at bytes 16..23 when SIZE >= 24).
 """
 from __future__ import annotations
 
@@ -187,6 +189,7 @@ static int sender(int argc, char **argv) {
         if (tokens < 1) { nap((1 - tokens) / rate); continue; }
         uint64_t be = __builtin_bswap64(seq);
         memcpy(buf, &be, 8);
+        if (size >= 24) { double st = now(); memcpy(buf + 16, &st, 8); }   /* send time (bench faults) */
         if (send(fd, buf, size, 0) == size) { seq++; tokens -= 1; }
         else if (errno != EINTR) { errors++; tokens -= 1; }
     }
@@ -196,7 +199,9 @@ static int sender(int argc, char **argv) {
 }
 
 static int receiver(int argc, char **argv) {
-    if (argc != 6) { fprintf(stderr, "usage: recv ADDR PORT MAXSEC MAXSEQ\n"); return 2; }
+    if (argc != 6 && argc != 7) { fprintf(stderr, "usage: recv ADDR PORT MAXSEC MAXSEQ [TRACE]\n"); return 2; }
+    FILE *trace = NULL;        /* bench faults: per unique datagram (u64 seq, f64 sent, f64 received) */
+    if (argc == 7 && !(trace = fopen(argv[6], "wb"))) { perror(argv[6]); return 1; }
     double maxsec = atof(argv[4]);
     uint64_t maxseq = strtoull(argv[5], NULL, 10);
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
@@ -231,10 +236,17 @@ static int receiver(int argc, char **argv) {
         if (seen[seq >> 3] & (1 << (seq & 7))) { dups++; continue; }
         seen[seq >> 3] |= 1 << (seq & 7);
         unique++;
+        if (trace) {
+            double rec[2] = {0, now()};
+            if (r >= 24) memcpy(&rec[0], buf + 16, 8);
+            fwrite(&seq, 8, 1, trace);
+            fwrite(rec, 8, 2, trace);
+        }
         if (any && seq < highest) reordered++;
         if (!any || seq > highest) highest = seq;
         any = 1;
     }
+    if (trace) fclose(trace);
     printf("{\"received\": %llu, \"unique\": %llu, \"duplicates\": %llu, \"reordered\": %llu, "
            "\"foreign\": %llu, \"beyond\": %llu, \"highest\": %lld}\n",
            (unsigned long long)received, (unsigned long long)unique, (unsigned long long)dups,

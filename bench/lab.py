@@ -172,6 +172,7 @@ class Lab:
         self._children: dict[int, subprocess.Popen] = {}
         self._namespaces: set[str] = set()
         self._etcd = None
+        self.etcd_members: list = []   # every member when the scenario's etcd_members > 1 (_etcd: the first)
 
     # -- names ------------------------------------------------------------------------------
     @property
@@ -252,14 +253,15 @@ class Lab:
         """Remove exactly what the ledger lists; idempotent. Returns problems (none: all gone)."""
         if self.ledger is None:
             return []
-        if self._etcd is not None:
-            atexit.unregister(self._etcd.stop)
+        members = self.etcd_members or ([self._etcd] if self._etcd is not None else [])
+        for m in members:
+            atexit.unregister(m.stop)
         problems = teardown(self.ledger, self._children)
-        if self._etcd is not None:
+        for m in members:
             # its process is gone (recorded and stopped above); this only closes its log handle
             with contextlib.suppress(Exception):
-                self._etcd.stop()
-            self._etcd = None
+                m.stop()
+        self._etcd, self.etcd_members = None, []
         self._children.clear()
         return problems
 
@@ -300,7 +302,8 @@ class Lab:
         """The scenario as a dict that ``scenario.from_dict`` reads back (for ``attach``)."""
         s = self.scenario
         lab = {"nodes": s.nodes, "pods_per_node": s.pods_per_node, "underlay": str(s.underlay),
-               "mtu": s.mtu, "store": s.store, "etcd_tls": s.etcd_tls, "prefix": s.prefix,
+               "mtu": s.mtu, "store": s.store, "etcd_tls": s.etcd_tls, "etcd_members": s.etcd_members,
+               "prefix": s.prefix,
                "pod_offloads": s.pod_offloads, "node_cpus": s.node_cpus}
         if s.store_address:
             lab["store_address"] = str(s.store_address)
@@ -440,23 +443,36 @@ class Lab:
             pki = make_pki(pki_dir, [str(s.store_ip)])
         # etcd keeps its data in a temp dir of its own: recorded as soon as it exists; its process
         # runs in <prefix>st, so even a crash before it is recorded leaves nothing down() misses.
-        etcd = EtcdServer(tls=s.etcd_tls, pki=pki, netns=self.store_ns, client_host=str(s.store_ip),
-                          client_port=ETCD_CLIENT_PORT, peer_port=ETCD_PEER_PORT,
-                          name=f"{self.prefix}etcd", start=False)
-        self._etcd = etcd
+        # members = 3: a cluster in the same namespace, member i on ports 2379/2380 + 10000 * i
+        members = [EtcdServer(tls=s.etcd_tls, pki=pki, netns=self.store_ns, client_host=str(s.store_ip),
+                              client_port=ETCD_CLIENT_PORT + 10000 * i, peer_port=ETCD_PEER_PORT + 10000 * i,
+                              name=f"{self.prefix}etcd" + (f"{i}" if i else ""), start=False,
+                              wait_healthy=s.etcd_members == 1)
+                   for i in range(s.etcd_members)]
+        if s.etcd_members > 1:
+            cluster = ",".join(f"{m.name}={m.peer_url}" for m in members)
+            for m in members:
+                m.initial_cluster, m.cluster_token = cluster, f"{self.prefix}etcd-cluster"
+        etcd = members[0]
+        self._etcd, self.etcd_members = etcd, members
         try:
-            etcd.start()
-            atexit.unregister(etcd.stop)  # the lab outlives `bench up`; down() stops it (ledger)
+            for m in members:
+                try:
+                    m.start()
+                    atexit.unregister(m.stop)  # the lab outlives `bench up`; down() stops it (ledger)
+                finally:
+                    if m.tmpdir:
+                        self.ledger.add("file", path=m.tmpdir)
+                    if m.pid:
+                        self.ledger.add("process", pid=m.pid, start=proc_start_time(m.pid),
+                                        role="etcd", ns=self.store_ns)
+            for m in members:
+                m._wait_healthy()
             etcd.etcdctl("put", f"{s.prefix}/config", s.config_text)
         except EtcdServerError as exc:
             raise LabError(f"etcd in {self.store_ns}: {exc}".replace("\n", " | ")) from None
-        finally:
-            if etcd.tmpdir:
-                self.ledger.add("file", path=etcd.tmpdir)
-            if etcd.pid:
-                self.ledger.add("process", pid=etcd.pid, start=proc_start_time(etcd.pid),
-                                role="etcd", ns=self.store_ns)
-        self.store = {"kind": "etcd", "namespace": self.store_ns, "endpoint": etcd.endpoint,
+        self.store = {"kind": "etcd", "namespace": self.store_ns,
+                      "endpoint": ",".join(m.endpoint for m in members),
                       "prefix": s.prefix, "pid": etcd.pid, "data": etcd.tmpdir,
                       "pki": ({"ca": pki["ca"], "cert": pki["client"], "key": pki["client_key"]}
                               if pki else None)}

@@ -12,6 +12,7 @@ Every key has a default, so ``name = "x"`` alone is a valid three-node SQLite/vx
     mtu = 1500                    # the nodes' eth0 MTU
     store = "sqlite"              # or "etcd" (an etcd in namespace <prefix>st)
     etcd_tls = false              # etcd only: client TLS with a PKI made for the run
+    etcd_members = 1              # etcd only: 1, or 3 (a cluster in <prefix>st, client ports 2379, 12379, 22379)
     prefix = "/coreos.com/network"
     pod_offloads = true           # false: ethtool -K eth0 tso off gso off in every pod
     node_cpus = true              # one CPU per node: its weftd and its receive path (see Lab)
@@ -60,8 +61,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SCENARIO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 TOP_KEYS = ("name", "description", "lab", "network", "nodes", "weftd")
-LAB_KEYS = ("nodes", "pods_per_node", "underlay", "mtu", "store", "etcd_tls", "prefix",
+LAB_KEYS = ("nodes", "pods_per_node", "underlay", "mtu", "store", "etcd_tls", "etcd_members", "prefix",
             "pod_offloads", "node_cpus", "store_address")
+ETCD_MEMBERS = (1, 3)
 NODE_KEYS = ("dataplane",)
 WEFTD_KEYS = ("flags", "env", "exec_start")
 
@@ -93,6 +95,7 @@ class Scenario:
     mtu: int = 1500
     store: str = "sqlite"
     etcd_tls: bool = False
+    etcd_members: int = 1
     prefix: str = DEFAULT_PREFIX
     pod_offloads: bool = True
     node_cpus: bool = True
@@ -219,6 +222,11 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
     etcd_tls = _get(path, lab, "etcd_tls", "lab.", bool, False)
     if etcd_tls and store != "etcd":
         raise _fail(path, "lab.etcd_tls", "needs store = \"etcd\"")
+    etcd_members = _get(path, lab, "etcd_members", "lab.", int, 1)
+    if etcd_members not in ETCD_MEMBERS:
+        raise _fail(path, "lab.etcd_members", f"{etcd_members} is not one of {', '.join(map(str, ETCD_MEMBERS))}")
+    if etcd_members > 1 and store != "etcd":
+        raise _fail(path, "lab.etcd_members", "needs store = \"etcd\"")
     prefix = _get(path, lab, "prefix", "lab.", str, DEFAULT_PREFIX)
     if not prefix.startswith("/") or prefix.rstrip("/") == "" or any(c.isspace() for c in prefix):
         raise _fail(path, "lab.prefix", f"{prefix!r} must be an absolute key path like \"/coreos.com/network\"")
@@ -306,7 +314,7 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
             raise _fail(path, "weftd.exec_start", f"must start with {' or '.join(DAEMON_NAMES)}")
 
     return Scenario(name=name, path=path, nodes=nodes, pods_per_node=pods, underlay=underlay,
-                    mtu=mtu, store=store, etcd_tls=etcd_tls, prefix=prefix,
+                    mtu=mtu, store=store, etcd_tls=etcd_tls, etcd_members=etcd_members, prefix=prefix,
                     pod_offloads=pod_offloads, node_cpus=node_cpus, store_address=store_address,
                     config_text=config_text, network=network, node_overrides=overrides,
                     weftd=WeftdSpec(tuple(flags), dict(env), exec_start), description=description)
