@@ -32,6 +32,7 @@ import json
 import os
 import re
 import signal
+import sys
 import subprocess
 import time
 from dataclasses import dataclass
@@ -535,6 +536,10 @@ class FaultsCommand(Command):
         print(f"\nwrote {', '.join(paths)}")
         if not any(r.get("status") == "ok" for r in doc["rows"]):
             raise Failure("no fault could be measured")
+        missed = [f"{r['backend']} {r['fault']}" for r in doc["rows"] if r.get("verdict") == "missed"]
+        if missed:  # a fault lab whose goals are missed must be able to fail a pipeline
+            print(f"bench faults: {len(missed)} row(s) missed their goal: {', '.join(missed)}", file=sys.stderr)
+            return 1
         return 0
 
 

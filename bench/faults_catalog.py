@@ -122,8 +122,9 @@ class WeftdRestart(Fault):
         self.number = "3a" if kill else "3b"
         self.title = ("weftd killed (-9) under traffic, started again" if kill
                       else "weftd stopped with SIGTERM and started again (an upgrade)")
-        self.goal = ("kernel/ebpf planes: 0 lost; userspace planes: the gap measured and reported (the engine "
-                     "lives in weftd); TCP does not reset; same subnet; no other exit; every node's peers right again")
+        self.goal = ("0 lost, on every plane (issue 12: the userspace engines must outlive their daemon; today "
+                     "they run inside weftd, so those rows miss and show the gap); TCP does not reset; same "
+                     "subnet; no other exit; every node's peers right again")
 
     def run(self, ctx) -> None:
         ctx.mark("inject")
@@ -135,12 +136,10 @@ class WeftdRestart(Fault):
     def checks(self, ctx, row) -> list[dict]:
         dp = row["data_plane"]
         out = []
-        if userspace(ctx.backend):
-            out.append(check("loss while the engine was down (reported, not a goal)", None,
-                             f"{dp.get('lost')} lost, longest gap {dp.get('longest_gap_ms')} ms",
-                             required=False))
-        else:
-            out.append(lost_zero(row))
+        lost = lost_zero(row)
+        if userspace(ctx.backend) and lost["ok"] is False:
+            lost["value"] += " (the engine runs inside weftd and stops with it)"
+        out.append(lost)
         ready = row["ready_after_restart_s"].get(TARGET)
         out.append(check(f"node {TARGET}'s weftd ready again", bool(ready), f"{ready[0]} s after the start"
                          if ready else "not ready"))
