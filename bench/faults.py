@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from .cli import Command, Failure, UsageError
 from .lab import HEALTHZ_PORT, Lab, LabError, alive, venv_python
 from .netns import http_get
+from .procs import read_text
 
 SCHEMA = "weft-faults/1"
 TICK_S = 0.25
@@ -90,16 +91,8 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 def weftctl(lab: Lab, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     """weftctl against the lab's store, from node 1's namespace (where the store is reachable)."""
-    s = lab.store
-    if s["kind"] == "sqlite":
-        flags = ["--store", s["url"], "-etcd-prefix", s["prefix"]]
-    else:
-        flags = ["-etcd-endpoints", s["endpoint"], "-etcd-prefix", lab.scenario.prefix]
-        if s.get("pki"):
-            flags += ["-etcd-cafile", s["pki"]["ca"], "-etcd-certfile", s["pki"]["cert"],
-                      "-etcd-keyfile", s["pki"]["key"]]
     try:
-        return lab.exec(lab.node(1).namespace, [venv_python(), "-m", "controlplane.ctl", *flags, *args],
+        return lab.exec(lab.node(1).namespace, [venv_python(), "-m", "controlplane.ctl", *lab.store_flags(), *args],
                         timeout=timeout)
     except LabError as exc:
         return subprocess.CompletedProcess(args, 124, "", str(exc))
@@ -264,7 +257,7 @@ class FaultRun:
         streams = Streams(lab, self.tool, fault.name, rate=plan.stream_rate, bound_s=fault.bound_s(plan) + 60)
         tcp = TcpStream(lab, pods[1], pods[2])
         row["leases_before"] = leases(lab)
-        row["subnet_env_before"] = {n.index: _read(n.subnet_file) for n in lab.nodes}
+        row["subnet_env_before"] = {n.index: read_text(n.subnet_file) for n in lab.nodes}
         pids_before = {n.index: n.pid for n in lab.nodes}
         log_sizes = {n.index: _size(n.log) for n in lab.nodes}
         self.mark("start")
@@ -301,7 +294,7 @@ class FaultRun:
         row["ready_after_restart_s"] = {n: [round(t - self.marks.get("heal", t), 3) for t in ts]
                                         for n, ts in self.ready_at.items()}
         row["leases_after"] = leases(lab)
-        row["subnet_env_after"] = {n.index: _read(n.subnet_file) for n in lab.nodes}
+        row["subnet_env_after"] = {n.index: read_text(n.subnet_file) for n in lab.nodes}
         row["programmed_after"] = programmed_everywhere(lab)
         row["health"] = self.health_summary()
         row["log"] = {n.index: _log_lines(n.log, log_sizes[n.index]) for n in lab.nodes}
@@ -363,14 +356,6 @@ def e2e_probe():
     return programmed
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def _size(path: str) -> int:
     try:
         return os.path.getsize(path)
@@ -379,7 +364,7 @@ def _size(path: str) -> int:
 
 
 def _log_tail(path: str) -> str:
-    lines = _read(path).strip().splitlines()
+    lines = read_text(path).strip().splitlines()
     return " | ".join(lines[-3:])[-400:]
 
 

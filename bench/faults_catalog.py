@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 
-from .procs import _signal
+from .procs import _signal, read_text
 
 TARGET = 2   # the node a node fault hits: pod 1x1 -> pod 2x1 carries the TCP stream
 
@@ -213,7 +213,7 @@ class ConfigChange(Fault):
         ctx.notes["changed_config"] = changed
         ctx.notes["put_changed"] = {"status": put.returncode, "output": (put.stderr or put.stdout).strip()[-200:]}
         ctx.idle(ctx.plan.config_change_s)
-        ctx.notes["subnet_env_mid_fault"] = {n.index: _read(n.subnet_file) for n in lab.nodes}
+        ctx.notes["subnet_env_mid_fault"] = {n.index: read_text(n.subnet_file) for n in lab.nodes}
         ctx.mark("heal")
         back = weftctl(lab, "config", "put", paths["original"])
         ctx.notes["put_original"] = {"status": back.returncode, "output": (back.stderr or back.stdout).strip()[-200:]}
@@ -537,14 +537,6 @@ def _extra_lease(lab) -> tuple[str, str, str]:
     if isinstance(value.get("BackendData"), dict) and "VtepMAC" in value["BackendData"]:
         value["BackendData"]["VtepMAC"] = "02:66:61:75:6c:74"
     return ip, f"{s.prefix}/subnets/{subnet.replace('/', '-')}", json.dumps(value, separators=(",", ":"))
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 FAULTS: list[Fault] = [EtcdOutage(), EtcdLeader(), WeftdRestart(signal.SIGKILL), WeftdRestart(signal.SIGTERM), NodePause(),

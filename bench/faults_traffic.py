@@ -26,23 +26,15 @@ import time
 from dataclasses import dataclass, field
 
 from .lab import Lab, LabError
-from .procs import proc_state
+from .procs import proc_state, read_text
 
 PORT_BASE = 7100
 TCP_PORT = 7199
 TRACE = struct.Struct("<Qdd")
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def _json_tail(path: str) -> dict | None:
-    for line in reversed(_read(path).splitlines()):
+    for line in reversed(read_text(path).splitlines()):
         line = line.strip()
         if line.startswith("{"):
             try:
@@ -102,10 +94,10 @@ class Streams:
                                                    str(maxseq), s.trace],
                                    log=s.recv_log, role=f"faults: stream {s.name} receiver")
         for s in self.streams:
-            _wait(lambda s=s: "ready" in _read(s.recv_log) or s.receiver.poll() is not None, 10,
-                  f"stream {s.name}: the receiver did not get ready ({_read(s.recv_log).strip()[-200:]})")
+            _wait(lambda s=s: "ready" in read_text(s.recv_log) or s.receiver.poll() is not None, 10,
+                  f"stream {s.name}: the receiver did not get ready ({read_text(s.recv_log).strip()[-200:]})")
             if s.receiver.poll() is not None:
-                raise LabError(f"stream {s.name}: the receiver exited: {_read(s.recv_log).strip()[-200:]}")
+                raise LabError(f"stream {s.name}: the receiver exited: {read_text(s.recv_log).strip()[-200:]}")
         for s in self.streams:
             src, dst = self.pods[s.src], self.pods[s.dst]
             s.sender = lab.spawn(src.namespace, [self.tool, "send", dst.ip, str(s.port), str(self.rate),
@@ -115,7 +107,7 @@ class Streams:
             _wait(lambda s=s: proc_state(s.sender.pid) in ("T", "t") or s.sender.poll() is not None, 10,
                   f"stream {s.name}: the sender did not get ready")
             if s.sender.poll() is not None:
-                raise LabError(f"stream {s.name}: the sender exited: {_read(s.send_log).strip()[-200:]}")
+                raise LabError(f"stream {s.name}: the sender exited: {read_text(s.send_log).strip()[-200:]}")
         self.t_start = time.monotonic()
         for s in self.streams:
             os.kill(s.sender.pid, signal.SIGCONT)

@@ -459,15 +459,7 @@ def unknown_sources(scenario, own: str, rng: random.Random, n: int = 256) -> lis
 
 def vtep_macs(lab: Lab) -> dict[str, str]:
     """Public IP -> VtepMAC, from the leases in the store."""
-    s = lab.scenario
-    if lab.store.get("kind") == "sqlite":
-        store = ["--store", lab.store["url"]]
-    else:
-        store = ["-etcd-endpoints", lab.store["endpoint"]]
-        pki = lab.store.get("pki")
-        if pki:
-            store += ["-etcd-cafile", pki["ca"], "-etcd-certfile", pki["cert"], "-etcd-keyfile", pki["key"]]
-    argv = [lab.daemon[0], "-m", "controlplane.ctl", *store, "-etcd-prefix", s.prefix, "leases", "--json"]
+    argv = [lab.daemon[0], "-m", "controlplane.ctl", *lab.store_flags(), "leases", "--json"]
     res = lab.exec("n1", argv, timeout=30, check=True)
     out = {}
     for lease in json.loads(res.stdout):

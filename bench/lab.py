@@ -491,6 +491,17 @@ class Lab:
             store.put_config(s.config_text)
 
     # -- weftd --------------------------------------------------------------------------------
+    def store_flags(self) -> list[str]:
+        """The flags weftd and weftctl take for this lab's store, -etcd-prefix included."""
+        s = self.scenario
+        if s.store == "sqlite":
+            return ["--store", self.store["url"], "-etcd-prefix", s.prefix]
+        flags = ["-etcd-endpoints", self.store["endpoint"], "-etcd-prefix", s.prefix]
+        pki = self.store.get("pki")
+        if pki:
+            flags += ["-etcd-cafile", pki["ca"], "-etcd-certfile", pki["cert"], "-etcd-keyfile", pki["key"]]
+        return flags
+
     def variables(self, node: Node) -> dict[str, str]:
         """The LAB_* variables ``[weftd].env`` values may use (see bench.scenario)."""
         s = self.scenario
@@ -508,14 +519,8 @@ class Lab:
         if s.weftd.exec_start:
             words = expand_exec_start(s.weftd.exec_start, {**variables, **sysconfig})
             argv = self.daemon + words[1:]
-        elif s.store == "sqlite":
-            argv = self.daemon + ["--store", self.store["url"], "-etcd-prefix", s.prefix]
         else:
-            argv = self.daemon + ["-etcd-endpoints", self.store["endpoint"], "-etcd-prefix", s.prefix]
-            if self.store.get("pki"):
-                pki = self.store["pki"]
-                argv += ["-etcd-cafile", pki["ca"], "-etcd-certfile", pki["cert"],
-                         "-etcd-keyfile", pki["key"]]
+            argv = self.daemon + self.store_flags()
         argv += ["-iface", "eth0", "-public-ip", node.public_ip, "-subnet-file", node.subnet_file,
                  "-healthz-ip", "0.0.0.0", "-healthz-port", str(HEALTHZ_PORT)]
         if s.node(node.index).dataplane:

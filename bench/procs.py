@@ -12,6 +12,15 @@ STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def read_text(path: str) -> str:
+    """A small text file (a log, subnet.env, a /proc entry); "" when it is not there (yet)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def stat_fields(pid: int) -> list[bytes] | None:
     """/proc/PID/stat after the command name: [0] is field 3 (state), [19] field 22 (start time)."""
     try:

@@ -57,15 +57,7 @@ def lab_for(scenario, backend: str | None = None, dataplanes: dict[int, str] | N
 
 def weftctl(lab: Lab, *args: str) -> subprocess.CompletedProcess:
     """weftctl against the lab's store, run in node 1's namespace (where the store is reachable)."""
-    s = lab.store
-    if s["kind"] == "sqlite":
-        flags = ["--store", s["url"], "-etcd-prefix", s["prefix"]]
-    else:
-        flags = ["-etcd-endpoints", s["endpoint"], "-etcd-prefix", lab.scenario.prefix]
-        if s.get("pki"):
-            flags += ["-etcd-cafile", s["pki"]["ca"], "-etcd-certfile", s["pki"]["cert"],
-                      "-etcd-keyfile", s["pki"]["key"]]
-    return lab.exec(lab.node(1).namespace, [venv_python(), "-m", "controlplane.ctl", *flags, *args],
+    return lab.exec(lab.node(1).namespace, [venv_python(), "-m", "controlplane.ctl", *lab.store_flags(), *args],
                     timeout=30)
 
 

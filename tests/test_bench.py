@@ -372,6 +372,7 @@ def test_daemon_cpu_is_the_kept_attempts_own():
     finally:
         daemon.stdin.close()
         daemon.wait(5)
+        daemon.stdout.close()
     assert row["tcp1_attempts"] == tries >= 2 and burnt >= 0.5
     assert guard.pids_cpu_s < 0.1, guard.pids_cpu_s  # the kept attempt: the daemon idled
 
