@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from .report import markdown_table, text_table
+
 
 def _n(v, unit: str = "") -> str:
     if v is None:
@@ -72,17 +74,6 @@ def not_run(doc: dict) -> list[str]:
             if r.get("status") != "ok"]
 
 
-def _table(rows) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def _md(rows) -> str:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
-    return "\n".join(out)
-
-
 NOTE = ("lost fault/recov: UDP datagrams lost (all streams, both directions of every node pair, 1 per ms each) "
         "sent during the fault / after the heal, of all sent; longest gap: the longest time one stream delivered "
         "nothing; resumed: from the heal until every stream delivered a datagram sent after it; TCP: the pod 1 -> "
@@ -91,7 +82,7 @@ NOTE = ("lost fault/recov: UDP datagrams lost (all streams, both directions of e
 
 
 def terminal(doc: dict) -> str:
-    parts = [_table(summary_rows(doc))]
+    parts = [text_table(summary_rows(doc))]
     if missed(doc):
         parts += ["", "missed:"] + [f"  {line}" for line in missed(doc)]
     if not_run(doc):
@@ -100,7 +91,7 @@ def terminal(doc: dict) -> str:
 
 
 def markdown(doc: dict) -> str:
-    lines = [f"# bench faults: {doc['scenario']['name']} ({doc['created']})", "", _md(summary_rows(doc)), "", NOTE, ""]
+    lines = [f"# bench faults: {doc['scenario']['name']} ({doc['created']})", "", markdown_table(summary_rows(doc)), "", NOTE, ""]
     lines += ["## Goals", ""] + [f"- **{v['number']} {k}**: {v['title']}. Goal: {v['goal']}."
                                  for k, v in doc["faults"].items()] + [""]
     if missed(doc):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from .report import markdown_table, text_table
+
 def _n(v) -> str:
     return "n/a" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.4g}"
 
@@ -44,17 +46,6 @@ def class_rows(b: dict) -> list[tuple]:
     return rows
 
 
-def _table(rows) -> str:
-    widths = [max(len(str(r[i])) for r in rows if len(r) > i) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def _md(rows) -> str:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
-    return "\n".join(out)
-
-
 NOTE = ("sent: flood datagrams; frames: what the flooder handed to its device (outer fragments count "
         "each); accounted: frames counted before the data plane plus the data plane's per-reason counters, "
         "minus the stream's datagrams (counted leaving node 1); socket only: taken by the data plane's socket "
@@ -62,10 +53,10 @@ NOTE = ("sent: flood datagrams; frames: what the flooder handed to its device (o
 
 
 def terminal(doc: dict) -> str:
-    parts = [_table(summary_rows(doc))] + not_run(doc) + ["", "counted in:"] + where_counted(doc)
+    parts = [text_table(summary_rows(doc))] + not_run(doc) + ["", "counted in:"] + where_counted(doc)
     for name, b in doc["backends"].items():
         if b.get("status") == "ok":
-            parts.append(f"\n{name}: where the flood was counted\n" + _table(class_rows(b)))
+            parts.append(f"\n{name}: where the flood was counted\n" + text_table(class_rows(b)))
     parts.append("\n" + NOTE)
     return "\n".join(parts)
 
@@ -78,12 +69,12 @@ def markdown(doc: dict) -> str:
              f"stream {p['legit_rate']:,.0f} datagrams/s of {p['legit_size']} bytes, pod 1x1 to pod 2x1. "
              f"Machine: {doc['machine'].get('cpu_model', '')}, {doc['machine'].get('cores')} CPUs, "
              f"kernel {doc['machine'].get('kernel')}; git {doc['git'].get('commit', '')[:12]}"
-             f"{' (dirty)' if doc['git'].get('dirty') else ''}.", "", _md(summary_rows(doc)), ""]
+             f"{' (dirty)' if doc['git'].get('dirty') else ''}.", "", markdown_table(summary_rows(doc)), ""]
     parts += [f"- {line}" for line in not_run(doc)] + ["", NOTE, "", "Counted in (the flood's share):", ""]
     parts += [f"- {line}" for line in where_counted(doc)]
     for name, b in doc["backends"].items():
         if b.get("status") == "ok":
-            parts += ["", f"## {name}", "", _md(class_rows(b))]
+            parts += ["", f"## {name}", "", markdown_table(class_rows(b))]
     return "\n".join(parts) + "\n"
 
 

@@ -29,6 +29,18 @@ COLUMNS = [
 HEADINGS = {key: heading for key, heading, _ in COLUMNS}
 
 
+def text_table(rows) -> str:
+    """Rows of cells as left-aligned columns (the first row is the heading; rows may be short)."""
+    widths = [max(len(str(r[i])) for r in rows if len(r) > i) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def markdown_table(rows) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
 def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 

@@ -65,6 +65,17 @@ def parse_subnet_key(key: str) -> ipaddress.IPv4Network:
     return subnet
 
 
+def subnet_of_name(name: str) -> ipaddress.IPv4Network | None:
+    """The subnet of a key's name directly under ``subnets/`` (``10.5.52.0-24``); None for any
+    other name there (nested, not ``<ip>-<len>``): the stores report those apart, as foreign."""
+    if "/" in name:
+        return None
+    try:
+        return parse_subnet_key(name)
+    except LeaseFormatError:
+        return None
+
+
 @dataclass(frozen=True)
 class LeaseAttrs:
     public_ip: ipaddress.IPv4Address

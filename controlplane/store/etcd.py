@@ -44,7 +44,7 @@ from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..lease import LeaseFormatError, parse_subnet_key, subnet_key
+from ..lease import subnet_key, subnet_of_name
 from .base import (ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError,
                    StoreEvent, StoreUnavailable, SubnetScan, Watch, WatchCompacted)
 from .base import ClaimChanged, ClaimRecord
@@ -375,13 +375,7 @@ class EtcdStore(Store):
         """The subnet of a key directly under ``<prefix>/subnets/``; None for anything else."""
         if not key.startswith(self._subnets):
             return None
-        name = key[len(self._subnets):].decode("utf-8", "replace")
-        if "/" in name:
-            return None
-        try:
-            return parse_subnet_key(name)
-        except LeaseFormatError:
-            return None
+        return subnet_of_name(key[len(self._subnets):].decode("utf-8", "replace"))
 
     @staticmethod
     def _text(value: bytes) -> str:
@@ -413,16 +407,21 @@ class EtcdStore(Store):
             records.append(LeaseRecord(subnet, self._text(kv.value), exp, kv.mod_revision))
         return SubnetScan(records, foreign, resp.header.revision)
 
-    def get_lease(self, subnet) -> LeaseRecord | None:
-        key = self._key(subnet)
-        resp = self._do("get", lambda c, t: c.client.kvstub.Range(
+    def _get_live(self, op: str, key: bytes):
+        """The key's kv and its expiration; None when it is absent or its etcd lease is gone."""
+        resp = self._do(op, lambda c, t: c.client.kvstub.Range(
             etcdrpc.RangeRequest(key=key), t, metadata=c.metadata))
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
         exp = self._expiration(kv.lease)
-        if exp is _GONE:
+        return None if exp is _GONE else (kv, exp)
+
+    def get_lease(self, subnet) -> LeaseRecord | None:
+        live = self._get_live("get", self._key(subnet))
+        if live is None:
             return None
+        kv, exp = live
         return LeaseRecord(subnet, self._text(kv.value), exp, kv.mod_revision)
 
     def _put(self, subnet, value: str, ttl, must_exist: bool) -> LeaseRecord:
@@ -500,15 +499,10 @@ class EtcdStore(Store):
         return f"{self.prefix}/weft/claims/{public_ip}".encode()
 
     def get_claim(self, public_ip: str) -> ClaimRecord | None:
-        key = self._claim_key(public_ip)
-        resp = self._do("get_claim", lambda c, t: c.client.kvstub.Range(
-            etcdrpc.RangeRequest(key=key), t, metadata=c.metadata))
-        if not resp.kvs:
+        live = self._get_live("get_claim", self._claim_key(public_ip))
+        if live is None:
             return None
-        kv = resp.kvs[0]
-        exp = self._expiration(kv.lease)
-        if exp is _GONE:
-            return None
+        kv, exp = live
         return ClaimRecord(public_ip, self._text(kv.value), exp, kv.mod_revision, kv.lease)
 
     def _claim_txn(self, conn: _Conn, timeout: float, key: bytes, compare, put) -> int | None:

@@ -21,7 +21,7 @@ import time
 import urllib.parse
 from collections import Counter
 
-from ..lease import LeaseFormatError, parse_subnet_key, subnet_key
+from ..lease import subnet_key, subnet_of_name
 from .base import (ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError,
                    StoreEvent, StoreUnavailable, SubnetScan, Watch, WatchCompacted)
 from .base import ClaimChanged, ClaimRecord, StoreCorrupt
@@ -63,13 +63,7 @@ def _clean(key, value, expires):
 
 def _subnet_of(key: str):
     """The subnet of a key ``subnets/<ip>-<len>``; None for any other key under subnets/."""
-    name = key[len(_SUBNETS):]
-    if "/" in name:
-        return None
-    try:
-        return parse_subnet_key(name)
-    except LeaseFormatError:
-        return None
+    return subnet_of_name(key[len(_SUBNETS):])
 # Node claims (controlplane.claim) live in a table of their own: no revision, no event, no reaping,
 # so lease watchers and the event history never see them.
 _CLAIMS_SCHEMA = """CREATE TABLE IF NOT EXISTS claims (
