@@ -329,8 +329,8 @@ class Daemon:
                 return 0
             if claim.thread is not None:
                 self.threads["claim-refresh"] = claim.thread
-            check_source_guard(a.source_guard, config.backend.name)
             backend_cls = load_backend(config.backend.name)
+            check_source_guard(a.source_guard, backend_cls)
             self.backend = backend_cls(config, iface, BackendOptions(
                 ip_masq=a.ip_masq, vxlan_tx_csum_off=a.vxlan_tx_csum_off, source_guard=a.source_guard))
             previous = self.until_store("list", lambda: manager.find_by_ip(iface.public_ip))
@@ -481,20 +481,17 @@ class Daemon:
         return time.time() + wait
 
 
-# Data planes that check every received packet's outer source themselves (README, "Spoofed input").
-ALWAYS_GUARDED = ("vxlan/ebpf", "vxlan/fastpath", "udp/fastpath", "udp/python")
-
-
-def check_source_guard(wanted: bool, backend: str) -> None:
-    """--source-guard is vxlan/kernel's and host-gw/kernel's opt-in; elsewhere it is built in or
-    cannot be had (alloc carries no traffic)."""
-    if not wanted or backend in ("vxlan/kernel", "host-gw/kernel"):
+def check_source_guard(wanted: bool, backend_cls) -> None:
+    """--source-guard is an opt-in where the backend offers one; where its data plane checks every
+    packet anyway it is a no-op, and elsewhere (alloc carries no traffic) it is refused."""
+    name = f"{backend_cls.wire_type}/{backend_cls.dataplane}"
+    if not wanted or backend_cls.source_guard == "optional":
         return
-    if backend in ALWAYS_GUARDED:
-        log.info("--source-guard: %s always checks the outer source of what it receives", backend)
+    if backend_cls.source_guard == "builtin":
+        log.info("--source-guard: %s always checks the outer source of what it receives", name)
         return
-    raise flags.UsageError(f"--source-guard: not available on {backend} (vxlan/kernel and "
-                           "host-gw/kernel only)")
+    raise flags.UsageError(f"--source-guard: not available on {name}: it has no traffic to guard "
+                           "(the guard is an opt-in of vxlan/kernel and host-gw/kernel)")
 
 
 def notify_systemd(state: str) -> None:

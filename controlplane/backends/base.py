@@ -54,6 +54,9 @@ class BackendOptions:
 class Backend(ABC):
     wire_type: ClassVar[str]
     dataplane: ClassVar[str]
+    # What --source-guard means here: "builtin" (it checks every packet's outer source anyway),
+    # "optional" (the flag attaches a guard), "none" (refused: nothing to check).
+    source_guard: ClassVar[str] = "none"
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):

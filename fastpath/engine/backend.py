@@ -88,6 +88,7 @@ def _thread_usage(tid: int) -> tuple[int, int, float] | None:
 
 
 class TunEngineBackend(NetlinkBackend):
+    source_guard = "builtin"  # both engines drop a sender that holds no lease, or spoofs its source
     """Base of the userspace backends; subclasses set ``mode``, ``vnet_hdr`` and the engine."""
     mode = "udp"
     vnet_hdr = True

@@ -43,6 +43,7 @@ NUD_VALID = 0x80 | 0x40 | 0x02 | 0x10 | 0x04 | 0x08
 class HostGWKernelBackend(NetlinkBackend):
     wire_type = "host-gw"
     dataplane = "kernel"
+    source_guard = "optional"
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):

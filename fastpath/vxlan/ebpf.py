@@ -85,6 +85,7 @@ WATCH_INTERVAL = 1.0  # seconds between looks at the pod bridge (new pods, cni0 
 class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
     wire_type = "vxlan"
     dataplane = "ebpf"
+    source_guard = "builtin"
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):

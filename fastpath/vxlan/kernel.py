@@ -80,6 +80,7 @@ class _Peer:
 class VXLANKernelBackend(VtepIdentity, NetlinkBackend):
     wire_type = "vxlan"
     dataplane = "kernel"
+    source_guard = "optional"
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):
