@@ -1,16 +1,19 @@
 """Packaging for weft (flannel-compatible overlay network).
 
-Cython extensions: every ``fastpath/**/*.pyx`` is cythonized (none -> no extensions).
+Cython extensions: every ``fastpath/**/*.pyx`` is cythonized (none -> no extensions); the
+``.pxi``/``.pxd`` files they include or cimport are not modules of their own. Before that,
+``fastpath/engine/counters.pxi`` (the engine's counter enum) is written from
+``fastpath/engine/api.py``'s ``COUNTER_NAMES``, their one source.
 Build switches (environment variables):
   WEFT_CYTHON_ANNOTATE=1  write Cython's annotated HTML next to each .pyx
-  WEFT_DEBUG=1            define the WEFT_DEBUG macro and compile with -O0 -g
-                          (default: -O2)
+  WEFT_DEBUG=1            compile with -O0 -g (default: -O2)
 """
 from __future__ import annotations
 
 import glob
 import os
 import re
+import runpy
 import sys
 
 from setuptools import find_packages, setup
@@ -33,6 +36,31 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 def _find_pyx() -> list[str]:
     paths = glob.glob(os.path.join(HERE, "fastpath", "**", "*.pyx"), recursive=True)
     return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def _write_counters_pxi() -> None:
+    """fastpath/engine/counters.pxi from api.COUNTER_NAMES: ``C_<NAME>`` is the counter's index.
+    Rewritten only when its text changes, so that an unchanged list rebuilds nothing."""
+    engine = os.path.join(HERE, "fastpath", "engine")
+    api = os.path.join(engine, "api.py")
+    if not os.path.exists(api):
+        return
+    names = runpy.run_path(api)["COUNTER_NAMES"]
+    text = ("# Written by setup.py from api.py's COUNTER_NAMES (their one source): do not edit.\n"
+            "# The index of each counter in a worker's tx_cnt/rx_cnt arrays.\n"
+            "cdef enum Counter:\n"
+            + "".join(f"    C_{name.upper()} = {i}\n" for i, name in enumerate(names))
+            + f"    N_COUNTERS = {len(names)}\n")
+    path = os.path.join(engine, "counters.pxi")
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except FileNotFoundError:
+        pass
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def _extensions() -> list:
@@ -59,14 +87,9 @@ def _extensions() -> list:
 
     from setuptools import Extension
 
-    debug = _flag("WEFT_DEBUG")
     annotate = _flag("WEFT_CYTHON_ANNOTATE")
-    if debug:
-        macros = [("WEFT_DEBUG", "1")]
-        cflags = ["-O0", "-g"]
-    else:
-        macros = []
-        cflags = ["-O2"]
+    cflags = ["-O0", "-g"] if _flag("WEFT_DEBUG") else ["-O2"]
+    _write_counters_pxi()
 
     include_dirs: list[str] = []
     try:  # only used if a .pyx cimports numpy; harmless otherwise
@@ -83,7 +106,6 @@ def _extensions() -> list:
             Extension(
                 module,
                 [path],
-                define_macros=macros,
                 include_dirs=include_dirs,
                 extra_compile_args=cflags,
             )
@@ -105,8 +127,9 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(where=HERE, include=["controlplane*", "fastpath*", "bench*"]),
     package_data={
-        # Cython sources ship in sdists, so that an sdist build (tox) cythonizes too.
-        "": ["*.pyx", "*.pxd", "*.pxi"],
+        # Cython sources ship in sdists, so that an sdist build (tox) cythonizes too; the .pyi
+        # stubs, so that editors see the compiled engine's API.
+        "": ["*.pyx", "*.pxd", "*.pxi", "*.pyi"],
         # bpf/ may or may not be a package of its own: cover both layouts.
         "fastpath": ["bpf/*.c", "bpf/*.h"],
         "fastpath.bpf": ["*.c", "*.h"],
@@ -127,6 +150,7 @@ setup(
         "console_scripts": [
             "weftd=controlplane.daemon:main",
             "weftctl=controlplane.ctl:main",
+            "weft-cni=controlplane.cni.plugin:main",
             "bench=bench.cli:main",
         ],
     },

@@ -1,7 +1,8 @@
 """The userspace engines, byte by byte: encap/decap against packets built independently with scapy,
 the compiled engine against the reference engine on every case, offload paths (TSO/USO split,
 UDP GSO sends, GRO merge into one TUN write), a hypothesis fuzz of the receive path (no crash,
-every datagram in exactly one counter), and route add/remove.
+every datagram in exactly one counter), route add/remove, and the package's surface (the
+``_engine.pyi`` stub against the compiled class, the TUN flag query).
 
 Hostile input: every malformed, spoofed or foreign case names the one counter it must land in
 (both engines, with and without a vnet header), also when sent at a running engine's real socket
@@ -15,7 +16,9 @@ TUN device in that namespace (``TunNode``).
 """
 from __future__ import annotations
 
+import ast
 import ctypes
+import inspect
 import os
 import secrets
 import socket
@@ -25,6 +28,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -169,6 +173,16 @@ def recv_all(sock: socket.socket, wait: float = 2.0) -> list[tuple[bytes, tuple]
         sock.settimeout(0.2)
 
 
+def sent_to(node: "Node", peer: socket.socket, read: bytes) -> list[bytes]:
+    """Start ``node``'s engine, hand it one TUN read, return the datagrams ``peer`` got (closed)."""
+    try:
+        node.engine.start()
+        node.tun.send(read)
+        return [d for d, _ in recv_all(peer)]
+    finally:
+        peer.close()
+
+
 def delta(before: dict, after: dict) -> dict:
     return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
 
@@ -246,8 +260,9 @@ def test_vxlan_frame_from_kernel_layout_is_padded_ethernet(make_node):
 # -- hostile input: every case lands in one named counter, in both engines ----------------------
 #
 # Each case names the one counter it must land in. The receive checks run in a fixed order (see
-# /work/notes/engine.md and _engine.pyx rx_segment) and a datagram lands in the first one it
-# fails, so e.g. a stranger's datagram with a wrong VNI counts as wrong_vni, not unknown_peer.
+# docs/hostile-input.md and rx_segment in fastpath/engine/udp_io.pxi) and a datagram lands in the
+# first one it fails, so e.g. a stranger's datagram with a wrong VNI counts as wrong_vni, not
+# unknown_peer.
 
 def _inner(payload: bytes = b"data", **ip) -> bytes:
     """A valid inner UDP packet from pod 10.244.2.2 (peer B's subnet) to 10.244.1.2 (ours);
@@ -473,13 +488,7 @@ def test_tso_super_packet_is_split_like_scapy(make_node, ns, mode, paylen, mss):
     ip_tcp = 20 + 32
     # as the kernel hands a TSO packet over: TCP checksum field = pseudo-header sum
     struct.pack_into("!H", wire, 36, pseudo_sum("10.244.1.2", "10.244.2.2", 6, len(wire) - 20))
-    hdr = vnet_hdr(1, 1, ip_tcp, mss, 20, 16)
-    try:
-        node.engine.start()
-        node.tun.send(hdr + bytes(wire))
-        got = [d for d, _ in recv_all(peer)]
-    finally:
-        peer.close()
+    got = sent_to(node, peer, vnet_hdr(1, 1, ip_tcp, mss, 20, 16) + bytes(wire))
     nseg = max(1, -(-paylen // mss))
     expected = []
     for i in range(nseg):
@@ -504,12 +513,7 @@ def test_uso_super_packet_is_split_like_scapy(make_node, ns):
     payload = os.urandom(3000)
     wire = bytearray(raw(IP(src="10.244.1.2", dst="10.244.2.2", id=5) / UDP(sport=9, dport=10) / payload))
     struct.pack_into("!H", wire, 26, pseudo_sum("10.244.1.2", "10.244.2.2", 17, len(wire) - 20))
-    try:
-        node.engine.start()
-        node.tun.send(vnet_hdr(1, 5, 28, 1200, 20, 6) + bytes(wire))
-        got = [d for d, _ in recv_all(peer)]
-    finally:
-        peer.close()
+    got = sent_to(node, peer, vnet_hdr(1, 5, 28, 1200, 20, 6) + bytes(wire))
     expected = [raw(IP(src="10.244.1.2", dst="10.244.2.2", id=5 + i) / UDP(sport=9, dport=10)
                     / payload[i * 1200:(i + 1) * 1200]) for i in range(3)]
     assert got == expected
@@ -523,13 +527,7 @@ def test_needs_csum_single_packet_gets_checksum(make_node, ns):
     pkt = IP(src="10.244.1.2", dst="10.244.2.2") / TCP(sport=5, dport=6, flags="A") / b"hello"
     wire = bytearray(raw(pkt))
     struct.pack_into("!H", wire, 36, pseudo_sum("10.244.1.2", "10.244.2.2", 6, len(wire) - 20))
-    try:
-        node.engine.start()
-        node.tun.send(vnet_hdr(1, 0, 0, 0, 20, 16) + bytes(wire))
-        got = [d for d, _ in recv_all(peer)]
-    finally:
-        peer.close()
-    assert got == [raw(pkt)]
+    assert sent_to(node, peer, vnet_hdr(1, 0, 0, 0, 20, 16) + bytes(wire)) == [raw(pkt)]
 
 
 def _tso(paylen: int, dataofs: int | None = None, dst: str = "10.244.2.2") -> bytes:
@@ -1525,3 +1523,67 @@ def test_sender_socket_gets_enetunreach(make_tun, cls, vnet):
     node.engine.stop()          # the error may reach the socket before the engine counts the write
     s = node.engine.stats()
     assert (s["tx_drop_no_route"], s["tx_icmp_unreachable_sent"]) == (1, 1)
+
+
+
+# -- the package's surface: the .pyi stub, the TUN flag query -----------------------------------
+
+def _stub_params(fn: ast.FunctionDef) -> dict:
+    """{name: default, or ... for none} of a function in the stub, ``self`` left out."""
+    a = fn.args
+    positional = a.posonlyargs + a.args
+    defaults = [...] * (len(positional) - len(a.defaults)) + [ast.literal_eval(d) for d in a.defaults]
+    out = dict(zip((p.arg for p in positional), defaults))
+    out.update((p.arg, ... if d is None else ast.literal_eval(d))
+               for p, d in zip(a.kwonlyargs, a.kw_defaults))
+    out.pop("self")
+    return out
+
+
+def _params(fn) -> dict:
+    return {n: ... if p.default is inspect.Parameter.empty else p.default
+            for n, p in inspect.signature(fn).parameters.items() if n != "self"}
+
+
+@needs_compiled
+def test_stub_names_the_compiled_engines_api(ns):
+    """_engine.pyi is what editors and readers see of the compiled Engine: each method there has
+    the compiled one's parameters and defaults, every public name of the class is there, and its
+    constructor is the reference engine's (same API) and is taken by the compiled one."""
+    import fastpath.engine
+    stub = ast.parse(Path(fastpath.engine.__file__).with_name("_engine.pyi").read_text())
+    cls = next(n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "Engine")
+    methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
+    attrs = {a.target.id for a in cls.body if isinstance(a, ast.AnnAssign)}
+    public = {n for n in dir(Engine) if not n.startswith("_")}
+    assert public == {n for n in methods if not n.startswith("_")} | attrs
+    for name, fn in methods.items():
+        if name not in ("__init__", "running"):     # running: a property, no parameters
+            assert _stub_params(fn) == _params(getattr(Engine, name)), name
+    init = _stub_params(methods["__init__"])
+    assert init == _params(ReferenceEngine.__init__)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s = udp_socket(ns, A_IP, 0)
+    given = {"tun_fd": b.fileno(), "sock_fd": s.fileno(), "network": NETWORK, "subnet_len": 24,
+             "local_subnet": A_SUB, "vtep_mac": A_MAC}
+    try:
+        Engine(**{**{k: v for k, v in init.items() if v is not ...}, **given}).close()
+        with pytest.raises(TypeError):
+            Engine(**given, workers=1)   # gone: the compiled engine runs a worker per TUN fd
+    finally:
+        for x in (a, b, s):
+            x.close()
+
+
+def test_has_vnet_hdr_tells_how_the_tun_was_opened(ns):
+    from fastpath.engine.tun import has_vnet_hdr, open_tun
+    fds = []
+    try:
+        for vnet in (True, False):
+            fds += in_netns(ns, lambda: open_tun(f"wfvh{secrets.token_hex(3)}", vnet_hdr=vnet))
+            assert has_vnet_hdr(fds[-1]) is vnet
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            assert has_vnet_hdr(s.fileno()) is False        # not a TUN
+    finally:
+        for fd in fds:
+            os.close(fd)

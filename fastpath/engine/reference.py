@@ -18,21 +18,9 @@ import struct
 import threading
 import time
 
-COUNTER_NAMES = (
-    "tx_packets", "tx_bytes", "tx_reads", "tx_super_packets", "tx_datagram_sends", "tx_batches",
-    "tx_batch_1", "tx_batch_2_7", "tx_batch_8_plus",
-    "tx_drop_no_route", "tx_drop_not_ipv4", "tx_drop_malformed", "tx_drop_gso_unsupported",
-    "tx_drop_send_error", "tx_read_errors",
-    "tx_icmp_unreachable_sent", "tx_icmp_unreachable_limited",
-    "rx_datagrams", "rx_packets", "rx_bytes", "rx_tun_writes", "rx_gro_writes", "rx_batches",
-    "rx_batch_1", "rx_batch_2_7", "rx_batch_8_plus",
-    "rx_drop_short", "rx_drop_bad_ip", "rx_drop_not_ipv4", "rx_drop_oversized",
-    "rx_drop_bad_vxlan", "rx_drop_wrong_vni", "rx_drop_wrong_mac", "rx_drop_unknown_peer",
-    "rx_drop_spoofed_src", "rx_drop_tun_write", "rx_recv_errors", "rx_super_packets",
-    "rx_gro_messages",
-)
-RX_OUTCOMES = ("rx_packets",) + tuple(n for n in COUNTER_NAMES if n.startswith("rx_drop_"))
-TX_OUTCOMES = ("tx_packets",) + tuple(n for n in COUNTER_NAMES if n.startswith("tx_drop_"))
+from .api import COUNTER_NAMES, NO_MAC, mac_bytes
+from .api import RX_OUTCOMES, TX_OUTCOMES  # noqa: F401 (part of this module's API, as before)
+
 SO_MEMINFO = 55                   # getsockopt: 9 x uint32, the 9th the socket's drop count
 VXLAN_ENCAP = 22
 MAX_DATAGRAM = 65535
@@ -53,23 +41,12 @@ def ip_checksum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def _mac_bytes(mac) -> bytes:
-    if mac is None or mac in (b"", ""):
-        return b"\0" * 6
-    if isinstance(mac, str):
-        mac = bytes.fromhex(mac.replace(":", "").replace("-", ""))
-    mac = bytes(mac)
-    if len(mac) != 6:
-        raise ValueError(f"MAC {mac.hex(':')} is not 6 bytes")
-    return mac
-
-
 class ReferenceEngine:
     def __init__(self, tun_fd, sock_fd, *, mode="udp", network, subnet_len, local_subnet, vni=1,
-                 vtep_mac=b"", port=None, workers=1, mtu=0, vnet_hdr=None, split_threads=False,
+                 vtep_mac=b"", port=None, mtu=0, vnet_hdr=None, split_threads=False,
                  busy_poll_us=0):
         # split_threads, busy_poll_us: accepted for API parity; one thread, select(), no polling
-        if not isinstance(tun_fd, int) or not isinstance(sock_fd, int) or workers != 1:
+        if not isinstance(tun_fd, int) or not isinstance(sock_fd, int):
             raise ValueError("the reference engine runs one worker on one TUN fd and one socket")
         if vnet_hdr:
             raise ValueError("the reference engine does not take IFF_VNET_HDR TUNs (no offloads)")
@@ -90,8 +67,8 @@ class ReferenceEngine:
         self.sock.setblocking(True)
         self.port = port if port is not None else (8472 if mode == "vxlan" else 8285)
         self.vni = vni
-        self.mac = _mac_bytes(vtep_mac)
-        if mode == "vxlan" and self.mac == b"\0" * 6:
+        self.mac = mac_bytes(vtep_mac)
+        if mode == "vxlan" and self.mac == NO_MAC:
             raise ValueError("vxlan mode needs vtep_mac")
         self.mtu = mtu or 65535
         self._base = int(self.network.network_address)
@@ -126,8 +103,8 @@ class ReferenceEngine:
         ip = ipaddress.IPv4Address(peer_ip)
         if int(ip) == 0:
             raise ValueError("peer IP 0.0.0.0")
-        mac = _mac_bytes(peer_mac)
-        if self.mode == "vxlan" and mac == b"\0" * 6:
+        mac = mac_bytes(peer_mac)
+        if self.mode == "vxlan" and mac == NO_MAC:
             raise ValueError("vxlan routes need the peer's VTEP MAC")
         self._routes[idx] = (str(ip), mac)  # one reference swap: atomic for the loop thread
         key = str(ipaddress.IPv4Network(subnet))
@@ -200,7 +177,7 @@ class ReferenceEngine:
             return peer, self._vxlan_hdr + mac + self.mac + b"\x08\x00" + pkt
         return peer, pkt
 
-    # -- ICMP net unreachable for a TUN packet without a route (see _engine.pyx, tx_unreachable) --
+    # -- ICMP net unreachable for a TUN packet without a route (see icmp.pxi, tx_unreachable) ----
     # The reply comes from the offending packet's destination: the engine has no overlay address
     # of its own, and the TUN's address (flannel's choice) is local to the host, so Linux would
     # drop the reply as a martian source; the original destination is routed via the TUN.

@@ -32,7 +32,6 @@ cdef extern from "<sys/socket.h>" nogil:
     int SO_SNDBUFFORCE
     int MSG_DONTWAIT
     int MSG_TRUNC
-    int MSG_CTRUNC
     int recvmmsg(int fd, mmsghdr *vmessages, unsigned int vlen, int flags, void *timeout)
     int sendmmsg(int fd, mmsghdr *vmessages, unsigned int vlen, int flags)
     int setsockopt(int fd, int level, int optname, const void *optval, socklen_t optlen)
@@ -53,7 +52,6 @@ cdef extern from "<netinet/in.h>" nogil:
         uint16_t sin_port
         in_addr sin_addr
     uint16_t htons(uint16_t)
-    uint16_t ntohs(uint16_t)
     uint32_t htonl(uint32_t)
     uint32_t ntohl(uint32_t)
 
@@ -61,12 +59,6 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t read(int fd, void *buf, size_t count)
     ssize_t write(int fd, const void *buf, size_t count)
     int close(int fd)
-
-cdef extern from "<fcntl.h>" nogil:
-    int fcntl(int fd, int cmd, ...)
-    int F_GETFL
-    int F_SETFL
-    int O_NONBLOCK
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:

@@ -1,20 +1,6 @@
-# C declarations: the TUN device's ioctls and the virtio-net header it prefixes packets with.
+# C declarations: the virtio-net header a TUN opened with IFF_VNET_HDR prefixes packets with.
+# (Opening the TUN and asking its flags is Python: tun.py.)
 from libc.stdint cimport uint8_t, uint16_t
-
-cdef extern from "<sys/ioctl.h>" nogil:
-    int ioctl(int fd, unsigned long request, ...)
-
-cdef extern from "<linux/if.h>" nogil:
-    struct ifreq:
-        char ifr_name[16]
-        short ifr_flags
-
-cdef extern from "<linux/if_tun.h>" nogil:
-    unsigned long TUNGETIFF
-    int IFF_TUN
-    int IFF_NO_PI
-    int IFF_VNET_HDR
-    int IFF_MULTI_QUEUE
 
 cdef extern from "<linux/virtio_net.h>" nogil:
     # 10 bytes, little endian on x86 (the TUN's default vnet byte order).
@@ -28,6 +14,4 @@ cdef extern from "<linux/virtio_net.h>" nogil:
     int VIRTIO_NET_HDR_F_NEEDS_CSUM
     int VIRTIO_NET_HDR_GSO_NONE
     int VIRTIO_NET_HDR_GSO_TCPV4
-    int VIRTIO_NET_HDR_GSO_UDP
-    int VIRTIO_NET_HDR_GSO_TCPV6
     int VIRTIO_NET_HDR_GSO_ECN

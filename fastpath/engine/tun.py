@@ -59,5 +59,10 @@ def open_tun(name: str, *, vnet_hdr: bool = True, queues: int = 1) -> list[int]:
     return fds
 
 
-def tun_flags(fd: int) -> int:
-    return struct.unpack_from("H", fcntl.ioctl(fd, TUNGETIFF, b"\0" * 40), 16)[0]
+def has_vnet_hdr(fd: int) -> bool:
+    """Whether a TUN fd was opened with IFF_VNET_HDR (False when the fd is no TUN)."""
+    try:
+        ifr = fcntl.ioctl(fd, TUNGETIFF, b"\0" * 40)
+    except OSError:
+        return False
+    return bool(struct.unpack_from("H", ifr, 16)[0] & IFF_VNET_HDR)

@@ -1,0 +1,22 @@
+# Routes: which peer an inner address goes to, and whether a public IP is a peer's.
+# Included by _engine.pyx (one extension: these inline into both packet paths).
+#
+# ``routes[i]`` is the peer holding the i-th subnet of the Network, so the lookup is one
+# subtraction and one shift; entries are replaced by Python (Engine.set_route) under a per-entry
+# seqlock (wire.h). The peers' public IPs are also kept in a hash set (wire.h, ``wf_peers_t``), so a
+# datagram from an unknown sender costs O(1) to classify, however many routes there are.
+
+cdef inline uint32_t route_of(Conf *c, uint32_t ip_n, uint8_t *mac) noexcept nogil:
+    """The peer's public IP (network order) for an inner address (network order); 0: none."""
+    cdef uint32_t h = ntohl(ip_n)
+    if (h & c.net_mask) != c.net_base:
+        return 0
+    cdef uint32_t idx = (h - c.net_base) >> c.shift
+    if idx >= c.nroutes:
+        return 0
+    return wf_route_read(&c.routes[idx], mac)
+
+
+cdef inline bint is_peer(Conf *c, uint32_t ip_n) noexcept nogil:
+    """Whether some route goes to this public IP (network order): O(1), whatever the routes."""
+    return wf_peer_has(&c.peers, ip_n) != 0

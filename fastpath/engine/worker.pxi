@@ -1,0 +1,115 @@
+# A worker: its buffers (one TUN queue, one UDP socket) and the loops its threads run.
+# Included by _engine.pyx.
+
+cdef int _alloc_worker(Worker *w, Conf *conf, int tun_fd, int sock_fd, int stop_fd) except -1:
+    cdef int i
+    memset(w, 0, sizeof(Worker))
+    w.conf = conf
+    w.open_msg = -1
+    w.tun_fd = tun_fd
+    w.sock_fd = sock_fd
+    w.stop_fd = stop_fd
+    w.rd_buf = <uint8_t *>calloc(TX_BATCH, RD_STRIDE)
+    w.tx_msgs = <mmsghdr *>calloc(TX_MAX_MSGS, sizeof(mmsghdr))
+    w.tx_iov = <iovec *>calloc(TX_MAX_IOV, sizeof(iovec))
+    w.tx_hdr = <uint8_t *>calloc(TX_MAX_HDRS, HDR_STRIDE)
+    w.tx_names = <sockaddr_in *>calloc(TX_MAX_MSGS, sizeof(sockaddr_in))
+    w.tx_ctrl = <uint8_t *>calloc(TX_MAX_MSGS, CTRL_SPACE)
+    w.tx_msg_segs = <uint32_t *>calloc(TX_MAX_MSGS, sizeof(uint32_t))
+    w.tx_msg_bytes = <uint32_t *>calloc(TX_MAX_MSGS, sizeof(uint32_t))
+    w.rx_msgs = <mmsghdr *>calloc(RX_BATCH, sizeof(mmsghdr))
+    w.rx_iov = <iovec *>calloc(RX_BATCH, sizeof(iovec))
+    w.rx_buf = <uint8_t *>calloc(RX_BATCH, RX_BUF)
+    w.rx_names = <sockaddr_in *>calloc(RX_BATCH, sizeof(sockaddr_in))
+    w.rx_ctrl = <uint8_t *>calloc(RX_BATCH, CTRL_SPACE)
+    w.wr_iov = <iovec *>calloc(RUN_MAX_SEGS + 2, sizeof(iovec))
+    w.wr_hdr = <uint8_t *>calloc(1, HDR_STRIDE)
+    if (w.rd_buf == NULL or w.tx_msgs == NULL or w.tx_iov == NULL or w.tx_hdr == NULL
+            or w.tx_names == NULL or w.tx_ctrl == NULL or w.tx_msg_segs == NULL
+            or w.tx_msg_bytes == NULL or w.rx_msgs == NULL or w.rx_iov == NULL
+            or w.rx_buf == NULL or w.rx_names == NULL or w.rx_ctrl == NULL or w.wr_iov == NULL
+            or w.wr_hdr == NULL):
+        raise MemoryError()
+    for i in range(RX_BATCH):
+        w.rx_iov[i].iov_base = w.rx_buf + i * RX_BUF
+        w.rx_iov[i].iov_len = RX_BUF
+        w.rx_msgs[i].msg_hdr.msg_iov = &w.rx_iov[i]
+        w.rx_msgs[i].msg_hdr.msg_iovlen = 1
+        w.rx_msgs[i].msg_hdr.msg_name = &w.rx_names[i]
+        w.rx_msgs[i].msg_hdr.msg_control = w.rx_ctrl + i * CTRL_SPACE
+    return 0
+
+
+cdef void _free_worker(Worker *w) noexcept nogil:
+    free(w.rd_buf); free(w.tx_msgs); free(w.tx_iov); free(w.tx_hdr); free(w.tx_names)
+    free(w.tx_ctrl); free(w.tx_msg_segs); free(w.tx_msg_bytes); free(w.rx_msgs); free(w.rx_iov)
+    free(w.rx_buf); free(w.rx_names); free(w.rx_ctrl); free(w.wr_iov); free(w.wr_hdr)
+    memset(w, 0, sizeof(Worker))
+
+
+cdef inline void bucket(uint64_t *cnt, int base, int n) noexcept nogil:
+    if n <= 1:
+        cnt[base] += 1
+    elif n < 8:
+        cnt[base + 1] += 1
+    else:
+        cnt[base + 2] += 1
+
+
+cdef void wait_readable(Worker *w, int fd, int timeout) noexcept nogil:
+    cdef pollfd pfd[2]
+    pfd[0].fd = fd
+    pfd[0].events = POLLIN
+    pfd[0].revents = 0
+    pfd[1].fd = w.stop_fd
+    pfd[1].events = POLLIN
+    pfd[1].revents = 0
+    poll(pfd, 2, timeout)
+
+
+cdef void one_way_loop(Worker *w, bint tx) noexcept nogil:
+    """One direction in a thread of its own (``split_threads``): tx reads the TUN, rx the socket."""
+    cdef Conf *c = w.conf
+    cdef int fd = w.tun_fd if tx else w.sock_fd
+    cdef int r
+    while not wf_load_flag(&c.stop):
+        r = tx_pass(w) if tx else rx_pass(w)
+        if r == 0:
+            wait_readable(w, fd, -1)
+        elif r < 0:
+            wait_readable(w, -1, IDLE_POLL_MS)
+
+
+cdef void duplex_loop(Worker *w) noexcept nogil:
+    """Both directions in one thread. What a TUN write provokes (a TCP ACK, an echo reply) is
+    already queued on the TUN when the write returns, so it leaves in the next pass without a
+    thread wakeup: fewer context switches, a shorter RTT."""
+    cdef Conf *c = w.conf
+    cdef int t, r
+    cdef pollfd pfd[3]
+    cdef timespec now
+    cdef int64_t last = 0, t_ns
+    while not wf_load_flag(&c.stop):
+        t = tx_pass(w)
+        r = rx_pass(w)
+        if c.busy_poll_ns:
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            t_ns = <int64_t>now.tv_sec * 1000000000 + now.tv_nsec
+            if t > 0 or r > 0:
+                last = t_ns
+                continue
+            if t == 0 and r == 0 and t_ns - last < c.busy_poll_ns:
+                sched_yield()     # the answer to what we just forwarded is likely microseconds away
+                continue
+        elif t > 0 or r > 0:
+            continue
+        pfd[0].fd = w.tun_fd
+        pfd[0].events = POLLIN
+        pfd[0].revents = 0
+        pfd[1].fd = w.sock_fd
+        pfd[1].events = POLLIN
+        pfd[1].revents = 0
+        pfd[2].fd = w.stop_fd
+        pfd[2].events = POLLIN
+        pfd[2].revents = 0
+        poll(pfd, 3, IDLE_POLL_MS if (t < 0 or r < 0) else -1)
