@@ -12,24 +12,20 @@ Every rule broken raises ``ConfigError`` with one line naming the key and the ru
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-# Wire format (flannel's Backend.Type) -> the data planes that implement it; the first is the default.
-WIRE_DATAPLANES: dict[str, tuple[str, ...]] = {
-    "vxlan": ("kernel", "ebpf", "fastpath"),
-    "host-gw": ("kernel",),
-    "udp": ("fastpath", "python"),
-    "alloc": ("kernel",),
-}
-DATAPLANES = ("kernel", "ebpf", "fastpath", "python")
+# The wire formats, their data planes, MTU overheads, default ports and own keys come from the
+# backend registry (each wire format's folder declares them); only the default is named here.
+from . import backends as registry
+from .backends.spec import Key
 
-# Bytes of encapsulation each wire format adds (flannel's values): FLANNEL_MTU = iface MTU - overhead.
-MTU_OVERHEAD = {"vxlan": 50, "udp": 28, "host-gw": 0, "alloc": 0}
-DEFAULT_PORT = {"vxlan": 8472, "udp": 8285}
-DEFAULT_VNI = 1
+DEFAULT_WIRE = "vxlan"  # no Backend.Type (README, "Differences from flanneld")
+PORT = Key("Port", "port", int, 0, 0, 65535, "UDP port; 0: the wire format's default")
+MTU = Key("MTU", "mtu", int, 0, 576, 65535, "MTU of the underlay; 0: the interface's")
 
 
 class ConfigError(ValueError):
@@ -38,13 +34,21 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class BackendConfig:
+    """The ``Backend`` object. The keys of the wire format's own (``spec.Wire.keys``, e.g. vxlan's
+    ``VNI`` and ``DirectRouting``) are in ``settings`` and read as attributes (``backend.vni``)."""
     type: str = "vxlan"
     dataplane: str = "kernel"
     port: int = 0  # 0: the wire format's default (see ``effective_port``)
-    vni: int = DEFAULT_VNI
-    direct_routing: bool = False
     mtu: int = 0  # 0: the interface's MTU
+    settings: tuple[tuple[str, Any], ...] = ()  # (attr, value) of each of the wire format's keys
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("_"):
+            for attr, value in self.__dict__.get("settings", ()):
+                if attr == name:
+                    return value
+        raise AttributeError(f"{type(self).__name__} of {self.__dict__.get('type')!r} has no {name!r}")
 
     @property
     def name(self) -> str:
@@ -52,11 +56,11 @@ class BackendConfig:
 
     @property
     def effective_port(self) -> int:
-        return self.port or DEFAULT_PORT.get(self.type, 0)
+        return self.port or registry.wire(self.type).default_port
 
     @property
     def mtu_overhead(self) -> int:
-        return MTU_OVERHEAD[self.type]
+        return registry.wire(self.type).mtu_overhead
 
 
 @dataclass(frozen=True)
@@ -91,10 +95,7 @@ class NetworkConfig:
         if not dataplane:
             return self
         _check_dataplane(self.backend.type, dataplane, "--dataplane")
-        b = self.backend
-        backend = BackendConfig(b.type, dataplane, b.port, b.vni, b.direct_routing, b.mtu, b.raw)
-        return NetworkConfig(self.network, self.subnet_len, self.subnet_min, self.subnet_max,
-                             backend, self.raw)
+        return dataclasses.replace(self, backend=dataclasses.replace(self.backend, dataplane=dataplane))
 
 
 def _lookup(obj: dict, key: str) -> tuple[bool, Any]:
@@ -128,11 +129,21 @@ def _ipv4(text: str, key: str) -> ipaddress.IPv4Address:
 
 
 def _check_dataplane(wire: str, dataplane: str, key: str) -> None:
-    if dataplane not in DATAPLANES:
-        raise ConfigError(f"{key}: unknown data plane {dataplane!r} (known: {', '.join(DATAPLANES)})")
-    if dataplane not in WIRE_DATAPLANES[wire]:
-        raise ConfigError(f"{key}: {wire} has no {dataplane!r} data plane "
-                          f"(it has: {', '.join(WIRE_DATAPLANES[wire])})")
+    known = registry.dataplane_names()
+    if dataplane not in known:
+        raise ConfigError(f"{key}: unknown data plane {dataplane!r} (known: {', '.join(known)})")
+    have = [d.name for d in registry.dataplanes(wire)]
+    if dataplane not in have:
+        raise ConfigError(f"{key}: {wire} has no {dataplane!r} data plane (it has: {', '.join(have)})")
+
+
+def _key(obj: dict, key: Key) -> Any:
+    """The value of ``key`` under Backend: its default when absent, ConfigError when it breaks a rule."""
+    value = _typed(obj, key.name, key.kind, "Backend.", key.default)
+    why = key.rule_broken(value) if value != key.default else None
+    if why:
+        raise ConfigError(f"Backend.{key.name}: {why}")
+    return value
 
 
 def parse_backend(obj: Any) -> BackendConfig:
@@ -140,25 +151,19 @@ def parse_backend(obj: Any) -> BackendConfig:
         obj = {}
     if not isinstance(obj, dict):
         raise ConfigError(f"Backend: must be an object, got {json.dumps(obj)}")
-    wire = _typed(obj, "Type", str, "Backend.", "vxlan")
-    if wire not in WIRE_DATAPLANES:
-        raise ConfigError(f"Backend.Type: unknown backend {wire!r} "
-                          f"(known: {', '.join(WIRE_DATAPLANES)})")
-    dataplane = _typed(obj, "Dataplane", str, "Backend.", WIRE_DATAPLANES[wire][0])
-    _check_dataplane(wire, dataplane, "Backend.Dataplane")
-    port = _typed(obj, "Port", int, "Backend.", 0)
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"Backend.Port: {port} is outside 0..65535")
-    vni = _typed(obj, "VNI", int, "Backend.", DEFAULT_VNI)
-    if not 0 <= vni < 1 << 24:
-        raise ConfigError(f"Backend.VNI: {vni} is outside 0..16777215")
-    direct = _typed(obj, "DirectRouting", bool, "Backend.", False)
-    mtu = _typed(obj, "MTU", int, "Backend.", 0)
-    if mtu and not 576 <= mtu <= 65535:
-        raise ConfigError(f"Backend.MTU: {mtu} is outside 576..65535")
-    if mtu and mtu - MTU_OVERHEAD[wire] < 68:
-        raise ConfigError(f"Backend.MTU: {mtu} leaves no room for {wire}'s {MTU_OVERHEAD[wire]} bytes")
-    return BackendConfig(wire, dataplane, port, vni, direct, mtu, dict(obj))
+    name = _typed(obj, "Type", str, "Backend.", DEFAULT_WIRE)
+    wire = registry.wire(name)
+    if wire is None:
+        raise ConfigError(f"Backend.Type: unknown backend {name!r} "
+                          f"(known: {', '.join(registry.wires())})")
+    dataplane = _typed(obj, "Dataplane", str, "Backend.", wire.default_dataplane)
+    _check_dataplane(wire.name, dataplane, "Backend.Dataplane")
+    port = _key(obj, PORT)
+    settings = tuple((k.attr, _key(obj, k)) for k in wire.keys)
+    mtu = _key(obj, MTU)  # 0 (the interface's MTU) is outside the range but allowed
+    if mtu and mtu - wire.mtu_overhead < 68:
+        raise ConfigError(f"Backend.MTU: {mtu} leaves no room for {wire.name}'s {wire.mtu_overhead} bytes")
+    return BackendConfig(wire.name, dataplane, port, mtu, settings, dict(obj))
 
 
 def parse_config(text: str | bytes) -> NetworkConfig:

@@ -187,30 +187,14 @@ def cmd_docker_opts(args) -> int:
 
 
 def cmd_peermap(args) -> int:
-    """Needs no store: reads the maps of the program attached to --dev in this network namespace."""
-    from fastpath.bpf.live import NoProgram, read
+    """Needs no store: the backend that keeps maps on --dev in this network namespace shows them
+    (``Dataplane.inspect`` in the registry)."""
+    from .backends import show_node
     try:
-        doc = read(args.dev)
-    except (NoProgram, OSError) as exc:
+        doc, text = show_node(args.dev)
+    except LookupError as exc:
         return flags.fail("weftctl", f"peermap: {exc}")
-    if args.json:
-        print(json.dumps(doc, indent=2))
-        return 0
-    table = [("SUBNET", "PUBLIC IP", "VTEP MAC", "VNI", "")]
-    table += [(e["subnet"], e["public_ip"], e["vtep_mac"], str(e["vni"]), "(this node)" if e["local"] else "")
-              for e in doc["peers"]]
-    widths = [max(len(row[i]) for row in table) for i in range(5)]
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    # The programs' counters, named as on /metrics (weft_backend_<name>); every one is read from
-    # the maps, zeros included. drops_* are per reason (fastpath/bpf/drop_reasons.h).
-    counts = [(k, v) for k, v in doc["counters"].items()] + [(f"drops_{k}", v) for k, v in doc["drops"].items()]
-    if counts:
-        width = max(len(k) for k, _ in counts)
-        print()
-        print(f"{'COUNTER'.ljust(width)}  VALUE")
-        for k, v in counts:
-            print(f"{k.ljust(width)}  {v}")
+    print(json.dumps(doc, indent=2) if args.json else text)
     return 0
 
 

@@ -75,6 +75,11 @@ class NetlinkBackend(Backend):
             self._ipr = IPRoute()
         return self._ipr
 
+    def link_index(self, name: str) -> int | None:
+        """The index of device ``name`` in this namespace; None when there is none."""
+        found = self.ipr.link_lookup(ifname=name)
+        return found[0] if found else None
+
     def close(self) -> None:
         """Release the netlink socket; what was programmed stays."""
         with self._lock:

@@ -1,9 +1,10 @@
 """vxlan/ebpf end to end: three namespaced nodes, all-eBPF and mixed with vxlan/kernel.
 
 Part 1 (backend level, like tests/test_kernel_backends.py): every name carries the per-run prefix
-``web<pid%1000>-``. ``<p>w`` holds bridge br0 (the underlay switch); node ``<p>nN`` has eth0 =
-198.18.0.N/24, ip_forward on, a cni0 bridge 10.244.N.1/24 and pod ``<p>pN`` (10.244.N.2/24, MTU
-1450, default via 10.244.N.1). Each node's backend runs in an agent: a forked child that entered the
+``web<pid%1000>-`` (``tests.e2e.Testbed``, built by the lab's own builder). ``<p>wire`` holds
+bridge br0 (the underlay switch); node ``<p>nN`` has eth0 = 198.18.0.N/24, ip_forward on, a cni0
+bridge 10.244.N.1/24 and pod ``<p>pNx1`` (10.244.N.2/24, MTU 1450 like cni0 and its port, default
+via 10.244.N.1). Each node's backend runs in an agent: a forked child that entered the
 node's namespace, so the backend programs that namespace exactly as weftd would. Checked: all pod
 pairs ping (every direction, eBPF<->eBPF and eBPF<->kernel), node -> remote pod, a 64 MiB TCP
 transfer byte-identical, the map follows add/remove, no per-peer neighbour/FDB/route entry,
@@ -25,7 +26,7 @@ the maps too.
 Benchmarks against vxlan/kernel (iperf3 -t 5 and ping, pod to pod) are not tests; run them by hand:
 ``.venv/bin/python -m tests.test_ebpf_e2e ab`` (both data planes at once, sides swapped each round).
 
-Teardown deletes exactly the namespaces this run created, by name.
+Teardown (the lab's, from the testbed's ledger) deletes exactly the namespaces this run created.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from controlplane.lease import Lease
 from fastpath.engine.reference import ip_checksum as _csum
 
 from .conftest import needs_bcc, needs_root
-from .e2e import ebpf_map_has, in_netns, metrics
+from .e2e import Testbed, built, ebpf_map_has, in_netns, metrics
 from .nsagent import Agent, sh
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,56 +64,25 @@ pytestmark = [needs_root, needs_bcc]
 
 # -- the cluster --------------------------------------------------------------------------------------
 
-class Cluster:
+class Cluster(Testbed):
+    """The testbed (tests.e2e) with a backend Agent per node; pods' eth0 MTU 1450 (vxlan's)."""
+
     def __init__(self, prefix: str = PREFIX, nodes=NODES):
-        self.prefix = prefix
-        self.nodes = tuple(nodes)
-        self.created: list[str] = []
+        super().__init__(prefix, nodes, pod_mtu=1450)
         self.agents: dict[int, Agent] = {}
-        self.wire = prefix + "w"
-        self.node = {n: f"{prefix}n{n}" for n in self.nodes}
-        self.pod = {n: f"{prefix}p{n}" for n in self.nodes}
         self.leases: dict[int, Lease] = {}
         self.kinds: dict[int, str] = {}
 
-    def _netns(self, name: str) -> None:
-        if name in sh("ip", "netns", "list").split():
-            raise RuntimeError(f"namespace {name} already exists; not touching it")
-        self.created.append(name)
-        sh("ip", "netns", "add", name)
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-
     def build(self) -> None:
-        for name in (self.wire, *self.node.values(), *self.pod.values()):
-            self._netns(name)
-        w = self.wire
-        sh("ip", "-n", w, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", w, "link", "set", "br0", "up")
+        super().build()
         for n in self.nodes:
-            node, pod = self.node[n], self.pod[n]
-            sh("ip", "-n", w, "link", "add", f"w{n}", "type", "veth", "peer", "name", "eth0", "netns", node)
-            sh("ip", "-n", w, "link", "set", f"w{n}", "master", "br0", "up")
-            sh("ip", "-n", node, "addr", "add", f"198.18.0.{n}/24", "dev", "eth0")
-            sh("ip", "-n", node, "link", "set", "eth0", "up")
-            sh("sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
-               "net.ipv4.conf.default.rp_filter=0", ns=node)
-            sh("ip", "-n", node, "link", "add", "cni0", "type", "bridge")
-            sh("ip", "-n", node, "addr", "add", f"10.244.{n}.1/24", "dev", "cni0")
-            sh("ip", "-n", node, "link", "set", "cni0", "up")
-            sh("ip", "-n", node, "link", "add", f"vethp{n}", "type", "veth", "peer", "name", "eth0",
-               "netns", pod)
-            sh("ip", "-n", node, "link", "set", f"vethp{n}", "master", "cni0", "up")
-            sh("ip", "-n", pod, "addr", "add", f"10.244.{n}.2/24", "dev", "eth0")
-            sh("ip", "-n", pod, "link", "set", "eth0", "mtu", "1450", "up")
-            sh("ip", "-n", pod, "route", "add", "default", "via", f"10.244.{n}.1")
-            self.agents[n] = Agent(node)
+            self.agents[n] = Agent(self.node[n])
 
-    def destroy(self) -> None:
+    def destroy(self) -> list[str]:
         self.stop()
         for agent in self.agents.values():
             agent.stop()
-        for name in reversed(self.created):  # exactly the names this run created
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+        return super().destroy()
 
     @staticmethod
     def iface(n: int) -> dict:
@@ -205,14 +175,8 @@ print(h.hexdigest())
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster()
-    try:
-        c.build()
+    with built(Cluster()) as c:
         yield c
-    finally:
-        c.destroy()
-        left = [name for name in c.created if name in sh("ip", "netns", "list").split()]
-        assert not left, f"namespaces left behind: {left}"
 
 
 @pytest.fixture
@@ -526,12 +490,8 @@ RX_BUCKETS = ("underlay_passed", "drops_fragment", "drops_malformed", "drops_unk
 def intruder(net: "Cluster") -> str:
     """A host on the underlay that holds no lease: namespace <p>x, 198.18.0.66 on the wire's bridge."""
     name = net.prefix + "x"
-    if name not in net.created:
-        net._netns(name)
-        sh("ip", "-n", net.wire, "link", "add", "wx", "type", "veth", "peer", "name", "eth0", "netns", name)
-        sh("ip", "-n", net.wire, "link", "set", "wx", "master", "br0", "up")
-        sh("ip", "-n", name, "addr", "add", "198.18.0.66/24", "dev", "eth0")
-        sh("ip", "-n", name, "link", "set", "eth0", "up")
+    if name not in net.namespaces:
+        net.add_underlay_host("x", "198.18.0.66")
     return name
 
 

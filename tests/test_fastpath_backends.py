@@ -11,8 +11,11 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
+
+from bench.procs import proc_start_time, stop_processes
 
 from .conftest import needs_root
 
@@ -69,6 +72,27 @@ print(json.dumps(out))
 '''
 
 
+def _stop_all_in(ns: str) -> None:
+    """Stop what runs in namespace ``ns`` (made by this test), by PID."""
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+    stop_processes([(int(p), proc_start_time(int(p))) for p in pids])
+
+
+def run_script(ns: str, script: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+    """Run a Python script in namespace ``ns``. The backend's engine process inherits the script's
+    stdout and stderr; one left running (the script failed before its teardown) is stopped once
+    the script exits, so the script's output (its traceback) comes back at once."""
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-c", textwrap.dedent(script), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+
+    def reap():
+        proc.wait()
+        _stop_all_in(ns)
+    threading.Thread(target=reap, daemon=True).start()
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @pytest.fixture
 def ns():
     name = f"wftb{secrets.token_hex(3)}"
@@ -81,6 +105,7 @@ def ns():
             subprocess.run(["ip", "-n", name, *cmd], check=True)
         yield name
     finally:
+        _stop_all_in(name)  # the backend's engine process, if a case left it running
         subprocess.run(["ip", "netns", "del", name], check=True)
 
 
@@ -88,8 +113,7 @@ def ns():
                                              ("udp/fastpath", 2)])
 def test_backend_lifecycle(ns, backend, workers):
     env = dict(os.environ, PYTHONPATH=REPO, WEFT_ENGINE_WORKERS=str(workers))
-    res = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", textwrap.dedent(SCRIPT), backend],
-                         capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    res = run_script(ns, SCRIPT, backend, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     wire = backend.split("/")[0]
@@ -176,8 +200,7 @@ def test_vxlan_fastpath_direct_routing(ns):
     """DirectRouting: a peer on eth0's L2 subnet gets a kernel route and no engine route; moves
     between the two modes switch cleanly; resync restores, remove_peer and teardown remove."""
     env = dict(os.environ, PYTHONPATH=REPO)
-    res = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", textwrap.dedent(DIRECT_SCRIPT)],
-                         capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
+    res = run_script(ns, DIRECT_SCRIPT, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     direct2 = "10.244.2.0/24 via 198.18.0.2 dev eth0"

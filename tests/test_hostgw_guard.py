@@ -1,6 +1,6 @@
 """host-gw/kernel's opt-in source guard (``source_guard``, weftd ``--source-guard``) end to end.
 
-Three namespaced host-gw nodes (the cluster of tests/test_ebpf_e2e.py: node ``<p>nN`` has eth0 =
+Three namespaced host-gw nodes (the cluster of tests/test_ebpf_e2e.py, a tests.e2e.Testbed: node ``<p>nN`` has eth0 =
 198.18.0.N/24 on one bridge, cni0 10.244.N.1/24, pod 10.244.N.2) with each backend in an agent
 inside its node's namespace, and an intruder (198.18.0.66, no lease) on the same segment.
 
@@ -15,7 +15,7 @@ The guard's cost (not a test): ``.venv/bin/python -m tests.test_hostgw_guard ben
 measures TCP 1-stream pod 1 -> pod 2 (iperf3 -t 3) with and without the guard on both nodes,
 alternating, ROUNDS (3) times each, in one lab.
 
-Teardown deletes exactly the namespaces this run created, by name.
+Teardown (the lab's, from the testbed's ledger) deletes exactly the namespaces this run created.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import pytest
 from controlplane.config import parse_config
 
 from .conftest import needs_bcc, needs_root
+from .e2e import built
 from .nsagent import sh
 from .test_ebpf_e2e import PY, Cluster, icmp_echo, in_echos, intruder
 
@@ -58,16 +59,10 @@ def send_raw(ns: str, packet: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(prefix=PREFIX)
-    try:
-        c.build()
+    with built(Cluster(prefix=PREFIX)) as c:
         x = intruder(c)
         sh("ip", "-n", x, "route", "add", "10.244.0.0/16", "via", "198.18.0.1")
         yield c
-    finally:
-        c.destroy()
-        left = [name for name in c.created if name in sh("ip", "netns", "list").split()]
-        assert not left, f"namespaces left behind: {left}"
 
 
 @pytest.fixture

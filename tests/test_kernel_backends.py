@@ -1,14 +1,15 @@
 """vxlan/kernel, host-gw/kernel and the masquerade rules, on three namespaced "nodes".
 
-Topology (machine-measurements.md section 1), every name prefixed with ``wkb<pid%1000>-``:
-``<p>w`` holds bridge br0, the underlay switch; node ``<p>nN`` has eth0 = 198.18.0.N/24 (a veth
-to br0), ip_forward on, and a cni0 bridge 10.244.N.1/24 with pod ``<p>pN`` behind it
-(10.244.N.2/24, default via 10.244.N.1). ``<p>m`` is a bare namespace for the masquerade rules.
+Topology (``tests.e2e.Testbed``, built by the lab's own builder), every name prefixed with
+``wkb<pid%1000>-``: ``<p>wire`` holds bridge br0, the underlay switch; node ``<p>nN`` has eth0 =
+198.18.0.N/24 (a veth to br0), ip_forward on, and a cni0 bridge 10.244.N.1/24 with pod ``<p>pNx1``
+behind it (10.244.N.2/24, default via 10.244.N.1). ``<p>m`` is a bare namespace for the
+masquerade rules.
 
 Each node's backend runs in an ``Agent``: a forked child that entered the node's namespace
 (pyroute2 ``netns.setns``) and executes calls sent over a pipe, so the backends program their own
 namespace exactly as weftd would on a real node. Nothing touches the root namespace; teardown
-deletes exactly the namespaces this run created.
+(the lab's, from the testbed's ledger) deletes exactly the namespaces this run created.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from fastpath.vxlan.kernel import VXLANKernelBackend
 from fastpath.vxlan.vtep import parse_unicast_mac, random_mac
 
 from .conftest import needs_root
+from .e2e import Testbed, built
 from .nsagent import Agent, ipj, sh
 
 PREFIX = f"wkb{os.getpid() % 1000}-"
@@ -40,55 +42,27 @@ HOSTGW = parse_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw
 
 # -- the lab ----------------------------------------------------------------------------------------
 
-class Lab:
+class Lab(Testbed):
+    """The testbed (tests.e2e) with a backend Agent per node and a bare namespace for masquerade."""
+
     def __init__(self):
-        self.created: list[str] = []
+        super().__init__(PREFIX, NODES)
         self.agents: dict[int | str, Agent] = {}
-        self.wire = PREFIX + "w"
-        self.node = {n: f"{PREFIX}n{n}" for n in NODES}
-        self.pod = {n: f"{PREFIX}p{n}" for n in NODES}
         self.masq_ns = PREFIX + "m"
         self.leases: dict[int, Lease] = {}
         self.kind: str | None = None
 
-    def _netns(self, name: str) -> None:
-        if name in sh("ip", "netns", "list"):
-            raise RuntimeError(f"namespace {name} already exists; not touching it")
-        sh("ip", "netns", "add", name)
-        self.created.append(name)
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-
     def build(self) -> None:
-        for name in (self.wire, *self.node.values(), *self.pod.values(), self.masq_ns):
-            self._netns(name)
-        w = self.wire
-        sh("ip", "-n", w, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", w, "link", "set", "br0", "up")
+        super().build()
+        self.add_netns("m")
         for n in NODES:
-            node, pod = self.node[n], self.pod[n]
-            sh("ip", "-n", w, "link", "add", f"w{n}", "type", "veth", "peer", "name", "eth0", "netns", node)
-            sh("ip", "-n", w, "link", "set", f"w{n}", "master", "br0", "up")
-            sh("ip", "-n", node, "addr", "add", f"198.18.0.{n}/24", "dev", "eth0")
-            sh("ip", "-n", node, "link", "set", "eth0", "up")
-            sh("sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
-               "net.ipv4.conf.default.rp_filter=0", ns=node)
-            sh("ip", "-n", node, "link", "add", "cni0", "type", "bridge")
-            sh("ip", "-n", node, "addr", "add", f"10.244.{n}.1/24", "dev", "cni0")
-            sh("ip", "-n", node, "link", "set", "cni0", "up")
-            sh("ip", "-n", node, "link", "add", f"vethp{n}", "type", "veth", "peer", "name", "eth0",
-               "netns", pod)
-            sh("ip", "-n", node, "link", "set", f"vethp{n}", "master", "cni0", "up")
-            sh("ip", "-n", pod, "addr", "add", f"10.244.{n}.2/24", "dev", "eth0")
-            sh("ip", "-n", pod, "link", "set", "eth0", "up")
-            sh("ip", "-n", pod, "route", "add", "default", "via", f"10.244.{n}.1")
-            self.agents[n] = Agent(node)
+            self.agents[n] = Agent(self.node[n])
         self.agents["m"] = Agent(self.masq_ns)
 
-    def destroy(self) -> None:
+    def destroy(self) -> list[str]:
         for agent in self.agents.values():
             agent.stop()
-        for name in reversed(self.created):  # exactly the names this run created
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+        return super().destroy()
 
     # -- backends on all nodes --
 
@@ -163,14 +137,8 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab():
-    lab = Lab()
-    try:
-        lab.build()
+    with built(Lab()) as lab:
         yield lab
-    finally:
-        lab.destroy()
-        left = [name for name in lab.created if name in sh("ip", "netns", "list").split()]
-        assert not left, f"namespaces left behind: {left}"
 
 
 @pytest.fixture

@@ -6,6 +6,13 @@ from __future__ import annotations
 
 from ..lease import Lease
 from .base import Backend
+from .spec import Dataplane, Wire
+
+WIRE = Wire("alloc", mtu_overhead=0, default_dataplane="kernel",
+            summary="subnet allocation only, no forwarding")
+# bench run measures the bare underlay with this backend ("bare"), not as a data plane of its own
+DATAPLANES = (Dataplane("alloc", "kernel", "controlplane.backends.alloc:AllocBackend",
+                        "leases only; something else moves the packets", bench=False),)
 
 
 class AllocBackend(Backend):

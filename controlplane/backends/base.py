@@ -9,6 +9,8 @@ A backend is one implementation ("data plane") of one wire format, named ``<wire
 2. ``setup(lease)``: build the node's data plane for the subnet it holds.
 3. ``add_peer(lease)`` / ``remove_peer(lease)``: for every other node's lease, as they come and go.
    ``add_peer`` is also called when a peer's lease is renewed or changes, so it must be idempotent.
+   ``peers_synced()``: once, after the first full listing of leases went through ``add_peer``:
+   a data plane that outlived a previous daemon may drop what no lease holds now.
 4. ``resync()``: called every few seconds; puts back anything someone removed behind our back.
 5. ``teardown()``: remove the data plane (``weftd --teardown``); a plain SIGTERM leaves it in place.
 
@@ -19,15 +21,21 @@ from __future__ import annotations
 
 import ipaddress
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..config import NetworkConfig
 from ..lease import Lease, LeaseAttrs
+
+if TYPE_CHECKING:  # controlplane.config reads the registry, which imports this module
+    from ..config import NetworkConfig
 
 
 class BackendError(Exception):
     """A backend cannot run; str() is one line that names the cause (and the fix, if known)."""
+
+
+class BadBackendData(ValueError):
+    """A peer's lease carries BackendData this data plane cannot use; str() says why."""
 
 
 @dataclass(frozen=True)
@@ -40,23 +48,30 @@ class ExternalInterface:
     mtu: int
 
 
-@dataclass(frozen=True)
 class BackendOptions:
-    """Node-local switches from weftd's flags."""
-    ip_masq: bool = False
-    vxlan_tx_csum_off: bool = False
-    # vxlan/kernel: check each VXLAN datagram's outer source against the leases (fastpath/bpf/guard.py).
-    # vxlan/ebpf and the userspace engines always check; host-gw has no guard (README, "Spoofed input").
-    source_guard: bool = False
-    extra: dict = field(default_factory=dict)
+    """Node-local switches from weftd's flags: the ones every backend reads, and each data plane's
+    own flags (``spec.Flag``, declared with it) in ``flags``, by their dest name
+    (``BackendOptions(vxlan_tx_csum_off=True).flags["vxlan_tx_csum_off"]``)."""
+    __slots__ = ("ip_masq", "source_guard", "flags")
+
+    def __init__(self, ip_masq: bool = False, source_guard: bool = False, **flags: Any):
+        if flags:  # (the registry is read only then: the default instance is built at import)
+            from . import flag_owners
+            unknown = sorted(set(flags) - {flag.dest for flag in flag_owners()})
+            if unknown:
+                raise TypeError(f"BackendOptions: no backend declares the flag(s) {', '.join(unknown)}")
+        self.ip_masq = ip_masq
+        # vxlan/kernel, host-gw/kernel: attach a guard (fastpath/bpf/guard.py). See Backend.source_guard.
+        self.source_guard = source_guard
+        self.flags: dict[str, Any] = dict(flags)
+
+    def __repr__(self) -> str:
+        return f"BackendOptions(ip_masq={self.ip_masq}, source_guard={self.source_guard}, flags={self.flags})"
 
 
 class Backend(ABC):
     wire_type: ClassVar[str]
     dataplane: ClassVar[str]
-    # What --source-guard means here: "builtin" (it checks every packet's outer source anyway),
-    # "optional" (the flag attaches a guard), "none" (refused: nothing to check).
-    source_guard: ClassVar[str] = "none"
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):
@@ -88,6 +103,9 @@ class Backend(ABC):
 
     @abstractmethod
     def remove_peer(self, lease: Lease) -> None: ...
+
+    def peers_synced(self) -> None:
+        pass
 
     def resync(self) -> None:
         pass

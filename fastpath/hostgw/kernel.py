@@ -26,40 +26,25 @@ import ipaddress
 import logging
 import socket
 
-from controlplane.backends.base import BackendError, BackendOptions, ExternalInterface
-from controlplane.config import NetworkConfig
+from controlplane.backends.base import BackendError
 from controlplane.lease import Lease
 
-from ..netlink import GONE, NetlinkBackend, nl_errno
+from ..direct import MAIN_TABLE, main_routes, route_key
+from ..netlink import GONE, nl_errno
+from ..routing import GuardedRouting, Peer
 
 log = logging.getLogger("weft.backend.hostgw")
 
-MAIN_TABLE = 254
 NTF_USE = 0x01  # neighbour "use": create the entry if needed and start resolving it
 # NUD_PERMANENT | NUD_NOARP | NUD_REACHABLE | NUD_PROBE | NUD_STALE | NUD_DELAY: a usable MAC
 NUD_VALID = 0x80 | 0x40 | 0x02 | 0x10 | 0x04 | 0x08
 
 
-class HostGWKernelBackend(NetlinkBackend):
+class HostGWKernelBackend(GuardedRouting):
+    """Each peer is one route ``<subnet> via <PublicIP> dev <underlay>`` (``Peer`` without a MAC)."""
     wire_type = "host-gw"
     dataplane = "kernel"
-    source_guard = "optional"
-
-    def __init__(self, config: NetworkConfig, iface: ExternalInterface,
-                 options: BackendOptions = BackendOptions()):
-        super().__init__(config, iface, options)
-        self.lease: Lease | None = None
-        self._peers: dict[ipaddress.IPv4Network, ipaddress.IPv4Address] = {}
-        self._failed: set[ipaddress.IPv4Network] = set()
-        self._counters = {"entries_restored": 0, "peer_errors": 0, "conflicts_removed": 0}
-        self._guard_wanted = options.source_guard
-        self.guard = None  # fastpath.bpf.guard.HostGWGuard when the source guard is on
-
-    def close(self) -> None:
-        """Release the netlink socket and the guard's fds (an attached guard keeps working)."""
-        if self.guard is not None:
-            self.guard.close()
-        super().close()
+    COUNTERS = ("conflicts_removed",)
 
     def setup(self, lease: Lease) -> None:
         if self.iface.address != self.iface.public_ip:
@@ -68,37 +53,19 @@ class HostGWKernelBackend(NetlinkBackend):
                                f"to be the address of interface {self.iface.name} ({have})")
         with self._lock:
             self.lease = lease
-            for subnet in list(self._peers):
-                self._program(subnet)
-            self._setup_guard(lease)
+            for peer in list(self._peers.values()):
+                self._program(peer)
+            self.setup_guard(lease)
+            if self.guard is not None:
+                for gw in {p.public_ip for p in self._peers.values()}:
+                    self._resolve(gw)
 
-    def _new_guard(self):
+    # -- the source guard needs each peer's MAC in the neighbour table -----------------------------
+
+    def new_guard(self):
         from fastpath.bpf.guard import HostGWGuard
         return HostGWGuard(self.ipr, self.iface.name, self.iface.index, self.config.network,
                            self.iface.address)
-
-    def _setup_guard(self, lease: Lease) -> None:
-        """Start the source guard when asked; otherwise remove one a previous run left on the
-        underlay interface (its maps would no longer follow the leases)."""
-        from fastpath.bpf.guard import CLSACT_INGRESS, detach_filter
-        if not self._guard_wanted:
-            try:
-                if detach_filter(self.ipr, self.iface.index, CLSACT_INGRESS):
-                    log.info("removed a stale source guard filter from %s", self.iface.name)
-            except Exception as exc:
-                log.warning("removing a stale filter from %s failed: %s", self.iface.name, exc)
-            return
-        from fastpath.bpf import BpfUnavailable
-        if self.guard is None:
-            self.guard = self._new_guard()
-        try:
-            self.guard.start(lease.subnet)
-        except BpfUnavailable as exc:
-            raise BackendError(f"host-gw/kernel source guard: {exc}") from None
-        except Exception as exc:
-            raise BackendError(f"host-gw/kernel source guard on {self.iface.name}: {exc}") from None
-        for gw in set(self._peers.values()):
-            self._resolve(gw)
 
     def _resolve(self, ip: ipaddress.IPv4Address) -> None:
         """Ask the kernel to resolve a peer's PublicIP on the underlay interface (an ARP request
@@ -108,15 +75,28 @@ class HostGWKernelBackend(NetlinkBackend):
         except Exception as exc:
             log.debug("resolving %s on %s failed: %s", ip, self.iface.name, exc)
 
-    def _resolve_missing(self) -> None:
-        """Resolve the PublicIPs of the peers that have no valid neighbour entry (resync)."""
-        valid = set()
-        for n in self.ipr.neigh("dump", ifindex=self.iface.index, family=socket.AF_INET):
-            if n["ifindex"] == self.iface.index and n["state"] & NUD_VALID:
-                valid.add(n.get("NDA_DST"))
-        for gw in set(self._peers.values()):
-            if str(gw) not in valid:
-                self._resolve(gw)
+    def peer_added(self, peer: Peer) -> None:
+        super().peer_added(peer)
+        if self.guard is not None and self.guard.progs is not None:
+            self._resolve(peer.public_ip)
+
+    def resync_guard(self) -> None:
+        """The guard's maps, and the PublicIPs of the peers without a valid neighbour entry."""
+        if self.guard is None:
+            return
+        try:
+            self.guard.resync()
+            valid = set()
+            for n in self.ipr.neigh("dump", ifindex=self.iface.index, family=socket.AF_INET):
+                if n["ifindex"] == self.iface.index and n["state"] & NUD_VALID:
+                    valid.add(n.get("NDA_DST"))
+            for gw in {p.public_ip for p in self._peers.values()}:
+                if str(gw) not in valid:
+                    self._resolve(gw)
+        except Exception as exc:
+            log.warning("source guard resync failed: %s", exc)
+
+    # -- peers -----------------------------------------------------------------------------------
 
     def _routes_to(self, subnet: ipaddress.IPv4Network) -> list[tuple[str | None, int | None, int]]:
         """(gateway, oif, priority) of every main-table route to exactly ``subnet``."""
@@ -127,118 +107,35 @@ class HostGWKernelBackend(NetlinkBackend):
                 out.append((r.get("RTA_GATEWAY"), r.get("RTA_OIF"), r.get("RTA_PRIORITY") or 0))
         return out
 
-    def _program(self, subnet: ipaddress.IPv4Network) -> bool:
-        gw = self._peers[subnet]
-        ipr = self.ipr
-        try:
-            for r_gw, r_oif, prio in self._routes_to(subnet):
-                if (r_gw, r_oif) == (str(gw), self.iface.index):
-                    continue
-                log.info("removing conflicting route %s via %s dev #%s", subnet, r_gw, r_oif)
-                kw = {"gateway": r_gw} if r_gw else {}
-                try:
-                    ipr.route("del", dst=str(subnet), oif=r_oif, priority=prio, **kw)
-                except Exception as exc:
-                    if nl_errno(exc) not in GONE:
-                        raise
-                self._counters["conflicts_removed"] += 1
-            ipr.route("replace", dst=str(subnet), gateway=str(gw), oif=self.iface.index)
-        except Exception as exc:
-            self._counters["peer_errors"] += 1
-            self._failed.add(subnet)
-            log.warning("peer %s (%s): route failed, will retry: %s", subnet, gw, exc)
-            return False
-        self._failed.discard(subnet)
-        return True
+    def program(self, peer: Peer) -> None:
+        """Our route, after removing any other route to the same destination (flannel's rule)."""
+        ipr, subnet, gw = self.ipr, peer.subnet, peer.public_ip
+        for r_gw, r_oif, prio in self._routes_to(subnet):
+            if (r_gw, r_oif) == (str(gw), self.iface.index):
+                continue
+            log.info("removing conflicting route %s via %s dev #%s", subnet, r_gw, r_oif)
+            kw = {"gateway": r_gw} if r_gw else {}
+            try:
+                ipr.route("del", dst=str(subnet), oif=r_oif, priority=prio, **kw)
+            except Exception as exc:
+                if nl_errno(exc) not in GONE:
+                    raise
+            self._counters["conflicts_removed"] += 1
+        ipr.route("replace", dst=str(subnet), gateway=str(gw), oif=self.iface.index)
 
-    def add_peer(self, lease: Lease) -> None:
-        with self._lock:
-            if self.lease is not None and lease.subnet == self.lease.subnet:
-                return
-            old = self._peers.get(lease.subnet)
-            self._peers[lease.subnet] = lease.attrs.public_ip
-            if old is not None and old != lease.attrs.public_ip:
-                self._delete(lease.subnet, old)
-            self._program(lease.subnet)
-            if self.guard is not None or self._guard_wanted:
-                self._guard_put(lease)
-
-    def _guard_put(self, lease: Lease) -> None:
-        if self.guard is None:
-            self.guard = self._new_guard()
+    def unprogram(self, peer: Peer) -> None:
+        """Exactly our route: destination, gateway and device must all match."""
         try:
-            self.guard.put(lease.subnet, lease.attrs.public_ip)
-        except Exception as exc:
-            self._counters["peer_errors"] += 1
-            log.warning("peer %s: source guard map update failed, resync retries: %s", lease.subnet, exc)
-        if self.guard.progs is not None:
-            self._resolve(lease.attrs.public_ip)
-
-    def _delete(self, subnet: ipaddress.IPv4Network, gw: ipaddress.IPv4Address) -> None:
-        try:
-            self.ipr.route("del", dst=str(subnet), gateway=str(gw), oif=self.iface.index)
+            self.ipr.route("del", dst=str(peer.subnet), gateway=str(peer.public_ip), oif=self.iface.index)
         except Exception as exc:
             if nl_errno(exc) not in GONE:
-                self._counters["peer_errors"] += 1
-                log.warning("route %s via %s: removal failed: %s", subnet, gw, exc)
+                raise
 
-    def remove_peer(self, lease: Lease) -> None:
-        with self._lock:
-            gw = self._peers.pop(lease.subnet, None)
-            self._failed.discard(lease.subnet)
-            if self.guard is not None:
-                try:
-                    self.guard.delete(lease.subnet)
-                except Exception as exc:
-                    log.warning("peer %s: source guard map update failed: %s", lease.subnet, exc)
-            self._delete(lease.subnet, gw if gw is not None else lease.attrs.public_ip)
+    def replace(self, old: Peer, new: Peer) -> None:
+        self._unprogram(old)  # another gateway: the old route is not ours to keep
 
-    def resync(self) -> None:
-        with self._lock:
-            if self.lease is None:
-                return
-            if self.guard is not None:
-                try:
-                    self.guard.resync()
-                    self._resolve_missing()
-                except Exception as exc:
-                    log.warning("source guard resync failed: %s", exc)
-            if not self._peers:
-                return
-            try:
-                present = set()
-                for r in self.ipr.route("dump", family=socket.AF_INET):
-                    if r.get("RTA_TABLE", r["table"]) == MAIN_TABLE and r.get("RTA_DST"):
-                        present.add((r.get("RTA_DST"), r["dst_len"], r.get("RTA_GATEWAY"),
-                                     r.get("RTA_OIF")))
-            except Exception as exc:
-                log.warning("host-gw resync failed: %s", exc)
-                return
-            for subnet, gw in list(self._peers.items()):
-                key = (str(subnet.network_address), subnet.prefixlen, str(gw), self.iface.index)
-                if subnet in self._failed:
-                    self._program(subnet)
-                elif key not in present and self._program(subnet):
-                    self._counters["entries_restored"] += 1
-                    log.info("route %s via %s recovered", subnet, gw)
+    def snapshot(self) -> set[tuple]:
+        return main_routes(self.ipr)
 
-    def teardown(self) -> None:
-        with self._lock:
-            if self.guard is not None:
-                self.guard.stop()
-                self.guard = None
-            for subnet, gw in list(self._peers.items()):
-                self._delete(subnet, gw)
-            self._peers.clear()
-            self._failed.clear()
-            self.lease = None
-        self.close()
-
-    def stats(self) -> dict[str, float]:
-        with self._lock:
-            s = dict(self._counters)
-            s["peers_programmed"] = len(self._peers) - len(self._failed)
-            s["peers_failed"] = len(self._failed)
-            if self.guard is not None:
-                s.update(self.guard.stats())
-            return {k: float(v) for k, v in s.items()}
+    def missing(self, peer: Peer, present: set[tuple]) -> tuple[str, ...]:
+        return () if route_key(peer.subnet, peer.public_ip, self.iface.index) in present else ("route",)

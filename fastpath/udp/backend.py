@@ -14,7 +14,7 @@ from __future__ import annotations
 from controlplane.lease import Lease, LeaseAttrs
 
 from fastpath.engine import load_engine
-from fastpath.engine.backend import TunEngineBackend
+from fastpath.userspace import TunEngineBackend
 
 
 class UDPFastpathBackend(TunEngineBackend):

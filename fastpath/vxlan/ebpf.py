@@ -59,7 +59,6 @@ bcc or kernel headers missing: setup raises BackendError naming the fix, never a
 """
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import socket
@@ -69,8 +68,9 @@ from controlplane.backends.base import BackendError, BackendOptions, ExternalInt
 from controlplane.config import NetworkConfig
 from controlplane.lease import Lease
 
-from ..netlink import NetlinkBackend, ignore_gone, nl_errno, only_address, set_mac_and_mtu
-from .vtep import VtepIdentity, parse_unicast_mac
+from ..netlink import ignore_gone
+from ..routing import Peer, RoutingBackend
+from .vtep import VxlanDevice, parse_unicast_mac
 
 log = logging.getLogger("weft.backend.vxlan.ebpf")
 
@@ -82,21 +82,19 @@ POD_BRIDGE = "cni0"
 WATCH_INTERVAL = 1.0  # seconds between looks at the pod bridge (new pods, cni0 created late)
 
 
-class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
+class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
+    """A peer is one weft_peers entry (and its weft_peer_ips count)."""
     wire_type = "vxlan"
     dataplane = "ebpf"
-    source_guard = "builtin"
+    RESTORED = "peers_restored"
+    COUNTERS = ("device_recreated", "filters_restored")
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):
         super().__init__(config, iface, options)
-        self._init_vxlan_device(config, iface)
-        self.bridge = str(options.extra.get("pod_bridge", POD_BRIDGE)) if options.extra else POD_BRIDGE
+        self.bridge = POD_BRIDGE
         self.progs = None  # fastpath.bpf.Programs, compiled on first setup
         self.cfg_flags: int | None = None
-        self._peers: dict[ipaddress.IPv4Network, tuple[ipaddress.IPv4Address, str]] = {}
-        self._counters = {"peers_bad_backend_data": 0, "peer_errors": 0, "device_recreated": 0,
-                          "filters_restored": 0, "peers_restored": 0}
         self._bridge_index: int | None = None
         self._inherited: set[ipaddress.IPv4Network] = set()
         self._watch_stop = threading.Event()
@@ -111,12 +109,6 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
             self._watch.join(5)
         self._watch = None
         super().close()
-
-    def _index(self, name: str) -> int | None:
-        found = self.ipr.link_lookup(ifname=name)
-        return found[0] if found else None
-
-    # -- lease ------------------------------------------------------------------------------------
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -140,12 +132,12 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
                 self._write_config(idx)
                 # Fill the maps before the programs go live, so a restart does not drop a packet.
                 self._put_local(progs)
-                for subnet, (public_ip, mac) in inherited.items():
-                    if subnet not in self._peers and subnet != lease.subnet:
-                        self._put(progs, subnet, public_ip, mac)
-                        self._inherited.add(subnet)
-                for subnet, (public_ip, mac) in list(self._peers.items()):
-                    self._put(progs, subnet, public_ip, mac)
+                for peer in inherited:
+                    if peer.subnet not in self._peers and peer.subnet != lease.subnet:
+                        self._put(progs, peer)
+                        self._inherited.add(peer.subnet)
+                for peer in list(self._peers.values()):
+                    self._put(progs, peer)
                 self._attach_device(idx)
                 self._attach_bridge()
                 self._attach_underlay()
@@ -161,17 +153,17 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
                                                daemon=True)
                 self._watch.start()
 
-    def _inherit(self) -> dict:
+    def _inherit(self) -> list[Peer]:
         """The peers in the map of the program a previous weftd left attached (a restart): they
         keep traffic flowing until the lease watch re-adds them; the first resync drops the rest."""
-        if self.progs is None or self._index(self.dev_name) is None:
-            return {}
+        if self.progs is None or self.link_index(self.dev_name) is None:
+            return []
         from fastpath.bpf.guard import inherited_peers
-        out = {}
+        out = []
         for subnet, (public_ip, raw) in inherited_peers(self.dev_name, set(self.prog_ids().values())).items():
             mac = parse_unicast_mac(raw)
             if mac:
-                out[subnet] = (public_ip, mac)
+                out.append(Peer(subnet, public_ip, mac))
         if out:
             log.info("kept %d peers from the programs a previous weftd left on %s", len(out), self.dev_name)
         return out
@@ -184,7 +176,7 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
                 with self._lock:
                     if self.lease is None or self.progs is None:
                         continue
-                    bidx = self._index(self.bridge)
+                    bidx = self.link_index(self.bridge)
                     if bidx is not None and bidx != self._bridge_index:
                         self._attach_bridge()
                         log.info("attached weft_from_pods to %s", self.bridge)
@@ -203,32 +195,17 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
                 and data.get("IFLA_VXLAN_PORT") == self.port)
 
     def _ensure_device(self) -> int:
-        ipr = self.ipr
-        idx = self._index(self.dev_name)
-        if idx is not None and not self._device_compatible(ipr.link("get", index=idx)[0]):
-            log.info("%s exists but is not an external VXLAN device on port %d; recreating",
-                     self.dev_name, self.port)
-            ignore_gone(ipr.link, "del", index=idx)
-            idx = None
-        if idx is None:
-            try:
-                ipr.link("add", ifname=self.dev_name, kind="vxlan", vxlan_collect_metadata=1,
-                         vxlan_port=self.port, vxlan_learning=0)
-            except Exception as exc:
-                if nl_errno(exc) != errno.EEXIST:
-                    raise
-            idx = self._index(self.dev_name)
-            if idx is None:
-                raise BackendError(f"vxlan/ebpf: {self.dev_name} vanished right after it was created")
-            self._sysctl(f"net/ipv6/conf/{self.dev_name}/disable_ipv6", "1")
-        link = ipr.link("get", index=idx)[0]
-        set_mac_and_mtu(ipr, idx, link, self.vtep_mac, self.mtu)
-        if not link["flags"] & IFF_NOARP:
-            ipr.link("set", index=idx, flags=IFF_NOARP, change=IFF_NOARP)
-        only_address(ipr, idx, str(self.lease.subnet.network_address), 32)
-        ipr.link("set", index=idx, state="up")
+        def prepare(idx: int, link, created: bool) -> None:
+            if created:
+                self._sysctl(f"net/ipv6/conf/{self.dev_name}/disable_ipv6", "1")
+            if not link["flags"] & IFF_NOARP:
+                self.ipr.link("set", index=idx, flags=IFF_NOARP, change=IFF_NOARP)
+
+        idx = self.ensure_vxlan_device(
+            self._device_compatible, f"is not an external VXLAN device on port {self.port}", prepare,
+            vxlan_collect_metadata=1, vxlan_port=self.port)
         # One route for the whole Network; our own subnet's (more specific) route is the bridge's.
-        ipr.route("replace", dst=str(self.config.network), oif=idx, scope=SCOPE_LINK)
+        self.ipr.route("replace", dst=str(self.config.network), oif=idx, scope=SCOPE_LINK)
         return idx
 
     @staticmethod
@@ -285,7 +262,7 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
 
     def _attach_bridge(self) -> bool:
         """Put weft_from_pods on the pod bridge if it exists; True when attached now."""
-        bidx = self._index(self.bridge)
+        bidx = self.link_index(self.bridge)
         if bidx is None:
             self._bridge_index = None
             return False
@@ -301,9 +278,9 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
 
     # -- peers -------------------------------------------------------------------------------------
 
-    def _put(self, progs, subnet, public_ip, mac) -> None:
+    def _put(self, progs, peer: Peer) -> None:
         from fastpath.bpf import peer_key, peer_value
-        progs.put_peer(peer_key(subnet), peer_value(public_ip, self.vni, mac))
+        progs.put_peer(peer_key(peer.subnet), peer_value(peer.public_ip, self.vni, peer.mac))
 
     def _put_local(self, progs) -> None:
         """Our own subnet, flagged local: pod traffic to it is neither encapsulated nor a miss."""
@@ -326,7 +303,7 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
 
     def _learn_endpoints(self) -> dict:
         ipr = self.ipr
-        bidx = self._index(self.bridge)
+        bidx = self.link_index(self.bridge)
         if bidx is None:
             return {}
         bmac = parse_unicast_mac(ipr.link("get", index=bidx)[0].get("IFLA_ADDRESS"))
@@ -350,38 +327,19 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
                 want[ip] = (port_of[mac], mac, bmac)
         return want
 
-    def add_peer(self, lease: Lease) -> None:
-        with self._lock:
-            if self.lease is not None and lease.subnet == self.lease.subnet:
-                return
-            data = lease.attrs.backend_data
-            raw = data.get("VtepMAC") if isinstance(data, dict) else None
-            mac = parse_unicast_mac(raw)
-            if mac is None:
-                self._counters["peers_bad_backend_data"] += 1
-                log.warning("peer %s (%s): bad vxlan BackendData (VtepMAC %r); skipped",
-                            lease.subnet, lease.attrs.public_ip, raw)
-                if self._peers.pop(lease.subnet, None) is not None and self.progs is not None:
-                    from fastpath.bpf import peer_key
-                    self.progs.delete_peer(peer_key(lease.subnet))
-                return
-            self._peers[lease.subnet] = (lease.attrs.public_ip, mac)
-            if self.progs is not None:
-                try:
-                    self._put(self.progs, lease.subnet, lease.attrs.public_ip, mac)
-                except Exception as exc:
-                    self._counters["peer_errors"] += 1
-                    log.warning("peer %s: map update failed, resync retries: %s", lease.subnet, exc)
+    def program(self, peer: Peer) -> None:
+        if self.progs is not None:  # else setup puts it
+            self._put(self.progs, peer)
 
-    def remove_peer(self, lease: Lease) -> None:
-        with self._lock:
-            if self.lease is not None and lease.subnet == self.lease.subnet:
-                return
-            self._peers.pop(lease.subnet, None)
-            self._inherited.discard(lease.subnet)
-            if self.progs is not None:
-                from fastpath.bpf import peer_key
-                self.progs.delete_peer(peer_key(lease.subnet))
+    restore = program
+
+    def unprogram(self, peer: Peer) -> None:
+        if self.progs is not None:
+            from fastpath.bpf import peer_key
+            self.progs.delete_peer(peer_key(peer.subnet))
+
+    def peer_removed(self, lease: Lease) -> None:
+        self._inherited.discard(lease.subnet)
 
     def peer_map(self, local: bool = False) -> list[dict]:
         """The live weft_peers entries (our own subnet's local entry only when ``local``)."""
@@ -392,85 +350,87 @@ class VXLANEBPFBackend(VtepIdentity, NetlinkBackend):
 
     # -- resync, teardown, stats ------------------------------------------------------------------
 
-    def resync(self) -> None:
-        with self._lock:
-            if self.lease is None or self.progs is None:
-                return
-            try:
-                idx = self._index(self.dev_name)
-                if idx is None:
-                    log.warning("%s vanished; recreating it", self.dev_name)
-                    idx = self._ensure_device()
-                    self._write_config(idx)
-                    self._counters["device_recreated"] += 1
-                ours = self.prog_ids()
-                if (ours["weft_to_overlay"] not in self._filter_ids(self.dev_name, "egress")
-                        or ours["weft_from_overlay"] not in self._filter_ids(self.dev_name, "ingress")):
-                    self._ensure_device()
-                    self._write_config(idx)
-                    self._attach_device(idx)
-                    self._counters["filters_restored"] += 1
-                    log.info("re-attached the programs on %s", self.dev_name)
-                if ours["weft_from_underlay"] not in self._filter_ids(self.iface.name, "ingress"):
-                    self._attach_underlay()
-                    self._counters["filters_restored"] += 1
-                    log.info("re-attached weft_from_underlay on %s", self.iface.name)
-                bidx = self._index(self.bridge)
-                if bidx is not None and ours["weft_from_pods"] not in self._filter_ids(self.bridge, "ingress"):
-                    self._attach_bridge()
-                    log.info("attached weft_from_pods to %s", self.bridge)
-                if self._inherited:  # by now the lease watch has re-added every live peer
-                    from fastpath.bpf import peer_key
-                    for subnet in self._inherited - set(self._peers):
-                        self.progs.delete_peer(peer_key(subnet))
-                        log.info("dropped inherited peer %s: no lease", subnet)
-                    self._inherited.clear()
-                have = {e["subnet"] for e in self.progs.peer_entries()}
-                if str(self.lease.subnet) not in have:
-                    self._put_local(self.progs)
-                for subnet, (public_ip, mac) in self._peers.items():
-                    if str(subnet) not in have:
-                        self._put(self.progs, subnet, public_ip, mac)
-                        self._counters["peers_restored"] += 1
-                self.sync_endpoints()
-            except Exception as exc:
-                log.warning("vxlan/ebpf resync failed: %s", exc)
+    def resync_device(self) -> bool:
+        """The device, the programs on it, on the underlay and on the pod bridge, the inherited
+        peers no lease re-added, our own subnet's entry and the pods; the peers come after."""
+        if self.progs is None:
+            return False
+        try:
+            idx = self.link_index(self.dev_name)
+            if idx is None:
+                log.warning("%s vanished; recreating it", self.dev_name)
+                idx = self._ensure_device()
+                self._write_config(idx)
+                self._counters["device_recreated"] += 1
+            ours = self.prog_ids()
+            if (ours["weft_to_overlay"] not in self._filter_ids(self.dev_name, "egress")
+                    or ours["weft_from_overlay"] not in self._filter_ids(self.dev_name, "ingress")):
+                self._ensure_device()
+                self._write_config(idx)
+                self._attach_device(idx)
+                self._counters["filters_restored"] += 1
+                log.info("re-attached the programs on %s", self.dev_name)
+            if ours["weft_from_underlay"] not in self._filter_ids(self.iface.name, "ingress"):
+                self._attach_underlay()
+                self._counters["filters_restored"] += 1
+                log.info("re-attached weft_from_underlay on %s", self.iface.name)
+            bidx = self.link_index(self.bridge)
+            if bidx is not None and ours["weft_from_pods"] not in self._filter_ids(self.bridge, "ingress"):
+                self._attach_bridge()
+                log.info("attached weft_from_pods to %s", self.bridge)
+            if self._inherited:  # by now the lease watch has re-added every live peer
+                from fastpath.bpf import peer_key
+                for subnet in self._inherited - set(self._peers):
+                    self.progs.delete_peer(peer_key(subnet))
+                    log.info("dropped inherited peer %s: no lease", subnet)
+                self._inherited.clear()
+            self._put_local(self.progs)
+            self.sync_endpoints()
+        except Exception as exc:
+            log.warning("vxlan/ebpf resync failed: %s", exc)
+            return False
+        return True
+
+    def snapshot(self) -> set[str]:
+        return {e["subnet"] for e in self.progs.peer_entries()}
+
+    def missing(self, peer: Peer, present: set[str]) -> tuple[str, ...]:
+        return () if str(peer.subnet) in present else ("map entry",)
 
     def teardown(self) -> None:
         self._watch_stop.set()
         if self._watch is not None:
             self._watch.join(5)
             self._watch = None
-        with self._lock:
-            from fastpath.bpf.guard import CLSACT_INGRESS, detach_filter
-            for dev in (self.iface.name, self.bridge):
-                idx = self._index(dev)
-                if idx is None:
-                    continue
-                try:
-                    detach_filter(self.ipr, idx, CLSACT_INGRESS)
-                except Exception as exc:
-                    log.warning("removing our filter from %s failed: %s", dev, exc)
-            idx = self._index(self.dev_name)
-            if idx is not None:
-                ignore_gone(self.ipr.link, "del", index=idx)
-            self._peers.clear()
-            self.lease = None
-            if self.progs is not None:
-                self.progs.close()
-                self.progs = None
-        self.close()
+        super().teardown()
 
-    def stats(self) -> dict[str, float]:
-        with self._lock:
-            s: dict[str, float] = {k: float(v) for k, v in self._counters.items()}
-            s["peers_programmed"] = float(len(self._peers))
-            if self.progs is not None:
-                s["endpoints"] = float(self.progs.endpoint_count())
-                s["peer_ips"] = float(len(self.progs.peer_ip_entries()))
-            if self.progs is not None:
-                for k, v in self.progs.counter_sums().items():
-                    s[k] = float(v)
-                for k, v in self.progs.drop_sums().items():
-                    s[f"drops_{k}"] = float(v)
-            return s
+    def teardown_peer(self, peer: Peer) -> None:
+        pass  # the maps go with the programs
+
+    def teardown_device(self) -> None:
+        from fastpath.bpf.guard import CLSACT_INGRESS, detach_filter
+        for dev in (self.iface.name, self.bridge):
+            idx = self.link_index(dev)
+            if idx is None:
+                continue
+            try:
+                detach_filter(self.ipr, idx, CLSACT_INGRESS)
+            except Exception as exc:
+                log.warning("removing our filter from %s failed: %s", dev, exc)
+        idx = self.link_index(self.dev_name)
+        if idx is not None:
+            ignore_gone(self.ipr.link, "del", index=idx)
+        if self.progs is not None:
+            self.progs.close()
+            self.progs = None
+
+    def extra_stats(self) -> dict[str, float]:
+        s: dict[str, float] = {}
+        if self.progs is not None:
+            s["endpoints"] = float(self.progs.endpoint_count())
+            s["peer_ips"] = float(len(self.progs.peer_ip_entries()))
+            for k, v in self.progs.counter_sums().items():
+                s[k] = float(v)
+            for k, v in self.progs.drop_sums().items():
+                s[f"drops_{k}"] = float(v)
+        return s

@@ -14,21 +14,16 @@ whose PublicIP is on the underlay interface's own L2 subnet gets a kernel route
 ``<peer subnet> via <PublicIP> dev <underlay>`` and no engine route, so its traffic never reaches
 the TUN; any other peer goes through the engine. Lease updates that move a peer between the two
 switch it over, resync restores a removed direct route and teardown removes them (the netlink
-side is ``fastpath/direct.py``, shared with ``vxlan/kernel``; the bookkeeping is in
-``fastpath/engine/backend.py``).
+side is ``fastpath/direct.py``, shared with ``vxlan/kernel``; the bookkeeping is
+``fastpath/routing.py``'s, the engine's side ``fastpath/userspace.py``).
 """
 from __future__ import annotations
-
-import logging
 
 from controlplane.lease import Lease
 
 from fastpath.engine import load_engine
-from fastpath.engine.backend import TunEngineBackend
-from fastpath.vxlan.vtep import VtepIdentity, parse_unicast_mac
-
-log = logging.getLogger("weft.backend.vxlan-fastpath")
-
+from fastpath.userspace import TunEngineBackend
+from fastpath.vxlan.vtep import VtepIdentity
 
 class VXLANFastpathBackend(VtepIdentity, TunEngineBackend):
     wire_type = "vxlan"
@@ -54,12 +49,3 @@ class VXLANFastpathBackend(VtepIdentity, TunEngineBackend):
 
     def engine_kwargs(self) -> dict:
         return {"vni": self.vni, "vtep_mac": self.vtep_mac}
-
-    def peer_mac(self, lease: Lease) -> str | None:
-        data = lease.attrs.backend_data
-        raw = data.get("VtepMAC") if isinstance(data, dict) else None
-        mac = parse_unicast_mac(raw)
-        if mac is None:
-            log.warning("peer %s (%s): bad vxlan BackendData (VtepMAC %r); skipped",
-                        lease.subnet, lease.attrs.public_ip, raw)
-        return mac

@@ -1,0 +1,317 @@
+"""What the backends that program each peer lease (routes, neighbour/FDB entries, a BPF map) share.
+
+``RoutingBackend`` keeps the lease-to-peer bookkeeping once: which ``Peer`` each subnet is
+programmed as, which ones failed (``resync`` retries them), the counters, and the order of things
+on add / remove / resync / teardown. A backend supplies only what a peer is (``decode``) and how
+one is programmed (``program``), taken out (``unprogram``), switched over from an older version
+of itself (``replace``) and checked (``snapshot`` + ``missing``), plus hooks for its device.
+
+``GuardedRouting`` adds the opt-in source guard (weftd ``--source-guard``) of vxlan/kernel and
+host-gw/kernel: a tc program on the underlay interface whose maps follow the same peers.
+
+The daemon calls ``add_peer`` from its watch thread while its main loop calls ``resync``: one
+re-entrant lock (``NetlinkBackend._lock``) serialises every method.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from controlplane.backends.base import BackendError, BackendOptions, BadBackendData, ExternalInterface
+from controlplane.config import NetworkConfig
+from controlplane.lease import Lease
+
+from .netlink import NetlinkBackend
+
+log = logging.getLogger("weft.backend")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What one peer lease is programmed as."""
+    subnet: ipaddress.IPv4Network
+    public_ip: ipaddress.IPv4Address
+    mac: str | None = None  # the VtepMAC its frames are addressed to (vxlan); None: host-gw
+    direct: bool = False  # DirectRouting: a plain route via public_ip, nothing in the tunnel
+
+
+class RoutingBackend(NetlinkBackend):
+    RESTORED = "entries_restored"  # the counter of what resync put back
+    COUNTERS: tuple[str, ...] = ()  # the backend's own counters, besides the ones kept here
+
+    def __init__(self, config: NetworkConfig, iface: ExternalInterface,
+                 options: BackendOptions = BackendOptions()):
+        super().__init__(config, iface, options)
+        self.lease: Lease | None = None
+        self._peers: dict[ipaddress.IPv4Network, Peer] = {}
+        self._failed: set[ipaddress.IPv4Network] = set()
+        self._counters = dict.fromkeys(("peers_bad_backend_data", "peer_errors", self.RESTORED,
+                                        *self.COUNTERS), 0)
+
+    # -- what a backend supplies ----------------------------------------------------------------
+
+    def decode(self, lease: Lease) -> Peer:
+        """What ``lease`` is programmed as; BadBackendData when this data plane cannot use it."""
+        return Peer(lease.subnet, lease.attrs.public_ip, direct=self.is_direct(lease.attrs.public_ip))
+
+    def is_direct(self, public_ip: ipaddress.IPv4Address) -> bool:
+        return False
+
+    def program(self, peer: Peer) -> None:
+        """Put in every entry of ``peer`` (replacing what is there); raises on failure."""
+        raise NotImplementedError
+
+    def unprogram(self, peer: Peer) -> None:
+        """Take out every entry of ``peer``; entries already gone are fine."""
+        raise NotImplementedError
+
+    def rollback(self, peer: Peer) -> None:
+        """After ``program`` failed half way: take out what would misroute until resync retries."""
+
+    def replace(self, old: Peer, new: Peer) -> None:
+        """Before ``new`` is programmed for the same subnet: take out what of ``old`` it would not
+        overwrite and must not outlive it (the new path goes in right after)."""
+
+    def replaced(self, old: Peer, new: Peer) -> None:
+        """After ``new`` was programmed for the same subnet: take out what is left of ``old`` (a
+        backend whose old path must carry traffic until the new one is in uses this one)."""
+
+    def snapshot(self) -> Any:
+        """What is programmed now (one dump), for ``missing``."""
+        return None
+
+    def missing(self, peer: Peer, present: Any) -> tuple[str, ...]:
+        """The parts of ``peer`` that ``present`` lacks, named for the log and ``restore``."""
+        return ()
+
+    def restore(self, peer: Peer, parts: tuple[str, ...]) -> None:
+        self.program(peer)
+
+    def resync_device(self) -> bool:
+        """The backend's own part of resync, before its peers are checked; False: skip them."""
+        return True
+
+    def teardown_peer(self, peer: Peer) -> None:
+        """At teardown, for each peer: by default its entries go (unless the device takes them)."""
+        self.unprogram(peer)
+
+    def teardown_device(self) -> None:
+        """At teardown, after the peers: remove the backend's device, programs ..."""
+
+    def peer_added(self, peer: Peer) -> None:
+        """After ``peer`` was stored and programmed (or failed to be)."""
+
+    def peer_removed(self, lease: Lease) -> None:
+        """When ``lease``'s peer goes, before its entries are taken out."""
+
+    def extra_stats(self) -> dict[str, float]:
+        return {}
+
+    # -- the bookkeeping ------------------------------------------------------------------------
+
+    def _own(self, lease: Lease) -> bool:
+        return self.lease is not None and lease.subnet == self.lease.subnet
+
+    def _program(self, peer: Peer) -> bool:
+        """Program ``peer``; on failure count it, roll back, and leave it to resync."""
+        try:
+            self.program(peer)
+        except Exception as exc:  # pyroute2's NetlinkError, an OSError, a BackendError
+            self._counters["peer_errors"] += 1
+            self._failed.add(peer.subnet)
+            log.warning("%s: peer %s (%s): programming failed, will retry: %s", self.name(),
+                        peer.subnet, peer.public_ip, exc)
+            try:
+                self.rollback(peer)
+            except Exception:
+                pass
+            return False
+        self._failed.discard(peer.subnet)
+        return True
+
+    def _unprogram(self, peer: Peer) -> None:
+        try:
+            self.unprogram(peer)
+        except Exception as exc:
+            self._counters["peer_errors"] += 1
+            log.warning("%s: peer %s: removal failed: %s", self.name(), peer.subnet, exc)
+
+    def add_peer(self, lease: Lease) -> None:
+        with self._lock:
+            if self._own(lease):
+                return
+            try:
+                peer = self.decode(lease)
+            except BadBackendData as exc:
+                self._counters["peers_bad_backend_data"] += 1
+                log.warning("%s: peer %s (%s): bad %s BackendData (%s); skipped", self.name(),
+                            lease.subnet, lease.attrs.public_ip, self.wire_type, exc)
+                old = self._peers.pop(lease.subnet, None)  # its lease no longer describes it
+                self._failed.discard(lease.subnet)
+                if old is not None:
+                    self._unprogram(old)
+                return
+            old = self._peers.get(peer.subnet)
+            changed = old is not None and old != peer
+            if changed:
+                self._step_from(self.replace, old, peer)
+            self._peers[peer.subnet] = peer
+            if self._program(peer) and changed:
+                self._step_from(self.replaced, old, peer)
+            self.peer_added(peer)
+
+    def _step_from(self, step, old: Peer, new: Peer) -> None:
+        try:
+            step(old, new)
+        except Exception as exc:
+            log.warning("%s: peer %s: removing stale entries failed: %s", self.name(), new.subnet, exc)
+
+    def remove_peer(self, lease: Lease) -> None:
+        with self._lock:
+            if self._own(lease):
+                return
+            peer = self._peers.pop(lease.subnet, None)
+            self._failed.discard(lease.subnet)
+            self.peer_removed(lease)
+            if peer is None:
+                # Not programmed by us (bad data, or before a restart): remove what its lease implies.
+                try:
+                    peer = self.decode(lease)
+                except BadBackendData:
+                    return
+            self._unprogram(peer)
+
+    def resync(self) -> None:
+        """Put back what someone removed behind our back, and retry what failed."""
+        with self._lock:
+            if self.lease is None or not self.resync_device() or not self._peers:
+                return
+            try:
+                present = self.snapshot()
+            except Exception as exc:
+                log.warning("%s resync failed: %s", self.name(), exc)
+                return
+            for subnet, peer in list(self._peers.items()):
+                if subnet in self._failed:
+                    self._program(peer)
+                    continue
+                parts = self.missing(peer, present)
+                if not parts:
+                    continue
+                try:
+                    self.restore(peer, parts)
+                except Exception as exc:
+                    self._counters["peer_errors"] += 1
+                    self._failed.add(subnet)
+                    log.warning("%s: peer %s: restoring %s failed: %s", self.name(), subnet,
+                                ", ".join(parts), exc)
+                    continue
+                self._counters[self.RESTORED] += len(parts)
+                log.info("%s: peer %s: restored %s", self.name(), subnet, ", ".join(parts))
+
+    def teardown(self) -> None:
+        with self._lock:
+            for peer in self._peers.values():
+                try:
+                    self.teardown_peer(peer)
+                except Exception as exc:
+                    log.warning("%s: peer %s: removal failed: %s", self.name(), peer.subnet, exc)
+            self._peers.clear()
+            self._failed.clear()
+            self.teardown_device()
+            self.lease = None
+        self.close()
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            s = {k: float(v) for k, v in self._counters.items()}
+            s["peers_programmed"] = float(len(self._peers) - len(self._failed))
+            s["peers_failed"] = float(len(self._failed))
+            s.update(self.extra_stats())
+            return s
+
+
+class GuardedRouting(RoutingBackend):
+    """A RoutingBackend with the opt-in source guard (declared ``source_guard="optional"``): weftd
+    ``--source-guard`` attaches ``new_guard()`` (fastpath/bpf/guard.py) to the underlay interface's
+    ingress at setup, its maps follow the peers, and without the flag a guard a previous run left
+    there is removed (its maps would no longer follow the leases)."""
+
+    def __init__(self, config: NetworkConfig, iface: ExternalInterface,
+                 options: BackendOptions = BackendOptions()):
+        super().__init__(config, iface, options)
+        self._guard_wanted = options.source_guard
+        self.guard = None  # a fastpath.bpf.guard.SourceGuard while the source guard is on
+
+    def new_guard(self):
+        raise NotImplementedError
+
+    def guard_start_args(self, lease: Lease) -> tuple:
+        return (lease.subnet,)
+
+    def setup_guard(self, lease: Lease) -> None:
+        """Call at the end of setup."""
+        from fastpath.bpf.guard import CLSACT_INGRESS, detach_filter
+        if not self._guard_wanted:
+            try:
+                if detach_filter(self.ipr, self.iface.index, CLSACT_INGRESS):
+                    log.info("removed a stale source guard filter from %s", self.iface.name)
+            except Exception as exc:
+                log.warning("removing a stale filter from %s failed: %s", self.iface.name, exc)
+            return
+        from fastpath.bpf import BpfUnavailable
+        if self.guard is None:
+            self.guard = self.new_guard()
+        try:
+            self.guard.start(*self.guard_start_args(lease))
+        except BpfUnavailable as exc:
+            raise BackendError(f"{self.name()} source guard: {exc}") from None
+        except Exception as exc:
+            raise BackendError(f"{self.name()} source guard on {self.iface.name}: {exc}") from None
+
+    def peer_added(self, peer: Peer) -> None:
+        if self.guard is None and not self._guard_wanted:
+            return
+        if self.guard is None:
+            self.guard = self.new_guard()
+        try:
+            self.guard.put(peer.subnet, peer.public_ip, *([peer.mac] if peer.mac else []))
+        except Exception as exc:
+            self._counters["peer_errors"] += 1
+            log.warning("peer %s: source guard map update failed, resync retries: %s", peer.subnet, exc)
+
+    def peer_removed(self, lease: Lease) -> None:
+        if self.guard is not None:
+            try:
+                self.guard.delete(lease.subnet)
+            except Exception as exc:
+                log.warning("peer %s: source guard map update failed: %s", lease.subnet, exc)
+
+    def resync_guard(self) -> None:
+        if self.guard is not None:
+            try:
+                self.guard.resync()
+            except Exception as exc:
+                log.warning("source guard resync failed: %s", exc)
+
+    def resync_device(self) -> bool:
+        self.resync_guard()
+        return True
+
+    def teardown(self) -> None:
+        with self._lock:
+            if self.guard is not None:
+                self.guard.stop()
+                self.guard = None
+        super().teardown()
+
+    def close(self) -> None:
+        """Release the netlink socket and the guard's fds (an attached guard keeps working)."""
+        if self.guard is not None:
+            self.guard.close()
+        super().close()
+
+    def extra_stats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.guard.stats().items()} if self.guard is not None else {}
