@@ -20,8 +20,8 @@ pods have addresses of the old subnet, so the node needs a restart (the supervis
 the data plane and subnet.env for the new one.
 
 The store may go away at any time (see ``controlplane.store.monitor``): at start, opening it,
-reading the config, taking the claim and acquiring the lease wait for it ("waiting for the store
-at URL: reason", again every ``WAIT_LOG_INTERVAL``), until it answers or SIGTERM; configuration
+reading the config, taking the claim and acquiring the lease wait for it (``controlplane.storewait``:
+"waiting for the store at URL: reason"), until it answers or SIGTERM; configuration
 errors (bad flags or config, a missing directory or TLS file, a corrupt SQLite file) stay fatal.
 While running, nothing the store does stops weftd: its lease and data plane stay, every failure
 is counted and the outage is logged once when it starts and once when it ends.
@@ -44,47 +44,28 @@ import threading
 import time
 from collections import Counter
 
-from . import flags, subnetenv
+from . import backends, flags, subnetenv
 from .backends import BackendError, BackendOptions, load_backend
-from .claim import CLAIM_TTL, MIN_CLAIM_TTL, WAIT_LOG_INTERVAL, NodeClaim
+from .claim import CLAIM_TTL, MIN_CLAIM_TTL, NodeClaim
 from .config import ConfigError, NetworkConfig, parse_config
 from .health import HealthServer
 from .iface import IfaceError, resolve
-from .masq import MasqError
+from .linkwatch import LinkWatch, link_is_usable
 from .lease import Lease, LeaseAttrs, LeaseFormatError, subnet_key
-from .manager import (DEFAULT_TTL, ConfigMissing, LeaseEvent, LeaseManager, LeaseRevoked,
-                      LeaseWatcher)
-from .store import StoreCorrupt, StoreError, StoreUnavailable
-from .store.monitor import MonitoredStore, StoreHealth
+from .masq import MasqError
+from .manager import DEFAULT_TTL, LeaseEvent, LeaseManager, LeaseRevoked, LeaseWatcher
+from .store import StoreError
+from .status import (WATCH_EVENT_KINDS, ConfigStatus, DaemonStatus, LeaseStatus, StoreStatus,
+                     WatchStatus)
+from .store.monitor import StoreHealth
+from .storewait import STOPPED, StoreWaiter
 
 log = logging.getLogger("weft.daemon")
 
 RESYNC_INTERVAL = 10.0  # seconds between backend.resync() calls (flannel's route check)
 RENEW_RETRY = 60.0  # seconds between renewal retries after an error (flannel)
 OWN_LEASE_RESTORE_DELAY = 3.0  # seconds before this node's overwritten lease is written back
-STORE_RETRY = 0.5  # seconds between attempts while waiting for the store at start
 EXPIRY_SLACK = 1.0  # seconds: etcd may expire a lease this much before the time computed here
-_STOPPED = object()
-
-
-class _StoreWaiter:
-    """Logs a store that does not answer at start: the first failure, then one line every
-    ``WAIT_LOG_INTERVAL`` seconds, not one per retry."""
-
-    def __init__(self, url: str, health: StoreHealth):
-        self.url = url
-        self.health = health
-        self.last_log: float | None = None
-
-    def unavailable(self, exc: Exception, op: str) -> None:
-        self.health.failed(op, exc)
-        now = time.monotonic()
-        if self.last_log is None or now - self.last_log >= WAIT_LOG_INTERVAL:
-            log.warning("waiting for the store at %s: %s", self.url, exc)
-            self.last_log = now
-
-    def answered(self) -> None:
-        self.last_log = None
 
 
 def build_parser() -> flags.Parser:
@@ -98,17 +79,14 @@ def build_parser() -> flags.Parser:
     flags.add_flag(p, "ip-masq", kind=bool, default=False, help="masquerade traffic leaving the network")
     flags.add_flag(p, "healthz-ip", default="0.0.0.0", help="address of /healthz, /readyz, /metrics")
     flags.add_flag(p, "healthz-port", kind=int, default=0, help="port of /healthz (0: off)")
-    flags.add_flag(p, "dataplane", help="override Backend.Dataplane: kernel, ebpf, fastpath, python")
+    flags.add_flag(p, "dataplane", help=f"override Backend.Dataplane ({backends.dataplane_help()})")
     flags.add_flag(p, "lease-ttl", kind=int, default=DEFAULT_TTL, help="lease TTL in seconds (weft)")
     flags.add_flag(p, "claim-ttl", kind=int, default=CLAIM_TTL,
                    help="seconds this node's claim on its public IP outlives it (weft)")
-    flags.add_flag(p, "vxlan-tx-csum-off", kind=bool, default=False,
-                   help="turn off tx checksum offload on the VXLAN device (kernel bug workaround)")
-    flags.add_flag(p, "source-guard", kind=bool, default=False,
-                   help="vxlan/kernel: drop VXLAN datagrams whose outer source is not the public IP "
-                        "of the lease holding the inner source; host-gw/kernel: drop packets from a "
-                        "Network address whose source MAC is not that of the public IP of the lease "
-                        "holding it (tc program on -iface; needs bcc)")
+    for flag, owners in backends.flag_owners().items():  # each data plane's own flags
+        flags.add_flag(p, flag.name, kind=flag.kind, default=flag.default,
+                       help=f"{', '.join(owners)}: {flag.help}")
+    flags.add_flag(p, "source-guard", kind=bool, default=False, help=backends.source_guard_help())
     flags.add_flag(p, "teardown", kind=bool, default=False, help="remove the data plane on exit")
     flags.add_flag(p, "v", kind=int, default=0, help="log verbosity (0: info, 1+: debug)")
     return p
@@ -151,7 +129,7 @@ class Daemon:
         self.lease_gone = threading.Event()  # set by the watch: our lease expired in the store
         self.run_config: NetworkConfig | None = None  # the config with --dataplane applied
         self.store_health = StoreHealth(flags.describe_store(args))
-        self.waiter = _StoreWaiter(self.store_health.url, self.store_health)
+        self.waiter = StoreWaiter(self.store_health, self.stop)  # the start's waits for the store
         self.threads: dict[str, threading.Thread] = {}  # must stay alive while running
 
     # -- peers ------------------------------------------------------------------------------
@@ -209,7 +187,7 @@ class Daemon:
 
     def on_config(self, text: str | None) -> None:
         """The stored config changed (the watch thread calls this once per new text)."""
-        prefix = getattr(self.store, "prefix", "")
+        where = self.store.config_key()
         try:
             stored = parse_config(text) if text is not None else None
             problem = "" if text is not None else "was deleted"
@@ -217,19 +195,19 @@ class Daemon:
             stored, problem = None, f"is invalid ({exc})"
         if stored is not None and stored == self.config:
             if self.config_stale:
-                log.info("the network config at %s/config is again the one weftd runs with", prefix)
+                log.info("the network config at %s is again the one weftd runs with", where)
             self.config_stale = False
             return
         self.config_stale = True
         self.counters["config_changes"] += 1
         if stored is not None:
-            log.warning("the network config at %s/config changed; weftd keeps running with the"
-                        " config it started with: restart weftd to apply it", prefix)
+            log.warning("the network config at %s changed; weftd keeps running with the"
+                        " config it started with: restart weftd to apply it", where)
             return
         if text is not None:
             self.counters["config_invalid"] += 1
-        log.warning("the network config at %s/config %s; weftd keeps running with the config it"
-                    " started with (a restart would fail)", prefix, problem)
+        log.warning("the network config at %s %s; weftd keeps running with the config it"
+                    " started with (a restart would fail)", where, problem)
 
     def claim_lost(self, why: str) -> None:
         """Another weftd took this node's public IP while its claim could not be refreshed."""
@@ -244,14 +222,44 @@ class Daemon:
             self.exit_code = 1
             self.stop.set()
 
-    # -- health -----------------------------------------------------------------------------
-    def dead_threads(self) -> list[str]:
+    # -- status (/healthz, /readyz, /metrics) ---------------------------------------------------
+    def status(self, counts: bool = True) -> DaemonStatus:
+        """A snapshot of this daemon's state (``controlplane.status``). ``counts=False`` leaves
+        out the store's operation counts and the backend's counters (/readyz and /healthz): the
+        SQLite store counts under the lock its operations hold, and the data plane's counters
+        may take a call into it, so a probe must not wait for either."""
+        lease = self.lease
+        ready, why = self._readiness()
+        sh = self.store_health
+        w = self.watcher
+        backend = self.backend
+        return DaemonStatus(
+            set_up=self.ready, ready=ready, ready_reason=why, dead_threads=tuple(self._dead_threads()),
+            lease=None if lease is None else LeaseStatus(lease.subnet, str(lease.attrs.public_ip),
+                                                         lease.expiration),
+            peers=len(self.peers), peers_incompatible=len(self.incompatible),
+            peers_changed_at=self.peers_changed_at,
+            renewals=self.counters["renewals"], renewal_errors=self.counters["renewal_errors"],
+            leases_reacquired=self.counters["lease_reacquired"],
+            link_up_resyncs=self.counters["link_up_resyncs"],
+            store=StoreStatus(sh.url, bool(sh.up), None if sh.up else sh.down_since, dict(sh.errors),
+                              sh.outages,
+                              dict(self.store.stats()) if self.store is not None and counts else None),
+            watch=None if w is None else WatchStatus(
+                {k: w.stats[k] for k in WATCH_EVENT_KINDS}, w.stats["resyncs"], w.stats["errors"],
+                dict(w.invalid.snapshot())),
+            config=None if self.config is None else ConfigStatus(
+                self.config_stale, self.counters["config_changes"], self.counters["config_invalid"]),
+            backend=None if backend is None else backend.name(),
+            backend_stats=dict(backend.stats()) if backend is not None and counts else {})
+
+    def _dead_threads(self) -> list[str]:
         """Threads that should run and do not (/healthz)."""
         if self.stop.is_set():
             return []
         return [name for name, t in self.threads.items() if not t.is_alive()]
 
-    def readiness(self) -> tuple[bool, str]:
+    def _readiness(self) -> tuple[bool, str]:
         """/readyz: ready once the data plane is programmed, the lease held and subnet.env
         written, and for as long as the lease has not expired and the watch runs. A store outage
         alone does not make it 503 (pod traffic is fine meanwhile; /metrics says so)."""
@@ -266,43 +274,6 @@ class Daemon:
         return True, "ready"
 
     # -- main -------------------------------------------------------------------------------
-    def until_store(self, op: str, fn):
-        """``fn()``, retried while the store is unavailable (not when it is corrupt: an operator
-        must act); ``_STOPPED`` when told to stop first."""
-        while not self.stop.is_set():
-            try:
-                result = fn()
-            except StoreCorrupt:
-                raise
-            except StoreUnavailable as exc:
-                self.waiter.unavailable(exc, op)
-                self.stop.wait(STORE_RETRY)
-                continue
-            self.waiter.answered()
-            return result
-        return _STOPPED
-
-    def open_store(self):
-        def open_once():
-            store = flags.open_store_from_args(self.args)
-            self.store_health.url = store.url or self.store_health.url
-            self.store_health.answered("open")
-            return MonitoredStore(store, self.store_health)
-        return self.until_store("open", open_once)
-
-    def wait_for_config(self, manager: LeaseManager):
-        warned = False
-        while not self.stop.is_set():
-            try:
-                got = self.until_store("get_config", manager.get_config)
-                return None if got is _STOPPED else got
-            except ConfigMissing as exc:
-                if not warned:
-                    log.warning("%s; waiting", exc)
-                    warned = True
-                self.stop.wait(1.0)
-        return None
-
     def run(self) -> int:
         a = self.args
         health = None
@@ -311,12 +282,12 @@ class Daemon:
             health = HealthServer(a.healthz_ip, a.healthz_port, self)
             health.start()
         try:
-            store = self.open_store()
-            if store is _STOPPED:
+            store = self.waiter.open_store(a)
+            if store is STOPPED:
                 return 0
             self.store = store
             manager = LeaseManager(self.store, ttl=a.lease_ttl)
-            config = self.wait_for_config(manager)
+            config = self.waiter.config(manager)
             if config is None:
                 return 0
             self.config = config
@@ -330,20 +301,25 @@ class Daemon:
             if claim.thread is not None:
                 self.threads["claim-refresh"] = claim.thread
             backend_cls = load_backend(config.backend.name)
-            check_source_guard(a.source_guard, backend_cls)
+            check_source_guard(a.source_guard, backends.declaration(config.backend.name))
+            own_flags = {flag.dest: getattr(a, flag.dest) for flag in backends.flag_owners()}
             self.backend = backend_cls(config, iface, BackendOptions(
-                ip_masq=a.ip_masq, vxlan_tx_csum_off=a.vxlan_tx_csum_off, source_guard=a.source_guard))
-            previous = self.until_store("list", lambda: manager.find_by_ip(iface.public_ip))
-            if previous is _STOPPED:
+                ip_masq=a.ip_masq, source_guard=a.source_guard, **own_flags))
+            previous = self.waiter.until("list", lambda: manager.find_by_ip(iface.public_ip))
+            if previous is STOPPED:
                 return 0
             attrs = self.backend.lease_attrs(previous)
-            lease = self.until_store("acquire", lambda: manager.acquire(
+            lease = self.waiter.until("acquire", lambda: manager.acquire(
                 config, attrs, subnetenv.previous_subnet(a.subnet_file)))
-            if lease is _STOPPED:
+            if lease is STOPPED:
                 return 0
             self.lease = lease
             log.info("lease %s on %s (%s, public IP %s), backend %s, MTU %d", self.lease.subnet,
                      iface.name, iface.address, iface.public_ip, config.backend.name, self.backend.mtu)
+            # An engine process a userspace data plane of this node left running (weftd restarted
+            # with another backend) would hold its TUN and UDP port: stopped, unless it is ours.
+            from fastpath.engine.control import stop_engines
+            stop_engines(keep=getattr(self.backend, "engine_name", None), log=log)
             self.backend.setup(self.lease)
             self.masq = None
             if a.ip_masq:
@@ -359,6 +335,8 @@ class Daemon:
                                             name="lease-watch", daemon=True)
             self.threads["lease-watch"] = watch_thread
             watch_thread.start()
+            self.threads["link-watch"] = LinkWatch(iface.index, self.link_up,
+                                                   link_is_usable(iface.name)).start(self.stop)
             self.renew_loop(manager)
             watch_thread.join(timeout=5)
             if a.teardown:
@@ -375,12 +353,28 @@ class Daemon:
             if self.store is not None:
                 self.store.close()
 
+    def link_up(self) -> None:
+        """The underlay link came back: the kernel flushed the routes through it (host-gw's,
+        DirectRouting's); put them back now rather than at the next periodic resync."""
+        self.counters["link_up_resyncs"] += 1
+        try:
+            self.backend.resync()
+        except Exception:
+            log.exception("resync after link up failed")
+
     def renew_loop(self, manager: LeaseManager) -> None:
         margin = self.args.subnet_lease_renew_margin * 60
         next_resync = time.monotonic() + RESYNC_INTERVAL
         renew_at = self._renew_time(margin)
         reacquire_failing = False
+        peers_synced = False
         while not self.stop.is_set():
+            if not peers_synced and self.watcher is not None and self.watcher.synced.is_set():
+                peers_synced = True  # every lease listed went through add_peer: stale state may go
+                try:
+                    self.backend.peers_synced()
+                except Exception:
+                    log.exception("peers_synced failed")
             now = time.time()
             if self.restore_own_lease.is_set():  # someone overwrote our key: renew it soon
                 self.restore_own_lease.clear()
@@ -481,17 +475,17 @@ class Daemon:
         return time.time() + wait
 
 
-def check_source_guard(wanted: bool, backend_cls) -> None:
-    """--source-guard is an opt-in where the backend offers one; where its data plane checks every
-    packet anyway it is a no-op, and elsewhere (alloc carries no traffic) it is refused."""
-    name = f"{backend_cls.wire_type}/{backend_cls.dataplane}"
-    if not wanted or backend_cls.source_guard == "optional":
+def check_source_guard(wanted: bool, dataplane: backends.Dataplane) -> None:
+    """--source-guard is an opt-in where the data plane offers one; where it checks every packet
+    anyway it is a no-op, and elsewhere (alloc carries no traffic) it is refused."""
+    if not wanted or dataplane.source_guard == "optional":
         return
-    if backend_cls.source_guard == "builtin":
-        log.info("--source-guard: %s always checks the outer source of what it receives", name)
+    if dataplane.source_guard == "builtin":
+        log.info("--source-guard: %s always checks the outer source of what it receives", dataplane.backend)
         return
-    raise flags.UsageError(f"--source-guard: not available on {name}: it has no traffic to guard "
-                           "(the guard is an opt-in of vxlan/kernel and host-gw/kernel)")
+    optional = ", ".join(d.backend for d in backends.dataplanes() if d.source_guard == "optional")
+    raise flags.UsageError(f"--source-guard: not available on {dataplane.backend}: it has no traffic "
+                           f"to guard (the guard is an opt-in of {optional})")
 
 
 def notify_systemd(state: str) -> None:

@@ -68,8 +68,7 @@ class LeaseManager:
     def get_config(self) -> NetworkConfig:
         text = self.store.get_config()
         if text is None:
-            prefix = getattr(self.store, "prefix", "")
-            raise ConfigMissing(f"network config not found at {prefix}/config "
+            raise ConfigMissing(f"network config not found at {self.store.config_key()} "
                                 "(write it with: weftctl config put FILE; with etcd, the v3 API)")
         return parse_config(text)
 

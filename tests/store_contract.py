@@ -50,6 +50,10 @@ class StoreContract:
         store.put_config('{"Network":"10.6.0.0/16"}')
         assert store.get_config() == '{"Network":"10.6.0.0/16"}'
 
+    def test_config_key_names_the_prefix(self, store, request):
+        """Messages about a missing or changed config name flanneld's key under the prefix."""
+        assert store.config_key() == f"/weft-test/{request.node.name}/config"
+
     def test_create_get_list(self, store):
         rec = store.create_lease(subnet(1), value(1), ttl=3600)
         assert rec.subnet == subnet(1) and rec.value == value(1)

@@ -472,3 +472,24 @@ def test_store_health_logs_each_outage_once(caplog, monkeypatch):
     assert h.up is True and h.down_since is None and h.outages == 1
     text = [r.getMessage() for r in caplog.records if r.name == "weft.store"]
     assert len(text) == 2 and "is unavailable: disk full" in text[0] and "is back after" in text[1], text
+
+
+def test_an_endpoint_answering_for_a_failed_one_ends_the_outage_at_once(caplog):
+    """A failover that answered (another etcd member) is the store answering: no 2-s hold."""
+    import controlplane.store.monitor as monitor
+    from controlplane.store import StoreUnavailable
+    caplog.set_level("INFO", logger="weft.store")
+    h = monitor.StoreHealth("etcd://a,b")
+    h.failed_over("http://b:2379")  # a start that never got an answer: still waiting
+    assert h.up is None
+    h.answered("open")
+    h.failed_over("http://b:2379")  # up already: nothing to say
+    h.failed("update_lease", StoreUnavailable("etcd http://a:2379: no answer within 10s"))
+    h.answered("get_config")  # the same store answering once: not back yet (BACK_AFTER)
+    assert h.up is False
+    h.failed_over("http://b:2379")
+    assert h.up is True and h.down_since is None and h.outages == 1
+    h.answered("get_config")
+    text = [r.getMessage() for r in caplog.records if r.name == "weft.store"]
+    assert len(text) == 2 and "is unavailable" in text[0], text
+    assert "is back after 0 s (http://b:2379 answers)" in text[1], text

@@ -118,7 +118,12 @@ class Watch(ABC):
 
 
 class Store(ABC):
-    url: str = ""
+    url: str = ""  # for messages: where the store is
+    prefix: str = ""  # -etcd-prefix without its trailing "/": etcd's keys, the SQLite file's namespace
+
+    def config_key(self) -> str:
+        """Where the network config is, for messages (``<prefix>/config``, flanneld's key)."""
+        return f"{self.prefix}/config"
 
     @abstractmethod
     def get_config(self) -> str | None: ...
@@ -176,6 +181,11 @@ class Store(ABC):
     def stats(self) -> dict[str, float]:
         """Operation counters for metrics (``weft_store_ops_total`` by op)."""
         return {}
+
+    def on_failover(self, listener) -> None:
+        """A store with several endpoints calls ``listener(endpoint)`` when ``endpoint`` answered
+        in place of one that failed (``controlplane.store.monitor`` counts that as an answer of
+        the store at once). A store with one endpoint never fails over."""
 
     def close(self) -> None:
         pass

@@ -15,7 +15,7 @@ Notes on python-etcd3 0.12 (kragniz/python-etcd3, last release 2020):
 - It needs protobuf<4 (its generated ``_pb2`` files are too old for protobuf 4+).
 - Its helpers hide the response header (``get_prefix``) and swallow the watch compaction signal
   into a callback, so this store calls the gRPC stubs the client builds (``client.kvstub``,
-  ``leasestub``, and ``etcdrpc.WatchStub``) with request messages from ``etcd3.etcdrpc``, passing
+  ``leasestub``, and ``rpc.etcdrpc.WatchStub``) with request messages from ``etcd3.etcdrpc``, passing
   the auth token the way the client does (``metadata=(("token", ...),)``).
 - With user/password it also attaches the token as gRPC *call credentials*, which current grpcio
   refuses on a plaintext channel ("Established channel does not have a sufficient security level
@@ -23,20 +23,23 @@ Notes on python-etcd3 0.12 (kragniz/python-etcd3, last release 2020):
 - It authenticates once; etcd's simple tokens expire after ``--auth-token-ttl`` (300 s) idle, so
   an "invalid auth token" answer re-authenticates and retries once.
 - It takes one host:port. Endpoints are tried in order at connect time; after an UNAVAILABLE
-  answer the connection is dropped and the next call reconnects, starting at the next endpoint
-  (also escaping gRPC's reconnect backoff).
-- Watches use the watch stub directly, one stream per watch, read by a thread into a queue: a
-  watch whose start revision is compacted gets a response with ``compact_revision`` set (and
-  ``canceled``), which becomes ``WatchCompacted``.
+  answer (or a timeout) the connection is dropped and the next call reconnects, starting at the
+  next endpoint (also escaping gRPC's reconnect backoff). The call that met the dead member is
+  sent once more to the next endpoint when that is safe (reads, and writes gRPC never sent: see
+  ``_do``), and a watch goes on from the next endpoint at the last revision it received, so a
+  cluster with a member down keeps answering without a failure.
+- Watches use the watch stub directly (``controlplane.store.etcd_watch``, which names what it uses
+  of this store), one stream at a time per watch, read by a thread into a queue: a watch whose
+  start revision is compacted gets a response with ``compact_revision`` set (and ``canceled``),
+  which becomes ``WatchCompacted``.
+- gRPC and etcd3 are imported when the first store is made (``controlplane.store.etcd_rpc``
+  says why: GRPC_VERBOSITY).
 """
 from __future__ import annotations
 
-import collections
 import datetime
 import ipaddress
 import math
-import os
-import queue
 import threading
 import time
 import weakref
@@ -45,33 +48,20 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ..lease import subnet_key, subnet_of_name
-from .base import (ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError,
-                   StoreEvent, StoreUnavailable, SubnetScan, Watch, WatchCompacted)
-from .base import ClaimChanged, ClaimRecord
+from . import etcd_rpc as rpc
+from .base import (ClaimChanged, ClaimRecord, ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord,
+                   Store, StoreError, StoreEvent, StoreUnavailable, SubnetScan, Watch)
+from .etcd_watch import EtcdWatch
 
-# gRPC's C core logs TLS and connection failures straight to stderr, several lines each; this
-# store reports them as one-line errors instead. GRPC_VERBOSITY set by the user wins.
-os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-
-try:
-    import grpc
-    import etcd3
-    from etcd3 import etcdrpc
-    from etcd3.etcdrpc import kv_pb2
-    _IMPORT_ERROR: Exception | None = None
-except Exception as _exc:  # protobuf>=4: TypeError "Descriptors cannot be created directly"
-    _IMPORT_ERROR = _exc
-
-PROTOBUF_HINT = "etcd store needs the etcd3 client with protobuf<4 (pip install 'protobuf==3.20.3')"
 CONNECT_TIMEOUT = 5.0  # seconds for connecting / authenticating to one endpoint
 OP_TIMEOUT = 10.0  # seconds for one request
 BEST_EFFORT_TIMEOUT = 2.0  # seconds for revoking a lease no key uses any more
 GRPC_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10000),  # notice a dead etcd under an idle watch (etcd allows >=5s)
-    ("grpc.keepalive_timeout_ms", 5000),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("rpc.grpc.keepalive_time_ms", 10000),  # notice a dead etcd under an idle watch (etcd allows >=5s)
+    ("rpc.grpc.keepalive_timeout_ms", 5000),
+    ("rpc.grpc.http2.max_pings_without_data", 0),
+    ("rpc.grpc.initial_reconnect_backoff_ms", 500),
+    ("rpc.grpc.max_reconnect_backoff_ms", 2000),
 ]
 _GONE = object()  # a lease that no longer exists (expired or revoked)
 
@@ -80,11 +70,13 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _import_error() -> StoreError:
-    if isinstance(_IMPORT_ERROR, ModuleNotFoundError) and _IMPORT_ERROR.name in ("etcd3", "grpc"):
-        return StoreError(f"etcd store needs the etcd3 client ({_IMPORT_ERROR.name} is not"
-                          " installed: pip install etcd3 'protobuf==3.20.3')")
-    return StoreError(PROTOBUF_HINT)
+def _never_sent(exc) -> bool:
+    """gRPC failed the call before sending it: the channel had no connection to send it on (its
+    pick failed: "failed to connect to all addresses"), so the server never saw it. Any other
+    UNAVAILABLE (a stream removed, a reset, etcd's "request timed out") may come after the
+    request reached the server."""
+    return (exc.code() == rpc.grpc.StatusCode.UNAVAILABLE
+            and "failed to connect to all addresses" in (exc.details() or ""))
 
 
 def _prefix_end(key: bytes) -> bytes:
@@ -155,7 +147,7 @@ def _check_pair(certfile: str, cert: bytes, keyfile: str, key: bytes) -> None:
 
 
 @dataclass
-class _Conn:
+class Conn:
     endpoint: str
     client: object
     metadata: tuple
@@ -165,8 +157,7 @@ class _Conn:
 class EtcdStore(Store):
     def __init__(self, opts, prefix: str = "/coreos.com/network", *,
                  connect_timeout: float = CONNECT_TIMEOUT, op_timeout: float = OP_TIMEOUT):
-        if _IMPORT_ERROR is not None:
-            raise _import_error()
+        rpc.load()
         self.opts = opts
         self.prefix = prefix.rstrip("/")
         self.connect_timeout = connect_timeout
@@ -190,40 +181,44 @@ class EtcdStore(Store):
         self._lock = threading.Lock()  # guards the connection
         self._ops_lock = threading.Lock()
         self._ops: Counter[str] = Counter()
-        self._conn: _Conn | None = None
+        self._conn: Conn | None = None
         self._next = 0  # index of the endpoint to try first
-        self._retired: list = []
-        self._watches: weakref.WeakSet = weakref.WeakSet()
+        self._retired: list = []  # clients of dropped connections, open while a watch holds them
+        self._held: Counter[int] = Counter()  # id(client) -> watches reading from it
+        self._watches: weakref.WeakSet = weakref.WeakSet()  # to close them with the store
         self._closed = False
+        self._dropped: str | None = None  # the endpoint dropped last, until another answers
+        self._failover_listeners: list = []
         self._connection()
 
     # -- connection ---------------------------------------------------------------------------
-    def _count(self, op: str) -> None:
+    def count(self, op: str) -> None:
+        """Count an operation in ``stats()`` (``weft_store_ops_total``)."""
         with self._ops_lock:
             self._ops[op] += 1
 
-    def _open(self, index: int) -> _Conn:
-        """Connect to endpoint ``index`` and check it answers; raises grpc.RpcError."""
+    def _open(self, index: int) -> Conn:
+        """Connect to endpoint ``index`` and check it answers; raises rpc.grpc.RpcError."""
         scheme, host, port = self._parsed[index]
         o = self.opts
         kwargs = dict(timeout=self.connect_timeout, grpc_options=GRPC_OPTIONS)
         if scheme == "https":  # like etcd's clientv3: the scheme decides whether TLS is used
             kwargs.update(ca_cert=o.cafile or "", cert_cert=o.certfile or None,
                           cert_key=o.keyfile or None)
-        client = _Client(host=host, port=port, **kwargs)
+        client = rpc.Client(host=host, port=port, **kwargs)
         try:
-            conn = _Conn(self.endpoints[index], client, (), bool(o.username))
+            conn = Conn(self.endpoints[index], client, (), bool(o.username))
             if conn.auth:  # etcd3 would also send the token as call credentials: see above
                 self._reauth(conn)
             # One cheap read proves the endpoint answers (and that TLS and auth work).
-            client.kvstub.Range(etcdrpc.RangeRequest(key=self._config_key, count_only=True),
+            client.kvstub.Range(rpc.etcdrpc.RangeRequest(key=self._config_key, count_only=True),
                                 self.connect_timeout, metadata=conn.metadata)
             return conn
         except BaseException:
             client.close()
             raise
 
-    def _connection(self) -> _Conn:
+    def _connection(self) -> Conn:
         with self._lock:
             if self._closed:
                 raise StoreError(f"etcd {self.url}: store is closed")
@@ -233,23 +228,34 @@ class EtcdStore(Store):
             n = len(self.endpoints)
             for k in range(n):
                 index = (self._next + k) % n
-                self._count("connect")
+                self.count("connect")
                 try:
                     self._conn = self._open(index)
                     self._next = index
-                    return self._conn
-                except grpc.RpcError as exc:
+                    conn, dropped, self._dropped = self._conn, self._dropped, None
+                    break
+                except rpc.grpc.RpcError as exc:
                     err = self._error(exc, self.endpoints[index], self.connect_timeout)
                     if not isinstance(err, StoreUnavailable):
                         raise err from None
                     errors.append(str(err))
                 except (OSError, ValueError) as exc:  # e.g. a TLS file gone since the start
                     raise StoreError(f"etcd {self.endpoints[index]}: {_one_line(exc)}") from None
-            if n == 1:
-                raise StoreUnavailable(errors[0])
-            raise StoreUnavailable(f"no etcd endpoint answers ({'; '.join(errors)})")
+            else:
+                if n == 1:
+                    raise StoreUnavailable(errors[0])
+                raise StoreUnavailable(f"no etcd endpoint answers ({'; '.join(errors)})")
+        if dropped is not None and dropped != conn.endpoint:
+            for listener in self._failover_listeners:
+                listener(conn.endpoint)
+        return conn
 
-    def _drop(self, conn: _Conn) -> None:
+    def on_failover(self, listener) -> None:
+        """``listener(endpoint)`` is called when ``endpoint`` answered in place of one that was
+        dropped as unavailable (not when the same endpoint answers again)."""
+        self._failover_listeners.append(listener)
+
+    def _drop(self, conn: Conn) -> None:
         """After UNAVAILABLE: the next call reconnects, starting at the next endpoint. The old
         channel stays open while an open watch still uses it."""
         with self._lock:
@@ -257,23 +263,23 @@ class EtcdStore(Store):
                 self._conn = None
                 self._retired.append(conn.client)
                 self._next = (self.endpoints.index(conn.endpoint) + 1) % len(self.endpoints)
+                self._dropped = conn.endpoint
         self._close_retired()
 
     def _close_retired(self) -> None:
         with self._lock:
-            in_use = {id(w._conn.client) for w in list(self._watches) if not w._closed}
-            dead = [c for c in self._retired if id(c) not in in_use]
-            self._retired = [c for c in self._retired if id(c) in in_use]
+            dead = [c for c in self._retired if not self._held[id(c)]]
+            self._retired = [c for c in self._retired if self._held[id(c)]]
         for client in dead:
             try:
                 client.close()
             except Exception:
                 pass
 
-    def _reauth(self, conn: _Conn) -> None:
-        self._count("auth")
-        resp = etcdrpc.AuthStub(conn.client.channel).Authenticate(
-            etcdrpc.AuthenticateRequest(name=self.opts.username, password=self.opts.password),
+    def _reauth(self, conn: Conn) -> None:
+        self.count("auth")
+        resp = rpc.etcdrpc.AuthStub(conn.client.channel).Authenticate(
+            rpc.etcdrpc.AuthenticateRequest(name=self.opts.username, password=self.opts.password),
             self.connect_timeout)
         conn.metadata = (("token", resp.token),)
 
@@ -281,73 +287,165 @@ class EtcdStore(Store):
     def _error(exc, endpoint: str, timeout: float) -> StoreError:
         code = exc.code() if hasattr(exc, "code") else None
         details = _one_line(exc.details() if hasattr(exc, "details") else exc) or str(code)
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN):
+        if code in (rpc.grpc.StatusCode.UNAVAILABLE, rpc.grpc.StatusCode.UNKNOWN):
             if endpoint.startswith("https:") and any(
                     w in details for w in ("TSI_", "andshake", "SSL", "Tls", "Ssl")):
                 details += " (TLS: check -etcd-cafile, -etcd-certfile, -etcd-keyfile)"
-            elif endpoint.startswith("http:") and "Socket closed" in details:
+            elif (endpoint.startswith("http:") and "Socket closed" in details
+                  and "Stream removed" not in details):  # not a stream that a dead server broke
                 details += " (does the server want https?)"
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code == rpc.grpc.StatusCode.UNAVAILABLE:
             return StoreUnavailable(f"etcd {endpoint}: {details}")
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if code == rpc.grpc.StatusCode.DEADLINE_EXCEEDED:
             return StoreUnavailable(f"etcd {endpoint}: no answer within {timeout:g}s")
-        if code == grpc.StatusCode.CANCELLED:
+        if code == rpc.grpc.StatusCode.CANCELLED:
             return StoreUnavailable(f"etcd {endpoint}: request cancelled ({details})")
         name = code.name.lower() if code is not None else "error"
         return StoreError(f"etcd {endpoint}: {details} ({name})")
 
     @staticmethod
     def _invalid_token(exc) -> bool:
-        return (exc.code() == grpc.StatusCode.UNAUTHENTICATED
+        return (exc.code() == rpc.grpc.StatusCode.UNAUTHENTICATED
                 and "invalid auth token" in (exc.details() or ""))
 
-    def _do(self, op: str, fn, timeout: float | None = None):
-        """Run ``fn(conn, timeout)``: count it, re-authenticate once on an expired token, and turn
-        gRPC errors into one-line StoreErrors naming the endpoint."""
+    def _do(self, op: str, fn, timeout: float | None = None, *, read: bool = False):
+        """Run ``fn(conn, timeout)``: count it, re-authenticate once on an expired token, fail
+        over once to the next endpoint when that is safe, and turn gRPC errors into one-line
+        StoreErrors naming the endpoint.
+
+        Failing over: an operation that meets a dead or silent member is sent once more, to the
+        next endpoint that answers, so a cluster with one member down keeps answering (and the
+        store's health stays up). Only when sending it again cannot apply it twice:
+        - a read (``read=True``: ranges, lease TTLs): after any unavailability, a timeout included;
+        - a write only when gRPC failed it before it left this process (``_never_sent``). Writes
+          are compare-and-swap transactions (lease create/renew, the claim's take and refresh,
+          ``ClaimChanged``) or deletes: one that timed out (DEADLINE_EXCEEDED), or whose stream
+          broke (UNAVAILABLE "Stream removed", etcd's own "request timed out"), may have been
+          applied, and sent again it would fail its compare and report someone else's doing
+          (a claim "taken" by ourselves, a lease "taken" that we created). Those are reported;
+          the caller's next attempt goes to the next endpoint.
+        """
         timeout = self.op_timeout if timeout is None else timeout
-        self._count(op)
+        self.count(op)
         conn = self._connection()
-        for attempt in range(2):
+        reauthed = failed_over = False
+        while True:
             try:
                 return fn(conn, timeout)
-            except grpc.RpcError as exc:
-                if attempt == 0 and conn.auth and self._invalid_token(exc):
+            except rpc.grpc.RpcError as exc:
+                if not reauthed and conn.auth and self._invalid_token(exc):
+                    reauthed = True
                     try:
                         self._reauth(conn)
                         continue
-                    except grpc.RpcError as exc2:
+                    except rpc.grpc.RpcError as exc2:
                         exc = exc2
                 err = self._error(exc, conn.endpoint, timeout)
-                if isinstance(err, StoreUnavailable):
-                    self._drop(conn)
-                raise err from None
+                if not isinstance(err, StoreUnavailable):
+                    raise err from None
+                self._drop(conn)
+                if failed_over or len(self.endpoints) == 1 or not self._may_resend(exc, read):
+                    raise err from None
+                failed_over = True
+                self.count("failover")
+                conn = self._connection()  # the next endpoint that answers, or StoreUnavailable
+
+    @staticmethod
+    def _may_resend(exc, read: bool) -> bool:
+        code = exc.code()
+        if code == rpc.grpc.StatusCode.DEADLINE_EXCEEDED:
+            return read
+        return code == rpc.grpc.StatusCode.UNAVAILABLE and (read or _never_sent(exc))
+
+    # -- what the watch uses (controlplane.store.etcd_watch) --------------------------------------
+    def connection(self) -> Conn:
+        """The current connection: connecting, or failing over, to the first endpoint that
+        answers; StoreUnavailable when none does."""
+        return self._connection()
+
+    def hold(self, conn: Conn) -> None:
+        """A watch reads from ``conn``: keep its channel open, even once dropped, until released."""
+        with self._lock:
+            self._held[id(conn.client)] += 1
+
+    def release(self, conn: Conn) -> None:
+        with self._lock:
+            self._held[id(conn.client)] -= 1
+            if self._held[id(conn.client)] <= 0:
+                del self._held[id(conn.client)]
+        self._close_retired()
+
+    def stream_error(self, conn: Conn, exc) -> StoreError:
+        """A gRPC error of a stream on ``conn`` as one line. An unavailable connection is dropped
+        (the next call goes to the next endpoint); an invalid auth token is renewed, so the watch
+        created next carries a fresh one."""
+        if conn.auth and self._invalid_token(exc):
+            self.renew_token(conn)
+        err = self._error(exc, conn.endpoint, self.op_timeout)
+        if isinstance(err, StoreUnavailable):
+            self._drop(conn)
+        return err
+
+    def renew_token(self, conn: Conn) -> None:
+        """Re-authenticate ``conn`` (best effort: a failure shows in the next call)."""
+        try:
+            self._reauth(conn)
+        except rpc.grpc.RpcError:
+            pass
+
+    def watch_range(self) -> tuple[bytes, bytes]:
+        """One range, so events stay in revision order: from <prefix>/config to the end of
+        <prefix>/subnets/. flanneld writes nothing else in it; weft's node claims
+        (<prefix>/weft/...) sort after it, so their refreshes never reach a lease watcher."""
+        return self._config_key, _prefix_end(self._subnets)
+
+    def event_of(self, ev, cache: dict) -> StoreEvent | None:
+        """A raw etcd watch event as a StoreEvent; None for a key in the range weft does not
+        follow. ``cache``: lease TTLs already asked (one per lease per batch)."""
+        kv = ev.kv
+        rev = kv.mod_revision
+        deleted = ev.type == rpc.kv_pb2.Event.DELETE
+        if kv.key == self._config_key:
+            return StoreEvent("config", None, rev, value=None if deleted else self._text(kv.value))
+        if not kv.key.startswith(self._subnets):
+            return None  # between config and subnets/ in the range, but not flanneld's
+        subnet = self._subnet_of(kv.key)
+        if subnet is None:
+            return StoreEvent("foreign", None, rev, name=self._name_of(kv.key),
+                              value=None if deleted else self._text(kv.value))
+        if deleted:
+            return StoreEvent("delete", subnet, rev)
+        exp = self._expiration(kv.lease, cache)
+        if exp is _GONE:  # superseded since (renewed with a new lease, or expired): already past
+            exp = time.time()
+        return StoreEvent("put", subnet, rev, LeaseRecord(subnet, self._text(kv.value), exp, rev))
 
     # -- leases (etcd's) ----------------------------------------------------------------------
-    def _grant(self, conn: _Conn, timeout: float, ttl: float) -> tuple[int, int]:
-        self._count("grant")
+    def _grant(self, conn: Conn, timeout: float, ttl: float) -> tuple[int, int]:
+        self.count("grant")
         resp = conn.client.leasestub.LeaseGrant(
-            etcdrpc.LeaseGrantRequest(TTL=max(1, math.ceil(ttl)), ID=0), timeout,
+            rpc.etcdrpc.LeaseGrantRequest(TTL=max(1, math.ceil(ttl)), ID=0), timeout,
             metadata=conn.metadata)
         if resp.error:
             raise StoreError(f"etcd {conn.endpoint}: lease grant: {_one_line(resp.error)}")
         return resp.ID, resp.TTL
 
-    def _revoke(self, conn: _Conn, lease_id: int, only_if_unused: bool = False) -> None:
+    def _revoke(self, conn: Conn, lease_id: int, only_if_unused: bool = False) -> None:
         """Best effort: an error here leaves a lease that expires on its own."""
         if not lease_id:
             return
         try:
             if only_if_unused:
-                self._count("ttl")
+                self.count("ttl")
                 info = conn.client.leasestub.LeaseTimeToLive(
-                    etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=True), BEST_EFFORT_TIMEOUT,
+                    rpc.etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=True), BEST_EFFORT_TIMEOUT,
                     metadata=conn.metadata)
                 if info.TTL == -1 or len(info.keys):
                     return
-            self._count("revoke")
-            conn.client.leasestub.LeaseRevoke(etcdrpc.LeaseRevokeRequest(ID=lease_id),
+            self.count("revoke")
+            conn.client.leasestub.LeaseRevoke(rpc.etcdrpc.LeaseRevokeRequest(ID=lease_id),
                                               BEST_EFFORT_TIMEOUT, metadata=conn.metadata)
-        except grpc.RpcError:
+        except rpc.grpc.RpcError:
             pass
 
     def _expiration(self, lease_id: int, cache: dict | None = None):
@@ -357,7 +455,7 @@ class EtcdStore(Store):
         if cache is not None and lease_id in cache:
             return cache[lease_id]
         info = self._do("ttl", lambda c, t: c.client.leasestub.LeaseTimeToLive(
-            etcdrpc.LeaseTimeToLiveRequest(ID=lease_id), t, metadata=c.metadata))
+            rpc.etcdrpc.LeaseTimeToLiveRequest(ID=lease_id), t, metadata=c.metadata), read=True)
         exp = _GONE if info.TTL < 0 else time.time() + info.TTL
         if cache is not None:
             cache[lease_id] = exp
@@ -384,17 +482,17 @@ class EtcdStore(Store):
     # -- the Store interface ------------------------------------------------------------------
     def get_config(self) -> str | None:
         resp = self._do("get_config", lambda c, t: c.client.kvstub.Range(
-            etcdrpc.RangeRequest(key=self._config_key), t, metadata=c.metadata))
+            rpc.etcdrpc.RangeRequest(key=self._config_key), t, metadata=c.metadata), read=True)
         return self._text(resp.kvs[0].value) if resp.kvs else None
 
     def put_config(self, text: str) -> None:
         self._do("put_config", lambda c, t: c.client.kvstub.Put(
-            etcdrpc.PutRequest(key=self._config_key, value=text.encode()), t, metadata=c.metadata))
+            rpc.etcdrpc.PutRequest(key=self._config_key, value=text.encode()), t, metadata=c.metadata))
 
     def scan_subnets(self) -> SubnetScan:
         resp = self._do("list", lambda c, t: c.client.kvstub.Range(
-            etcdrpc.RangeRequest(key=self._subnets, range_end=_prefix_end(self._subnets)), t,
-            metadata=c.metadata))
+            rpc.etcdrpc.RangeRequest(key=self._subnets, range_end=_prefix_end(self._subnets)), t,
+            metadata=c.metadata), read=True)
         records, foreign, cache = [], [], {}
         for kv in resp.kvs:
             subnet = self._subnet_of(kv.key)
@@ -410,7 +508,7 @@ class EtcdStore(Store):
     def _get_live(self, op: str, key: bytes):
         """The key's kv and its expiration; None when it is absent or its etcd lease is gone."""
         resp = self._do(op, lambda c, t: c.client.kvstub.Range(
-            etcdrpc.RangeRequest(key=key), t, metadata=c.metadata))
+            rpc.etcdrpc.RangeRequest(key=key), t, metadata=c.metadata), read=True)
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
@@ -426,18 +524,19 @@ class EtcdStore(Store):
 
     def _put(self, subnet, value: str, ttl, must_exist: bool) -> LeaseRecord:
         key = self._key(subnet)
-        compare = etcdrpc.Compare(key=key, target=etcdrpc.Compare.VERSION,
-                                  result=etcdrpc.Compare.GREATER if must_exist else etcdrpc.Compare.EQUAL,
+        compare = rpc.etcdrpc.Compare(key=key, target=rpc.etcdrpc.Compare.VERSION,
+                                  result=(rpc.etcdrpc.Compare.GREATER if must_exist
+                                          else rpc.etcdrpc.Compare.EQUAL),
                                   version=0)
 
-        def txn(conn: _Conn, timeout: float):
+        def txn(conn: Conn, timeout: float):
             lease_id, granted = self._grant(conn, timeout, ttl) if ttl is not None else (0, 0)
-            put = etcdrpc.PutRequest(key=key, value=value.encode(), lease=lease_id,
+            put = rpc.etcdrpc.PutRequest(key=key, value=value.encode(), lease=lease_id,
                                      prev_kv=must_exist)
             try:
                 resp = conn.client.kvstub.Txn(
-                    etcdrpc.TxnRequest(compare=[compare],
-                                       success=[etcdrpc.RequestOp(request_put=put)]),
+                    rpc.etcdrpc.TxnRequest(compare=[compare],
+                                       success=[rpc.etcdrpc.RequestOp(request_put=put)]),
                     timeout, metadata=conn.metadata)
             except BaseException:
                 # The txn may have been applied all the same (a timeout). A create that failed
@@ -468,24 +567,24 @@ class EtcdStore(Store):
     def delete_lease(self, subnet) -> bool:
         key = self._key(subnet)
 
-        def delete(conn: _Conn, timeout: float):
+        def delete(conn: Conn, timeout: float):
             resp = conn.client.kvstub.DeleteRange(
-                etcdrpc.DeleteRangeRequest(key=key, prev_kv=True), timeout, metadata=conn.metadata)
+                rpc.etcdrpc.DeleteRangeRequest(key=key, prev_kv=True), timeout, metadata=conn.metadata)
             for kv in resp.prev_kvs:
                 self._revoke(conn, kv.lease, only_if_unused=True)
             return resp.deleted > 0
         return self._do("delete", delete)
 
     def watch(self, since_revision: int) -> Watch:
-        self._count("watch")
+        self.count("watch")
         if self.opts.username:
             # etcd checks a watch's token only when the watch is created, and answers an expired
             # one with a cancel "permission denied", not "invalid auth token". One authenticated
             # call first renews the token if needed (and restarts its idle clock).
             self._do("auth_check", lambda c, t: c.client.kvstub.Range(
-                etcdrpc.RangeRequest(key=self._config_key, count_only=True), t,
-                metadata=c.metadata))
-        w = _EtcdWatch(self, since_revision)
+                rpc.etcdrpc.RangeRequest(key=self._config_key, count_only=True), t,
+                metadata=c.metadata), read=True)
+        w = EtcdWatch(self, since_revision)
         with self._lock:
             self._watches.add(w)
         return w
@@ -505,25 +604,25 @@ class EtcdStore(Store):
         kv, exp = live
         return ClaimRecord(public_ip, self._text(kv.value), exp, kv.mod_revision, kv.lease)
 
-    def _claim_txn(self, conn: _Conn, timeout: float, key: bytes, compare, put) -> int | None:
+    def _claim_txn(self, conn: Conn, timeout: float, key: bytes, compare, put) -> int | None:
         """Put ``put`` if ``compare`` holds: the new revision, or None when it did not hold."""
         resp = conn.client.kvstub.Txn(
-            etcdrpc.TxnRequest(compare=[compare], success=[etcdrpc.RequestOp(request_put=put)]),
+            rpc.etcdrpc.TxnRequest(compare=[compare], success=[rpc.etcdrpc.RequestOp(request_put=put)]),
             timeout, metadata=conn.metadata)
         return resp.header.revision if resp.succeeded else None
 
     def take_claim(self, public_ip, value, ttl, expected) -> ClaimRecord:
         key = self._claim_key(public_ip)
         if expected is None:
-            compare = etcdrpc.Compare(key=key, target=etcdrpc.Compare.VERSION,
-                                      result=etcdrpc.Compare.EQUAL, version=0)
+            compare = rpc.etcdrpc.Compare(key=key, target=rpc.etcdrpc.Compare.VERSION,
+                                      result=rpc.etcdrpc.Compare.EQUAL, version=0)
         else:
-            compare = etcdrpc.Compare(key=key, target=etcdrpc.Compare.MOD,
-                                      result=etcdrpc.Compare.EQUAL, mod_revision=expected.revision)
+            compare = rpc.etcdrpc.Compare(key=key, target=rpc.etcdrpc.Compare.MOD,
+                                      result=rpc.etcdrpc.Compare.EQUAL, mod_revision=expected.revision)
 
-        def take(conn: _Conn, timeout: float):
+        def take(conn: Conn, timeout: float):
             lease_id, granted = self._grant(conn, timeout, ttl)
-            put = etcdrpc.PutRequest(key=key, value=value.encode(), lease=lease_id)
+            put = rpc.etcdrpc.PutRequest(key=key, value=value.encode(), lease=lease_id)
             try:
                 revision = self._claim_txn(conn, timeout, key, compare, put)
             except BaseException:
@@ -541,13 +640,13 @@ class EtcdStore(Store):
     def refresh_claim(self, public_ip, record, ttl) -> ClaimRecord:
         """Keeps the lease granted at take (its TTL stays the one given then)."""
         key = self._claim_key(public_ip)
-        compare = etcdrpc.Compare(key=key, target=etcdrpc.Compare.MOD,
-                                  result=etcdrpc.Compare.EQUAL, mod_revision=record.revision)
+        compare = rpc.etcdrpc.Compare(key=key, target=rpc.etcdrpc.Compare.MOD,
+                                  result=rpc.etcdrpc.Compare.EQUAL, mod_revision=record.revision)
 
-        def refresh(conn: _Conn, timeout: float):
-            self._count("keepalive")
+        def refresh(conn: Conn, timeout: float):
+            self.count("keepalive")
             call = conn.client.leasestub.LeaseKeepAlive(
-                iter([etcdrpc.LeaseKeepAliveRequest(ID=record.lease_id)]), timeout,
+                iter([rpc.etcdrpc.LeaseKeepAliveRequest(ID=record.lease_id)]), timeout,
                 metadata=conn.metadata)
             try:
                 alive = next(call, None)  # one request, one answer: a keep-alive, not a stream
@@ -555,11 +654,11 @@ class EtcdStore(Store):
                 call.cancel()
             if alive is None or alive.TTL <= 0:
                 raise ClaimChanged(f"the claim of public IP {public_ip} expired")
-            put = etcdrpc.PutRequest(key=key, value=record.value.encode(), lease=record.lease_id)
+            put = rpc.etcdrpc.PutRequest(key=key, value=record.value.encode(), lease=record.lease_id)
             try:
                 revision = self._claim_txn(conn, timeout, key, compare, put)
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:  # the lease expired just now
+            except rpc.grpc.RpcError as exc:
+                if exc.code() == rpc.grpc.StatusCode.NOT_FOUND:  # the lease expired just now
                     raise ClaimChanged(f"the claim of public IP {public_ip} expired") from None
                 raise
             if revision is None:
@@ -572,12 +671,13 @@ class EtcdStore(Store):
     def release_claim(self, public_ip, record) -> bool:
         key = self._claim_key(public_ip)
 
-        def release(conn: _Conn, timeout: float):
-            compare = etcdrpc.Compare(key=key, target=etcdrpc.Compare.MOD,
-                                      result=etcdrpc.Compare.EQUAL, mod_revision=record.revision)
-            resp = conn.client.kvstub.Txn(etcdrpc.TxnRequest(
+        def release(conn: Conn, timeout: float):
+            compare = rpc.etcdrpc.Compare(key=key, target=rpc.etcdrpc.Compare.MOD,
+                                      result=rpc.etcdrpc.Compare.EQUAL, mod_revision=record.revision)
+            resp = conn.client.kvstub.Txn(rpc.etcdrpc.TxnRequest(
                 compare=[compare],
-                success=[etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=key))]),
+                success=[rpc.etcdrpc.RequestOp(
+                    request_delete_range=rpc.etcdrpc.DeleteRangeRequest(key=key))]),
                 timeout, metadata=conn.metadata)
             self._revoke(conn, record.lease_id, only_if_unused=True)
             return resp.succeeded
@@ -603,170 +703,3 @@ class EtcdStore(Store):
                 pass
 
 
-if _IMPORT_ERROR is None:
-    class _Client(etcd3.Etcd3Client):
-        """etcd3's client; ``ca_cert=""`` means TLS with the system's trusted roots."""
-
-        def _get_secure_creds(self, ca_cert, cert_key=None, cert_cert=None):
-            def read(path):
-                if not path:
-                    return None
-                with open(path, "rb") as f:
-                    return f.read()
-            return grpc.ssl_channel_credentials(read(ca_cert), read(cert_key), read(cert_cert))
-
-
-_STOP = object()
-
-
-class _EtcdWatch(Watch):
-    """One etcd watch stream on ``<prefix>/config`` and ``<prefix>/subnets/`` from ``since + 1``;
-    a thread reads it."""
-
-    def __init__(self, store: EtcdStore, since: int):
-        self._store = store
-        self._since = since
-        self._queue: queue.Queue = queue.Queue()
-        self._backlog: collections.deque = collections.deque()  # raw events / terminal errors
-        self._stop = threading.Event()
-        self._closed = False
-        conn = store._connection()
-        self._conn = conn
-        # One range, so events stay in revision order: from <prefix>/config to the end of
-        # <prefix>/subnets/. flanneld writes nothing else in it; weft's node claims
-        # (<prefix>/weft/...) sort after it, so their refreshes never reach a lease watcher.
-        create = etcdrpc.WatchCreateRequest(key=store._config_key, range_end=_prefix_end(store._subnets),
-                                            start_revision=since + 1)
-
-        def requests():
-            yield etcdrpc.WatchRequest(create_request=create)
-            self._stop.wait()  # keep the stream open until close()
-
-        try:
-            # hasleader: etcd ends the stream when the member loses its leader (flanneld's
-            # WithRequireLeader), instead of leaving a silent watch on a partitioned member.
-            self._call = etcdrpc.WatchStub(conn.client.channel).Watch(
-                requests(), metadata=conn.metadata + (("hasleader", "true"),))
-        except grpc.RpcError as exc:
-            raise store._error(exc, conn.endpoint, store.op_timeout) from None
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"etcd-watch-{store.prefix}")
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for resp in self._call:
-                self._queue.put(resp)
-                if resp.canceled or resp.compact_revision:
-                    return
-            if not self._stop.is_set():
-                self._queue.put(StoreUnavailable(f"etcd {self._conn.endpoint}: watch stream ended"))
-        except grpc.RpcError as exc:
-            if not self._stop.is_set():
-                self._queue.put(exc)
-        except Exception as exc:  # never let the reader die silently
-            if not self._stop.is_set():
-                self._queue.put(StoreError(f"etcd {self._conn.endpoint}: watch: {_one_line(exc)}"))
-
-    def _take(self, item) -> None:
-        """Queue item -> backlog entries (single events or a terminal error)."""
-        store = self._store
-        if isinstance(item, grpc.RpcError):
-            if self._conn.auth and store._invalid_token(item):
-                try:  # the caller re-creates the watch; let that one carry a fresh token
-                    store._reauth(self._conn)
-                except grpc.RpcError:
-                    pass
-            err = store._error(item, self._conn.endpoint, store.op_timeout)
-            if isinstance(err, StoreUnavailable):
-                store._drop(self._conn)
-            self._backlog.append(err)
-        elif isinstance(item, Exception):
-            self._backlog.append(item)
-        elif item.compact_revision:
-            self._backlog.append(WatchCompacted(
-                f"etcd {self._conn.endpoint}: revision {self._since} is compacted (oldest kept"
-                f" {item.compact_revision})"))
-        else:
-            self._backlog.extend(item.events)
-            if item.canceled:
-                reason = _one_line(item.cancel_reason) or "canceled by the server"
-                msg = f"etcd {self._conn.endpoint}: watch: {reason}"
-                if self._conn.auth and "invalid auth token" in reason:
-                    try:  # stale token: renew it, and the caller re-creates the watch
-                        store._reauth(self._conn)
-                    except grpc.RpcError:
-                        pass
-                    self._backlog.append(StoreUnavailable(msg))
-                else:
-                    self._backlog.append(StoreError(msg))
-
-    def _convert(self, ev, cache: dict) -> StoreEvent | None:
-        kv = ev.kv
-        store = self._store
-        rev = kv.mod_revision
-        deleted = ev.type == kv_pb2.Event.DELETE
-        if kv.key == store._config_key:
-            return StoreEvent("config", None, rev, value=None if deleted else store._text(kv.value))
-        if not kv.key.startswith(store._subnets):
-            return None  # between config and subnets/ in the range, but not flanneld's
-        subnet = store._subnet_of(kv.key)
-        if subnet is None:
-            return StoreEvent("foreign", None, rev, name=store._name_of(kv.key),
-                              value=None if deleted else store._text(kv.value))
-        if deleted:
-            return StoreEvent("delete", subnet, rev)
-        exp = self._store._expiration(kv.lease, cache)
-        if exp is _GONE:  # superseded since (renewed with a new lease, or expired): already past
-            exp = time.time()
-        return StoreEvent("put", subnet, rev,
-                          LeaseRecord(subnet, self._store._text(kv.value), exp, rev))
-
-    def get(self, timeout: float) -> list[StoreEvent]:
-        deadline = time.monotonic() + max(0.0, timeout)
-        events: list[StoreEvent] = []
-        cache: dict = {}
-        while not self._closed:
-            while True:  # move whatever has arrived into the backlog
-                try:
-                    self._take(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            while self._backlog:
-                head = self._backlog[0]
-                if isinstance(head, Exception):
-                    if events:
-                        return events  # the error comes on the next call
-                    raise type(head)(str(head))  # the watch stays failed; a fresh traceback each time
-                try:
-                    event = self._convert(head, cache)
-                except StoreError:
-                    if events:
-                        return events
-                    raise  # the event stays in the backlog
-                self._backlog.popleft()
-                self._since = max(self._since, head.kv.mod_revision)
-                if event is not None:
-                    events.append(event)
-            if events:
-                return events
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return []
-            try:
-                self._take(self._queue.get(timeout=left))
-            except queue.Empty:
-                return []
-        return []
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stop.set()
-        try:
-            self._call.cancel()
-        except Exception:
-            pass
-        self._thread.join(timeout=2)
-        self._store._close_retired()

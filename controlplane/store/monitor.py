@@ -14,7 +14,8 @@ daemon's own "waiting for the store" line says it.
 A store whose writes fail while reads still work (a SQLite file on a read-only or full disk) is
 down until a *write* succeeds again, so it does not flap with every successful read. And a store
 that went away is back only once it has answered for ``BACK_AFTER`` seconds without a failure (a
-full disk lets a write through now and then: that is not the end of the outage).
+full disk lets a write through now and then: that is not the end of the outage), or at once when
+another endpoint answered in place of the one that failed (an etcd cluster with a member down).
 """
 from __future__ import annotations
 
@@ -65,6 +66,18 @@ class StoreHealth:
         if was_down:
             log.info("store %s is back after %.0f s", self.url, time.time() - since)
 
+    def failed_over(self, endpoint: str) -> None:
+        """Another endpoint of the store answered in place of one that failed (an etcd member
+        died): the store answers again, so an outage ends at once. ``BACK_AFTER`` is for a store
+        that answers now and then from the same place (a full disk), not for a failover."""
+        with self._lock:
+            if self.up is not False or not self.outages:  # up, or a start still waiting
+                return
+            since = self.down_since
+            self.up, self.down_since, self.reason, self._writes_failed = True, None, "", False
+            self._good_since = None
+        log.info("store %s is back after %.0f s (%s answers)", self.url, time.time() - since, endpoint)
+
     def failed(self, op: str, exc: BaseException) -> None:
         if isinstance(exc, ANSWERS):
             self.answered(op)
@@ -110,6 +123,7 @@ class MonitoredStore:
     def __init__(self, store, health: StoreHealth):
         self._store = store
         self.health = health
+        store.on_failover(health.failed_over)
 
     def _call(self, op: str, fn, *args, **kwargs):
         try:

@@ -1,0 +1,185 @@
+"""A 3-member etcd cluster with one member killed or paused: weft fails over to the others.
+
+The store is given every member (``-etcd-endpoints``); the member it is connected to (the first
+endpoint) dies. What must hold: the operation that meets the dead member is answered by the next
+one (reads always; writes only when the request never left: a write whose answer was lost may have
+been applied, and the claim refresh and lease writes are compare-and-swap transactions), the watch
+carries on from the last revision it received without a missed event, and the store's health
+(``weft_store_up``) stays up: the cluster answered all along.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from bench.etcdserver import EtcdServer, free_port
+from controlplane.store import EtcdOptions, StoreUnavailable
+from controlplane.store import etcd_rpc
+from controlplane.store.etcd import EtcdStore
+from controlplane.store.monitor import MonitoredStore, StoreHealth
+
+from .conftest import needs_etcd
+from .daemons import Weftd, run_tool
+from .store_contract import drain
+
+pytestmark = [needs_etcd, pytest.mark.skipif(etcd_rpc.unavailable_reason() is not None,
+                                              reason=str(etcd_rpc.unavailable_reason()))]
+
+NET = ipaddress.IPv4Network
+PREFIX = "/weft-failover"
+VALUE = ('{"PublicIP":"198.18.0.9","PublicIPv6":null,"BackendType":"vxlan",'
+         '"BackendData":{"VNI":1,"VtepMAC":"5e:bb:b4:14:2b:45"}}')
+ALLOC = '{"Network":"10.5.0.0/16","Backend":{"Type":"alloc"}}'
+
+
+class Cluster:
+    """Three etcd members on 127.0.0.1, started together (none is healthy before a quorum runs)."""
+
+    def __init__(self, tag: str):
+        self.members = [EtcdServer(name=f"weft-{tag}{i}", start=False, wait_healthy=False,
+                                   die_with_parent=True) for i in range(3)]
+        for m in self.members:
+            m.client_port, m.peer_port = free_port(), free_port()
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            m.initial_cluster, m.cluster_token = initial, f"weft-{tag}-{os.getpid()}"
+
+    def start(self) -> "Cluster":
+        for m in self.members:
+            m.start()
+        for m in self.members:
+            m._wait_healthy()
+        return self
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.endpoint for m in self.members]
+
+    def leader(self) -> int:
+        for i, m in enumerate(self.members):
+            st = json.loads(m.etcdctl("endpoint", "status", "-w", "json"))[0]["Status"]
+            if st["header"]["member_id"] == st["leader"]:
+                return i
+        raise AssertionError("no member says it is the leader")
+
+    def make_leader(self, index: int) -> None:
+        """Move the leadership to member ``index`` (etcdctl move-leader, asked of the leader)."""
+        now = self.leader()
+        if now == index:
+            return
+        st = json.loads(self.members[index].etcdctl("endpoint", "status", "-w", "json"))[0]["Status"]
+        self.members[now].etcdctl("move-leader", format(st["header"]["member_id"], "x"))
+        deadline = time.monotonic() + 10
+        while self.leader() != index:
+            assert time.monotonic() < deadline, f"member {index} did not become the leader"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is None:
+                os.kill(m.proc.pid, signal.SIGCONT)
+            m.stop()
+
+
+@pytest.fixture
+def cluster(request):
+    c = Cluster(f"fo{abs(hash(request.node.name)) % 1000}")
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def _monitored(cluster, **kw):
+    raw = EtcdStore(EtcdOptions(cluster.endpoints), prefix=PREFIX, **kw)
+    health = StoreHealth(raw.url)
+    health.answered("open")
+    return raw, MonitoredStore(raw, health), health
+
+
+@pytest.mark.parametrize("first_is", ["leader", "follower"])
+def test_first_endpoint_killed_the_next_answers_and_health_stays_up(cluster, first_is):
+    cluster.make_leader(0 if first_is == "leader" else 1)
+    raw, store, health = _monitored(cluster, connect_timeout=2, op_timeout=3)
+    try:
+        store.put_config(ALLOC)
+        _, rev = store.list_leases()
+        watch = store.watch(rev)
+        store.create_lease(NET("10.5.1.0/24"), VALUE, ttl=60)
+        assert [e.kind for e in drain(watch, 1)] == ["put"]
+
+        cluster.members[0].kill()  # the member every connection uses
+        assert store.get_config() == ALLOC  # the read that meets the dead member is answered
+        store.create_lease(NET("10.5.2.0/24"), VALUE, ttl=60)
+        assert store.get_lease(NET("10.5.2.0/24")) is not None
+        events = drain(watch, 1)  # the watch resumed on another member, nothing missed
+        assert [(e.kind, str(e.subnet)) for e in events] == [("put", "10.5.2.0/24")]
+        assert health.up is True, health.reason
+        assert health.outages == 0 and not health.errors, (health.outages, dict(health.errors))
+        assert raw.stats().get("failover", 0) >= 1
+        watch.close()
+    finally:
+        store.close()
+
+
+def test_a_write_whose_answer_was_lost_is_not_sent_again(cluster):
+    """The first member paused: a read times out there and is answered by the next member; a
+    write that timed out may have been applied, so it is reported (StoreUnavailable), never sent
+    again; the next write goes to the member that answers."""
+    cluster.make_leader(1)
+    raw, store, health = _monitored(cluster, connect_timeout=1, op_timeout=1)
+    first = cluster.members[0]
+    try:
+        store.put_config(ALLOC)
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        assert store.get_config() == ALLOC  # timed out on member 0, answered by member 1
+        assert health.up is True
+        grants = raw.stats().get("grant", 0)
+        os.kill(first.proc.pid, signal.SIGCONT)
+        raw2, store2, health2 = _monitored(cluster, connect_timeout=1, op_timeout=1)
+        try:
+            os.kill(first.proc.pid, signal.SIGSTOP)
+            with pytest.raises(StoreUnavailable, match="no answer within 1s"):
+                store2.create_lease(NET("10.5.3.0/24"), VALUE, ttl=60)
+            assert raw2.stats()["create"] == 1 and raw2.stats()["grant"] == 1  # not sent again
+            assert health2.up is False
+            store2.create_lease(NET("10.5.4.0/24"), VALUE, ttl=60)  # the next member answers
+            assert health2.up is True  # a failover that answered: up at once
+            assert health2.outages == 1
+        finally:
+            store2.close()
+        assert raw.stats().get("grant", 0) == grants
+    finally:
+        os.kill(first.proc.pid, signal.SIGCONT)
+        store.close()
+
+
+@pytest.mark.parametrize("first_is", ["leader", "follower"])
+def test_weftd_stays_up_when_its_first_endpoint_dies(cluster, tmp_path, first_is):
+    cluster.make_leader(0 if first_is == "leader" else 1)
+    args = ["-etcd-endpoints", ",".join(cluster.endpoints), "-etcd-prefix", PREFIX]
+    r = run_tool("controlplane.ctl", *args, "config", "put", "-", input=ALLOC)
+    assert r.returncode == 0, r.stderr
+    d = Weftd(str(tmp_path), 1, args, extra=["--claim-ttl", "3"]).start()
+    try:
+        d.wait_ready()
+        assert d.metric("weft_store_up") == 1
+        other = "10.5.9.0/24" if not d.subnet().startswith("10.5.9.") else "10.5.10.0/24"  # not its own
+        cluster.members[0].kill()
+        r = run_tool("controlplane.ctl", "-etcd-endpoints", ",".join(cluster.endpoints[1:]),
+                     "-etcd-prefix", PREFIX, "reserve", other, "--public-ip", "198.18.0.9")
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 6  # two claim refreshes and the watch, on the others
+        while time.monotonic() < deadline:
+            assert d.metric("weft_store_up") == 1, d.log()[-2000:]
+            time.sleep(0.2)
+        assert d.metric("weft_peers") == 1, d.log()[-2000:]  # the reservation made after the kill
+        assert d.metric("weft_store_outages_total") == 0
+        assert "is unavailable" not in d.log(), d.log()[-2000:]
+    finally:
+        d.stop()
