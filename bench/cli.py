@@ -1,13 +1,15 @@
-"""bench: build, inspect and tear down weft labs (and, later, run and compare benchmarks).
+"""bench: the command line. Labs (up, down, inspect: here) and measurements over them (run, report,
+compare, gate, baseline, micro: bench.commands; flood: bench.flood; faults: bench.faults).
 
     bench up SCENARIO [--json] [--dir DIR]     build a lab, print its state, leave it running
-    bench down PREFIX | --dir DIR | --all      tear labs down from their ledgers
+    bench down [PREFIX | --dir DIR | --all]    tear labs down from their ledgers (none: the one lab up)
     bench inspect [--json]                     list the labs recorded under /run/weft-lab
 
-Commands are looked up in ``COMMANDS`` (name -> "module:Class", summary) and imported only when
-used, as pip does; adding one is one line there plus a ``Command`` subclass anywhere. Every flag
-can also come from the environment: ``WEFT_BENCH_<CMD>_<FLAG>`` or ``WEFT_BENCH_<FLAG>`` (e.g.
-``WEFT_BENCH_DIR=/tmp/lab``, ``WEFT_BENCH_JSON=1``); the command line wins.
+``bench`` with no command lists them all (``COMMANDS``). Commands are looked up there (name ->
+"module:Class", summary) and imported only when used, as pip does; adding one is one line there
+plus a ``Command`` subclass anywhere. Every flag can also come from the environment:
+``WEFT_BENCH_<CMD>_<FLAG>`` or ``WEFT_BENCH_<FLAG>`` (e.g. ``WEFT_BENCH_DIR=/tmp/lab``,
+``WEFT_BENCH_JSON=1``); the command line wins.
 
 Exit codes: 0 ok, 1 failure, 2 usage. Errors are one line on stderr (``--debug``: traceback too).
 """
@@ -217,21 +219,28 @@ class UpCommand(Command):
 
 class DownCommand(Command):
     def add_arguments(self, p):
-        p.add_argument("prefix", nargs="?", help="the lab's id or prefix (w1a2b or w1a2b-)")
+        p.add_argument("prefix", nargs="?",
+                       help="the lab's id or prefix (w1a2b or w1a2b-); none: the one lab that is up")
         p.add_argument("--dir", help="the lab's directory")
         p.add_argument("--all", action="store_true", help="every lab recorded under /run/weft-lab (only those)")
 
     def run(self, args):
-        from .lab import LAB_ROOT, LabNotFound, down, list_labs
+        from . import lab
         given = [x for x in (args.prefix, args.dir, args.all or None) if x]
-        if len(given) != 1:
-            raise UsageError("give exactly one of PREFIX, --dir DIR or --all")
-        targets = [lab["id"] for lab in list_labs(LAB_ROOT)] if args.all else [args.prefix or args.dir]
+        if len(given) > 1:
+            raise UsageError("give one of PREFIX, --dir DIR or --all (or none: the one lab that is up)")
+        labs = lab.list_labs(lab.LAB_ROOT) if not (args.prefix or args.dir) else []
+        if args.all:
+            targets = [x["id"] for x in labs]
+        elif given:
+            targets = [args.prefix or args.dir]
+        else:
+            targets = self._the_one_lab(labs)
         failed = 0
         for target in targets:
             try:
-                problems = down(target)
-            except LabNotFound:
+                problems = lab.down(target, lab.LAB_ROOT)
+            except lab.LabNotFound:
                 if args.all:
                     continue
                 print(f"no lab {target} (nothing to remove)")
@@ -240,9 +249,18 @@ class DownCommand(Command):
                 print(f"bench down: {target}: {problem}", file=sys.stderr)
             failed += bool(problems)
             print(f"removed lab {target}" if not problems else f"lab {target}: partly removed")
-        if args.all and not targets:
+        if not targets:
             print("no labs")
         return ERROR if failed else SUCCESS
+
+    @staticmethod
+    def _the_one_lab(labs: list[dict]) -> list[str]:
+        """Without an argument: the lab that is up, when it is the only one (what `bench up`
+        printed); several are listed, and none is taken down."""
+        if len(labs) > 1:
+            listed = ", ".join(f"{x['id']} ({(x['state'] or {}).get('name', 'no state')})" for x in labs)
+            raise Failure(f"{len(labs)} labs are up: {listed}; name one (bench down ID) or give --all")
+        return [x["id"] for x in labs]
 
 
 class InspectCommand(Command):

@@ -47,11 +47,10 @@ class RunCommand(Command):
         from . import report, runner
         from .scenario import load
         scenario = load(_scenario_path(args.scenario))
-        backends = [b.strip() for b in args.backends.split(",") if b.strip()] or runner.DEFAULT_BACKENDS
-        from controlplane.config import WIRE_DATAPLANES
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()] or runner.default_backends()
+        from controlplane.backends import backend_names
         for b in backends:
-            wire, _, dp = b.partition("/")
-            if b != runner.BARE and dp not in WIRE_DATAPLANES.get(wire, ()):
+            if b != runner.BARE and b not in backend_names():
                 raise UsageError(f"--backends: {b!r} is not a wire/dataplane pair (e.g. vxlan/kernel)")
         if args.repeat < 0:
             raise UsageError("--repeat must be at least 1")

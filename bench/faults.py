@@ -381,10 +381,16 @@ def _log_lines(path: str, offset: int, limit: int = 8) -> list[str]:
 
 # -- a backend's labs and rows -------------------------------------------------------------------
 
-def lab_scenario(scenario, backend: str, kind: str, plan: Plan):
-    """The scenario of a lab kind: "default", or "short-ttl" (weftd --lease-ttl plan.lease_ttl_s)."""
+STORE_TMPFS_MIB = 16   # the store's tmpfs when a fault fills its disk and the scenario sets none
+
+
+def lab_scenario(scenario, backend: str, kind: str, plan: Plan, store_tmpfs: bool = False):
+    """The scenario of a lab kind: "default", or "short-ttl" (weftd --lease-ttl plan.lease_ttl_s);
+    ``store_tmpfs``: a SQLite store on a tmpfs of the lab's own (lab.store_tmpfs_mib)."""
     from .runner import scenario_for
     scn = scenario_for(scenario, backend)
+    if store_tmpfs and scn.store == "sqlite" and not scn.store_tmpfs_mib:
+        scn = dataclasses.replace(scn, store_tmpfs_mib=STORE_TMPFS_MIB)
     if kind == "short-ttl":
         flags = tuple(scn.weftd.flags) + ("--lease-ttl", str(plan.lease_ttl_s))
         scn = dataclasses.replace(scn, weftd=dataclasses.replace(scn.weftd, flags=flags))
@@ -429,7 +435,8 @@ def run_backend(scenario, backend: str, faults: list, plan: Plan, tool: str, pro
                             lab = None
                     if lab is None:
                         progress.show(f"{label}: building the lab")
-                        lab = Lab(lab_scenario(scenario, backend, kind, plan))
+                        lab = Lab(lab_scenario(scenario, backend, kind, plan,
+                                               store_tmpfs=any(f.store_tmpfs for f in group)))
                         lab.up()
                         from .runner import check_connectivity
                         check_connectivity(lab, backend)
@@ -490,15 +497,14 @@ class FaultsCommand(Command):
         from . import faults_report
         from .commands import _scenario_path
         from .faults_catalog import FAULT_NAMES, FAULTS
-        from .runner import BARE, DEFAULT_BACKENDS, Progress
+        from .runner import BARE, Progress, default_backends
         from .scenario import load
-        from controlplane.config import WIRE_DATAPLANES
+        from controlplane.backends import backend_names
         scenario = load(_scenario_path(args.scenario))
         backends = [b.strip() for b in args.backends.split(",") if b.strip()] or \
-            [b for b in DEFAULT_BACKENDS if b != BARE]
+            [b for b in default_backends() if b != BARE]
         for b in backends:
-            wire, _, dp = b.partition("/")
-            if dp not in WIRE_DATAPLANES.get(wire, ()):
+            if b not in backend_names():
                 raise UsageError(f"--backends: {b!r} is not a wire/dataplane (e.g. vxlan/kernel)")
         names = [f.strip() for f in args.faults.split(",") if f.strip()] or FAULT_NAMES
         bad = [f for f in names if f not in FAULT_NAMES]

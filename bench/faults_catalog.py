@@ -7,6 +7,7 @@ None (not measured: a miss when the check is required, a note otherwise).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -96,10 +97,12 @@ class Fault:
     name = number = title = goal = ""
     lab = "default"
     store: str | None = None
+    store_tmpfs = False     # needs the SQLite store on a tmpfs of the lab's own (a disk to fill)
 
     def unavailable(self, scenario, backend: str) -> str | None:
         if self.store and scenario.store != self.store:
-            return f"needs a scenario with store = \"{self.store}\" (e.g. scenarios/seed.toml)"
+            example = {"etcd": "scenarios/seed.toml", "sqlite": "scenarios/default.toml"}[self.store]
+            return f"needs a scenario with store = \"{self.store}\" (e.g. {example})"
         return None
 
     def bound_s(self, plan) -> float:
@@ -122,29 +125,128 @@ class WeftdRestart(Fault):
         self.number = "3a" if kill else "3b"
         self.title = ("weftd killed (-9) under traffic, started again" if kill
                       else "weftd stopped with SIGTERM and started again (an upgrade)")
-        self.goal = ("0 lost, on every plane (issue 12: the userspace engines must outlive their daemon; today "
-                     "they run inside weftd, so those rows miss and show the gap); TCP does not reset; same "
-                     "subnet; no other exit; every node's peers right again")
+        self.goal = ("0 lost, on every plane (the userspace engines run in a process of their own that "
+                     "outlives weftd and that the restarted weftd adopts); TCP does not reset; same subnet; no "
+                     "other exit; every node's peers right again")
 
     def run(self, ctx) -> None:
+        if userspace(ctx.backend):
+            ctx.notes["engine_pid_before"] = engine_pid(ctx.lab, TARGET)
         ctx.mark("inject")
         ctx.stop(TARGET, self.sig)
         ctx.idle(ctx.plan.kill_gap_s)
         ctx.mark("heal")
         ctx.start(TARGET)
+        if userspace(ctx.backend):
+            ctx.wait_ready(TARGET, ctx.plan.converge_timeout_s)
+            ctx.notes["engine_pid_after"] = engine_pid(ctx.lab, TARGET)
 
     def checks(self, ctx, row) -> list[dict]:
         dp = row["data_plane"]
         out = []
         lost = lost_zero(row)
-        if userspace(ctx.backend) and lost["ok"] is False:
-            lost["value"] += " (the engine runs inside weftd and stops with it)"
+        if userspace(ctx.backend) and lost["ok"] is False and not row["notes"].get("engine_pid_before"):
+            lost["value"] += " (weftd exports no engine pid: the engine runs inside weftd and stops with it)"
         out.append(lost)
         ready = row["ready_after_restart_s"].get(TARGET)
         out.append(check(f"node {TARGET}'s weftd ready again", bool(ready), f"{ready[0]} s after the start"
                          if ready else "not ready"))
         out += [tcp_intact(row), no_exits(row), same_subnets(row), converged(row), programmed_after(row)]
+        if userspace(ctx.backend):
+            before, after = row["notes"].get("engine_pid_before"), row["notes"].get("engine_pid_after")
+            out.append(check("the engine process outlived weftd (same pid after)", None if not before else
+                             before == after, f"{before} -> {after}", required=False))
         return out
+
+
+def engine_pid(lab, n: int) -> int | None:
+    """The pid of node n's userspace engine process as its weftd exports it in /metrics
+    (``weft_backend_engine_pid``), or None (no answer, or no such gauge: the engine runs inside weftd)."""
+    from .lab import HEALTHZ_PORT
+    from .netns import http_get
+    got = http_get(lab.node(n).namespace, "127.0.0.1", HEALTHZ_PORT, "/metrics", timeout=0.5)
+    if not got or got[0] != 200:
+        return None
+    m = re.search(r"^weft_backend_engine_pid(?:\{[^}]*\})? (\S+)$", got[1].decode("utf-8", "replace"), re.M)
+    try:
+        pid = int(float(m.group(1))) if m else 0
+    except ValueError:
+        return None
+    return pid if pid > 0 else None
+
+
+def _started_monotonic(pid: int) -> float | None:
+    """When process ``pid`` started, on time.monotonic()'s clock (its start time in /proc is in
+    clock ticks since boot, CLOCK_BOOTTIME's origin)."""
+    from .procs import proc_start_time
+    ticks = proc_start_time(pid)
+    if ticks is None:
+        return None
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.monotonic() - age
+
+
+class EngineKill(Fault):
+    name, number = "engine-kill", "3c"
+    title = "a node's userspace engine process killed (-9) under traffic; its weftd starts it again"
+    goal = ("traffic back within 1 s of the engine's restart; no weftd exit; same subnets; every node's peers "
+            "right again")
+    RESUME_WITHIN_S = 1.0
+    WAIT_RESTART_S = 15.0
+
+    def unavailable(self, scenario, backend: str) -> str | None:
+        if not userspace(backend):
+            return "the engine process exists only on the userspace planes (fastpath, python)"
+        return super().unavailable(scenario, backend)
+
+    def run(self, ctx) -> None:
+        from .procs import proc_start_time
+        lab, node = ctx.lab, ctx.lab.node(TARGET)
+        old = engine_pid(lab, TARGET)
+        ctx.notes["engine_pid_before"] = old
+        if old is None or old == node.pid:
+            ctx.notes["engine"] = ("weftd exports no weft_backend_engine_pid: the engine runs inside weftd, "
+                                   "there is no engine process to kill")
+            ctx.mark("inject")
+            ctx.mark("heal")
+            return
+        start = proc_start_time(old)
+        ctx.mark("inject")
+        ctx.notes["killed"] = _signal(old, start, signal.SIGKILL)
+        # the restart: a new engine pid in /metrics; its process's start time is the restart
+        new, deadline = None, time.monotonic() + self.WAIT_RESTART_S
+        next_tick = time.monotonic()
+        while time.monotonic() < deadline:
+            pid = engine_pid(lab, TARGET)
+            if pid is not None and pid != old:
+                new = pid
+                break
+            if time.monotonic() >= next_tick:
+                ctx.tick()
+                next_tick = time.monotonic() + 0.25
+            time.sleep(0.02)
+        ctx.notes["engine_pid_after"] = new
+        began = _started_monotonic(new) if new else None
+        if began is None:
+            ctx.notes["engine"] = f"no new engine process within {self.WAIT_RESTART_S:g} s of the kill"
+            ctx.mark("heal")
+            return
+        ctx.marks["heal"] = max(began, ctx.marks["inject"])   # the restart, to the clock tick
+        ctx.notes["engine_restarted_after_s"] = round(ctx.marks["heal"] - ctx.marks["inject"], 3)
+
+    def checks(self, ctx, row) -> list[dict]:
+        notes = row["notes"]
+        resumed = row["data_plane"].get("resumed_after_heal_s")
+        after = notes.get("engine_restarted_after_s")
+        return [check("the engine process was killed", bool(notes.get("killed")),
+                      notes.get("engine") or f"pid {notes.get('engine_pid_before')}"),
+                check("the engine was started again", after is not None,
+                      f"pid {notes.get('engine_pid_after')}, {after} s after the kill" if after is not None
+                      else notes.get("engine", "not restarted")),
+                check(f"traffic back within {self.RESUME_WITHIN_S:g} s of the engine's restart",
+                      None if resumed is None or after is None else resumed <= self.RESUME_WITHIN_S,
+                      f"{resumed} s (slowest stream); lost {row['data_plane'].get('lost_by_phase')}"),
+                tcp_intact(row), no_exits(row), same_subnets(row), converged(row), programmed_after(row)]
 
 
 class LinkDown(Fault):
@@ -367,16 +469,24 @@ class SqliteFault(Fault):
         self.name = f"sqlite-{kind}"
         self.number = "5"
         self.title = {"readonly": "the SQLite file made read-only (chattr +i on the file and its WAL), then writable",
-                      "corrupt": "the SQLite file checkpointed, then every byte of it overwritten with garbage, then restored"}[kind]
+                      "corrupt": "the SQLite file checkpointed, then every byte of it overwritten with garbage, then restored",
+                      "full": "the disk of the SQLite file (a small tmpfs) filled by a filler file, then the filler "
+                              "removed"}[kind]
+        # disk-full needs a disk that can be filled: the lab puts the store on a tmpfs of its own
+        self.store_tmpfs = kind == "full"
 
     def run(self, ctx) -> None:
         lab = ctx.lab
         path = lab.store["path"]
         files = [f for f in (path, path + "-wal") if os.path.exists(f)]
-        saved = None
+        saved = filler = None
+        if self.kind == "full":
+            filler = lab._file(os.path.join(os.path.dirname(path), "faults-filler"))
         ctx.mark("inject")
         try:
-            if self.kind == "readonly":
+            if self.kind == "full":
+                ctx.notes["disk"] = _fill(path, filler)
+            elif self.kind == "readonly":
                 for f in files:
                     subprocess.run(["chattr", "+i", f], check=True, capture_output=True, timeout=10)
             else:
@@ -394,6 +504,7 @@ class SqliteFault(Fault):
                     os.fsync(f.fileno())
             ctx.notes["files"] = files
             ctx.idle(ctx.plan.store_fault_s / 2)
+            ctx.notes["healthz_mid_fault"] = _healthz(lab)
             # what a fresh reader of the file sees now (the running daemons may hold cached pages)
             from .faults import weftctl
             probe = weftctl(lab, "leases", "--json")
@@ -401,6 +512,9 @@ class SqliteFault(Fault):
                                                       "output": (probe.stderr or "").strip()[-200:]}
             ctx.idle(ctx.plan.store_fault_s / 2)
         finally:
+            if filler is not None and os.path.exists(filler):
+                os.unlink(filler)
+                ctx.notes.setdefault("disk", {})["free_after_heal_bytes"] = _free(os.path.dirname(path))
             if self.kind == "readonly":
                 for f in files:
                     subprocess.run(["chattr", "-i", f], capture_output=True, timeout=10)
@@ -420,6 +534,7 @@ class SqliteFault(Fault):
                 ctx.notes["store_up_again_s"] = round(max(smp["t"] for smp in latest) - ctx.marks["heal"], 3)
                 break
             time.sleep(0.25)
+        ctx.notes["healthz_after"] = _healthz(lab)
 
     def checks(self, ctx, row) -> list[dict]:
         fault = {n: row["health"].get(n, {}).get("fault", {}) for n in row["health"]}
@@ -431,26 +546,85 @@ class SqliteFault(Fault):
                 for n in row["log"]}
         again = row["notes"].get("store_up_again_s")
         fresh = row["notes"].get("fresh_reader_during_fault")
-        return [lost_zero(row), no_exits(row),
+        # the documented rule: /readyz stays 200 through a store outage while the lease has not
+        # expired (the faults are far shorter than the lease TTL)
+        not_ready = {n: f.get("readyz") for n, f in fault.items() if set(f.get("readyz", {"none": 1})) != {"200"}}
+        healthz = {k: row["notes"].get(k) for k in ("healthz_mid_fault", "healthz_after")}
+        threads_ok = all(isinstance(v, dict) and v and all(code == 200 for code, _ in v.values())
+                         for v in healthz.values())
+        out = []
+        if self.kind == "full":
+            disk = row["notes"].get("disk") or {}
+            out.append(check("the disk was full", disk.get("free_after_fill_bytes") == 0,
+                             f"{disk.get('filled_bytes')} bytes of filler, {disk.get('free_after_fill_bytes')} bytes "
+                             f"free then (of {disk.get('size_bytes')}), {disk.get('free_after_heal_bytes')} after"))
+        return out + [lost_zero(row), no_exits(row),
                 check("the fault is reported by a metric", reported,
                       f"weft_store_up (min, max) {up}; weft_store_errors_total (min, max) {errors}; "
                       f"a fresh reader (weftctl leases) during the fault: {fresh}"),
                 check("the fault is in the log", all(logs.values()), {n: v[:2] for n, v in logs.items()}),
-                check("/readyz during the fault (the documented rule)", None,
-                      {n: f.get("readyz") for n, f in fault.items()}, required=False),
+                check("/readyz 200 during the fault (the documented rule: the lease has not expired)",
+                      not not_ready, "200 throughout" if not not_ready else not_ready),
+                check("/healthz 200 during the fault and after (no thread stopped)", threads_ok, healthz),
                 check("the store is up again on every node (weft_store_up 1)", again is not None,
                       f"{again} s after the repair" if again is not None
                       else f"not within {ctx.plan.converge_timeout_s:g} s of the repair"),
                 same_subnets(row), converged(row), programmed_after(row)]
 
 
+def _free(directory: str) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def _fill(db: str, filler: str) -> dict:
+    """Fill the disk of ``db`` with ``filler`` (at most the disk's size). The WAL is checkpointed
+    and truncated first: a WAL keeps its pages after a checkpoint and SQLite writes over them, so
+    on a full disk writes could go on in the old pages and the fault would not be seen."""
+    directory = os.path.dirname(db)
+    cp = subprocess.run(["sqlite3", db, "PRAGMA busy_timeout=5000; PRAGMA wal_checkpoint(TRUNCATE);"],
+                        capture_output=True, text=True, timeout=30)
+    st = os.statvfs(directory)
+    size = st.f_blocks * st.f_frsize
+    written = 0
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for chunk in (1 << 20, 4096, 1):      # big blocks, then the last pages
+            block = b"\0" * chunk
+            while written <= size:
+                try:
+                    written += os.write(fd, block)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(fd)
+    return {"checkpoint": (cp.stdout or cp.stderr).strip()[-120:], "size_bytes": size, "filled_bytes": written,
+            "free_after_fill_bytes": _free(directory)}
+
+
+def _healthz(lab) -> dict:
+    """Each node's /healthz (status, body): 503 names a weftd thread that stopped."""
+    from .lab import HEALTHZ_PORT
+    from .netns import http_get
+    out = {}
+    for node in lab.nodes:
+        got = http_get(node.namespace, "127.0.0.1", HEALTHZ_PORT, "/healthz", timeout=1.0)
+        out[node.index] = (got[0], got[1].decode("utf-8", "replace").strip()[:160]) if got else (None, "no answer")
+    return out
+
+
 class EtcdLeader(Fault):
     name, number = "etcd-leader", "2"
-    title = ("a 3-member etcd cluster's leader killed (-9), a lease released meanwhile, the member restarted "
-             "on its data dir")
+    title = ("a 3-member etcd cluster's leader (made the first endpoint weftd is given) killed (-9), a lease "
+             "released meanwhile, the member restarted on its data dir")
     goal = ("weftd (all three -etcd-endpoints) fails over: 0 lost; no exit; the release during the fault seen "
-            "by every node within 2 s (no missed watch event); same subnets")
+            "by every node within 2 s (no missed watch event); weft_store_up 1 on every node from 2 s after the "
+            "new leader's election until the member's restart; same subnets")
     store = "etcd"
+    STORE_UP_WITHIN_S = 2.0     # the store's health needs 2 s of answers after an outage (monitor.BACK_AFTER)
+    WATCH_AFTER_S = 2.0         # the member stays away at least this long after the window, to see it hold
 
     def unavailable(self, scenario, backend: str) -> str | None:
         if scenario.store == "etcd" and scenario.etcd_members < 3:
@@ -458,7 +632,7 @@ class EtcdLeader(Fault):
         return super().unavailable(scenario, backend)
 
     def bound_s(self, plan) -> float:
-        return super().bound_s(plan) + plan.etcd_down_s + 30
+        return super().bound_s(plan) + plan.etcd_down_s + 40
 
     def run(self, ctx) -> None:
         from .faults import weftctl
@@ -467,57 +641,121 @@ class EtcdLeader(Fault):
         fake_ip, fake_key, fake_value = _extra_lease(lab)
         lab._etcd.etcdctl("put", fake_key, fake_value)
         ctx.notes["extra_lease"] = {"key": fake_key, "public_ip": fake_ip}
+        # The worst case for weftd: the member it talks to first (the first endpoint listed) is the
+        # leader that dies. etcd moves leadership on request (etcdctl move-leader).
+        first = lab.etcd_members[0]
+        ctx.notes["moved_leader"] = _make_leader(lab.etcd_members, first)
         ctx.idle(1.5)
         ctx.want_peers = {n.index: len(lab.nodes) - 1 for n in lab.nodes}   # the extra lease gone
         leader = _leader(lab.etcd_members)
         ctx.notes["leader"] = leader.name if leader else None
+        ctx.notes["leader_is_first_endpoint"] = leader is first
         if leader is None:
             raise RuntimeError("no etcd member says it is the leader")
+        survivors = [m for m in lab.etcd_members if m is not leader]
         ctx.mark("inject")
         leader.kill()
-        ctx.idle(1.0)
+        # the failover: a survivor elected leader (polled while the traffic is sampled)
+        elected = None
+        while elected is None and time.monotonic() - ctx.marks["inject"] < 15.0:
+            ctx.tick()
+            if _leader(survivors, timeout=2) is not None:
+                elected = time.monotonic()
+        ctx.notes["new_leader_after_s"] = None if elected is None else round(elected - ctx.marks["inject"], 3)
+        if elected is not None:
+            ctx.marks["failover"] = elected
+        left = ctx.marks["inject"] + 1.0 - time.monotonic()
+        if left > 0:
+            ctx.idle(left)
         rel = weftctl(lab, "release", fake_key.rpartition("/")[2].replace("-", "/"))
         ctx.notes["extra_lease_released"] = {"status": rel.returncode, "t": ctx.rel(time.monotonic()),
                                              "output": (rel.stderr or rel.stdout).strip()[-200:]}
         t_rel = time.monotonic()
         want = len(lab.nodes) - 1
         seen = None
-        while time.monotonic() - t_rel < max(plan.etcd_down_s, 10.0):
+        # the member stays away at least etcd_down_s, and past the store-up window plus a while
+        hold_until = max(t_rel + plan.etcd_down_s,
+                         (elected or t_rel) + self.STORE_UP_WITHIN_S + self.WATCH_AFTER_S)
+        while time.monotonic() - t_rel < max(plan.etcd_down_s, 10.0) or time.monotonic() < hold_until:
             ctx.tick()
             latest = {smp["node"]: smp for smp in ctx.samples[-len(lab.nodes):]}
             if seen is None and all((smp["metrics"] or {}).get("weft_peers") == want for smp in latest.values()):
                 seen = round(time.monotonic() - t_rel, 3)
-            if seen is not None and time.monotonic() - t_rel >= plan.etcd_down_s:
+            if seen is not None and time.monotonic() >= hold_until:
                 break
             time.sleep(0.1)
         ctx.notes["release_seen_by_all_s"] = seen
+        ctx.notes["store_up_after_failover"] = self._store_up_window(ctx)
         leader.restart()
         lab.ledger.add("process", pid=leader.pid, start=proc_start_time(leader.pid), role="etcd (restarted)",
                        ns=lab.store_ns)
         ctx.mark("heal")
 
+    def _store_up_window(self, ctx) -> dict | None:
+        """weft_store_up per node in the samples from STORE_UP_WITHIN_S after the election until now
+        (the member still away), and when each node last read 0 (seconds after the election)."""
+        elected = ctx.marks.get("failover")
+        if elected is None:
+            return None
+        start = elected + self.STORE_UP_WITHIN_S
+        out = {}
+        for node in ctx.lab.nodes:
+            mine = [s for s in ctx.samples if s["node"] == node.index and s["t"] >= ctx.marks["inject"]]
+            window = [(s["metrics"] or {}).get("weft_store_up") for s in mine if s["t"] >= start]
+            zeros = [s["t"] for s in mine if (s["metrics"] or {}).get("weft_store_up") != 1]
+            out[node.index] = {"samples": len(window), "values": sorted(set(window), key=str),
+                               "last_not_up_s": round(max(zeros) - elected, 3) if zeros else None}
+        return out
+
     def checks(self, ctx, row) -> list[dict]:
         seen = row["notes"].get("release_seen_by_all_s")
+        window = row["notes"].get("store_up_after_failover")
+        up = (window is not None and all(w["samples"] >= 2 and w["values"] == [1.0] for w in window.values()))
         return [lost_zero(row), no_exits(row),
+                check("the killed leader was the first endpoint", row["notes"].get("leader_is_first_endpoint"),
+                      f"{row['notes'].get('leader')} (moved: {row['notes'].get('moved_leader')})"),
+                check("a survivor was elected leader", row["notes"].get("new_leader_after_s") is not None,
+                      f"{row['notes'].get('new_leader_after_s')} s after the kill"),
                 check("the release was stored during the fault",
                       row["notes"].get("extra_lease_released", {}).get("status") == 0,
                       row["notes"].get("extra_lease_released")),
                 check("every node saw the release within 2 s", None if seen is None else seen <= 2.0,
                       f"{seen} s" if seen is not None else "not seen"),
-                check("weft_store_up and /readyz while the leader was away (reported, not a goal)", None,
-                      {n: (h.get("fault", {}).get("metrics", {}).get("weft_store_up"), h.get("fault", {}).get("readyz"))
-                       for n, h in row["health"].items()}, required=False),
+                check(f"weft_store_up 1 on every node from {self.STORE_UP_WITHIN_S:g} s after the election until "
+                      "the member's restart", None if window is None else up,
+                      "no election seen" if window is None else window),
+                check("/readyz while the leader was away (reported, not a goal)", None,
+                      {n: h.get("fault", {}).get("readyz") for n, h in row["health"].items()}, required=False),
                 tcp_intact(row), same_subnets(row), converged(row), programmed_after(row)]
 
 
-def _leader(members):
+def _make_leader(members, target) -> str:
+    """Move etcd's leadership to ``target`` (etcdctl move-leader, sent to the current leader)."""
+    leader = _leader(members)
+    if leader is None:
+        return "no leader"
+    if leader is target:
+        return "already"
+    status = json.loads(target.etcdctl("endpoint", "status", "-w", "json", timeout=10))
+    member_id = status[0]["Status"]["header"]["member_id"]
+    leader.etcdctl("move-leader", format(member_id, "x"), timeout=15)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _leader(members) is target:
+            return f"from {leader.name}"
+        time.sleep(0.1)
+    return f"from {leader.name}: not moved within 10 s"
+
+
+def _leader(members, timeout: float = 10):
     for m in members:
         try:
-            status = json.loads(m.etcdctl("endpoint", "status", "-w", "json", timeout=10))
+            status = json.loads(m.etcdctl("endpoint", "status", "-w", "json", timeout=timeout))
         except Exception:
             continue
         for st in status:
-            if st["Status"]["header"]["member_id"] == st["Status"]["leader"]:
+            # no leader (an election): etcdctl's JSON leaves the zero "leader" out
+            if st["Status"]["header"]["member_id"] == st["Status"].get("leader"):
                 return m
     return None
 
@@ -539,6 +777,7 @@ def _extra_lease(lab) -> tuple[str, str, str]:
     return ip, f"{s.prefix}/subnets/{subnet.replace('/', '-')}", json.dumps(value, separators=(",", ":"))
 
 
-FAULTS: list[Fault] = [EtcdOutage(), EtcdLeader(), WeftdRestart(signal.SIGKILL), WeftdRestart(signal.SIGTERM), NodePause(),
-                       SqliteFault("readonly"), SqliteFault("corrupt"), LinkDown(), ConfigChange()]
+FAULTS: list[Fault] = [EtcdOutage(), EtcdLeader(), WeftdRestart(signal.SIGKILL), WeftdRestart(signal.SIGTERM),
+                       EngineKill(), NodePause(),
+                       SqliteFault("readonly"), SqliteFault("corrupt"), SqliteFault("full"), LinkDown(), ConfigChange()]
 FAULT_NAMES = [f.name for f in FAULTS]

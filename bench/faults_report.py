@@ -76,7 +76,8 @@ def not_run(doc: dict) -> list[str]:
 
 NOTE = ("lost fault/recov: UDP datagrams lost (all streams, both directions of every node pair, 1 per ms each) "
         "sent during the fault / after the heal, of all sent; longest gap: the longest time one stream delivered "
-        "nothing; resumed: from the heal until every stream delivered a datagram sent after it; TCP: the pod 1 -> "
+        "nothing; resumed: from the heal (engine-kill: the new engine process's start) until every stream delivered "
+        "a datagram sent after it; TCP: the pod 1 -> "
         "pod 2 connection; exits: weftd exits the fault did not cause itself; converged: from the heal until every "
         "node answered /readyz 200 with its baseline weft_peers; /readyz in fault: answers per node (xN samples).")
 

@@ -240,7 +240,7 @@ class Reader:
     /proc/<pid>/net/* shows the network namespace of <pid> (weftd for the nodes, a sleeper of
     ours for the bridge and the pods)."""
 
-    def __init__(self, lab: Lab, pids: dict[str, int], vxdev: str):
+    def __init__(self, lab: Lab, pids: dict[str, int], vxdev: str | None):
         self.lab, self.pids, self.vxdev = lab, pids, vxdev
 
     def read(self) -> dict:
@@ -536,7 +536,8 @@ class DataPlaneRun:
         vteps = vtep_macs(lab) if self.wire == "vxlan" else {}
         rng = random.Random(self.plan.seed)
         return fp.Target(
-            wire=self.wire, port=port, vni=cfg.vni, dst_mac=macs[n2.public_ip], src_mac=macs[own],
+            wire=self.wire, port=port, vni=getattr(cfg, "vni", 0),  # udp has no VNI
+            dst_mac=macs[n2.public_ip], src_mac=macs[own],
             dst_ip=n2.public_ip, own_ip=own, peer_ip=n1.public_ip, network=s.network.network,
             subnets={n.index: ipaddress.IPv4Network(n.subnet) for n in lab.nodes}, node_mtu=n2.mtu,
             underlay_mtu=s.mtu, vtep_mac=vteps.get(n2.public_ip, ""), peer_vtep_mac=vteps.get(n1.public_ip, ""),
@@ -567,7 +568,7 @@ class DataPlaneRun:
                   "the stream's sender did not get ready")
         if sender.poll() is not None:
             raise LabError(f"the stream's sender exited: {_read(send_log).strip()[-200:]}")
-        reader = Reader(lab, {"n1": n1.pid, "n2": n2.pid, **readers}, f"flannel.{target.vni}")
+        reader = Reader(lab, {"n1": n1.pid, "n2": n2.pid, **readers}, f"flannel.{target.vni}" if target.wire == "vxlan" else None)  # udp: no VXLAN device
         live0 = liveness(lab, reader.read())
         pools = self._pools(lab, target)
         segments = []
@@ -721,12 +722,12 @@ class FloodCommand(Command):
         from .commands import _scenario_path
         from .runner import Progress
         from .scenario import load
-        from controlplane.config import WIRE_DATAPLANES
+        from controlplane.backends import backend_names
         scenario = load(_scenario_path(args.scenario))
         backends = [b.strip() for b in args.backends.split(",") if b.strip()] or DEFAULT_BACKENDS
         for b in backends:
             wire, _, dp = b.partition("/")
-            if wire not in ("udp", "vxlan") or dp not in WIRE_DATAPLANES.get(wire, ()):
+            if wire not in ("udp", "vxlan") or b not in backend_names():
                 raise UsageError(f"--backends: {b!r} is not a udp or vxlan data plane (e.g. vxlan/fastpath)")
         if args.count < 0:
             raise UsageError("--count must be 0 or more")

@@ -18,8 +18,9 @@ Default tolerances come from measured run-to-run noise on the 2-vCPU lab machine
 from __future__ import annotations
 
 import copy
-import statistics
 from dataclasses import dataclass
+
+from .stats import median
 
 DEFAULT_TOLERANCE = 0.25
 DEFAULT_LATENCY_TOLERANCE = 1.0
@@ -161,9 +162,9 @@ def merge_baseline(docs: list[dict]) -> dict:
             continue
         merged = copy.deepcopy(ok[-1])
         for m in BASELINE_METRICS:
-            vals = [b[m] for b in ok if b.get(m) is not None]
-            if vals:
-                merged[m] = statistics.median(vals)
+            mid = median(b.get(m) for b in ok)
+            if mid is not None:
+                merged[m] = mid
         merged["baseline_spread"] = {m: [None if b.get(m) is None else round(b[m], 3) for b in ok]
                                      for m in ("ratio_to_bare", "latency_ratio_to_bare", "ping_loss_pct")}
         merged["baseline_runs"] = len(ok)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import threading
+import time
 
 from .errors import LabError, LabNotFound
-from .netns import netns_inode, pids_in_netns
-from .procs import stop_processes
+from .netns import NETNS_DIR, netns_inode, pids_in_netns
+from .procs import alive, stop_processes
 
 LAB_ROOT = "/run/weft-lab"
 LEDGER = "ledger.json"
@@ -35,7 +37,9 @@ class Ledger:
 
     ``{"kind": "dir", "path", "created"}`` (created False: an empty --dir we adopted, whose
     contents go but which stays), ``{"kind": "link", "path"}``, ``{"kind": "file", "path"}``,
-    ``{"kind": "netns", "name", "inode"}``, ``{"kind": "process", "pid", "start", "role", "ns"}``.
+    ``{"kind": "netns", "name", "inode"}``, ``{"kind": "process", "pid", "start", "role", "ns"}``,
+    ``{"kind": "mount", "path", "source"}`` (bench.tmpfs), ``{"kind": "cni", "netns",
+    "container_id", "ifname", "host_netns", "conflist", "cni_path", "result"}`` (bench.lab_cni).
     """
 
     def __init__(self, path: str, header: dict, entries: list[dict] | None = None):
@@ -72,8 +76,51 @@ class Ledger:
             entry.update(fields)
             self.save()
 
+    def add_file(self, path: str) -> str:
+        """Record a file (or a directory) the run is about to create; returns ``path``."""
+        self.add("file", path=path)
+        return path
+
     def of_kind(self, kind: str) -> list[dict]:
         return [e for e in self.entries if e["kind"] == kind]
+
+
+def claim(root: str, requested_dir: str | None, scenario_path: str) -> tuple[str, str, Ledger]:
+    """Pick a free lab id and claim it atomically (mkdir, or a symlink to ``requested_dir``, under
+    ``root``), then start the run's ledger in its directory. Returns (id, directory, ledger)."""
+    os.makedirs(root, exist_ok=True)
+    existing = set(os.listdir(NETNS_DIR)) if os.path.isdir(NETNS_DIR) else set()
+    for _ in range(64):
+        lab_id = "w" + secrets.token_hex(2)
+        if any(name.startswith(lab_id + "-") for name in existing):
+            continue
+        entry = os.path.join(root, lab_id)
+        try:
+            if requested_dir:
+                os.symlink(requested_dir, entry)
+            else:
+                os.mkdir(entry, 0o755)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise LabError(f"no free lab id under {root}")
+    header = {"version": 1, "id": lab_id, "prefix": lab_id + "-", "created": time.time(),
+              "owner_pid": os.getpid(), "scenario": scenario_path}
+    if not requested_dir:
+        ledger = Ledger(os.path.join(entry, LEDGER), header)
+        ledger.add("dir", path=entry, created=True)
+        return lab_id, entry, ledger
+    created = not os.path.exists(requested_dir)
+    if not created and (not os.path.isdir(requested_dir) or os.listdir(requested_dir)):
+        os.unlink(entry)
+        raise LabError(f"--dir {requested_dir}: exists and is not an empty directory")
+    if created:
+        os.makedirs(requested_dir, 0o755)
+    ledger = Ledger(os.path.join(requested_dir, LEDGER), header)
+    ledger.add("link", path=entry)
+    ledger.add("dir", path=requested_dir, created=created)
+    return lab_id, requested_dir, ledger
 
 
 def teardown(ledger: Ledger, children: dict[int, subprocess.Popen] | None = None) -> list[str]:
@@ -82,18 +129,19 @@ def teardown(ledger: Ledger, children: dict[int, subprocess.Popen] | None = None
     # 1. recorded processes, newest first; each only while its start time still matches
     procs = [(e["pid"], e.get("start")) for e in reversed(ledger.of_kind("process")) if e.get("pid")]
     stop_processes(procs)
-    # 2. anything still running inside the run's own namespaces (e.g. started with ip netns exec)
+    # 2. anything still running inside the run's own namespaces (started with ip netns exec, or
+    #    by a daemon and outliving it), until none is left
     namespaces = [e for e in reversed(ledger.of_kind("netns"))]
-    stray = []
-    for e in namespaces:
-        inode = netns_inode(e["name"])
-        if inode is not None and (e.get("inode") in (None, inode)):
-            stray += [p for p in pids_in_netns(inode) if p[0] != os.getpid()]
-    if stray:
-        stop_processes(stray)
+    problems += _stop_strays(namespaces)
     for proc in (children or {}).values():
         with contextlib.suppress(Exception):
             proc.wait(timeout=0.1)
+    # 2b. pods made through CNI: DEL each, as a runtime removes a pod, while the namespaces are
+    #     still there (bench.lab_cni). A DEL that cannot run (a crash took a namespace) leaves
+    #     nothing behind: the namespaces and the lab directory (the CNI stores) go below.
+    if ledger.of_kind("cni"):
+        from .lab_cni import release
+        release(ledger.of_kind("cni"))
     # 3. namespaces, by exact recorded name (veths and bridges go with them)
     for e in namespaces:
         inode = netns_inode(e["name"])
@@ -106,6 +154,10 @@ def teardown(ledger: Ledger, children: dict[int, subprocess.Popen] | None = None
                              timeout=15, stdin=subprocess.DEVNULL)
         if res.returncode != 0 and netns_inode(e["name"]) is not None:
             problems.append(f"ip netns delete {e['name']}: {res.stderr.strip()}")
+    # 3b. mounts the run made (a store's tmpfs), before the files under them go
+    if ledger.of_kind("mount"):
+        from .tmpfs import unmount_recorded
+        problems += unmount_recorded(ledger.of_kind("mount"))
     # 4. files and links, then directories
     for e in reversed(ledger.entries):
         if e["kind"] in ("file", "link"):
@@ -131,6 +183,33 @@ def teardown(ledger: Ledger, children: dict[int, subprocess.Popen] | None = None
         if os.path.exists(path) and e.get("created", True):
             problems.append(f"{path}: could not be removed")
     return problems
+
+
+STRAY_ROUNDS = 5  # scans of the namespaces: a process may start another while it stops
+
+
+def _strays(namespaces: list[dict]) -> list[tuple[int, int | None, str]]:
+    """(pid, start time, namespace) of every process in one of the run's namespaces, as
+    ``ip netns pids`` finds them: by the namespace's inode (the one recorded), never by name."""
+    out = []
+    for e in namespaces:
+        inode = netns_inode(e["name"])
+        if inode is not None and e.get("inode") in (None, inode):
+            out += [(pid, start, e["name"]) for pid, start in pids_in_netns(inode)
+                    if pid != os.getpid() and alive(pid, start)]  # a zombie holds nothing
+    return out
+
+
+def _stop_strays(namespaces: list[dict]) -> list[str]:
+    """SIGTERM every process left in the namespaces, SIGKILL after the bound (bench.procs), and
+    scan again, up to STRAY_ROUNDS times; a process still there is a problem (its namespace would
+    outlive ``ip netns delete``)."""
+    for _ in range(STRAY_ROUNDS):
+        stray = _strays(namespaces)
+        if not stray:
+            return []
+        stop_processes([(pid, start) for pid, start, _ in stray])
+    return [f"namespace {ns}: process {pid} still running after SIGKILL" for pid, _, ns in _strays(namespaces)]
 
 
 def list_labs(root: str = LAB_ROOT) -> list[dict]:

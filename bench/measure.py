@@ -11,13 +11,13 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import time
 from dataclasses import dataclass
 
 from .netns import netns_inode
 from .procs import CLK_TCK, stat_fields
+from .stats import quantile
 
 IPERF_PORT = 5201
 
@@ -209,16 +209,6 @@ def parse_iperf3(doc: dict, udp: bool, seconds: float) -> dict:
 _PING_RE = re.compile(r"time=([\d.]+) ms")
 
 
-def percentile(values, q: float) -> float:
-    """The q-quantile (0..1) by linear interpolation between closest ranks."""
-    v = sorted(values)
-    if not v:
-        return float("nan")
-    k = (len(v) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
 def ping(src: Endpoint, dst_ip: str, count: int = 200, interval: float = 0.005, cpu: int | None = None) -> dict:
     """Round-trip times of ``count`` echoes at a short interval: p50, p99, loss."""
     out = _run(netns(src.ns, pinned(["ping", "-n", "-c", str(count), "-i", f"{interval:g}", "-W", "1", dst_ip],
@@ -227,7 +217,7 @@ def ping(src: Endpoint, dst_ip: str, count: int = 200, interval: float = 0.005, 
     rtts = [float(x) * 1000 for x in _PING_RE.findall(out)]
     if not rtts:
         raise MeasureError(f"ping {dst_ip}: no replies")
-    return {"rtt_p50_us": percentile(rtts, 0.5), "rtt_p99_us": percentile(rtts, 0.99),
+    return {"rtt_p50_us": quantile(rtts, 0.5), "rtt_p99_us": quantile(rtts, 0.99),
             "ping_loss_pct": 100.0 * (count - len(rtts)) / count}
 
 
@@ -283,8 +273,3 @@ def throttle(ns: str, dev: str, rate: str | None) -> None:
         return
     _run(netns(ns, ["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
                     "burst", "256kb", "latency", "50ms"]), timeout=10)
-
-
-def median(values):
-    vals = [v for v in values if v is not None and v == v]
-    return statistics.median(vals) if vals else None

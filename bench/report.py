@@ -23,6 +23,7 @@ COLUMNS = [
     ("core_s_per_gbit", "core-s/Gb", "{:.3f}"),
     ("tcp1_nooffload_gbps", "no-TSO Gb/s", "{:.2f}"),
     ("daemon_rss_mb", "RSS MB", "{:.0f}"),
+    ("engine_rss_mb", "engine MB", "{:.0f}"),
 ]
 
 

@@ -12,7 +12,9 @@ import os
 import platform
 import subprocess
 
-from .measure import median, percentile
+import numpy as np
+
+from .stats import median, pair_kinds, quantile
 
 SCHEMA = "weft-bench/1"
 # Medians reported per backend: the list, in table order.
@@ -146,18 +148,16 @@ def paired_ratio(doc: dict, name: str) -> dict | None:
     if not pairs:
         return None
     underlay = _underlay_samples(doc)
-    slow_under = SPELL_FRACTION * percentile(underlay, 0.75)
-    slow_own = SPELL_FRACTION * percentile([t for t, _ in pairs], 0.75)
-    kinds: dict[str, list] = {"calm": [], "spell": [], "mixed": []}
-    for t, u in pairs:
-        a, b = t < slow_own, u < slow_under
-        kinds["spell" if a and b else "mixed" if a or b else "calm"].append(t / u)
-    counts = {k: len(v) for k, v in kinds.items()}
+    own, twin = np.array(pairs, dtype=float).T
+    kinds = pair_kinds(own < SPELL_FRACTION * quantile(own, 0.75),
+                       twin < SPELL_FRACTION * quantile(underlay, 0.75))
+    ratios = own / twin
+    counts = {k: int(mask.sum()) for k, mask in kinds.items()}
     if counts["calm"] >= MIN_PAIRS:
-        return {"ratio": median(kinds["calm"]), "used": "calm", **counts}
+        return {"ratio": median(ratios[kinds["calm"]]), "used": "calm", **counts}
     if counts["calm"] + counts["spell"] >= MIN_PAIRS:
-        return {"ratio": median(kinds["calm"] + kinds["spell"]), "used": "calm+spell", **counts}
-    return {"ratio": median(t for t, _ in pairs) / median(underlay), "used": "medians", **counts}
+        return {"ratio": median(ratios[kinds["calm"] | kinds["spell"]]), "used": "calm+spell", **counts}
+    return {"ratio": median(own) / median(underlay), "used": "medians", **counts}
 
 
 def add_ratios(doc: dict) -> None:

@@ -25,9 +25,14 @@ from .measure import Endpoint, MeasureError
 from .procs import peak_rss_mb, process_cpu
 
 BARE = "bare"
-DEFAULT_BACKENDS = [BARE, "host-gw/kernel", "vxlan/kernel", "vxlan/ebpf", "vxlan/fastpath",
-                    "udp/fastpath", "udp/python"]
 RETRIES = 3  # extra attempts of a probe disturbed by foreign load
+
+
+def default_backends() -> list[str]:
+    """What a default run measures: the bare underlay, then every data plane the backend
+    registry marks for the bench (controlplane.backends), in its order."""
+    from controlplane.backends import bench_backends
+    return [BARE, *bench_backends()]
 
 
 @dataclass
@@ -97,10 +102,11 @@ def unavailable(backend: str) -> str | None:
         return "needs root (network namespaces)"
     if backend == BARE:
         return None
-    from controlplane.backends import BACKENDS
-    if backend not in BACKENDS:
+    from controlplane.backends import declaration
+    decl = declaration(backend)
+    if decl is None:
         return "not built yet (no such backend in this build of weft)"
-    if backend.endswith("/ebpf"):
+    if "bcc" in decl.requires:
         try:
             import bcc  # noqa: F401
         except Exception:
@@ -168,6 +174,22 @@ def endpoints(lab, backend: str) -> tuple[Endpoint, Endpoint, str]:
     return Endpoint(src.namespace, src.ip), Endpoint(dst.namespace, dst.ip), "eth0"
 
 
+def engine_pids(lab) -> list[int] | None:
+    """The engine processes of the lab's userspace data planes (each weftd's
+    ``weft_backend_engine_pid``; nodes whose data plane has none add nothing). None when a weftd's
+    /metrics cannot be read: its engine is unknown, and so is any sum it belongs in."""
+    from .scale import metrics
+    pids = []
+    for node in lab.nodes:
+        try:
+            m = metrics(node.namespace)
+        except Exception:
+            return None
+        if "weft_backend_engine_pid" in m:
+            pids.append(int(m["weft_backend_engine_pid"]))
+    return pids
+
+
 def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str,
                  tcp_only: bool = False) -> dict:
     src, dst, dev = endpoints(lab, backend)
@@ -175,6 +197,8 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str,
     cpus = None if cpus and None in cpus else cpus
     spaces = [n.namespace for n in lab.nodes] + [p.namespace for p in lab.pods]
     pids = [n.pid for n in lab.nodes if n.pid] if backend != BARE else []
+    engines = engine_pids(lab) if pids else []  # a userspace engine's CPU is its daemon's
+    pids += engines or []
     row: dict = {}
 
     progress.show(f"{label}: TCP 1 stream")
@@ -184,7 +208,8 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str,
     gbits = tcp1["bytes"] * 8 / 1e9 if tcp1["bytes"] is not None else None
     row["core_s_per_gbit"] = guard.machine_busy_s / gbits if gbits else None
     if pids:  # bare has no daemons: no key at all, rather than a number that is missing
-        row["daemon_cores"] = guard.pids_cpu_s / guard.seconds if guard.pids_cpu_s is not None else None
+        row["daemon_cores"] = (guard.pids_cpu_s / guard.seconds
+                               if guard.pids_cpu_s is not None and engines is not None else None)
     if plan.underlay_samples and backend != BARE:
         progress.show(f"{label}: TCP 1 stream, its underlay twin")
         a, b = lab.node(1), lab.node(2)
@@ -274,73 +299,105 @@ def run(scenario, backends: list[str], plan: Plan, lab_factory=None, stream=sys.
     and a slow spell of the machine (docs/measurement-notes.md, "Noise") costs one sample of several backends instead
     of every sample of one."""
     from .lab import Lab
-    lab_factory = lab_factory or (lambda scn: Lab(scn))
     doc = results.new_document(scenario, plan)
-    runnable = []
-    for b in backends:
-        why = unavailable(b)
-        if why:
-            doc["backends"][b] = {"status": "skipped", "reason": why}
-        else:
-            runnable.append(b)
-    rounds = plan.repeat + plan.tcp1_extra
-    progress = Progress(len(runnable) * rounds, stream)
+    runnable = [b for b in backends if not _skip_if_unavailable(doc, b)]
+    sitting = Sitting(doc, runnable, plan, stream)
     for b in backends:
         if b not in runnable:
-            progress.show(f"{b}: skipped ({doc['backends'][b]['reason']})")
-    labs: dict = {}
-    rows: dict[str, list] = {b: [] for b in runnable}
-    spent: dict[str, float] = {b: 0.0 for b in runnable}
+            sitting.progress.show(f"{b}: skipped ({doc['backends'][b]['reason']})")
+    try:
+        sitting.build_labs(scenario, lab_factory or (lambda scn: Lab(scn)))
+        for i in range(sitting.rounds):
+            sitting.measure_round(i)
+        sitting.summarize()
+    finally:
+        sitting.tear_down()
+    for b in runnable:  # the document keeps the order of --backends
+        doc["runs"].extend(sitting.rows[b] if doc["backends"].get(b, {}).get("status") == "ok" else [])
+    doc["backends"] = {b: doc["backends"][b] for b in backends if b in doc["backends"]}
+    sitting.progress.close()
+    results.add_ratios(doc)
+    return doc
 
-    def fail(b: str, exc: BaseException) -> None:
+
+def _skip_if_unavailable(doc: dict, backend: str) -> bool:
+    """Record a backend this machine cannot run as skipped, with the reason."""
+    why = unavailable(backend)
+    if why:
+        doc["backends"][backend] = {"status": "skipped", "reason": why}
+    return bool(why)
+
+
+class Sitting:
+    """One ``bench run`` over its runnable backends: their labs, their rows of samples, the time
+    each took. A backend that fails is recorded as failed and its lab goes; the others go on."""
+
+    def __init__(self, doc: dict, runnable: list[str], plan: Plan, stream=sys.stderr):
+        self.doc, self.plan = doc, plan
+        self.rounds = plan.repeat + plan.tcp1_extra
+        self.progress = Progress(len(runnable) * self.rounds, stream)
+        self.runnable = runnable
+        self.labs: dict = {}
+        self.rows: dict[str, list] = {b: [] for b in runnable}
+        self.spent: dict[str, float] = {b: 0.0 for b in runnable}
+
+    def fail(self, b: str, exc: BaseException) -> None:
         # one broken backend must not cost the others' numbers
-        doc["backends"][b] = {"status": "failed", "reason": _reason(exc)}
-        progress.show(f"{b}: failed: {_reason(exc)}")
-        progress.done += rounds - len(rows[b])
-        lab = labs.pop(b, None)
+        self.doc["backends"][b] = {"status": "failed", "reason": _reason(exc)}
+        self.progress.show(f"{b}: failed: {_reason(exc)}")
+        self.progress.done += self.rounds - len(self.rows[b])
+        lab = self.labs.pop(b, None)
         if lab is not None:
             lab.down()
 
-    try:
-        for b in runnable:
+    def build_labs(self, scenario, lab_factory) -> None:
+        """Every backend's lab, up, connected and paused."""
+        for b in self.runnable:
             t0 = time.monotonic()
             try:
-                labs[b] = build_lab(scenario, b, plan, progress, lab_factory)
-                labs[b].pause()
+                self.labs[b] = build_lab(scenario, b, self.plan, self.progress, lab_factory)
+                self.labs[b].pause()
             except Exception as exc:
-                fail(b, exc)
-            spent[b] += time.monotonic() - t0
-        for i in range(rounds):
-            tcp_only = i >= plan.repeat
-            for b in runnable:
-                if b not in labs:
-                    continue
-                lab, t0 = labs[b], time.monotonic()
-                label = f"{b} {'TCP-only ' if tcp_only else ''}run {i + 1}/{rounds}"
-                lab.resume()
-                try:
-                    row = measure_once(lab, b, plan, progress, label, tcp_only=tcp_only)
-                except Exception as exc:
-                    fail(b, exc)
-                    continue
-                finally:
-                    if b in labs:
-                        lab.pause()
-                    spent[b] += time.monotonic() - t0
-                row.update(backend=b, repeat=i + 1)
-                rows[b].append(row)
-                progress.show(f"{label} done", step=True)
-        for b, lab in labs.items():
+                self.fail(b, exc)
+            self.spent[b] += time.monotonic() - t0
+
+    def measure_round(self, i: int) -> None:
+        """Round ``i``: each backend's lab resumed, measured once (TCP only after ``repeat``
+        rounds) and paused again."""
+        tcp_only = i >= self.plan.repeat
+        for b in self.runnable:
+            if b not in self.labs:
+                continue
+            lab, t0 = self.labs[b], time.monotonic()
+            label = f"{b} {'TCP-only ' if tcp_only else ''}run {i + 1}/{self.rounds}"
+            lab.resume()
+            try:
+                row = measure_once(lab, b, self.plan, self.progress, label, tcp_only=tcp_only)
+            except Exception as exc:
+                self.fail(b, exc)
+                continue
+            finally:
+                if b in self.labs:
+                    lab.pause()
+                self.spent[b] += time.monotonic() - t0
+            row.update(backend=b, repeat=i + 1)
+            self.rows[b].append(row)
+            self.progress.show(f"{label} done", step=True)
+
+    def summarize(self) -> None:
+        """Each backend still standing: its medians, and what only its lab can tell (daemon RSS)."""
+        for b, lab in self.labs.items():
             rss = [peak_rss_mb(n.pid) for n in lab.nodes if n.pid] if b != BARE else []
             extra = {"daemon_rss_mb": max([r for r in rss if r is not None], default=None),
                      "lab": {"nodes": len(lab.nodes), "pods": len(lab.pods)}}
-            doc["backends"][b] = results.summarize(rows[b], extra, seconds=spent[b])
-    finally:
-        for lab in labs.values():
+            if b != BARE:
+                lab.resume()  # paused daemons answer no /metrics, where the engines' PIDs are
+                engines = engine_pids(lab)
+                if engines is None or engines:  # a userspace plane: its engines' peak RSS
+                    rss = [peak_rss_mb(p) for p in engines or []]
+                    extra["engine_rss_mb"] = (max(rss) if rss and None not in rss else None)
+            self.doc["backends"][b] = results.summarize(self.rows[b], extra, seconds=self.spent[b])
+
+    def tear_down(self) -> None:
+        for lab in self.labs.values():
             lab.down()
-    for b in runnable:  # the document keeps the order of --backends
-        doc["runs"].extend(rows[b] if doc["backends"].get(b, {}).get("status") == "ok" else [])
-    doc["backends"] = {b: doc["backends"][b] for b in backends if b in doc["backends"]}
-    progress.close()
-    results.add_ratios(doc)
-    return doc

@@ -12,14 +12,15 @@ weftd within a fraction of a second. Measured:
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from .errors import LabError
 from .lab import HEALTHZ_PORT
-from .measure import percentile
 from .netns import http_get
 from .procs import CLK_TCK, peak_rss_mb
+from .stats import quantile
 
 CONVERGE_TIMEOUT = 90.0
 
@@ -37,15 +38,25 @@ def start_wall_time(start_ticks: int, boot: float | None = None) -> float:
     return (boot_wall_time() if boot is None else boot) + start_ticks / CLK_TCK
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as sample name -> value, the label sets of a name summed (prometheus_client's
+    parser: a malformed page is a ValueError, never a silently shorter dict)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
 def metrics(ns: str, timeout: float = 2.0) -> dict[str, float]:
     """weftd's /metrics inside namespace ``ns``, as name -> value (labels summed)."""
     got = http_get(ns, "127.0.0.1", HEALTHZ_PORT, "/metrics", timeout)
     if got is None or got[0] != 200:
         raise LabError(f"{ns}: /metrics not reachable")
-    out: dict[str, float] = {}
-    for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})? (\S+)$", got[1].decode(), re.M):
-        out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
-    return out
+    try:
+        return parse_metrics(got[1].decode())
+    except ValueError as exc:
+        raise LabError(f"{ns}: /metrics is not Prometheus text: {exc}") from None
 
 
 def measure_store(scenario, store: str, lab_factory, progress=None) -> dict:
@@ -86,11 +97,11 @@ def measure_store(scenario, store: str, lab_factory, progress=None) -> dict:
         return {
             "nodes": n, "store": store,
             "start_spread_s": (max(starts) - min(starts)) if starts else None,
-            "converge_p50_s": percentile(times, 0.5), "converge_p99_s": percentile(times, 0.99),
+            "converge_p50_s": quantile(times, 0.5), "converge_p99_s": quantile(times, 0.99),
             "converge_max_s": t_all,
             "store_ops_total": ops_total,
             "store_ops_per_s": ops_total / t_all if ops_total is not None and t_all > 0 else None,
-            "daemon_rss_mb_p50": percentile(rss, 0.5) if rss else None,
+            "daemon_rss_mb_p50": quantile(rss, 0.5) if rss else None,
             "daemon_rss_mb_max": max(rss) if rss else None,
             "lab_build_s": time.time() - t_build,
         }

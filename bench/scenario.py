@@ -13,6 +13,7 @@ Every key has a default, so ``name = "x"`` alone is a valid three-node SQLite/vx
     store = "sqlite"              # or "etcd" (an etcd in namespace <prefix>st)
     etcd_tls = false              # etcd only: client TLS with a PKI made for the run
     etcd_members = 1              # etcd only: 1, or 3 (a cluster in <prefix>st, client ports 2379, 12379, 22379)
+    store_tmpfs_mib = 0           # sqlite only: N puts the store file on an N MiB tmpfs the lab mounts (disk-full faults)
     prefix = "/coreos.com/network"
     pod_offloads = true           # false: ethtool -K eth0 tso off gso off in every pod
     node_cpus = true              # one CPU per node: its weftd and its receive path (see Lab)
@@ -62,7 +63,8 @@ _SCENARIO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 TOP_KEYS = ("name", "description", "lab", "network", "nodes", "weftd")
 LAB_KEYS = ("nodes", "pods_per_node", "underlay", "mtu", "store", "etcd_tls", "etcd_members", "prefix",
-            "pod_offloads", "node_cpus", "store_address")
+            "pod_offloads", "node_cpus", "store_address", "store_tmpfs_mib")
+MAX_STORE_TMPFS_MIB = 1024
 ETCD_MEMBERS = (1, 3)
 NODE_KEYS = ("dataplane",)
 WEFTD_KEYS = ("flags", "env", "exec_start")
@@ -96,6 +98,7 @@ class Scenario:
     store: str = "sqlite"
     etcd_tls: bool = False
     etcd_members: int = 1
+    store_tmpfs_mib: int = 0  # sqlite: >0 puts the store file on a tmpfs of this size (bench.lab)
     prefix: str = DEFAULT_PREFIX
     pod_offloads: bool = True
     node_cpus: bool = True
@@ -187,16 +190,33 @@ def loads(data: bytes | str, path: str = "<scenario>") -> Scenario:
 
 
 def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
-    """Validate an already-parsed scenario (e.g. built in Python by a benchmark)."""
+    """Validate an already-parsed scenario (e.g. built in Python by a benchmark).
+
+    One reader per table, in file order; each returns what it checked, and the checks that join
+    two tables (do the nodes and pods fit the network?) come after both are read.
+    """
     _no_unknown(path, doc, TOP_KEYS, "")
+    name, description = _read_name(path, doc)
+    lab = _read_lab(path, _table(path, doc, "lab"))
+    config_text, network = _read_network(path, _table(path, doc, "network"))
+    _check_fit(path, lab, network)
+    overrides = _read_node_overrides(path, _table(path, doc, "nodes"), lab["nodes"], network)
+    weftd = _read_weftd(path, _table(path, doc, "weftd"))
+    return Scenario(name=name, path=path, **lab, config_text=config_text, network=network,
+                    node_overrides=overrides, weftd=weftd, description=description)
+
+
+def _read_name(path: str, doc: dict) -> tuple[str, str]:
     if "name" not in doc:
         raise _fail(path, "name", "missing (a short name for the scenario, e.g. \"default\")")
     name = _get(path, doc, "name", "", str, "")
     if not _SCENARIO_NAME.match(name):
         raise _fail(path, "name", f"{name!r} must be 1-64 letters, digits, '.', '_' or '-'")
-    description = _get(path, doc, "description", "", str, "")
+    return name, _get(path, doc, "description", "", str, "")
 
-    lab = _table(path, doc, "lab")
+
+def _read_lab(path: str, lab: dict) -> dict[str, Any]:
+    """``[lab]`` as the Scenario fields it sets."""
     _no_unknown(path, lab, LAB_KEYS, "lab.")
     nodes = _get(path, lab, "nodes", "lab.", int, 3)
     if not 1 <= nodes <= MAX_NODES:
@@ -204,6 +224,24 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
     pods = _get(path, lab, "pods_per_node", "lab.", int, 1)
     if not 0 <= pods <= MAX_PODS_PER_NODE:
         raise _fail(path, "lab.pods_per_node", f"{pods} is outside 0..{MAX_PODS_PER_NODE}")
+    underlay = _read_underlay(path, lab)
+    mtu = _get(path, lab, "mtu", "lab.", int, 1500)
+    if not 576 <= mtu <= 65535:
+        raise _fail(path, "lab.mtu", f"{mtu} is outside 576..65535")
+    store = _read_store(path, lab)
+    prefix = _read_prefix(path, lab)
+    pod_offloads = _get(path, lab, "pod_offloads", "lab.", bool, True)
+    node_cpus = _get(path, lab, "node_cpus", "lab.", bool, True)
+    store_address = _read_store_address(path, lab, underlay, nodes)
+    usable = underlay.num_addresses - 2
+    if nodes + 1 > usable:
+        raise _fail(path, "lab.nodes", f"{nodes} nodes and the store do not fit in {underlay} "
+                    f"({usable} host addresses)")
+    return dict(nodes=nodes, pods_per_node=pods, underlay=underlay, mtu=mtu, **store, prefix=prefix,
+                pod_offloads=pod_offloads, node_cpus=node_cpus, store_address=store_address)
+
+
+def _read_underlay(path: str, lab: dict) -> ipaddress.IPv4Network:
     underlay_text = _get(path, lab, "underlay", "lab.", str, str(SAFE_UNDERLAY))
     try:
         underlay = ipaddress.IPv4Network(underlay_text)
@@ -212,10 +250,11 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
     if not underlay.subnet_of(SAFE_UNDERLAY):
         raise _fail(path, "lab.underlay", f"{underlay} must lie inside {SAFE_UNDERLAY} "
                     "(benchmarking space, never routed)")
-    usable = underlay.num_addresses - 2
-    mtu = _get(path, lab, "mtu", "lab.", int, 1500)
-    if not 576 <= mtu <= 65535:
-        raise _fail(path, "lab.mtu", f"{mtu} is outside 576..65535")
+    return underlay
+
+
+def _read_store(path: str, lab: dict) -> dict[str, Any]:
+    """``store`` and the keys that need a certain store (``etcd_*``, ``store_tmpfs_mib``)."""
     store = _get(path, lab, "store", "lab.", str, "sqlite")
     if store not in STORES:
         raise _fail(path, "lab.store", f"unknown store {store!r} (known: {', '.join(STORES)})")
@@ -227,32 +266,44 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
         raise _fail(path, "lab.etcd_members", f"{etcd_members} is not one of {', '.join(map(str, ETCD_MEMBERS))}")
     if etcd_members > 1 and store != "etcd":
         raise _fail(path, "lab.etcd_members", "needs store = \"etcd\"")
+    store_tmpfs_mib = _get(path, lab, "store_tmpfs_mib", "lab.", int, 0)
+    if not 0 <= store_tmpfs_mib <= MAX_STORE_TMPFS_MIB:
+        raise _fail(path, "lab.store_tmpfs_mib", f"{store_tmpfs_mib} is outside 0..{MAX_STORE_TMPFS_MIB}")
+    if store_tmpfs_mib and store != "sqlite":
+        raise _fail(path, "lab.store_tmpfs_mib", "needs store = \"sqlite\"")
+    return dict(store=store, etcd_tls=etcd_tls, etcd_members=etcd_members, store_tmpfs_mib=store_tmpfs_mib)
+
+
+def _read_prefix(path: str, lab: dict) -> str:
     prefix = _get(path, lab, "prefix", "lab.", str, DEFAULT_PREFIX)
     if not prefix.startswith("/") or prefix.rstrip("/") == "" or any(c.isspace() for c in prefix):
         raise _fail(path, "lab.prefix", f"{prefix!r} must be an absolute key path like \"/coreos.com/network\"")
-    prefix = prefix.rstrip("/")
-    pod_offloads = _get(path, lab, "pod_offloads", "lab.", bool, True)
-    node_cpus = _get(path, lab, "node_cpus", "lab.", bool, True)
-    store_address = None
-    if "store_address" in lab:
-        text = _get(path, lab, "store_address", "lab.", str, "")
-        try:
-            store_address = ipaddress.IPv4Address(text)
-        except ValueError:
-            raise _fail(path, "lab.store_address", f"{text!r} is not an IPv4 address") from None
-        if store_address not in underlay or store_address in (underlay.network_address,
-                                                              underlay.broadcast_address):
-            raise _fail(path, "lab.store_address", f"{store_address} is not a host address of {underlay}")
-        if 1 <= int(store_address) - int(underlay.network_address) <= nodes:
-            raise _fail(path, "lab.store_address", f"{store_address} is node "
-                        f"{int(store_address) - int(underlay.network_address)}'s address")
-    if nodes + 1 > usable:
-        raise _fail(path, "lab.nodes", f"{nodes} nodes and the store do not fit in {underlay} "
-                    f"({usable} host addresses)")
+    return prefix.rstrip("/")
 
-    network_table = _table(path, doc, "network")
-    _no_unknown(path, network_table, ("config",), "network.")
-    raw = network_table.get("config", DEFAULT_NETWORK)
+
+def _read_store_address(path: str, lab: dict, underlay: ipaddress.IPv4Network,
+                        nodes: int) -> ipaddress.IPv4Address | None:
+    """A host address of the underlay that is no node's; None: the underlay's last (see store_ip)."""
+    if "store_address" not in lab:
+        return None
+    text = _get(path, lab, "store_address", "lab.", str, "")
+    try:
+        store_address = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise _fail(path, "lab.store_address", f"{text!r} is not an IPv4 address") from None
+    if store_address not in underlay or store_address in (underlay.network_address,
+                                                          underlay.broadcast_address):
+        raise _fail(path, "lab.store_address", f"{store_address} is not a host address of {underlay}")
+    if 1 <= int(store_address) - int(underlay.network_address) <= nodes:
+        raise _fail(path, "lab.store_address", f"{store_address} is node "
+                    f"{int(store_address) - int(underlay.network_address)}'s address")
+    return store_address
+
+
+def _read_network(path: str, table: dict) -> tuple[str, NetworkConfig]:
+    """``[network] config``: the text weftd reads from the store, and what it parses to."""
+    _no_unknown(path, table, ("config",), "network.")
+    raw = table.get("config", DEFAULT_NETWORK)
     if isinstance(raw, dict):
         config_text = json.dumps(raw)
     elif isinstance(raw, str):
@@ -260,9 +311,14 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
     else:
         raise _fail(path, "network.config", f"must be a table or a JSON string, got {_type_name(raw)}")
     try:
-        network = parse_config(config_text)
+        return config_text, parse_config(config_text)
     except ConfigError as exc:
         raise _fail(path, "network.config", str(exc)) from None
+
+
+def _check_fit(path: str, lab: dict, network: NetworkConfig) -> None:
+    """Enough subnets for the nodes, enough addresses for the pods, room in the MTU for the wire."""
+    nodes, pods, mtu = lab["nodes"], lab["pods_per_node"], lab["mtu"]
     if network.subnet_count < nodes:
         raise _fail(path, "network.config", f"Network {network.network} holds "
                     f"{network.subnet_count} subnets of /{network.subnet_len}, fewer than {nodes} nodes")
@@ -273,8 +329,11 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
         raise _fail(path, "lab.mtu", f"{mtu} leaves no room for {network.backend.type}'s "
                     f"{network.backend.mtu_overhead} bytes")
 
+
+def _read_node_overrides(path: str, table: dict, nodes: int, network: NetworkConfig) -> dict[int, NodeSpec]:
+    """``[nodes.N]``: per-node data planes, each one the network's wire offers."""
     overrides: dict[int, NodeSpec] = {}
-    for key, value in _table(path, doc, "nodes").items():
+    for key, value in table.items():
         where = f"nodes.{key}"
         if not key.isdigit() or not 1 <= int(key) <= nodes:
             raise _fail(path, where, f"node {key!r} is not a node number in 1..{nodes}")
@@ -289,14 +348,17 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
                 rule = str(exc).split(": ", 1)[-1]
                 raise _fail(path, where + ".dataplane", rule) from None
         overrides[int(key)] = NodeSpec(int(key), dataplane)
+    return overrides
 
-    weftd_table = _table(path, doc, "weftd")
-    _no_unknown(path, weftd_table, WEFTD_KEYS, "weftd.")
-    flags = _get(path, weftd_table, "flags", "weftd.", list, [])
+
+def _read_weftd(path: str, table: dict) -> WeftdSpec:
+    """``[weftd]``: extra flags, sysconfig-style variables, an optional ExecStart line."""
+    _no_unknown(path, table, WEFTD_KEYS, "weftd.")
+    flags = _get(path, table, "flags", "weftd.", list, [])
     for i, flag in enumerate(flags):
         if not isinstance(flag, str):
             raise _fail(path, f"weftd.flags[{i}]", f"must be a string, got {_type_name(flag)}")
-    env = _get(path, weftd_table, "env", "weftd.", dict, {})
+    env = _get(path, table, "env", "weftd.", dict, {})
     for key, value in env.items():
         if not _ENV_NAME.match(key):
             raise _fail(path, f"weftd.env.{key}", "not a valid environment variable name")
@@ -304,7 +366,7 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
             raise _fail(path, f"weftd.env.{key}", "LAB_* names are the lab's own variables")
         if not isinstance(value, str):
             raise _fail(path, f"weftd.env.{key}", f"must be a string, got {_type_name(value)}")
-    exec_start = _get(path, weftd_table, "exec_start", "weftd.", str, "")
+    exec_start = _get(path, table, "exec_start", "weftd.", str, "")
     if exec_start:
         try:
             words = shlex.split(exec_start)
@@ -312,12 +374,25 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
             raise _fail(path, "weftd.exec_start", f"cannot split into words ({exc})") from None
         if not words or os.path.basename(words[0]) not in DAEMON_NAMES:
             raise _fail(path, "weftd.exec_start", f"must start with {' or '.join(DAEMON_NAMES)}")
+    return WeftdSpec(tuple(flags), dict(env), exec_start)
 
-    return Scenario(name=name, path=path, nodes=nodes, pods_per_node=pods, underlay=underlay,
-                    mtu=mtu, store=store, etcd_tls=etcd_tls, etcd_members=etcd_members, prefix=prefix,
-                    pod_offloads=pod_offloads, node_cpus=node_cpus, store_address=store_address,
-                    config_text=config_text, network=network, node_overrides=overrides,
-                    weftd=WeftdSpec(tuple(flags), dict(env), exec_start), description=description)
+
+def to_dict(s: Scenario) -> dict:
+    """The scenario as a dict that ``from_dict`` reads back (a lab's state keeps it, for attach).
+    ``[lab]`` is every LAB_KEYS field, so a new lab key needs no edit here."""
+    lab = {}
+    for key in LAB_KEYS:
+        value = getattr(s, key)
+        if value is not None:
+            lab[key] = str(value) if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv4Address)) else value
+    weftd = {"flags": list(s.weftd.flags), "env": dict(s.weftd.env)}
+    if s.weftd.exec_start:
+        weftd["exec_start"] = s.weftd.exec_start
+    doc = {"name": s.name, "lab": lab, "network": {"config": s.config_text}, "weftd": weftd,
+           "nodes": {str(k): {"dataplane": v.dataplane} for k, v in s.node_overrides.items() if v.dataplane}}
+    if s.description:
+        doc["description"] = s.description
+    return doc
 
 
 # -- systemd-style expansion, used by the lab for [weftd] exec_start ------------------------------

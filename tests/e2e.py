@@ -14,6 +14,7 @@ answering /healthz (``assert_answering``) and raises otherwise; a metric the pro
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import ipaddress
@@ -274,3 +275,90 @@ def run_suite(lab: Lab, has_peer=programmed) -> dict:
 
 def in_network(lab: Lab, ip: str) -> bool:
     return ipaddress.IPv4Address(ip) in lab.scenario.network.network
+
+
+# -- a testbed: the lab's namespaces without weftd ------------------------------------------------
+
+class Testbed:
+    """Nodes and pods in namespaces, built by the lab's own builder (``bench.lab_topology``) but
+    with no store and no weftd: a test runs the backends itself (``tests.nsagent.Agent``).
+
+    Node N (``<prefix>nN``): eth0 = 198.18.0.N/24, a port of the wire's bridge (``<prefix>wire``),
+    and cni0 = 10.244.N.1/24 with pod ``<prefix>pNx1`` (10.244.N.2, MTU ``pod_mtu``) behind it,
+    made by CNI ADD from the subnet.env weftd would write (``pods``: the lab's Pod records).
+    Every namespace is recorded in a ledger before it is made, and ``destroy`` is the lab's own
+    teardown: whatever still runs in them is stopped, then exactly those namespaces go.
+    """
+    __test__ = False  # not a test class, whatever its name
+
+    def __init__(self, prefix: str, nodes=(1, 2, 3), pod_mtu: int = 1500):
+        from bench.lab_topology import Names
+        self.prefix = prefix
+        self.nodes = tuple(nodes)
+        self.pod_mtu = pod_mtu
+        names = Names(prefix)
+        self.wire = names.wire
+        self.node = {n: names.node_ns(n) for n in self.nodes}
+        self.pod = {n: names.pod_ns(n, 1) for n in self.nodes}
+        self.namespaces: set[str] = set()
+        self.ledger = None
+        self.topology = None
+        self.pods: list = []
+
+    def build(self) -> None:
+        import tempfile
+        from bench.lab_topology import Names, Topology
+        from bench.lab_weftd import read_subnet
+        from bench.ledger import LEDGER, Ledger
+        from bench.scenario import from_dict
+        from controlplane import subnetenv
+        if self.nodes != tuple(range(1, len(self.nodes) + 1)):
+            raise ValueError(f"nodes {self.nodes}: must be 1..N")
+        directory = tempfile.mkdtemp(prefix=f"{self.prefix}testbed-")
+        self.ledger = Ledger(os.path.join(directory, LEDGER), {"version": 1, "id": self.prefix.rstrip("-"),
+                                                               "prefix": self.prefix, "created": time.time(),
+                                                               "owner_pid": os.getpid(), "scenario": "testbed"})
+        self.ledger.add("dir", path=directory, created=True)
+        scenario = from_dict({"name": "testbed", "lab": {"nodes": len(self.nodes), "pods_per_node": 1,
+                                                         "underlay": "198.18.0.0/24", "node_cpus": False}})
+        self.topology = Topology(scenario, Names(self.prefix), directory, self.ledger, self.namespaces)
+        nodes = self.topology.build_underlay()
+        for node in nodes:  # the subnet.env weftd would write (FLANNEL_IPMASQ=true: -ip-masq, as the lab)
+            subnetenv.write(node.subnet_file, ipaddress.IPv4Network("10.244.0.0/16"),
+                            ipaddress.IPv4Network(f"10.244.{node.index}.0/24"), self.pod_mtu, True)
+            read_subnet(node)
+        self.pods = self.topology.build_pods(nodes)  # through CNI ADD, as the lab's pods
+
+    def add_netns(self, short: str) -> str:
+        """One more namespace (``<prefix><short>``, only lo up), recorded like the others."""
+        name = self.prefix + short
+        self.topology.add_netns([name])
+        self.topology.ip(name, ["link set lo up"])
+        return name
+
+    def add_underlay_host(self, short: str, address: str) -> str:
+        """A host on the wire that is no node: ``<prefix><short>``, eth0 = ``address``/24."""
+        return self.topology.add_underlay_host(short, address)
+
+    def destroy(self) -> list[str]:
+        """The lab's teardown from the ledger; its problems (none: all gone)."""
+        from bench.ledger import teardown
+        return teardown(self.ledger) if self.ledger else []
+
+    def left(self) -> list[str]:
+        """The testbed's namespaces that still exist."""
+        names = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                   check=True).stdout.split())
+        return sorted(n for n in self.namespaces if n in names)
+
+
+@contextlib.contextmanager
+def built(bed: Testbed):
+    """Build ``bed``, hand it out, tear it down; then nothing of it may be left."""
+    try:
+        bed.build()
+        yield bed
+    finally:
+        problems = bed.destroy()
+        left = bed.left()
+        assert not problems and not left, f"testbed {bed.prefix} left behind: {problems or left}"

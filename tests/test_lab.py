@@ -243,15 +243,15 @@ def test_cli_usage_errors_exit_2(capsys):
     assert cli.main([]) == 2
     assert cli.main(["dwon"]) == 2
     assert "maybe: down" in capsys.readouterr().err
-    assert cli.main(["down"]) == 2
+    assert cli.main(["down", "w1a2b", "--all"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "give exactly one of" in err
+    assert err.count("\n") == 1 and "give one of PREFIX, --dir DIR or --all" in err
     assert cli.main(["up"]) == 2
 
 
 def test_cli_env_flags(monkeypatch, capsys):
     monkeypatch.setenv("WEFT_BENCH_ALL", "no-way")
-    assert cli.main(["down"]) == 2
+    assert cli.main(["down", "wzzzz"]) == 2
     assert "WEFT_BENCH_ALL" in capsys.readouterr().err
 
 
@@ -266,6 +266,12 @@ def test_cli_bad_scenario_is_one_line_exit_1(tmp_path, capsys):
 def test_cli_down_unknown_lab_is_idempotent(capsys):
     assert cli.main(["down", "wzzzz"]) == 0
     assert "no lab wzzzz" in capsys.readouterr().out
+
+
+def test_cli_down_without_argument_and_no_lab_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("bench.lab.LAB_ROOT", str(tmp_path))  # other labs on this machine stay out of it
+    assert cli.main(["down"]) == 0
+    assert capsys.readouterr().out == "no labs\n"
 
 
 # -- labs ----------------------------------------------------------------------------------------
@@ -292,7 +298,7 @@ def _assert_root_untouched(before, prefix):
     links, routes = _root_snapshot()
     for line in links.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
-        assert not re.fullmatch(r"w\d+|wst|br0|cni0|vethp\d+|flannel\.\d+", name) or name in before[0], line
+        assert not re.fullmatch(r"w\d+|wst|br0|cni0|veth[0-9a-f]{8}|flannel\.\d+", name) or name in before[0], line
     assert prefix not in links
     for line in routes.splitlines():
         assert "198.18." not in line or line in before[1], line
@@ -345,7 +351,7 @@ def test_lab_builds_works_and_goes_away(tmp_path):
                 assert lab.node_cpu(node.index) == cpu
                 assert os.sched_getaffinity(node.pid) == {cpu}
                 pod = next(p for p in lab.pods if p.node == node.index)
-                for ns, dev in ((node.namespace, "eth0"), (node.namespace, "vethp1"),
+                for ns, dev in ((node.namespace, "eth0"), (node.namespace, pod.host_veth),
                                 (pod.namespace, "eth0"), (lab.wire, f"w{node.index}")):
                     assert rps(ns, dev) == 1 << cpu, (ns, dev)
             lab.steer_receive(False)
@@ -554,3 +560,183 @@ def test_no_lab_of_this_run_is_left():
         except (OSError, ValueError, KeyError):
             continue
         assert owner != os.getpid(), f"lab {lab_id} from this test run is still up"
+
+
+# -- teardown: what is left in the lab's namespaces --------------------------------------------
+
+ALLOC1 = ALLOC3.replace("alloc3", "alloc1").replace("nodes = 3", "nodes = 1").replace("pods_per_node = 1", "pods_per_node = 0")
+
+
+@needs_root
+@needs_daemon
+def test_down_stops_every_process_left_in_the_lab_namespaces():
+    """Processes no ledger entry names (started with `ip netns exec`, reparented away from us, as
+    an engine process weftd started may outlive it) are stopped: one that ignores SIGTERM (SIGKILL
+    after the bound) and one that starts a replacement while it stops (the namespace is scanned
+    again). Nothing is left running in the namespace once down() returns."""
+    from bench.netns import netns_inode, pids_in_netns
+    lab = Lab(sc.loads(ALLOC1, "alloc1.toml")).up()
+    ns = lab.node(1).namespace
+    inode = netns_inode(ns)
+    scripts = ["trap '' TERM; exec sleep 600",                                    # SIGKILL only
+               "trap 'setsid sleep 600 & exit 0' TERM; while :; do sleep 0.2; done"]  # respawns
+    strays = []
+    for script in scripts:
+        # `sh -c 'X & echo $!'` exits at once: X is nobody's child here and in no ledger
+        out = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", f"sh -c \"{script}\" >/dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        pid = int(out)
+        strays.append((pid, proc_start_time(pid)))
+    assert all(alive(pid, start) for pid, start in strays)
+    recorded = {e["pid"] for e in lab.ledger.of_kind("process")}
+    assert not recorded & {pid for pid, _ in strays}
+    assert lab.down() == []
+    assert not any(alive(pid, start) for pid, start in strays)
+    assert pids_in_netns(inode) == []
+    assert _lab_namespaces(lab.prefix) == []
+
+
+# -- bench down without an argument -------------------------------------------------------------
+
+def _gone_under(root, lab_id: str, pids) -> bool:
+    return (_lab_namespaces(lab_id + "-") == [] and not os.path.lexists(os.path.join(root, lab_id))
+            and not any(alive(pid, start) for pid, start in pids))
+
+
+@needs_root
+@needs_daemon
+@pytest.mark.filterwarnings("ignore:subprocess .* is still running:ResourceWarning")
+def test_bench_down_without_argument_takes_down_the_one_lab(tmp_path, monkeypatch, capsys):
+    root = str(tmp_path / "labs")
+    monkeypatch.setattr("bench.lab.LAB_ROOT", root)  # other labs on this machine stay out of it
+    lab = Lab(sc.loads(ALLOC1, "alloc1.toml"), root=root).up()
+    pids = [(n.pid, n.start) for n in lab.nodes]
+    assert cli.main(["down"]) == 0
+    assert capsys.readouterr().out == f"removed lab {lab.id}\n"
+    assert _gone_under(root, lab.id, pids)
+
+
+@needs_root
+@needs_daemon
+def test_bench_down_without_argument_lists_several_and_removes_none(tmp_path, monkeypatch, capsys):
+    root = str(tmp_path / "labs")
+    monkeypatch.setattr("bench.lab.LAB_ROOT", root)
+    labs = [Lab(sc.loads(ALLOC1, "alloc1.toml"), root=root) for _ in range(2)]
+    try:
+        for lab in labs:
+            lab.up()
+        assert cli.main(["down"]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1
+        assert "2 labs are up" in err and all(f"{lab.id} (alloc1)" in err for lab in labs)
+        assert all(alive(n.pid, n.start) for lab in labs for n in lab.nodes)
+        assert all(len(_lab_namespaces(lab.prefix)) == 2 for lab in labs)
+    finally:
+        for lab in labs:
+            lab.down()
+
+
+# -- pods through CNI (bench.lab_cni) -----------------------------------------------------------
+
+ALLOC2X2 = ALLOC3.replace("alloc3", "alloc2x2").replace("nodes = 3", "nodes = 2").replace(
+    "pods_per_node = 1", "pods_per_node = 2")
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _links(lab: Lab, ns: str) -> set[str]:
+    out = lab.exec(ns, ["ip", "-o", "link", "show"], check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+@needs_root
+@needs_daemon
+def test_pods_come_from_cni_carry_its_state_and_del_releases_it():
+    """Every pod is a CNI ADD (the conflist users deploy, weft-cni as flannel, Debian's bridge and
+    host-local): flannel's dataDir file and host-local's reservation per container id exist while
+    it lives; DEL (what teardown runs) releases both, also with the pod's namespace gone (a crash)
+    and twice; a repeated ADD is refused and leaves the pod and its state as they were."""
+    from bench import lab_cni
+    lab = Lab(sc.loads(ALLOC2X2, "alloc2x2.toml"))
+    with lab:
+        entries = {e["container_id"]: e for e in lab.ledger.of_kind("cni")}
+        fields = lambda e, **kw: {**{k: v for k, v in e.items() if k != "kind"}, **kw}  # noqa: E731
+        assert sorted(entries) == sorted(p.namespace for p in lab.pods)
+        for node in lab.nodes:  # weftd masquerades, so the bridge plugin must not
+            assert "-ip-masq" in node.argv
+            assert "FLANNEL_IPMASQ=true" in _read(node.subnet_file).split()
+            assert "CNI-" not in lab.exec(node.namespace, ["iptables-save", "-t", "nat"], check=True).stdout
+        state = {}
+        for pod in lab.pods:
+            node, base = lab.node(pod.node), os.path.join(lab.dir, f"n{pod.node}", "cni")
+            assert pod.ip == str(ipaddress.ip_network(node.subnet).network_address + 1 + pod.index)
+            with open(os.path.join(base, "flannel", pod.namespace)) as f:
+                saved = json.load(f)
+            assert (saved["type"], saved["ipMasq"], saved["hairpinMode"], saved["isDefaultGateway"]) == \
+                ("bridge", False, True, True)
+            assert saved["ipam"]["ranges"] == [[{"subnet": node.subnet}]]
+            reservation = os.path.join(base, "ipam", "cbr0", pod.ip)
+            with open(reservation) as f:
+                assert f.read().split() == [pod.namespace, "eth0"]
+            port = lab.exec(node.namespace, ["ip", "-d", "link", "show", pod.host_veth], check=True).stdout
+            assert "master cni0" in port and "hairpin on" in port
+            state[pod.namespace] = (os.path.join(base, "flannel", pod.namespace), reservation, node, pod)
+        p1, p2 = (p for p in lab.pods if p.node == 1)
+        assert lab.ping(p1, p2.ip) and lab.ping(p2, p1.ip)
+
+        # a repeated ADD: refused (the bridge plugin), the pod keeps its network and saved config
+        saved_before = _read(state[p1.namespace][0])
+        with pytest.raises(LabError, match=f"pod {p1.namespace}: CNI ADD"):
+            lab_cni.add(lab.ledger, fields(entries[p1.namespace], result=os.path.join(lab.dir, "readd.json")))
+        assert _read(state[p1.namespace][0]) == saved_before
+        assert os.listdir(os.path.join(lab.dir, "n1", "cni", "ipam", "cbr0")).count(p1.ip) == 1
+        assert lab.ping(p2, p1.ip)
+
+        # DEL as teardown runs it: both files go, and the veth (host end and pod's eth0)
+        datafile, reservation, node, _ = state[p1.namespace]
+        assert lab_cni.delete(entries[p1.namespace]) is None
+        assert not os.path.exists(datafile) and not os.path.exists(reservation)
+        assert p1.host_veth not in _links(lab, node.namespace) and "eth0" not in _links(lab, p1.namespace)
+        assert lab_cni.delete(entries[p1.namespace]) is None  # again: the spec's idempotent DEL
+
+        # after a crash: the pod's namespace is gone and the runtime lost its cached result
+        datafile, reservation, node, _ = state[p2.namespace]
+        subprocess.run(["ip", "netns", "delete", p2.namespace], check=True)
+        os.unlink(entries[p2.namespace]["result"])
+        assert lab_cni.delete(entries[p2.namespace]) is None
+        assert not os.path.exists(datafile) and not os.path.exists(reservation)
+        assert p2.host_veth not in _links(lab, node.namespace)
+
+        # a new ADD in the pod's namespace (the pod made again): an address of node 1's subnet
+        # (host-local goes on after its last reservation), reachable from its node
+        result = lab_cni.add(lab.ledger, fields(entries[p1.namespace]))
+        again = lab_cni.address(result)[0]
+        assert ipaddress.ip_address(again) in ipaddress.ip_network(node.subnet)
+        assert lab.ping(node.namespace, again)
+
+        # teardown's DEL runs from the ledger alone, for every pod (p2's namespace gone, p1's twice)
+        assert lab_cni.release(lab.ledger.of_kind("cni")) == []
+        assert os.listdir(os.path.join(lab.dir, "n1", "cni", "flannel")) == []
+        assert [f for f in os.listdir(os.path.join(lab.dir, "n1", "cni", "ipam", "cbr0"))
+                if not f.startswith(("lock", "last_reserved"))] == []
+        prefix, directory = lab.prefix, lab.dir
+    _assert_gone(prefix, [], directory)
+
+
+@needs_root
+@needs_daemon
+@pytest.mark.filterwarnings("ignore:subprocess .* is still running:ResourceWarning")
+def test_teardown_after_a_crash_where_del_cannot_run(capsys):
+    """A crashed lab whose pods cannot get their DEL (the plugin is gone, a pod's namespace is
+    gone): ``bench down`` still removes everything, the CNI stores with the lab directory."""
+    lab = Lab(sc.loads(ALLOC2X2, "alloc2x2.toml")).up()
+    prefix, directory = lab.prefix, lab.dir
+    pids = [(n.pid, n.start) for n in lab.nodes]
+    subprocess.run(["ip", "netns", "delete", lab.pods[0].namespace], check=True)
+    os.unlink(os.path.join(directory, "cni-bin", "flannel"))
+    del lab  # the crash: nobody calls down()
+    assert cli.main(["down", prefix]) == 0
+    _assert_gone(prefix, pids, directory)
