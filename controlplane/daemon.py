@@ -316,10 +316,10 @@ class Daemon:
             self.lease = lease
             log.info("lease %s on %s (%s, public IP %s), backend %s, MTU %d", self.lease.subnet,
                      iface.name, iface.address, iface.public_ip, config.backend.name, self.backend.mtu)
-            # An engine process a userspace data plane of this node left running (weftd restarted
-            # with another backend) would hold its TUN and UDP port: stopped, unless it is ours.
-            from fastpath.engine.control import stop_engines
-            stop_engines(keep=getattr(self.backend, "engine_name", None), log=log)
+            # What a data plane of this node left running (a userspace engine process, weftd
+            # restarted with another backend) would hold its device and UDP port: stopped,
+            # unless this backend adopts it.
+            backends.clear_leftovers(self.backend)
             self.backend.setup(self.lease)
             self.masq = None
             if a.ip_masq:

@@ -43,7 +43,14 @@ TOY_WIRE = Wire("toy", mtu_overhead=16, default_dataplane="user", default_port=7
                 keys=(Key("Color", "color", int, 3, 0, 7, "the toy's colour"),))
 TOY = Dataplane("toy", "user", "tests.test_registry:ToyBackend", "a toy",
                 flags=(Flag("toy-turbo", "make the toy go faster"),), inspect="tests.test_registry:toy_show",
-                source_guard="optional", source_guard_help="drop what the toy dislikes")
+                source_guard="optional", source_guard_help="drop what the toy dislikes",
+                leftovers="tests.test_registry:toy_leftovers")
+LEFTOVERS_SEEN = []
+
+
+def toy_leftovers(backend) -> None:
+    """The toy's leftovers hook: records which backend is about to be set up."""
+    LEFTOVERS_SEEN.append(backend)
 VXLAN_TOY = Dataplane("vxlan", "toyplane", "tests.test_registry:ToyBackend", "vxlan, by a toy")
 
 
@@ -86,6 +93,23 @@ def test_weftd_flags_and_help_learn_a_registered_backend(toy):
     assert parse_args([]).toy_turbo is False
     assert BackendOptions(toy_turbo=True).flags == {"toy_turbo": True}
     assert "toy/user: drop what the toy dislikes" in text  # --source-guard
+
+
+def test_leftovers_hooks_run_before_any_backend_is_set_up(toy):
+    """weftd calls every declared leftovers hook (the engines' is one) with the new backend."""
+    LEFTOVERS_SEEN.clear()
+    marker = object()
+    hooks = [d.leftovers for d in backends.dataplanes() if d.leftovers]
+    assert "tests.test_registry:toy_leftovers" in hooks
+    assert "fastpath.engine.control:stop_engines_but_for" in hooks
+    import fastpath.engine.control as control
+    calls = []
+    real, control.stop_engines_but_for = control.stop_engines_but_for, calls.append
+    try:
+        backends.clear_leftovers(marker)
+    finally:
+        control.stop_engines_but_for = real
+    assert LEFTOVERS_SEEN == [marker] and calls == [marker]  # each hook once, however many declare it
 
 
 def test_source_guard_follows_the_declaration(toy):

@@ -162,6 +162,14 @@ def source_guard_help() -> str:
                                    " (the flag is a no-op there)" if builtin else ""))
 
 
+def clear_leftovers(backend: Backend) -> None:
+    """Before ``backend`` is set up: every data plane that leaves something running in this
+    network namespace (a userspace engine process) stops it unless ``backend`` will adopt it."""
+    for path in dict.fromkeys(d.leftovers for d in dataplanes() if d.leftovers):
+        module, _, fn = path.partition(":")
+        getattr(importlib.import_module(module), fn)(backend)
+
+
 def load_backend(name: str) -> type[Backend]:
     """The class for ``name``; BackendError if this build does not have it."""
     dp = declaration(name)
@@ -191,4 +199,4 @@ def show_node(dev: str) -> tuple[dict, str]:
 __all__ = ["Backend", "BackendError", "BackendOptions", "ExternalInterface", "Dataplane", "Flag",
            "Key", "Wire", "FOLDERS", "register", "register_wire", "unregister", "wires", "wire",
            "dataplanes", "dataplane_names", "declaration", "backend_names", "bench_backends",
-           "flag_owners", "dataplane_help", "source_guard_help", "load_backend", "show_node"]
+           "flag_owners", "dataplane_help", "source_guard_help", "clear_leftovers", "load_backend", "show_node"]

@@ -81,6 +81,10 @@ class Dataplane:
     source_guard: str = "none"
     requires: tuple[str, ...] = ()  # what the host must have beyond the base install: "bcc"
     source_guard_help: str = ""  # with "optional": what the guard drops
+    # "module:function" called with the backend about to be set up (any data plane): stops what
+    # this data plane leaves running after weftd exits without --teardown (the engine process),
+    # unless the new backend is going to adopt it.
+    leftovers: str | None = None
 
     def __post_init__(self):
         if self.source_guard not in ("builtin", "optional", "none"):

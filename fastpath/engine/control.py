@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import select
 import signal
@@ -207,6 +208,12 @@ def running_engines() -> list[str]:
     except OSError:
         pass
     return sorted(names)
+
+
+def stop_engines_but_for(backend) -> list[int]:
+    """The registry's ``leftovers`` hook of the userspace data planes: before ``backend`` is set
+    up, stop every engine process of this namespace but the one it would adopt."""
+    return stop_engines(keep=getattr(backend, "engine_name", None), log=logging.getLogger("weft"))
 
 
 def stop_engines(keep: str | None = None, log=None) -> list[int]:

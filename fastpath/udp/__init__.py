@@ -7,9 +7,13 @@ from controlplane.backends.spec import Dataplane, Wire
 WIRE = Wire("udp", mtu_overhead=28, default_dataplane="fastpath", default_port=8285,
             summary="flannel's udp: the bare inner IPv4 packet as a UDP payload")
 
+ENGINE_PROCESS = "fastpath.engine.control:stop_engines_but_for"  # outlives weftd: see fastpath/userspace.py
+
 DATAPLANES = (
     Dataplane("udp", "fastpath", "fastpath.udp.backend:UDPFastpathBackend",
-              "the compiled userspace engine between a TUN and a UDP socket", source_guard="builtin"),
+              "the compiled userspace engine between a TUN and a UDP socket", source_guard="builtin",
+              leftovers=ENGINE_PROCESS),
     Dataplane("udp", "python", "fastpath.udp.backend:UDPPythonBackend",
-              "the pure-Python reference engine, one packet per system call", source_guard="builtin"),
+              "the pure-Python reference engine, one packet per system call", source_guard="builtin",
+              leftovers=ENGINE_PROCESS),
 )

@@ -15,6 +15,8 @@ WIRE = Wire(
 
 BPF_MAPS = "fastpath.peermap:show"  # weftctl peermap: the programs' maps on a device
 
+ENGINE_PROCESS = "fastpath.engine.control:stop_engines_but_for"  # outlives weftd: see fastpath/userspace.py
+
 DATAPLANES = (
     Dataplane("vxlan", "kernel", "fastpath.vxlan.kernel:VXLANKernelBackend",
               "the kernel's VXLAN device, static neighbour/FDB/route entries per peer",
@@ -27,5 +29,6 @@ DATAPLANES = (
               "tc eBPF programs on an external VXLAN device, peers in a BPF map", inspect=BPF_MAPS,
               source_guard="builtin", requires=("bcc",)),
     Dataplane("vxlan", "fastpath", "fastpath.vxlan.fastpath:VXLANFastpathBackend",
-              "the compiled userspace engine between a TUN and a UDP socket", source_guard="builtin"),
+              "the compiled userspace engine between a TUN and a UDP socket", source_guard="builtin",
+              leftovers=ENGINE_PROCESS),
 )
