@@ -83,7 +83,7 @@ def test_committed_baseline_is_reproduced_from_its_raw_runs():
         doc = {"backends": {}, "runs": runs, "plan": copy.deepcopy(baseline["plan"])}
         for name in dict.fromkeys(r["backend"] for r in runs):
             kept = baseline["backends"][name]
-            extra = {k: kept[k] for k in ("daemon_rss_mb", "lab") if k in kept}
+            extra = {k: kept[k] for k in ("daemon_rss_mb", "engine_rss_mb", "lab") if k in kept}
             doc["backends"][name] = results.summarize([r for r in runs if r["backend"] == name], extra,
                                                       seconds=kept["seconds"])
         results.add_ratios(doc)
