@@ -162,15 +162,11 @@ class WeftdRestart(Fault):
 def engine_pid(lab, n: int) -> int | None:
     """The pid of node n's userspace engine process as its weftd exports it in /metrics
     (``weft_backend_engine_pid``), or None (no answer, or no such gauge: the engine runs inside weftd)."""
-    from .lab import HEALTHZ_PORT
-    from .netns import http_get
-    got = http_get(lab.node(n).namespace, "127.0.0.1", HEALTHZ_PORT, "/metrics", timeout=0.5)
-    if not got or got[0] != 200:
-        return None
-    m = re.search(r"^weft_backend_engine_pid(?:\{[^}]*\})? (\S+)$", got[1].decode("utf-8", "replace"), re.M)
+    from .errors import LabError
+    from .scale import metrics
     try:
-        pid = int(float(m.group(1))) if m else 0
-    except ValueError:
+        pid = int(metrics(lab.node(n).namespace, timeout=0.5).get("weft_backend_engine_pid", 0))
+    except LabError:
         return None
     return pid if pid > 0 else None
 
