@@ -41,6 +41,7 @@ from .cli import Command, Failure, UsageError
 from .lab import HEALTHZ_PORT, Lab, LabError, alive, venv_python
 from .netns import http_get
 from .procs import read_text
+from .scale import parse_metrics as scale_metrics
 
 SCHEMA = "weft-faults/1"
 TICK_S = 0.25
@@ -74,19 +75,16 @@ class Plan:
                    etcd_pause_s=6.0, etcd_down_s=2.0, store_fault_s=6.0)
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """weft_* values (labels summed), without the backend's counters."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("weft_") or line.startswith("weft_backend_"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.partition("{")[0]
-        try:
-            out[name] = out.get(name, 0.0) + float(value)
-        except ValueError:
-            pass
-    return out
+def node_metrics(got) -> dict[str, float] | None:
+    """weft_* values of an http_get of /metrics (labels summed), without the backend's counters;
+    None when it did not answer 200 or is not Prometheus text."""
+    if not got or got[0] != 200:
+        return None
+    try:
+        values = scale_metrics(got[1].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return {k: v for k, v in values.items() if k.startswith("weft_") and not k.startswith("weft_backend_")}
 
 
 def weftctl(lab: Lab, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -145,8 +143,7 @@ class FaultRun:
         got = http_get(node.namespace, "127.0.0.1", HEALTHZ_PORT, "/readyz", timeout=0.5)
         metrics = http_get(node.namespace, "127.0.0.1", HEALTHZ_PORT, "/metrics", timeout=0.5)
         return {"t": t, "node": node.index, "readyz": got[0] if got else None,
-                "metrics": parse_metrics(metrics[1].decode("utf-8", "replace")) if metrics and metrics[0] == 200
-                else None}
+                "metrics": node_metrics(metrics)}
 
     def tick(self) -> None:
         for sample in self.pool.map(self._sample_node, list(self.lab.nodes)):

@@ -58,6 +58,7 @@ from . import flood_packets as fp, flood_report
 from .cli import Command, Failure, UsageError
 from .lab import HEALTHZ_PORT, Lab, LabError, alive
 from .netns import http_get
+from .scale import parse_metrics
 from .procs import proc_state
 
 SCHEMA = "weft-flood/1"
@@ -223,11 +224,11 @@ def udp_rx_queued(text: str) -> int:
     return total
 
 
-_METRIC = re.compile(r"^weft_backend_(\w+)\{[^}]*\}\s+(\S+)$", re.M)
-
-
-def parse_metrics(text: str) -> dict[str, int]:
-    return {f"backend.{m.group(1)}": int(float(m.group(2))) for m in _METRIC.finditer(text)}
+def backend_counters(text: str) -> dict[str, int]:
+    """The backend's counters of a /metrics page as ``backend.<name>``; ValueError if it is not
+    Prometheus text."""
+    return {f"backend.{name[len('weft_backend_'):]}": int(value)
+            for name, value in parse_metrics(text).items() if name.startswith("weft_backend_")}
 
 
 def _read(path: str) -> str:
@@ -259,10 +260,12 @@ class Reader:
             except OSError as exc:
                 snap["errors"].append(f"{label} (pid {pid}): {exc.strerror or exc}")
         got = http_get(self.lab.node(2).namespace, "127.0.0.1", HEALTHZ_PORT, "/metrics", timeout=3.0)
-        if got and got[0] == 200:
-            snap.update(parse_metrics(got[1].decode("utf-8", "replace")))
-        else:
-            snap["errors"].append("node 2's /metrics did not answer")
+        try:
+            if not got or got[0] != 200:
+                raise ValueError("did not answer")
+            snap.update(backend_counters(got[1].decode("utf-8", "replace")))
+        except ValueError as exc:
+            snap["errors"].append(f"node 2's /metrics: {exc}")
         res = self.lab.exec("n1", ["nft", "-j", "list", "counter", "ip", "weft_flood", "legit"], timeout=10)
         try:
             items = json.loads(res.stdout)["nftables"]
