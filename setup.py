@@ -140,9 +140,6 @@ setup(
     ext_modules=_extensions(),
     install_requires=[
         "pyroute2>=0.9.5",
-        "etcd3==0.12.0",
-        "protobuf==3.20.3",
-        "grpcio",
         "prometheus_client",
         "cryptography",
     ],

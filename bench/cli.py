@@ -181,9 +181,15 @@ def format_state(state: dict) -> str:
     rows += [(str(n["index"]), n["namespace"], n["public_ip"], n["subnet"], str(n["mtu"]),
               n["dataplane"], str(n["pid"])) for n in state["nodes"]]
     lines += _table(rows)
+    dual = any(n.get("public_ipv6") for n in state["nodes"])  # a dual-stack lab: the IPv6 side too
+    if dual:
+        rows = [("NODE", "PUBLIC IPV6", "SUBNET6")]
+        rows += [(str(n["index"]), n["public_ipv6"], n.get("subnet6", "")) for n in state["nodes"]]
+        lines += [""] + _table(rows)
     if state["pods"]:
-        rows = [("POD", "IP", "NODE", "GATEWAY")]
-        rows += [(p["namespace"], p["ip"], str(p["node"]), p["gateway"]) for p in state["pods"]]
+        rows = [("POD", "IP", "NODE", "GATEWAY") + (("IPV6",) if dual else ())]
+        rows += [(p["namespace"], p["ip"], str(p["node"]), p["gateway"]) + ((p.get("ip6", ""),) if dual else ())
+                 for p in state["pods"]]
         lines += [""] + _table(rows)
     lines += ["", f"tear down: bench down {state['id']}"]
     return "\n".join(lines)

@@ -47,7 +47,7 @@ class RunCommand(Command):
         from . import report, runner
         from .scenario import load
         scenario = load(_scenario_path(args.scenario))
-        backends = [b.strip() for b in args.backends.split(",") if b.strip()] or runner.default_backends()
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()] or runner.default_backends(scenario)
         from controlplane.backends import backend_names
         for b in backends:
             if b != runner.BARE and b not in backend_names():
@@ -65,6 +65,9 @@ class RunCommand(Command):
         out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
         if scenario.pods_per_node == 0 and scenario.network.backend.type == "alloc":
             return self.run_control_plane(scenario, plan, out, args.json)
+        if scenario.peer_leases:
+            return self.run_peer_scale(scenario, [b for b in backends if b != runner.BARE], plan,
+                                       out, args.json)
         named = backends if args.backends.strip() else ()
         doc = runner.run(scenario, backends, plan)
         os.makedirs(out, exist_ok=True)
@@ -86,23 +89,45 @@ class RunCommand(Command):
 
 
     @staticmethod
+    def run_peer_scale(scenario, backends, plan, out, json_path) -> int:
+        """A scenario with ``peer_leases``: how fast each data plane programs that many peers."""
+        from . import scale_peers
+        from .runner import unavailable
+        for b in backends:
+            if unavailable(b):
+                print(f"bench run: {b} skipped: {unavailable(b)}", file=sys.stderr)
+        runnable = [b for b in backends if unavailable(b) is None]
+        return RunCommand._control_plane_run(
+            scenario, plan, out, json_path, "start_sync_s", scale_peers.table,
+            lambda progress: {"peers": scale_peers.run(scenario, runnable, scenario.peer_leases,
+                                                       progress=progress)}, "peers")
+
+    @staticmethod
     def run_control_plane(scenario, plan, out, json_path) -> int:
         """A scenario with no pods and the alloc backend measures the control plane alone."""
-        from . import results, scale
+        from . import scale
+        return RunCommand._control_plane_run(scenario, plan, out, json_path, "converge_p50_s",
+                                             scale.table, lambda progress: scale.run(scenario, progress=progress))
+
+    @staticmethod
+    def _control_plane_run(scenario, plan, out, json_path, done_key, table, measure, part=None) -> int:
+        """Measure ``control_plane`` (``measure(progress)``), write the document, print ``table``
+        of it (of its ``part``), and fail naming every row without ``done_key``."""
+        from . import results
         from .runner import Progress
         progress = Progress(1)
         doc = results.new_document(scenario, plan)
-        doc["control_plane"] = scale.run(scenario, progress=progress)
+        doc["control_plane"] = measure(progress)
         progress.close()
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, "results.json")
         for target in filter(None, [path, json_path]):
             with open(target, "w") as f:
                 json.dump(doc, f, indent=1)
-        print(scale.table(doc["control_plane"]))
+        rows = doc["control_plane"][part] if part else doc["control_plane"]
+        print(table(rows))
         print(f"\nwrote {path}")
-        failed = [f"{store} failed: {r.get('reason', '')}" for store, r in doc["control_plane"].items()
-                  if "converge_p50_s" not in r]
+        failed = [f"{name} failed: {r.get('reason', '')}" for name, r in rows.items() if done_key not in r]
         if failed:
             raise Failure("; ".join(failed))
         return 0

@@ -58,7 +58,7 @@ from . import flood_packets as fp, flood_report
 from .cli import Command, Failure, UsageError
 from .lab import HEALTHZ_PORT, Lab, LabError, alive
 from .netns import http_get
-from .scale import parse_metrics
+from .scale import parse_samples
 from .procs import proc_state
 
 SCHEMA = "weft-flood/1"
@@ -225,10 +225,10 @@ def udp_rx_queued(text: str) -> int:
 
 
 def backend_counters(text: str) -> dict[str, int]:
-    """The backend's counters of a /metrics page as ``backend.<name>``; ValueError if it is not
-    Prometheus text."""
-    return {f"backend.{name[len('weft_backend_'):]}": int(value)
-            for name, value in parse_metrics(text).items() if name.startswith("weft_backend_")}
+    """The backend's stats of a /metrics page as ``backend.<stat name>`` (a counter's without
+    /metrics' ``_total``: ``backend.rx_drop_short``); ValueError if it is not Prometheus text."""
+    return {f"backend.{s.family[len('weft_backend_'):]}": int(s.value)
+            for s in parse_samples(text) if s.family.startswith("weft_backend_")}
 
 
 def _read(path: str) -> str:

@@ -26,12 +26,7 @@ reached the device. One binary, three modes:
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-
+from .ctool import build_c
 from .errors import LabError
 
 SOURCE = r"""
@@ -268,22 +263,4 @@ int main(int argc, char **argv) {
 
 def build(directory: str | None = None) -> str:
     """Compile the tool (once per source version) and return the binary's path."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if not gcc:
-        raise LabError("bench flood needs gcc (./bootstrap installs it)")
-    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
-    directory = directory or os.path.join(tempfile.gettempdir(), "weft-flood")
-    os.makedirs(directory, exist_ok=True)
-    binary = os.path.join(directory, f"weft-flood-{digest}")
-    if os.access(binary, os.X_OK):
-        return binary
-    src = binary + ".c"
-    with open(src, "w") as f:
-        f.write(SOURCE)
-    tmp = f"{binary}.{os.getpid()}"
-    res = subprocess.run([gcc, "-O2", "-Wall", "-o", tmp, src], capture_output=True, text=True, timeout=60)
-    if res.returncode != 0:
-        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise LabError(f"cannot compile the flood tool: {tail}")
-    os.replace(tmp, binary)  # atomic: a concurrent run sees the whole binary or none
-    return binary
+    return build_c(SOURCE, "weft-flood", "the flood tool", LabError, directory)

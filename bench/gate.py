@@ -10,7 +10,8 @@ Every backend of the baseline must be judged: one that is missing from the run, 
 (``failed``/``skipped``), or has a null where the gate needs a number fails the gate, naming
 the backend and why. A backend the baseline itself has no number for (it failed there, or the
 baseline predates the metric) cannot be judged on it: a note says so. A backend in the run but
-not in the baseline is a note.
+not in the baseline is a note. A dual-stack baseline (its backends carry ``v6``) gates the IPv6
+ratios too, as metrics ``v6 ratio_to_bare`` etc.; an IPv4-only baseline judges IPv4 alone.
 
 Default tolerances come from measured run-to-run noise on the 2-vCPU lab machine (see README,
 "Gate tolerances"): the largest swing of ``ratio_to_bare`` over consecutive quick runs, with margin.
@@ -44,13 +45,13 @@ class Finding:
         head = f"{verdict:4} {self.backend:16} {self.metric:24}"
         if self.why:
             return f"{head} {self.why}"
-        change = f"{self.change:+.2f} pp" if self.metric == "ping_loss_pct" else f"{self.change:+.1%}"
+        change = f"{self.change:+.2f} pp" if self.metric.endswith("ping_loss_pct") else f"{self.change:+.1%}"
         return f"{head} {self.baseline:8.3f} -> {self.current:8.3f} ({change})"
 
     def summary(self) -> str:
         if self.why:
             return f"{self.backend} {self.metric}: {self.why}"
-        change = f"{self.change:+.2f} pp" if self.metric == "ping_loss_pct" else f"{self.change:+.1%}"
+        change = f"{self.change:+.2f} pp" if self.metric.endswith("ping_loss_pct") else f"{self.change:+.1%}"
         return f"{self.backend} {self.metric} {change}"
 
 
@@ -90,22 +91,27 @@ def gate(baseline: dict, current: dict, tolerance: float = DEFAULT_TOLERANCE,
             findings.append(Finding(name, "status", None, None, None, True,
                                     f"{cur.get('status')}: {cur.get('reason', '')}"))
             continue
-        for metric, which, worse_is_lower, relative in GATED:
-            if name == "bare" and metric != "ping_loss_pct":
-                continue
-            b, c = base.get(metric), cur.get(metric)
-            if b is None or (relative and not b):
-                notes.append(f"{name}: the baseline has no {metric}: it cannot judge it"
-                             + (" (made before ping loss was recorded; remake it with bench baseline)"
-                                if metric == "ping_loss_pct" else ""))
-                continue
-            if c is None:
-                findings.append(Finding(name, metric, b, None, None, True, f"{metric} is null in the run"))
-                continue
-            change = c / b - 1 if relative else c - b
-            tol = tolerances[which]
-            failed = change < -tol if worse_is_lower else change > tol
-            findings.append(Finding(name, metric, b, c, change, failed))
+        parts = [("", base, cur)]
+        if isinstance(base.get("v6"), dict):  # a dual-stack baseline: the IPv6 ratios too
+            parts.append(("v6 ", base["v6"], cur.get("v6") or {}))
+        for prefix, base_part, cur_part in parts:
+            for metric, which, worse_is_lower, relative in GATED:
+                if name == "bare" and metric != "ping_loss_pct":
+                    continue
+                label = prefix + metric
+                b, c = base_part.get(metric), cur_part.get(metric)
+                if b is None or (relative and not b):
+                    notes.append(f"{name}: the baseline has no {label}: it cannot judge it"
+                                 + (" (made before ping loss was recorded; remake it with bench baseline)"
+                                    if metric == "ping_loss_pct" and not prefix else ""))
+                    continue
+                if c is None:
+                    findings.append(Finding(name, label, b, None, None, True, f"{label} is null in the run"))
+                    continue
+                change = c / b - 1 if relative else c - b
+                tol = tolerances[which]
+                failed = change < -tol if worse_is_lower else change > tol
+                findings.append(Finding(name, label, b, c, change, failed))
     for name in now:
         if name not in baseline.get("backends", {}):
             notes.append(f"{name}: not in the baseline, so not judged")
@@ -122,8 +128,9 @@ def compare_table(a: dict, b: dict, metrics: list[str]) -> str:
         ba, bb = a["backends"].get(name, {}), b.get("backends", {}).get(name, {})
         if ba.get("status") != "ok" and bb.get("status") != "ok":
             continue
-        for m in metrics:
-            va, vb = ba.get(m), bb.get(m)
+        # IPv4's metrics, then (dual-stack runs) the same metrics of the IPv6 part as "v6 <metric>"
+        for m, va, vb in ([(m, ba.get(m), bb.get(m)) for m in metrics]
+                          + [(f"v6 {m}", (ba.get("v6") or {}).get(m), (bb.get("v6") or {}).get(m)) for m in metrics]):
             if va is None and vb is None:
                 continue
             fa = "–" if va is None else f"{va:.3f}"
@@ -167,6 +174,13 @@ def merge_baseline(docs: list[dict]) -> dict:
                 merged[m] = mid
         merged["baseline_spread"] = {m: [None if b.get(m) is None else round(b[m], 3) for b in ok]
                                      for m in ("ratio_to_bare", "latency_ratio_to_bare", "ping_loss_pct")}
+        v6 = [b["v6"] for b in ok if isinstance(b.get("v6"), dict)]
+        if v6:  # a dual-stack baseline: the IPv6 part's medians the same way
+            merged["v6"] = copy.deepcopy(v6[-1])
+            for m in BASELINE_METRICS:
+                mid = median(p.get(m) for p in v6)
+                if mid is not None:
+                    merged["v6"][m] = mid
         merged["baseline_runs"] = len(ok)
         base["backends"][name] = merged
     base["runs"] = [r for d in docs for r in d.get("runs", [])]

@@ -15,6 +15,13 @@ adds no NAT of its own (pod to pod keeps its addresses). Teardown runs DEL for e
 the namespaces go.
     <prefix>st     the store's namespace when the store is etcd (last underlay address)
 
+Dual-stack (the network config's EnableIPv6): each node's eth0 also has the Nth address of the
+scenario's ``underlay6`` (2001:db8:198:18::N/64, no DAD), IPv6 forwarding is on in the nodes,
+weftd gets ``-public-ipv6``, and CNI gives every pod an address of its node's IPv6 subnet too
+(FLANNEL_IPV6_SUBNET) with a default route via cni0 in both families. DAD is off in every
+namespace of such a run (every address is unique by construction; DAD would leave each new one
+tentative, unusable, for a second or more), and the wire's bridge does no MLD snooping.
+
 Every veth is created directly between two of the run's namespaces, so nothing ever appears in,
 moves through or is routed by the root namespace; sysctls are set inside the namespaces only.
 
@@ -62,7 +69,7 @@ import os
 import signal
 import socket
 import subprocess
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import lab_steering, lab_store, lab_weftd
 from .errors import LabError, LabNotFound
@@ -106,6 +113,9 @@ class Lab:
         self.topology: Topology | None = None
         self._etcd = None
         self.etcd_members: list = []   # every member when the scenario's etcd_members > 1 (_etcd: the first)
+        # Called with the lab once its store holds the config, before any weftd starts (bench's
+        # scale measurements put leases there, as nodes that joined earlier would have).
+        self.before_start: Callable[["Lab"], None] | None = None
 
     # -- names ------------------------------------------------------------------------------
     @property
@@ -171,6 +181,8 @@ class Lab:
             self._claim()
             self.nodes = self.topology.build_underlay()
             self._build_store()
+            if self.before_start is not None:
+                self.before_start(self)
             for node in self.nodes:
                 self._start(node)
             self._wait_ready([n.index for n in self.nodes])

@@ -104,6 +104,14 @@ def address(result: dict) -> tuple[str, str]:
     raise LabError(f"CNI result has no IPv4 address: {result.get('ips')}")
 
 
+def address6(result: dict) -> tuple[str, str]:
+    """(pod address, gateway) of the result's IPv6 address (a dual-stack node's pods have one)."""
+    for ip in result.get("ips", []):
+        if ":" in ip["address"]:
+            return ip["address"].split("/")[0], ip.get("gateway", "")
+    raise LabError(f"CNI result has no IPv6 address (is FLANNEL_IPV6_SUBNET in subnet.env?): {result.get('ips')}")
+
+
 def delete(entry: dict, timeout: float = DEL_TIMEOUT) -> str | None:
     """DEL of one recorded pod; None when done or nothing is left to act on, else why it failed.
     Works from the entry alone, with the pod's namespace gone (a crash) and without a cached

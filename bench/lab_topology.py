@@ -52,6 +52,9 @@ class Node:
     log: str = ""
     subnet_file: str = ""
     argv: list[str] = field(default_factory=list)
+    public_ipv6: str = ""   # dual-stack: eth0's underlay6 address ("" when the lab is IPv4 only)
+    subnet6: str = ""       # dual-stack: the lease's IPv6 part, e.g. fd10:244:0:5::/64 (FLANNEL_IPV6_SUBNET)
+    gateway6: str = ""      # dual-stack: cni0's IPv6 address (fd10:244:0:5::1)
 
 
 @dataclass
@@ -63,6 +66,8 @@ class Pod:
     gateway: str = ""
     mtu: int = 0
     host_veth: str = ""     # its veth's host end on cni0 (the bridge plugin's name, from ADD's result)
+    ip6: str = ""           # dual-stack: its IPv6 address (host-local's, from ADD's result)
+    gateway6: str = ""
 
 
 @dataclass(frozen=True)
@@ -116,9 +121,17 @@ class Topology:
             e["inode"] = netns_inode(e["name"])
             self.namespaces.add(e["name"])
         self.ledger.save()
+        # Dual-stack: no duplicate address detection anywhere in the run. Every address is
+        # unique by construction, and DAD would leave each new one (eth0's, cni0's gateway, a
+        # pod's, a flannel-v6 device's) "tentative" for a second or more: unusable as a source
+        # and unanswered as a neighbour, so the first packets of a fresh lab would be lost.
+        # The kernel skips DAD when both "all" and the device's value are 0; "default" is what
+        # every interface made later (cni0, veths, flannel-v6.N) starts with.
+        v6 = (["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
+              if self.scenario.dual_stack else [])
         for name in names:
             run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
-                 "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"])
+                 "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0", *v6])
 
     def ip(self, ns: str, lines: Iterable[str]) -> None:
         """Run ``ip`` commands inside one of the run's namespaces (never the root namespace)."""
@@ -136,7 +149,10 @@ class Topology:
         if s.store == "etcd":
             namespaces.append(names.store_ns)
         self.add_netns(namespaces)
-        wire = ["link set lo up", "link add br0 type bridge", "link set br0 up"]
+        # Dual-stack: no MLD snooping on the wire, so neighbour solicitations reach every node
+        # whether or not the bridge saw its multicast listener report (there is no querier).
+        bridge = "link add br0 type bridge" + (" mcast_snooping 0" if s.dual_stack else "")
+        wire = ["link set lo up", bridge, "link set br0 up"]
         ports = [(f"w{n}", names.node_ns(n)) for n in range(1, s.nodes + 1)]
         if s.store == "etcd":
             ports.append(("wst", names.store_ns))
@@ -147,12 +163,17 @@ class Topology:
         nodes = []
         for n in range(1, s.nodes + 1):
             ns = names.node_ns(n)
-            self.ip(ns, ["link set lo up", f"addr add {s.node_ip(n)}/{plen} dev eth0", "link set eth0 up"])
+            addrs = ["link set lo up", f"addr add {s.node_ip(n)}/{plen} dev eth0"]
+            if s.dual_stack:
+                addrs.append(f"addr add {s.node_ip6(n)}/{s.underlay6.prefixlen} dev eth0 nodad")
+                run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])
+            self.ip(ns, addrs + ["link set eth0 up"])
             node_dir = os.path.join(self.dir, f"n{n}")
             os.makedirs(node_dir, exist_ok=True)
             nodes.append(Node(index=n, namespace=ns, public_ip=str(s.node_ip(n)), dataplane=s.dataplane(n),
                               log=os.path.join(node_dir, "weftd.log"),
-                              subnet_file=os.path.join(node_dir, "subnet.env")))
+                              subnet_file=os.path.join(node_dir, "subnet.env"),
+                              public_ipv6=str(s.node_ip6(n)) if s.dual_stack else ""))
         if s.store == "etcd":
             self.ip(names.store_ns, ["link set lo up", f"addr add {s.store_ip}/{plen} dev eth0",
                                      "link set eth0 up"])
@@ -191,10 +212,11 @@ class Topology:
                 self.ip(ns, ["link set lo up"])
                 result = lab_cni.add(self.ledger, lab_cni.pod_entry(self.dir, node, ns, cni_path))
                 ip, gateway = lab_cni.address(result)
+                ip6, gateway6 = lab_cni.address6(result) if s.dual_stack else ("", "")
                 if not s.pod_offloads:
                     run(["ip", "netns", "exec", ns, "ethtool", "-K", lab_cni.IFNAME, "tso", "off", "gso", "off"])
                 pods.append(Pod(namespace=ns, ip=ip, node=node.index, index=k, gateway=gateway, mtu=node.mtu,
-                                host_veth=lab_cni.host_veth(result)))
+                                host_veth=lab_cni.host_veth(result), ip6=ip6, gateway6=gateway6))
             return pods
 
         with ThreadPoolExecutor(max_workers=min(lab_cni.PARALLEL_NODES, len(nodes))) as pool:

@@ -59,6 +59,8 @@ def daemon_command(scenario: Scenario, daemon: Sequence[str], store_flags: list[
         argv = list(daemon) + store_flags
     argv += ["-iface", "eth0", "-public-ip", node.public_ip, "-subnet-file", node.subnet_file,
              "-healthz-ip", "0.0.0.0", "-healthz-port", str(HEALTHZ_PORT)]
+    if getattr(node, "public_ipv6", ""):  # a dual-stack lab (eth0 has it; said as -public-ip is)
+        argv += ["-public-ipv6", node.public_ipv6]
     if s.node(node.index).dataplane:
         argv += ["--dataplane", s.node(node.index).dataplane]
     if not sets_ip_masq(argv + list(s.weftd.flags), sysconfig):
@@ -96,3 +98,11 @@ def read_subnet(node) -> None:
         raise LabError(f"node {node.index}: {node.subnet_file} lacks a valid FLANNEL_SUBNET/FLANNEL_MTU") from None
     node.subnet = str(iface.network)
     node.gateway = str(iface.ip)
+    if getattr(node, "public_ipv6", ""):  # a dual-stack lab: weftd writes the IPv6 part too
+        try:
+            iface6 = ipaddress.IPv6Interface(env["FLANNEL_IPV6_SUBNET"])
+        except (KeyError, ValueError):
+            raise LabError(f"node {node.index}: {node.subnet_file} lacks a valid FLANNEL_IPV6_SUBNET "
+                           "(the network config enables IPv6)") from None
+        node.subnet6 = str(iface6.network)
+        node.gateway6 = str(iface6.ip)

@@ -74,36 +74,57 @@ def _pairs_note(p: dict) -> str:
             f"{p['spell']} spell, {p['mixed']} mixed)")
 
 
+def dual_stack(doc: dict) -> bool:
+    """Whether the run measured IPv6 too (a dual-stack scenario): its tables get a family column."""
+    return any(b.get("status") == "ok" and isinstance(b.get("v6"), dict) for b in doc["backends"].values())
+
+
 def rows(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
-    """Headings, one row per measured backend, and a note per skipped or failed one."""
-    heads = ["backend"] + [h for _, h, _ in COLUMNS]
+    """Headings, one row per measured backend, and a note per skipped or failed one. A
+    dual-stack run has a ``family`` column and an IPv6 row under each backend's IPv4 row."""
+    both = dual_stack(doc)
+    heads = ["backend"] + (["family"] if both else []) + [h for _, h, _ in COLUMNS]
     body, notes = [], []
     for name, b in doc["backends"].items():
         if b.get("status") != "ok":
             notes.append(f"{name}: {b.get('status')}: {b.get('reason', '')}")
             continue
-        body.append([name] + [_cell(b, k, f) for k, _, f in COLUMNS])
-        for key, (without, measured) in (b.get("missing") or {}).items():
-            label = HEADINGS.get(key, key)
-            notes.append(f"{name}: {label} is missing: no value in {without} of {measured} runs"
-                         if _missing(b.get(key)) else
-                         f"{name}: {label}: no value in {without} of {measured} runs (the median of the others)")
-        if b.get("tcp1_samples"):
-            notes.append(f"{name}: TCP x1 is the median of {b['tcp1_samples']} underlay samples, taken in "
-                         f"every backend's lab (its own lab's median: {_cell(b, 'tcp1_gbps_own_lab', '{:.2f}')})")
-        pairs = b.get("ratio_to_bare_pairs")
-        if isinstance(pairs, dict) and (pairs.get("spell") or pairs.get("mixed")):
-            notes.append(f"{name}: ×bare {_pairs_note(pairs)}")
+        parts = [("IPv4", "", b)] + ([("IPv6", " IPv6", b["v6"])] if both and isinstance(b.get("v6"), dict) else [])
+        for family, label, part in parts:
+            body.append([name] + ([family] if both else []) + [_cell(part, k, f) for k, _, f in COLUMNS])
+            notes += _notes(name + label, part)
+    if both:
+        notes.append("IPv6 rows: TCP x1, ping and RR to the pods' (bare: the nodes') IPv6 addresses, ratios against "
+                     "the IPv6 underlay of the same run (the other columns are the backend's, on its IPv4 row); "
+                     "RR over IPv6 is bench's own probe (sockperf 3.7 has no IPv6)")
     return heads, body, notes
+
+
+def _notes(name: str, b: dict) -> list[str]:
+    notes = []
+    for key, (without, measured) in (b.get("missing") or {}).items():
+        label = HEADINGS.get(key, key)
+        notes.append(f"{name}: {label} is missing: no value in {without} of {measured} runs"
+                     if _missing(b.get(key)) else
+                     f"{name}: {label}: no value in {without} of {measured} runs (the median of the others)")
+    if b.get("tcp1_samples"):
+        notes.append(f"{name}: TCP x1 is the median of {b['tcp1_samples']} underlay samples, taken in "
+                     f"every backend's lab (its own lab's median: {_cell(b, 'tcp1_gbps_own_lab', '{:.2f}')})")
+    pairs = b.get("ratio_to_bare_pairs")
+    if isinstance(pairs, dict) and (pairs.get("spell") or pairs.get("mixed")):
+        notes.append(f"{name}: ×bare {_pairs_note(pairs)}")
+    return notes
 
 
 def terminal(doc: dict) -> str:
     heads, body, notes = rows(doc)
-    present = [i for i in range(len(heads)) if i == 0 or any(r[i] != "–" for r in body)]
+    fixed = 2 if dual_stack(doc) else 1  # backend (and family): left-aligned, always shown
+    present = [i for i in range(len(heads)) if i < fixed or any(r[i] != "–" for r in body)]
     heads = [heads[i] for i in present]
     body = [[r[i] for i in present] for r in body]
     widths = [max(len(x) for x in col) for col in zip(heads, *body)] if body else [len(h) for h in heads]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    line = lambda cells: "  ".join(c.rjust(w) if i >= fixed else c.ljust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
     out = [line(heads), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
     m, s = doc.get("machine", {}), doc.get("scenario", {})
     out.append("")
@@ -164,16 +185,20 @@ def charts(doc: dict, directory: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = {n: b for n, b in doc["backends"].items() if b.get("status") == "ok"}
+    # a dual-stack run's IPv6 medians as "<key>_v6", so each chart draws them beside IPv4's
+    ok = {n: {**b, **{f"{k}_v6": v for k, v in (b.get("v6") or {}).items()}}
+          for n, b in doc["backends"].items() if b.get("status") == "ok"}
     if not ok:
         return []
     os.makedirs(directory, exist_ok=True)
     written = []
     specs = [
         ("throughput.png", "Pod-to-pod throughput", "Gbit/s",
-         [("tcp1_gbps", "TCP 1 stream"), ("tcp4_gbps", "TCP 4 streams"), ("tcp1_nooffload_gbps", "TCP 1, no TSO")]),
+         [("tcp1_gbps", "TCP 1 stream"), ("tcp4_gbps", "TCP 4 streams"), ("tcp1_nooffload_gbps", "TCP 1, no TSO"),
+          ("tcp1_gbps_v6", "TCP 1 stream, IPv6")]),
         ("latency.png", "Pod-to-pod latency", "µs",
-         [("rtt_p50_us", "ping p50"), ("rtt_p99_us", "ping p99"), ("rr_p50_us", "UDP RR p50 (pinned)")]),
+         [("rtt_p50_us", "ping p50"), ("rtt_p99_us", "ping p99"), ("rr_p50_us", "UDP RR p50 (pinned)"),
+          ("rtt_p50_us_v6", "ping p50, IPv6"), ("rr_p50_us_v6", "UDP RR p50 (pinned), IPv6")]),
         ("cpu.png", "CPU cost per Gbit (whole machine)", "core-seconds / Gbit", [("core_s_per_gbit", "TCP 1 stream")]),
     ]
     for filename, title, unit, series in specs:

@@ -3,6 +3,10 @@
 Top level: ``schema``, ``created``, ``machine``, ``versions``, ``git``, ``scenario``, ``plan``,
 ``backends`` (per backend: medians of its runs and ratios, or ``status`` skipped/failed with a
 ``reason``), ``runs`` (every raw run), and ``control_plane`` for scale scenarios.
+
+A dual-stack run's backends also carry ``v6``: the IPv6 probes' medians (``V6_METRICS``, from the
+rows' ``<metric>_v6`` keys) and their ratios, each against the IPv6 underlay of the same run, the
+same way as IPv4's. A document without ``v6`` is an IPv4-only run.
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ SCHEMA = "weft-bench/1"
 # Medians reported per backend: the issue's list, in table order.
 METRICS = ["tcp1_gbps", "tcp4_gbps", "udp_loss_pct", "rtt_p50_us", "rtt_p99_us", "ping_loss_pct", "rr_p50_us",
            "pps", "retransmits", "core_s_per_gbit", "daemon_cores", "tcp1_nooffload_gbps", "udp_jitter_ms"]
+# The IPv6 probes of a dual-stack run (row key: metric + "_v6"), medians under a backend's "v6".
+V6_METRICS = ["tcp1_gbps", "retransmits", "rtt_p50_us", "rtt_p99_us", "ping_loss_pct", "rr_p50_us"]
+V6 = "_v6"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -71,8 +78,11 @@ def new_document(scenario, plan) -> dict:
     }
 
 
-def disturbed(row: dict) -> bool:
-    return any(v is True for k, v in row.items() if k.endswith("_disturbed"))
+def disturbed(row: dict, family: int = 4) -> bool:
+    """Whether foreign load disturbed one of the row's probes of ``family`` (IPv6 probes are
+    labelled ``*_v6``, so a disturbed IPv6 probe costs IPv4's medians nothing, and the other way round)."""
+    return any(v is True for k, v in row.items()
+               if k.endswith("_disturbed") and k.endswith(V6 + "_disturbed") == (family == 6))
 
 
 def summarize(rows: list[dict], extra: dict, seconds: float) -> dict:
@@ -85,32 +95,57 @@ def summarize(rows: list[dict], extra: dict, seconds: float) -> dict:
     row; ``missing`` maps such a metric to [runs without a value, runs that measured it], so a
     median of fewer runs, or a null, is said so. A metric the plan does not measure has no key in
     the rows and is simply None."""
-    clean = [r for r in rows if not disturbed(r)]
     out = {"status": "ok", "runs": len(rows), "seconds": round(seconds, 1)}
-    missing = {}
-    for m in METRICS:
-        measured = [r for r in clean if m in r] or [r for r in rows if m in r]
-        out[m] = median(r[m] for r in measured)
-        lacking = sum(1 for r in measured if r[m] is None)
+    out.update(_medians(rows, METRICS))
+    if any("tcp1_gbps" + V6 in r for r in rows):
+        out["v6"] = _summarize_v6(rows)
+    out.update(extra)
+    return out
+
+
+def _summarize_v6(rows: list[dict]) -> dict:
+    """The IPv6 medians of a dual-stack backend's rows, by the same rules as IPv4's."""
+    return _medians(rows, V6_METRICS, 6)
+
+
+def _medians(rows: list[dict], metrics, family: int = 4) -> dict:
+    """Each metric's median over the rows whose probes of that family were not disturbed (all
+    rows when every one was), ``missing`` (metric -> [rows without a value, rows measured]) and
+    ``disturbed_runs``. An IPv6 metric ``m`` is read from the rows' ``m + V6``."""
+    suffix = V6 if family == 6 else ""
+    clean = [r for r in rows if not disturbed(r, family)]
+    out, missing = {}, {}
+    for m in metrics:
+        key = m + suffix
+        measured = [r for r in clean if key in r] or [r for r in rows if key in r]
+        out[m] = median(r[key] for r in measured)
+        lacking = sum(1 for r in measured if r[key] is None)
         if lacking:
             missing[m] = [lacking, len(measured)]
     if missing:
         out["missing"] = missing
     out["disturbed_runs"] = len(rows) - len(clean)
-    out.update(extra)
     return out
 
 
-def pool_underlay(doc: dict) -> None:
+def family_of(b: dict, family: int) -> dict | None:
+    """A backend's numbers of ``family``: the backend itself (4), its ``v6`` part or None (6)."""
+    return b if family == 4 else b.get("v6")
+
+
+def pool_underlay(doc: dict, family: int = 4) -> None:
     """bare's TCP x1 := the median of every undisturbed underlay sample of the run: its own lab's
     runs plus the one each backend's lab takes after each of its TCP x1 samples
     (``underlay_tcp1_gbps``). One lab's median of 3 moved by up to 15 % between runs."""
-    bare = doc["backends"].get("bare")
-    if not bare or bare.get("status") != "ok" or "tcp1_samples" in bare:
+    owner = doc["backends"].get("bare")
+    if not owner or owner.get("status") != "ok":
+        return
+    bare, sfx = family_of(owner, family), V6 if family == 6 else ""
+    if not bare or "tcp1_samples" in bare:
         return  # (already pooled)
-    runs = [r for r in doc["runs"] if not disturbed(r)] or doc["runs"]
-    samples = [r["tcp1_gbps"] for r in runs if r.get("backend") == "bare" and r.get("tcp1_gbps")]
-    samples += [r["underlay_tcp1_gbps"] for r in runs if r.get("underlay_tcp1_gbps")]
+    runs = [r for r in doc["runs"] if not disturbed(r, family)] or doc["runs"]
+    samples = [r["tcp1_gbps" + sfx] for r in runs if r.get("backend") == "bare" and r.get("tcp1_gbps" + sfx)]
+    samples += [r["underlay_tcp1_gbps" + sfx] for r in runs if r.get("underlay_tcp1_gbps" + sfx)]
     if samples:
         bare["tcp1_gbps_own_lab"] = bare.get("tcp1_gbps")
         bare["tcp1_gbps"] = median(samples)
@@ -126,28 +161,33 @@ SPELL_FRACTION = 0.8
 MIN_PAIRS = 3
 
 
-def _underlay_samples(doc: dict) -> list[float]:
-    """Every undisturbed underlay TCP x1 sample of the run: the backends' twins and bare's own."""
-    samples = [r["underlay_tcp1_gbps"] for r in doc["runs"]
-               if r.get("underlay_tcp1_gbps") and not r.get("underlay_disturbed")]
-    return samples + [r["tcp1_gbps"] for r in doc["runs"]
-                      if r.get("backend") == "bare" and r.get("tcp1_gbps") and not r.get("tcp1_disturbed")]
+def _underlay_samples(doc: dict, sfx: str = "") -> list[float]:
+    """Every undisturbed underlay TCP x1 sample of the run: the backends' twins and bare's own
+    (``sfx`` "_v6": the IPv6 ones)."""
+    samples = [r["underlay_tcp1_gbps" + sfx] for r in doc["runs"]
+               if r.get("underlay_tcp1_gbps" + sfx) and not r.get(f"underlay{sfx}_disturbed")]
+    return samples + [r["tcp1_gbps" + sfx] for r in doc["runs"]
+                      if r.get("backend") == "bare" and r.get("tcp1_gbps" + sfx)
+                      and not r.get(f"tcp1{sfx}_disturbed")]
 
 
-def paired_ratio(doc: dict, name: str) -> dict | None:
+def paired_ratio(doc: dict, name: str, family: int = 4) -> dict | None:
     """``name``'s TCP x1 over the underlay, pair by pair: each of its samples divided by the
     underlay sample its lab took right after it (``underlay_tcp1_gbps``), ~2 s apart.
 
     Pairs are ``calm`` (both halves at their series' usual speed), ``spell`` (both slow: a spell
     of the host outlasted the pair) or ``mixed`` (one half slow). The ratio is the median over
     the calm pairs when there are MIN_PAIRS of them, else over calm and spell pairs, else (a run
-    that spells cut to pieces) the backend's median over the run's underlay median."""
-    pairs = [(r["tcp1_gbps"], r["underlay_tcp1_gbps"]) for r in doc["runs"]
-             if r.get("backend") == name and r.get("tcp1_gbps") and r.get("underlay_tcp1_gbps")
-             and not r.get("tcp1_disturbed") and not r.get("underlay_disturbed")]
+    that spells cut to pieces) the backend's median over the run's underlay median. ``family``
+    6: the IPv6 samples and their IPv6 underlay twins."""
+    sfx = V6 if family == 6 else ""
+    own_key, twin_key = "tcp1_gbps" + sfx, "underlay_tcp1_gbps" + sfx
+    pairs = [(r[own_key], r[twin_key]) for r in doc["runs"]
+             if r.get("backend") == name and r.get(own_key) and r.get(twin_key)
+             and not r.get(f"tcp1{sfx}_disturbed") and not r.get(f"underlay{sfx}_disturbed")]
     if not pairs:
         return None
-    underlay = _underlay_samples(doc)
+    underlay = _underlay_samples(doc, sfx)
     own, twin = np.array(pairs, dtype=float).T
     kinds = pair_kinds(own < SPELL_FRACTION * quantile(own, 0.75),
                        twin < SPELL_FRACTION * quantile(underlay, 0.75))
@@ -165,12 +205,20 @@ def add_ratios(doc: dict) -> None:
 
     ``ratio_to_bare`` is the backend's paired ratio when its lab took underlay samples (every
     ``bench run`` does), else its TCP x1 median over bare's; ``ratio_to_vxlan_kernel`` divides the
-    two backends' ``ratio_to_bare`` where both exist, so it is paired too."""
-    pool_underlay(doc)
-    ok = {n: b for n, b in doc["backends"].items() if b.get("status") == "ok"}
+    two backends' ``ratio_to_bare`` where both exist, so it is paired too. A dual-stack run's
+    ``v6`` parts get the same ratios, against bare's and vxlan/kernel's ``v6``."""
+    _add_ratios(doc, 4)
+    if any(b.get("status") == "ok" and b.get("v6") for b in doc["backends"].values()):
+        _add_ratios(doc, 6)
+
+
+def _add_ratios(doc: dict, family: int) -> None:
+    pool_underlay(doc, family)
+    ok = {n: family_of(b, family) for n, b in doc["backends"].items()
+          if b.get("status") == "ok" and family_of(b, family) is not None}
     bare, vxlan = ok.get("bare", {}), ok.get("vxlan/kernel", {})
     for name, b in ok.items():
-        paired = paired_ratio(doc, name) if name != "bare" else None
+        paired = paired_ratio(doc, name, family) if name != "bare" else None
         if paired:
             b["ratio_to_bare"] = paired.pop("ratio")
             b["ratio_to_bare_pairs"] = paired

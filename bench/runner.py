@@ -8,6 +8,11 @@ its underlay twin in the same lab (``bench.results.paired_ratio``); then every l
 probe is guarded (``measure.Guard``): one that other processes disturbed is retried, and its
 foreign CPU is recorded with the raw run. Backends that cannot run here are skipped with the
 reason. The result is one JSON document (``bench.results``).
+
+A dual-stack scenario (its network config enables IPv6) measures each data plane that carries
+IPv6 over both families: after the IPv4 probes of a run, TCP x1 with its underlay twin, ping and
+the pinned request/response again to the IPv6 addresses (row keys ending ``_v6``), so the IPv6
+ratios are paired the same way against the IPv6 underlay of the same lab.
 """
 from __future__ import annotations
 
@@ -28,11 +33,15 @@ BARE = "bare"
 RETRIES = 3  # extra attempts of a probe disturbed by foreign load
 
 
-def default_backends() -> list[str]:
+def default_backends(scenario=None) -> list[str]:
     """What a default run measures: the bare underlay, then every data plane the backend
-    registry marks for the bench (controlplane.backends), in its order."""
-    from controlplane.backends import bench_backends
-    return [BARE, *bench_backends()]
+    registry marks for the bench (controlplane.backends), in its order; for a dual-stack
+    ``scenario``, only those that carry IPv6."""
+    from controlplane.backends import bench_backends, declaration
+    names = bench_backends()
+    if scenario is not None and scenario.dual_stack:
+        names = [b for b in names if getattr(declaration(b), "ipv6", False)]
+    return [BARE, *names]
 
 
 @dataclass
@@ -96,8 +105,8 @@ class Progress:
             self.stream.write("\n")
 
 
-def unavailable(backend: str) -> str | None:
-    """Why ``backend`` cannot run here, or None."""
+def unavailable(backend: str, dual_stack: bool = False) -> str | None:
+    """Why ``backend`` cannot run here (or, ``dual_stack``, in a dual-stack scenario), or None."""
     if os.geteuid() != 0:
         return "needs root (network namespaces)"
     if backend == BARE:
@@ -106,6 +115,9 @@ def unavailable(backend: str) -> str | None:
     decl = declaration(backend)
     if decl is None:
         return "not built yet (no such backend in this build of weft)"
+    if dual_stack and not getattr(decl, "ipv6", False):
+        return (f"carries IPv4 only, the scenario enables IPv6"
+                f"{': ' + decl.no_ipv6_reason if getattr(decl, 'no_ipv6_reason', '') else ''}")
     if "bcc" in decl.requires:
         try:
             import bcc  # noqa: F401
@@ -151,27 +163,38 @@ def guarded(lab_namespaces, probe, label: str, rows_meta: dict, pids=()):
     return value, guard
 
 
-def _pairs(lab, backend: str) -> list[tuple[Endpoint, str]]:
-    if backend == BARE:
-        return [(Endpoint(a.namespace, a.public_ip), b.public_ip)
-                for a in lab.nodes for b in lab.nodes if a is not b]
-    return [(Endpoint(a.namespace, a.ip), b.ip) for a in lab.pods for b in lab.pods if a is not b]
+def _address(thing, family: int) -> str:
+    """A node's underlay or a pod's address of ``family`` (4 or 6)."""
+    if hasattr(thing, "public_ip"):  # a node
+        return thing.public_ip if family == 4 else thing.public_ipv6
+    return thing.ip if family == 4 else thing.ip6
+
+
+def families(lab) -> tuple[int, ...]:
+    return (4, 6) if lab.scenario.dual_stack else (4,)
+
+
+def _pairs(lab, backend: str, family: int = 4) -> list[tuple[Endpoint, str]]:
+    ends = lab.nodes if backend == BARE else lab.pods
+    return [(Endpoint(a.namespace, _address(a, family)), _address(b, family))
+            for a in ends for b in ends if a is not b]
 
 
 def check_connectivity(lab, backend: str) -> None:
-    bad = [f"{src.ns}->{dst}" for src, dst in _pairs(lab, backend) if not measure.reachable(src, dst)]
+    bad = [f"{src.ns}->{dst}" for family in families(lab) for src, dst in _pairs(lab, backend, family)
+           if not measure.reachable(src, dst)]
     if bad:
         raise MeasureError(f"no connectivity: {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
 
 
-def endpoints(lab, backend: str) -> tuple[Endpoint, Endpoint, str]:
-    """Sender and receiver across nodes 1 and 2, and the sender's interface."""
+def endpoints(lab, backend: str, family: int = 4) -> tuple[Endpoint, Endpoint, str]:
+    """Sender and receiver across nodes 1 and 2 (their ``family`` addresses), and the sender's interface."""
     if backend == BARE:
         a, b = lab.node(1), lab.node(2)
-        return Endpoint(a.namespace, a.public_ip), Endpoint(b.namespace, b.public_ip), "eth0"
-    src = next(p for p in lab.pods if p.node == 1)
-    dst = next(p for p in lab.pods if p.node == 2)
-    return Endpoint(src.namespace, src.ip), Endpoint(dst.namespace, dst.ip), "eth0"
+    else:
+        a = next(p for p in lab.pods if p.node == 1)
+        b = next(p for p in lab.pods if p.node == 2)
+    return Endpoint(a.namespace, _address(a, family)), Endpoint(b.namespace, _address(b, family)), "eth0"
 
 
 def engine_pids(lab) -> list[int] | None:
@@ -188,6 +211,19 @@ def engine_pids(lab) -> list[int] | None:
         if "weft_backend_engine_pid" in m:
             pids.append(int(m["weft_backend_engine_pid"]))
     return pids
+
+
+def underlay_twin(lab, plan: Plan, progress: Progress, label: str, row: dict, spaces, cpus,
+                  family: int) -> None:
+    """Right after a TCP x1 sample, the same probe node 1 -> node 2 over the underlay of that
+    family: its twin in the pair ``ratio_to_bare`` is made of (``underlay_tcp1_gbps[_v6]``)."""
+    v6 = "_v6" if family == 6 else ""
+    progress.show(f"{label}: {'IPv6 ' if v6 else ''}TCP 1 stream, its underlay twin")
+    a, b = lab.node(1), lab.node(2)
+    under, _ = guarded(spaces, lambda: measure.iperf3(Endpoint(a.namespace, _address(a, family)),
+                                                      Endpoint(b.namespace, _address(b, family)),
+                                                      plan.tcp1_s, cpus=cpus), "underlay" + v6, row)
+    row["underlay_tcp1_gbps" + v6] = under["gbps"]
 
 
 def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str,
@@ -211,12 +247,7 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str,
         row["daemon_cores"] = (guard.pids_cpu_s / guard.seconds
                                if guard.pids_cpu_s is not None and engines is not None else None)
     if plan.underlay_samples and backend != BARE:
-        progress.show(f"{label}: TCP 1 stream, its underlay twin")
-        a, b = lab.node(1), lab.node(2)
-        under, _ = guarded(spaces, lambda: measure.iperf3(Endpoint(a.namespace, a.public_ip),
-                                                          Endpoint(b.namespace, b.public_ip),
-                                                          plan.tcp1_s, cpus=cpus), "underlay", row)
-        row["underlay_tcp1_gbps"] = under["gbps"]
+        underlay_twin(lab, plan, progress, label, row, spaces, cpus, 4)
     if tcp_only:
         row["tcp_only"] = True
         return row
@@ -251,6 +282,35 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str,
         measure.set_offloads(src.ns, dev, True)
         measure.set_offloads(dst.ns, dev, True)
     return row
+
+
+def measure_ipv6(lab, backend: str, plan: Plan, progress: Progress, label: str, row: dict,
+                 tcp_only: bool = False) -> None:
+    """The IPv6 probes of one run into ``row`` (keys ending ``_v6``): TCP x1 with its IPv6
+    underlay twin, then (unless ``tcp_only``) ping and, in a full plan, the pinned
+    request/response. Same endpoints, pinning and guard as IPv4's."""
+    src, dst, _ = endpoints(lab, backend, 6)
+    cpus = (lab.node_cpu(1), lab.node_cpu(2)) if plan.pin else None
+    cpus = None if cpus and None in cpus else cpus
+    spaces = [n.namespace for n in lab.nodes] + [p.namespace for p in lab.pods]
+    progress.show(f"{label}: IPv6 TCP 1 stream")
+    tcp1, _ = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp1_s, cpus=cpus), "tcp1_v6", row)
+    row.update(tcp1_gbps_v6=tcp1["gbps"], retransmits_v6=tcp1["retransmits"])
+    if plan.underlay_samples and backend != BARE:
+        underlay_twin(lab, plan, progress, label, row, spaces, cpus, 6)
+    if tcp_only:
+        return
+    progress.show(f"{label}: IPv6 ping")
+    ping = measure.ping(src, dst.ip, plan.ping_count, plan.ping_interval, cpu=cpus[0] if cpus else None)
+    row.update({f"{k}_v6": v for k, v in ping.items()})
+    if not plan.full or not measure.have_rr6():  # as IPv4's RR without sockperf: not measured
+        return
+    progress.show(f"{label}: IPv6 request/response (pinned)")
+    lab.steer_receive(False)
+    try:
+        row["rr_p50_us_v6"] = measure.request_response6(src, dst, plan.rr_s, cpu=cpus[0] if cpus else 0)
+    finally:
+        lab.steer_receive(True)
 
 
 def build_lab(scenario, backend: str, plan: Plan, progress: Progress, lab_factory):
@@ -300,7 +360,7 @@ def run(scenario, backends: list[str], plan: Plan, lab_factory=None, stream=sys.
     of every sample of one."""
     from .lab import Lab
     doc = results.new_document(scenario, plan)
-    runnable = [b for b in backends if not _skip_if_unavailable(doc, b)]
+    runnable = [b for b in backends if not _skip_if_unavailable(doc, b, scenario.dual_stack)]
     sitting = Sitting(doc, runnable, plan, stream)
     for b in backends:
         if b not in runnable:
@@ -320,9 +380,9 @@ def run(scenario, backends: list[str], plan: Plan, lab_factory=None, stream=sys.
     return doc
 
 
-def _skip_if_unavailable(doc: dict, backend: str) -> bool:
-    """Record a backend this machine cannot run as skipped, with the reason."""
-    why = unavailable(backend)
+def _skip_if_unavailable(doc: dict, backend: str, dual_stack: bool = False) -> bool:
+    """Record a backend this machine (or the scenario) cannot run as skipped, with the reason."""
+    why = unavailable(backend, dual_stack)
     if why:
         doc["backends"][backend] = {"status": "skipped", "reason": why}
     return bool(why)
@@ -373,6 +433,8 @@ class Sitting:
             lab.resume()
             try:
                 row = measure_once(lab, b, self.plan, self.progress, label, tcp_only=tcp_only)
+                if lab.scenario.dual_stack:
+                    measure_ipv6(lab, b, self.plan, self.progress, label, row, tcp_only=tcp_only)
             except Exception as exc:
                 self.fail(b, exc)
                 continue

@@ -9,6 +9,7 @@ Every key has a default, so ``name = "x"`` alone is a valid three-node SQLite/vx
     nodes = 3                     # node N is <prefix>nN with the underlay's Nth address
     pods_per_node = 1             # pod K of node N is <prefix>pNxK with .K+1 of the node's subnet
     underlay = "198.18.0.0/15"    # must lie inside 198.18.0.0/15 (RFC 2544 benchmarking space)
+    underlay6 = "2001:db8:198:18::/64"  # dual-stack only: must lie inside 2001:db8::/32 (documentation space)
     mtu = 1500                    # the nodes' eth0 MTU
     store = "sqlite"              # or "etcd" (an etcd in namespace <prefix>st)
     etcd_tls = false              # etcd only: client TLS with a PKI made for the run
@@ -20,6 +21,8 @@ Every key has a default, so ``name = "x"`` alone is a valid three-node SQLite/vx
 
     [network]
     config = {Network = "10.244.0.0/16", Backend = {Type = "vxlan"}}   # or a JSON string
+    # "EnableIPv6": true with "IPv6Network" makes the lab dual-stack: nodes get underlay6 addresses
+    # too, pods get both families through CNI, bench run measures IPv6 beside IPv4.
 
     [nodes.2]
     dataplane = "fastpath"        # weftd --dataplane for this node only
@@ -52,6 +55,8 @@ from typing import Any
 from controlplane.config import ConfigError, NetworkConfig, parse_config
 
 SAFE_UNDERLAY = ipaddress.IPv4Network("198.18.0.0/15")
+SAFE_UNDERLAY6 = ipaddress.IPv6Network("2001:db8::/32")  # documentation space (RFC 3849), never routed
+DEFAULT_UNDERLAY6 = ipaddress.IPv6Network("2001:db8:198:18::/64")
 DEFAULT_NETWORK = {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}
 DEFAULT_PREFIX = "/coreos.com/network"
 STORES = ("sqlite", "etcd")
@@ -62,8 +67,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SCENARIO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 TOP_KEYS = ("name", "description", "lab", "network", "nodes", "weftd")
-LAB_KEYS = ("nodes", "pods_per_node", "underlay", "mtu", "store", "etcd_tls", "etcd_members", "prefix",
-            "pod_offloads", "node_cpus", "store_address", "store_tmpfs_mib")
+LAB_KEYS = ("nodes", "pods_per_node", "underlay", "underlay6", "mtu", "store", "etcd_tls", "etcd_members", "prefix",
+            "pod_offloads", "node_cpus", "store_address", "store_tmpfs_mib", "peer_leases")
+MAX_PEER_LEASES = 20000
 MAX_STORE_TMPFS_MIB = 1024
 ETCD_MEMBERS = (1, 3)
 NODE_KEYS = ("dataplane",)
@@ -94,6 +100,7 @@ class Scenario:
     nodes: int = 3
     pods_per_node: int = 1
     underlay: ipaddress.IPv4Network = ipaddress.IPv4Network("198.18.0.0/15")
+    underlay6: ipaddress.IPv6Network = DEFAULT_UNDERLAY6  # used when the config enables IPv6
     mtu: int = 1500
     store: str = "sqlite"
     etcd_tls: bool = False
@@ -103,6 +110,9 @@ class Scenario:
     pod_offloads: bool = True
     node_cpus: bool = True
     store_address: ipaddress.IPv4Address | None = None
+    # >0: ``bench run`` measures how fast each data plane programs this many peer leases
+    # (bench/scale_peers.py) instead of pod traffic.
+    peer_leases: int = 0
     config_text: str = json.dumps(DEFAULT_NETWORK)
     network: NetworkConfig | None = None
     node_overrides: dict[int, NodeSpec] = field(default_factory=dict)
@@ -112,6 +122,14 @@ class Scenario:
     # -- derived, so the builder and the tests agree on every name and address --------------
     def node_ip(self, n: int) -> ipaddress.IPv4Address:
         return self.underlay.network_address + n
+
+    def node_ip6(self, n: int) -> ipaddress.IPv6Address:
+        return self.underlay6.network_address + n
+
+    @property
+    def dual_stack(self) -> bool:
+        """Whether the network config enables IPv6 (beside IPv4): the lab then builds both families."""
+        return bool(self.network is not None and self.network.enable_ipv6)
 
     @property
     def store_ip(self) -> ipaddress.IPv4Address:
@@ -225,6 +243,7 @@ def _read_lab(path: str, lab: dict) -> dict[str, Any]:
     if not 0 <= pods <= MAX_PODS_PER_NODE:
         raise _fail(path, "lab.pods_per_node", f"{pods} is outside 0..{MAX_PODS_PER_NODE}")
     underlay = _read_underlay(path, lab)
+    underlay6 = _read_underlay6(path, lab)
     mtu = _get(path, lab, "mtu", "lab.", int, 1500)
     if not 576 <= mtu <= 65535:
         raise _fail(path, "lab.mtu", f"{mtu} is outside 576..65535")
@@ -233,24 +252,40 @@ def _read_lab(path: str, lab: dict) -> dict[str, Any]:
     pod_offloads = _get(path, lab, "pod_offloads", "lab.", bool, True)
     node_cpus = _get(path, lab, "node_cpus", "lab.", bool, True)
     store_address = _read_store_address(path, lab, underlay, nodes)
+    peer_leases = _get(path, lab, "peer_leases", "lab.", int, 0)
+    if not 0 <= peer_leases <= MAX_PEER_LEASES:
+        raise _fail(path, "lab.peer_leases", f"{peer_leases} is outside 0..{MAX_PEER_LEASES}")
     usable = underlay.num_addresses - 2
     if nodes + 1 > usable:
         raise _fail(path, "lab.nodes", f"{nodes} nodes and the store do not fit in {underlay} "
                     f"({usable} host addresses)")
-    return dict(nodes=nodes, pods_per_node=pods, underlay=underlay, mtu=mtu, **store, prefix=prefix,
-                pod_offloads=pod_offloads, node_cpus=node_cpus, store_address=store_address)
+    if nodes + 1 >= underlay6.num_addresses:
+        raise _fail(path, "lab.nodes", f"{nodes} nodes and the store do not fit in {underlay6}")
+    return dict(nodes=nodes, pods_per_node=pods, underlay=underlay, underlay6=underlay6, mtu=mtu, **store, prefix=prefix,
+                pod_offloads=pod_offloads, node_cpus=node_cpus, store_address=store_address,
+                peer_leases=peer_leases)
+
+
+def _read_safe_net(path: str, lab: dict, key: str, kind: type, safe, space: str):
+    """``[lab] <key>``: a CIDR of ``kind`` with no host bits inside ``safe`` (an address space
+    that is never routed: the lab's traffic cannot leave it)."""
+    text = _get(path, lab, key, "lab.", str, str(safe if kind is ipaddress.IPv4Network else DEFAULT_UNDERLAY6))
+    family = "IPv4" if kind is ipaddress.IPv4Network else "IPv6"
+    try:
+        net = kind(text)
+    except ValueError:
+        raise _fail(path, f"lab.{key}", f"{text!r} is not an {family} CIDR with no host bits") from None
+    if not net.subnet_of(safe):
+        raise _fail(path, f"lab.{key}", f"{net} must lie inside {safe} ({space} space, never routed)")
+    return net
 
 
 def _read_underlay(path: str, lab: dict) -> ipaddress.IPv4Network:
-    underlay_text = _get(path, lab, "underlay", "lab.", str, str(SAFE_UNDERLAY))
-    try:
-        underlay = ipaddress.IPv4Network(underlay_text)
-    except ValueError:
-        raise _fail(path, "lab.underlay", f"{underlay_text!r} is not an IPv4 CIDR with no host bits") from None
-    if not underlay.subnet_of(SAFE_UNDERLAY):
-        raise _fail(path, "lab.underlay", f"{underlay} must lie inside {SAFE_UNDERLAY} "
-                    "(benchmarking space, never routed)")
-    return underlay
+    return _read_safe_net(path, lab, "underlay", ipaddress.IPv4Network, SAFE_UNDERLAY, "benchmarking")
+
+
+def _read_underlay6(path: str, lab: dict) -> ipaddress.IPv6Network:
+    return _read_safe_net(path, lab, "underlay6", ipaddress.IPv6Network, SAFE_UNDERLAY6, "documentation")
 
 
 def _read_store(path: str, lab: dict) -> dict[str, Any]:
@@ -322,6 +357,13 @@ def _check_fit(path: str, lab: dict, network: NetworkConfig) -> None:
     if network.subnet_count < nodes:
         raise _fail(path, "network.config", f"Network {network.network} holds "
                     f"{network.subnet_count} subnets of /{network.subnet_len}, fewer than {nodes} nodes")
+    if network.enable_ipv6:
+        size6 = 1 << (128 - network.ipv6_subnet_len)
+        count6 = (int(network.ipv6_subnet_max) - int(network.ipv6_subnet_min)) // size6 + 1
+        if count6 < nodes:
+            raise _fail(path, "network.config", f"IPv6Network {network.ipv6_network} holds {count6} "
+                        f"subnets of /{network.ipv6_subnet_len} between IPv6SubnetMin and IPv6SubnetMax, "
+                        f"fewer than {nodes} nodes")
     if pods and pods > network.subnet_size - 3:
         raise _fail(path, "lab.pods_per_node", f"{pods} pods do not fit in a /{network.subnet_len} "
                     f"subnet ({network.subnet_size - 3} pod addresses after .0, .1 and broadcast)")
@@ -384,7 +426,8 @@ def to_dict(s: Scenario) -> dict:
     for key in LAB_KEYS:
         value = getattr(s, key)
         if value is not None:
-            lab[key] = str(value) if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv4Address)) else value
+            lab[key] = str(value) if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv4Address,
+                                                        ipaddress.IPv6Network)) else value
     weftd = {"flags": list(s.weftd.flags), "env": dict(s.weftd.env)}
     if s.weftd.exec_start:
         weftd["exec_start"] = s.weftd.exec_start

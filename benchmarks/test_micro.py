@@ -12,7 +12,7 @@ import json
 import random
 
 from controlplane.config import parse_config
-from controlplane.lease import LeaseAttrs, parse_subnet_key, subnet_key
+from controlplane.lease import LeaseAttrs, parse_lease_key, subnet_key
 from controlplane.manager import LeaseManager, LeaseWatcher
 from controlplane.store.base import LeaseRecord, StoreEvent
 
@@ -37,7 +37,7 @@ def test_config_parse(benchmark):
 
 def test_lease_encode_decode(benchmark):
     text = LEASE.to_json()
-    benchmark(lambda: LeaseAttrs.from_json(LEASE.to_json()) and parse_subnet_key(subnet_key(
+    benchmark(lambda: LeaseAttrs.from_json(LEASE.to_json()) and parse_lease_key(subnet_key(
         ipaddress.IPv4Network("10.244.7.0/24"))) and text)
 
 

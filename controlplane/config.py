@@ -8,6 +8,11 @@ Two deliberate differences, both documented in the README:
 - no ``Backend`` key means ``vxlan`` (flannel's documentation says so; flanneld's code picks ``udp``);
 - ``Backend.Dataplane`` is weft's own key: it picks the implementation behind a wire format.
 
+Dual-stack (``EnableIPv6`` with ``IPv6Network`` ...) follows flannel's rules too. IPv6-only
+(``EnableIPv4`` false) is refused: a lease's identity here is its IPv4 subnet, and every lease of an
+IPv6-only flannel network has the IPv4 key part ``0.0.0.0-0``. A data plane declares whether it
+carries IPv6 (``spec.Dataplane.ipv6``); EnableIPv6 with one that does not is refused.
+
 Every rule broken raises ``ConfigError`` with one line naming the key and the rule.
 """
 from __future__ import annotations
@@ -71,6 +76,47 @@ class NetworkConfig:
     subnet_max: ipaddress.IPv4Address
     backend: BackendConfig
     raw: str = field(default="", compare=False, repr=False)
+    # Dual-stack (EnableIPv6): flannel's IPv6Network, IPv6SubnetLen, IPv6SubnetMin, IPv6SubnetMax.
+    ipv6_network: ipaddress.IPv6Network | None = None  # None: EnableIPv6 is false
+    ipv6_subnet_len: int = 0
+    ipv6_subnet_min: ipaddress.IPv6Address | None = None
+    ipv6_subnet_max: ipaddress.IPv6Address | None = None
+
+    @property
+    def enable_ipv6(self) -> bool:
+        return self.ipv6_network is not None
+
+    @property
+    def subnet6_size(self) -> int:
+        return 1 << (128 - self.ipv6_subnet_len)
+
+    @property
+    def subnet6_count(self) -> int:
+        """How many IPv6 subnets lie between IPv6SubnetMin and IPv6SubnetMax, inclusive (0
+        without EnableIPv6)."""
+        if not self.enable_ipv6:
+            return 0
+        return (int(self.ipv6_subnet_max) - int(self.ipv6_subnet_min)) // self.subnet6_size + 1
+
+    def subnet6_at(self, index: int) -> ipaddress.IPv6Network:
+        addr = ipaddress.IPv6Address(int(self.ipv6_subnet_min) + index * self.subnet6_size)
+        return ipaddress.IPv6Network((addr, self.ipv6_subnet_len))
+
+    def contains_subnet6(self, subnet6: ipaddress.IPv6Network | None) -> bool:
+        """True when ``subnet6`` is an IPv6 subnet this config could hand out (never without
+        EnableIPv6, and never None with it)."""
+        if not self.enable_ipv6 or subnet6 is None:
+            return False
+        return (subnet6.prefixlen == self.ipv6_subnet_len
+                and int(self.ipv6_subnet_min) <= int(subnet6.network_address) <= int(self.ipv6_subnet_max))
+
+    def fits(self, subnet: ipaddress.IPv4Network, subnet6: ipaddress.IPv6Network | None) -> bool:
+        """True when a lease of ``subnet`` (and ``subnet6``) is one this config could hand out:
+        both parts inside their ranges with EnableIPv6, and no IPv6 part without it (flannel's
+        ``tryAcquireLease``)."""
+        if not self.contains_subnet(subnet):
+            return False
+        return self.contains_subnet6(subnet6) if self.enable_ipv6 else subnet6 is None
 
     @property
     def subnet_size(self) -> int:
@@ -95,6 +141,8 @@ class NetworkConfig:
         if not dataplane:
             return self
         _check_dataplane(self.backend.type, dataplane, "--dataplane")
+        if self.enable_ipv6:
+            _check_ipv6(self.backend.type, dataplane, "--dataplane")
         return dataclasses.replace(self, backend=dataclasses.replace(self.backend, dataplane=dataplane))
 
 
@@ -121,13 +169,6 @@ def _typed(obj: dict, key: str, kind: type, where: str, default: Any) -> Any:
     return value
 
 
-def _ipv4(text: str, key: str) -> ipaddress.IPv4Address:
-    try:
-        return ipaddress.IPv4Address(text)
-    except ValueError:
-        raise ConfigError(f"{key}: {text!r} is not an IPv4 address") from None
-
-
 def _check_dataplane(wire: str, dataplane: str, key: str) -> None:
     known = registry.dataplane_names()
     if dataplane not in known:
@@ -135,6 +176,21 @@ def _check_dataplane(wire: str, dataplane: str, key: str) -> None:
     have = [d.name for d in registry.dataplanes(wire)]
     if dataplane not in have:
         raise ConfigError(f"{key}: {wire} has no {dataplane!r} data plane (it has: {', '.join(have)})")
+
+
+def _check_ipv6(wire: str, dataplane: str, key: str) -> None:
+    """EnableIPv6 needs a data plane that carries IPv6 (``spec.Dataplane.ipv6``)."""
+    dp = registry.declaration(f"{wire}/{dataplane}")
+    if dp is None or dp.ipv6:
+        return
+    # The wire formats with an IPv6 data plane that carries traffic (bench measures those; alloc
+    # only leases), the default one first.
+    able = sorted(dict.fromkeys(d.wire for d in registry.dataplanes() if d.ipv6 and d.bench),
+                  key=lambda w: w != DEFAULT_WIRE)
+    why = f" ({dp.no_ipv6_reason})" if dp.no_ipv6_reason else ""
+    where = "" if key == "Backend.Dataplane" else f"{key} {dataplane}: "
+    raise ConfigError(f"{where}EnableIPv6: {dp.backend} carries IPv4 only{why}; "
+                      f"use {' or '.join(able)}")
 
 
 def _key(obj: dict, key: Key) -> Any:
@@ -182,51 +238,95 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     if not isinstance(obj, dict):
         raise ConfigError("config: must be a JSON object")
 
-    if _typed(obj, "EnableIPv6", bool, "", False):
-        raise ConfigError("EnableIPv6: IPv6 networks are not supported by weft yet")
+    enable_ipv6 = _typed(obj, "EnableIPv6", bool, "", False)
     if not _typed(obj, "EnableIPv4", bool, "", True):
-        raise ConfigError("EnableIPv4: weft needs an IPv4 network (EnableIPv4 false is not supported)")
-    net_text = _typed(obj, "Network", str, "", None)
+        raise ConfigError("EnableIPv4: false (IPv6-only) is not supported: weft needs an IPv4 Network"
+                          " (dual-stack is: EnableIPv4 and EnableIPv6 both true)")
+    network, subnet_len, subnet_min, subnet_max = _parse_range(obj, IPV4)
+
+    present, backend_obj = _lookup(obj, "Backend")
+    backend = parse_backend(backend_obj if present else None)
+    if not enable_ipv6:  # flannel reads the IPv6 keys only with EnableIPv6
+        return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend, text)
+    _check_ipv6(backend.type, backend.dataplane, "Backend.Dataplane")
+    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend, text,
+                         *_parse_range(obj, IPV6))
+
+
+@dataclass(frozen=True)
+class _Family:
+    """One address family's keys and flannel's numbers for them (``pkg/subnet/config.go``)."""
+    network_key: str  # "Network", "IPv6Network"
+    keys: str  # the prefix of SubnetLen, SubnetMin, SubnetMax: "", "IPv6"
+    name: str  # "IPv4", "IPv6"
+    bits: int
+    longest_subnet: int  # SubnetLen at most (a subnet needs four addresses)
+    default_len: int  # SubnetLen when the network is wide enough
+    example: str
+    network_type: type
+    address_type: type
+
+
+IPV4 = _Family("Network", "", "IPv4", 32, 30, 24, "10.244.0.0/16", ipaddress.IPv4Network,
+               ipaddress.IPv4Address)
+IPV6 = _Family("IPv6Network", "IPv6", "IPv6", 128, 126, 64, "fd10:244::/56", ipaddress.IPv6Network,
+               ipaddress.IPv6Address)
+
+
+def _parse_range(obj: dict, fam: _Family) -> tuple:
+    """The family's network, SubnetLen, SubnetMin and SubnetMax, with flannel's defaults and rules
+    (the IPv6 keys are read only with EnableIPv6, as flannel does)."""
+    nkey = fam.network_key
+    net_text = _typed(obj, nkey, str, "", None)
     if net_text is None:
-        raise ConfigError("Network: missing (the cluster's IPv4 CIDR, e.g. \"10.244.0.0/16\")")
+        need = "EnableIPv6 needs " if fam is IPV6 else ""
+        raise ConfigError(f"{nkey}: missing ({need}the cluster's {fam.name} CIDR, e.g. \"{fam.example}\")")
     try:
         # strict=False: flannel (Go's net.ParseCIDR) accepts host bits and masks them off.
-        network = ipaddress.IPv4Network(net_text, strict=False)
+        network = fam.network_type(net_text, strict=False)
     except ValueError:
-        raise ConfigError(f"Network: {net_text!r} is not an IPv4 CIDR") from None
+        network = None
+    if network is None or getattr(network.network_address, "scope_id", None):  # Go takes no %zone
+        raise ConfigError(f"{nkey}: {net_text!r} is not an {fam.name} CIDR")
     if "/" not in net_text:
-        raise ConfigError(f"Network: {net_text!r} has no prefix length")
+        raise ConfigError(f"{nkey}: {net_text!r} has no prefix length")
 
-    subnet_len = _typed(obj, "SubnetLen", int, "", 0)
+    len_key = f"{fam.keys}SubnetLen"
+    subnet_len = _typed(obj, len_key, int, "", 0)
     if subnet_len:
-        if subnet_len > 30:
-            raise ConfigError(f"SubnetLen: {subnet_len} is too long (at most 30)")
+        if subnet_len > fam.longest_subnet:
+            raise ConfigError(f"{len_key}: {subnet_len} is too long (at most {fam.longest_subnet})")
         if subnet_len < network.prefixlen + 2:
-            raise ConfigError(f"SubnetLen: {subnet_len} must be at least Network's length + 2 "
-                              f"({network.prefixlen + 2}) so that Network holds four subnets")
+            raise ConfigError(f"{len_key}: {subnet_len} must be at least {nkey}'s length + 2 "
+                              f"({network.prefixlen + 2}) so that {nkey} holds four subnets")
     else:
-        if network.prefixlen > 28:
-            raise ConfigError(f"Network: /{network.prefixlen} is too small (at most /28)")
-        subnet_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
-    size = 1 << (32 - subnet_len)
+        if network.prefixlen > fam.longest_subnet - 2:
+            raise ConfigError(f"{nkey}: /{network.prefixlen} is too small (at most /{fam.longest_subnet - 2})")
+        wide = network.prefixlen <= fam.default_len - 2
+        subnet_len = fam.default_len if wide else network.prefixlen + 2
+    size = 1 << (fam.bits - subnet_len)
 
-    def bound(key: str, default: int) -> ipaddress.IPv4Address:
+    def bound(key: str, default: int):
         text_value = _typed(obj, key, str, "", None)
         if text_value is None:
-            return ipaddress.IPv4Address(default)
-        addr = _ipv4(text_value, key)
+            return fam.address_type(default)
+        try:
+            addr = fam.address_type(text_value)
+        except ValueError:
+            addr = None
+        if addr is None or getattr(addr, "scope_id", None):  # Go's ParseIP takes no %zone
+            raise ConfigError(f"{key}: {text_value!r} is not an {fam.name} address")
         if addr not in network:
-            raise ConfigError(f"{key}: {addr} is outside Network {network}")
+            raise ConfigError(f"{key}: {addr} is outside {nkey} {network}")
         if int(addr) % size:
             raise ConfigError(f"{key}: {addr} is not on a /{subnet_len} boundary")
         return addr
 
-    # The first subnet is skipped by default, as flannel does (its .0 would be the Network's address).
-    subnet_min = bound("SubnetMin", int(network.network_address) + size)
-    subnet_max = bound("SubnetMax", int(network.broadcast_address) + 1 - size)
+    # The first subnet is skipped by default, as flannel does (its first address would be the
+    # network's own).
+    min_key, max_key = f"{fam.keys}SubnetMin", f"{fam.keys}SubnetMax"
+    subnet_min = bound(min_key, int(network.network_address) + size)
+    subnet_max = bound(max_key, int(network.broadcast_address) + 1 - size)
     if subnet_min > subnet_max:
-        raise ConfigError(f"SubnetMin: {subnet_min} is above SubnetMax {subnet_max}")
-
-    present, backend_obj = _lookup(obj, "Backend")
-    backend = parse_backend(backend_obj if present else None)
-    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend, text)
+        raise ConfigError(f"{min_key}: {subnet_min} is above {max_key} {subnet_max}")
+    return network, subnet_len, subnet_min, subnet_max

@@ -3,7 +3,7 @@
   weftctl [--store URL | -etcd-* flags] config put FILE|-     validate, then store the config
   weftctl ... config get                                       print the stored config
   weftctl ... leases [--json]                                  subnet, public IP, backend, expiry
-  weftctl ... reserve SUBNET --public-ip IP                    a lease that never expires
+  weftctl ... reserve SUBNET --public-ip IP [--subnet6 SUBNET6]   a lease that never expires
   weftctl ... release SUBNET                                   delete a reservation or a lease
   weftctl docker-opts [-f subnet.env] [-d OUT|-] [-i] [-c] [-m] [-k KEY]   as mk-docker-opts.sh
   weftctl peermap [--dev flannel.1] [--json]                   this node's live BPF maps and counters
@@ -39,6 +39,7 @@ def build_parser() -> flags.Parser:
     res.add_argument("subnet")
     res.add_argument("--public-ip", required=True)
     res.add_argument("--backend-type", default="", help="BackendType to record (optional)")
+    res.add_argument("--subnet6", help="its IPv6 subnet (a dual-stack network: EnableIPv6)")
     rel = sub.add_parser("release", help="delete a reservation or a lease")
     rel.add_argument("subnet")
     dk = sub.add_parser("docker-opts", help="Docker options from subnet.env, as mk-docker-opts.sh")
@@ -59,6 +60,17 @@ def _subnet(text: str) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(text)
     except ValueError:
         raise flags.UsageError(f"{text!r}: not an IPv4 subnet such as 10.5.3.0/24 (no host bits)") from None
+
+
+def _subnet6(text: str) -> ipaddress.IPv6Network:
+    try:
+        subnet6 = ipaddress.IPv6Network(text)
+    except ValueError:
+        subnet6 = None
+    if subnet6 is None or subnet6.network_address.scope_id:
+        raise flags.UsageError(f"--subnet6 {text!r}: not an IPv6 subnet such as fd10:244:0:3::/64 "
+                               "(no host bits)")
+    return subnet6
 
 
 def cmd_config(args, store) -> int:
@@ -100,15 +112,24 @@ def cmd_leases(args, store) -> int:
         try:
             rows.append(decode(r, config))
         except LeaseFormatError as exc:
-            bad.append((subnet_key(r.subnet), exc.reason, str(exc)))
+            bad.append((subnet_key(r.subnet, r.subnet6), exc.reason, str(exc)))
     bad += [(f.name, "bad_key", key_problem(f.name)) for f in scan.foreign]
     if args.json:
         print(json.dumps([l.to_dict() for l in rows], indent=2))
     else:
+        # The IPv6 columns only when a lease has an IPv6 part: an IPv4 network's table is as before.
+        dual = any(l.subnet6 is not None or l.attrs.public_ipv6 is not None for l in rows)
         table = [("SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES")]
+        if dual:
+            table = [("SUBNET", "SUBNET6", "PUBLIC IP", "PUBLIC IPV6", "BACKEND", "EXPIRES")]
         for l in rows:
-            table.append((str(l.subnet), str(l.attrs.public_ip), l.attrs.wire_type, _expiry(l.expiration)))
-        widths = [max(len(row[i]) for row in table) for i in range(4)]
+            if dual:
+                table.append((str(l.subnet), str(l.subnet6 or "-"), str(l.attrs.public_ip),
+                              str(l.attrs.public_ipv6 or "-"), l.attrs.wire_type, _expiry(l.expiration)))
+            else:
+                table.append((str(l.subnet), str(l.attrs.public_ip), l.attrs.wire_type,
+                              _expiry(l.expiration)))
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         for row in table:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     for name, reason, message in sorted(bad):
@@ -117,19 +138,37 @@ def cmd_leases(args, store) -> int:
     return 0
 
 
+def _record_of(store, subnet: ipaddress.IPv4Network):
+    """The live record of ``subnet``, whatever IPv6 part its key has (a lease is its IPv4 subnet)."""
+    records, _ = store.list_leases()
+    return next((r for r in records if r.subnet == subnet), None)
+
+
 def cmd_reserve(args, store) -> int:
     subnet = _subnet(args.subnet)
+    subnet6 = _subnet6(args.subnet6) if args.subnet6 else None
     try:
         attrs = LeaseAttrs(ipaddress.IPv4Address(args.public_ip), args.backend_type)
     except ValueError:
         raise flags.UsageError(f"--public-ip {args.public_ip!r}: not an IPv4 address") from None
     text = store.get_config()
-    if text is not None and not parse_config(text).contains_subnet(subnet):
-        return flags.fail("weftctl", f"{subnet} is not a subnet of the configured network")
+    if text is not None:
+        config = parse_config(text)
+        if not config.contains_subnet(subnet):
+            return flags.fail("weftctl", f"{subnet} is not a subnet of the configured network")
+        if config.enable_ipv6 and subnet6 is None:
+            return flags.fail("weftctl", f"{subnet}: the network is dual-stack (EnableIPv6): give its "
+                                         f"IPv6 subnet too (--subnet6, inside {config.ipv6_network})")
+        if config.enable_ipv6 and not config.contains_subnet6(subnet6):
+            return flags.fail("weftctl", f"--subnet6 {subnet6} is not a subnet of the configured "
+                                         f"IPv6Network {config.ipv6_network}")
+        if not config.enable_ipv6 and subnet6 is not None:
+            return flags.fail("weftctl", f"--subnet6 {subnet6}: the configured network has no IPv6 "
+                                         "(EnableIPv6 is false)")
     try:
-        store.create_lease(subnet, attrs.to_json(), ttl=None)
+        store.create_lease(subnet, attrs.to_json(), ttl=None, subnet6=subnet6)
     except LeaseExists:
-        current = store.get_lease(subnet)
+        current = _record_of(store, subnet)
         try:
             holder = LeaseAttrs.from_json(current.value) if current else None
         except LeaseFormatError:
@@ -137,15 +176,20 @@ def cmd_reserve(args, store) -> int:
         if holder is None or holder.public_ip != attrs.public_ip:
             who = holder.public_ip if holder else "someone else"
             return flags.fail("weftctl", f"{subnet} is held by {who}; release it first")
+        if subnet6 is not None and current.subnet6 != subnet6:
+            return flags.fail("weftctl", f"{subnet} is held by {holder.public_ip} with IPv6 subnet "
+                                         f"{current.subnet6 or 'none'}; release it first")
         # The node's own lease becomes a reservation: same value, no TTL (flannel's documented way).
-        store.update_lease(subnet, current.value, ttl=None)
-    print(f"reserved {subnet} for {attrs.public_ip}")
+        store.update_lease(subnet, current.value, ttl=None, subnet6=current.subnet6)
+        subnet6 = current.subnet6
+    print(f"reserved {subnet}{'' if subnet6 is None else f' and {subnet6}'} for {attrs.public_ip}")
     return 0
 
 
 def cmd_release(args, store) -> int:
     subnet = _subnet(args.subnet)
-    if not store.delete_lease(subnet):
+    current = _record_of(store, subnet)
+    if current is None or not store.delete_lease(subnet, current.subnet6):
         return flags.fail("weftctl", f"no lease or reservation for {subnet}")
     print(f"released {subnet}")
     return 0

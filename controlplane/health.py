@@ -27,9 +27,9 @@ _NAME_RE = re.compile(r"[^a-zA-Z0-9_]")
 class DaemonCollector:
     """Prometheus families from one ``DaemonStatus`` per scrape (``status()`` takes it). Counts
     that only grow are counters (prometheus_client names them ``..._total``); levels, states
-    and timestamps are gauges. The backend's counters stay gauges named ``weft_backend_<name>``:
-    a counter family would be renamed ``weft_backend_<name>_total``, and those names are what
-    operators, the bench and the tests read (some of them are levels, e.g. ``peers_programmed``)."""
+    and timestamps are gauges. The backend's stats are labelled ``backend``: the levels it
+    declares (``Backend.GAUGES``: peers_programmed, engine_pid ...) are gauges
+    ``weft_backend_<name>``, every other stat a counter ``weft_backend_<name>_total``."""
 
     def __init__(self, status):
         self.status = status
@@ -51,6 +51,9 @@ class DaemonCollector:
         yield _gauge("weft_peers", "peers known and programmed", st.peers)
         yield _gauge("weft_peers_changed_timestamp_seconds",
                      "when the set of peers last changed (0: never)", st.peers_changed_at)
+        if st.peers_initial_sync_s is not None:
+            yield _gauge("weft_peers_initial_sync_seconds", "how long the first listing of the leases "
+                         "took to go through the data plane", st.peers_initial_sync_s)
         yield _gauge("weft_peers_incompatible", "peers whose lease speaks another wire format",
                      st.peers_incompatible)
         w = st.watch
@@ -93,10 +96,12 @@ class DaemonCollector:
                             store.ops)
         if st.backend is not None:
             for key, value in sorted(st.backend_stats.items()):
-                g = GaugeMetricFamily(f"weft_backend_{_NAME_RE.sub('_', key)}",
-                                      f"backend counter {key}", labels=["backend"])
-                g.add_metric([st.backend], float(value))
-                yield g
+                level = key in st.backend_gauges
+                family = (GaugeMetricFamily if level else CounterMetricFamily)(
+                    f"weft_backend_{_NAME_RE.sub('_', key)}",
+                    f"the data plane's {key} ({'a level' if level else 'only grows'})", labels=["backend"])
+                family.add_metric([st.backend], float(value))
+                yield family
 
 
 def _gauge(name: str, help_text: str, value) -> GaugeMetricFamily:

@@ -3,7 +3,10 @@
 - ``-iface NAME`` or ``-iface IP``: that interface (an IP selects the interface holding it);
 - no -iface: the interface of the default route; failing that, the one holding -public-ip;
 - the public IP is -public-ip when given (it may differ from the interface's address behind NAT),
-  else the interface's first IPv4 address.
+  else the interface's first IPv4 address;
+- dual-stack (EnableIPv6): the interface's first global IPv6 address (``-iface`` may also name it),
+  and the public IPv6 is -public-ipv6 when given, else that address; neither is an error, as
+  flanneld's "failed to find IPv6 address for interface".
 Looks only at the namespace weftd runs in.
 """
 from __future__ import annotations
@@ -13,6 +16,10 @@ import ipaddress
 from pyroute2 import IPRoute
 
 from .backends.base import ExternalInterface
+from .leasecheck import NOT_A_NODE6
+
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
 
 
 class IfaceError(Exception):
@@ -31,9 +38,23 @@ def _by_name(ipr, name: str):
     return idx[0] if idx else None
 
 
-def _by_ip(ipr, ip: ipaddress.IPv4Address):
-    for msg in ipr.get_addr(family=2):
-        if ipaddress.IPv4Address(msg.get_attr("IFA_ADDRESS")) == ip:
+def _addresses6(ipr, index: int) -> list[ipaddress.IPv6Address]:
+    """The interface's global IPv6 addresses (scope universe: not link-local, not loopback), not
+    tentative or failed duplicate address detection, in the kernel's order."""
+    out = []
+    for msg in ipr.get_addr(family=10, index=index):
+        flags = msg.get_attr("IFA_FLAGS") or msg["flags"]
+        if msg["scope"] != 0 or flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED):
+            continue
+        addr = ipaddress.IPv6Address(msg.get_attr("IFA_ADDRESS"))
+        if not (addr.is_link_local or addr.is_loopback or addr.is_multicast):
+            out.append(addr)
+    return out
+
+
+def _by_ip(ipr, ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
+    for msg in ipr.get_addr(family=2 if ip.version == 4 else 10):
+        if ipaddress.ip_address(msg.get_attr("IFA_ADDRESS")) == ip:
             return msg["index"]
     return None
 
@@ -45,16 +66,33 @@ def _default_route(ipr):
     return None
 
 
-def resolve(iface: str | None, public_ip: str | None) -> ExternalInterface:
+def _public_ipv6(text: str) -> ipaddress.IPv6Address:
+    try:
+        addr = ipaddress.IPv6Address(text)
+    except ValueError:
+        addr = None
+    if addr is None or addr.scope_id:  # a %zone is no address peers can reach
+        raise IfaceError(f"-public-ipv6 {text!r}: not an IPv6 address")
+    for net, what in NOT_A_NODE6:  # peers would refuse the lease (bad_public_ip)
+        if addr in net:
+            raise IfaceError(f"-public-ipv6 {addr}: {what} cannot be a node's public IPv6 address")
+    return addr
+
+
+def resolve(iface: str | None, public_ip: str | None, public_ipv6: str | None = None,
+            ipv6: bool = False) -> ExternalInterface:
+    """The underlay interface; with ``ipv6`` (the config's EnableIPv6) its IPv6 side too.
+    ``public_ipv6`` is ignored without ``ipv6``, as flanneld ignores -public-ipv6 then."""
     try:
         pub = ipaddress.IPv4Address(public_ip) if public_ip else None
     except ValueError:
         raise IfaceError(f"-public-ip {public_ip!r}: not an IPv4 address") from None
+    pub6 = _public_ipv6(public_ipv6) if ipv6 and public_ipv6 else None
     with IPRoute() as ipr:
         index = None
         if iface:
             try:
-                index = _by_ip(ipr, ipaddress.IPv4Address(iface))
+                index = _by_ip(ipr, ipaddress.ip_address(iface))
             except ValueError:
                 index = _by_name(ipr, iface)
             if index is None:
@@ -67,9 +105,26 @@ def resolve(iface: str | None, public_ip: str | None) -> ExternalInterface:
         name = link.get_attr("IFLA_IFNAME")
         mtu = link.get_attr("IFLA_MTU")
         addrs = _addresses(ipr, index)
+        addrs6 = _addresses6(ipr, index) if ipv6 else []
     address = addrs[0] if addrs else None
     if pub is None:
         if address is None:
             raise IfaceError(f"interface {name} has no IPv4 address; pass -public-ip")
         pub = address
-    return ExternalInterface(name=name, index=index, address=address, public_ip=pub, mtu=mtu)
+    if not ipv6:
+        return ExternalInterface(name=name, index=index, address=address, public_ip=pub, mtu=mtu)
+    address6 = addrs6[0] if addrs6 else None
+    if iface and address6 is not None:  # -iface named by one of its IPv6 addresses: that one
+        try:
+            named = ipaddress.ip_address(iface)
+            if named.version == 6 and named in addrs6:
+                address6 = named
+        except ValueError:
+            pass
+    if pub6 is None:
+        if address6 is None:
+            raise IfaceError(f"failed to find IPv6 address for interface {name} (EnableIPv6 needs a"
+                             " global IPv6 address on it, or -public-ipv6)")
+        pub6 = address6
+    return ExternalInterface(name=name, index=index, address=address, public_ip=pub, mtu=mtu,
+                             address6=address6, public_ipv6=pub6)

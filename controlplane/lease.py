@@ -1,11 +1,13 @@
 """Leases: a node's claim on one subnet, in flannel's key and value formats.
 
-Key:   ``<prefix>/subnets/10.5.52.0-24`` (flannel's ``MakeSubnetKey``).
+Key:   ``<prefix>/subnets/10.5.52.0-24`` (flannel's ``MakeSubnetKey``); a dual-stack lease's key
+       adds its IPv6 subnet: ``10.5.52.0-24&fd10:244:0:34::-64``.
 Value: the JSON of flannel's ``lease.LeaseAttrs``, fields in Go's struct order, no spaces::
 
     {"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,...}}
 
-BackendType and BackendData are omitted when empty (flanneld's udp backend writes neither). The
+(dual-stack: ``"PublicIPv6":"2001:db8::1"`` and ``"BackendV6Data":{...}`` after BackendData).
+BackendType, BackendData and BackendV6Data are omitted when empty (flanneld's udp backend writes neither). The
 store never looks inside BackendData: each backend encodes and decodes its own.
 
 Values written by someone else are checked field by field; a bad one raises ``LeaseFormatError``
@@ -20,7 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-_KEY_RE = re.compile(r"^([0-9]+\.[0-9]+\.[0-9]+\.[0-9]+)-([0-9]+)$")
+# flannel's ParseSubnetKey, anchored at both ends (digits in ASCII only).
+_KEY_RE = re.compile(r"^([0-9]+\.[0-9]+\.[0-9]+\.[0-9]+)-([0-9]+)(?:&([0-9a-f:]+)-([0-9]+))?$")
 
 
 class LeaseFormatError(ValueError):
@@ -42,36 +45,54 @@ def _short(value: Any) -> str:
     return _cut(json.dumps(value))
 
 
-def subnet_key(subnet: ipaddress.IPv4Network) -> str:
-    return f"{subnet.network_address}-{subnet.prefixlen}"
+def subnet_key(subnet: ipaddress.IPv4Network, subnet6: ipaddress.IPv6Network | None = None) -> str:
+    """flannel's ``MakeSubnetKey``: ``10.5.52.0-24``, or ``10.5.52.0-24&fd10:244:0:3::-64`` for a
+    dual-stack lease (the IPv6 address as Go prints it, which is RFC 5952's form, as Python's)."""
+    v4 = f"{subnet.network_address}-{subnet.prefixlen}"
+    return v4 if subnet6 is None else f"{v4}&{subnet6.network_address}-{subnet6.prefixlen}"
 
 
-def parse_subnet_key(key: str) -> ipaddress.IPv4Network:
-    """``10.5.52.0-24`` -> IPv4Network; also accepts a full ``.../subnets/<key>`` path."""
+def shown(subnet: ipaddress.IPv4Network, subnet6: ipaddress.IPv6Network | None = None) -> str:
+    """A lease's subnets for a log line: ``10.5.52.0/24``, or ``10.5.52.0/24+fd10:244:0:34::/64``."""
+    return str(subnet) if subnet6 is None else f"{subnet}+{subnet6}"
+
+
+def parse_lease_key(key: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Network | None]:
+    """``10.5.52.0-24`` -> (IPv4Network, None); ``10.5.52.0-24&fd10:244:0:3::-64`` -> (IPv4Network,
+    IPv6Network) (flannel's ``ParseSubnetKey``); also accepts a full ``.../subnets/<key>`` path.
+    Only the form flannel writes is a key: no host bits, no leading zeros, the IPv6 address in
+    RFC 5952's form (as Go prints it), so that one lease never has two keys."""
     name = key.rsplit("/", 1)[-1]
     m = _KEY_RE.match(name)
     if not m:
-        if "&" in name:  # flanneld's dual-stack key, <ip>-<len>&<ip6>-<len6>
-            raise LeaseFormatError(f"lease key {_cut(key)!r}: a dual-stack key (weft is IPv4 only)",
-                                   "bad_key")
-        raise LeaseFormatError(f"lease key {_cut(key)!r}: not of the form <ip>-<prefixlen>", "bad_key")
+        raise LeaseFormatError(f"lease key {_cut(key)!r}: not of the form <ip>-<prefixlen>"
+                               " or <ip>-<prefixlen>&<ip6>-<prefixlen6>", "bad_key")
     try:
         subnet = ipaddress.IPv4Network(f"{m.group(1)}/{m.group(2)}")
     except ValueError:
         raise LeaseFormatError(f"lease key {_cut(key)!r}: not an IPv4 subnet with no host bits",
                                "bad_key") from None
-    if subnet_key(subnet) != name:  # e.g. 10.5.1.0-024: a second key for one subnet
-        raise LeaseFormatError(f"lease key {_cut(key)!r}: not written as {subnet_key(subnet)}", "bad_key")
-    return subnet
+    subnet6 = None
+    if m.group(3) is not None:
+        try:
+            subnet6 = ipaddress.IPv6Network(f"{m.group(3)}/{m.group(4)}")
+        except ValueError:
+            raise LeaseFormatError(f"lease key {_cut(key)!r}: the part after '&' is not an IPv6 "
+                                   "subnet with no host bits", "bad_key") from None
+    canonical = subnet_key(subnet, subnet6)
+    if canonical != name:  # e.g. 10.5.1.0-024, fd10:0244::-64: a second key for one lease
+        raise LeaseFormatError(f"lease key {_cut(key)!r}: not written as {_cut(canonical)}", "bad_key")
+    return subnet, subnet6
 
 
-def subnet_of_name(name: str) -> ipaddress.IPv4Network | None:
-    """The subnet of a key's name directly under ``subnets/`` (``10.5.52.0-24``); None for any
-    other name there (nested, not ``<ip>-<len>``): the stores report those apart, as foreign."""
+def lease_key_of_name(name: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Network | None] | None:
+    """The (subnet, subnet6) of a key's name directly under ``subnets/`` (``10.5.52.0-24``, or
+    with ``&<ip6>-<len6>``); None for any other name there (nested, not a lease key): the stores
+    report those apart, as foreign."""
     if "/" in name:
         return None
     try:
-        return parse_subnet_key(name)
+        return parse_lease_key(name)
     except LeaseFormatError:
         return None
 
@@ -81,14 +102,18 @@ class LeaseAttrs:
     public_ip: ipaddress.IPv4Address
     backend_type: str = ""
     backend_data: Any = None  # decoded JSON, opaque to the store
-    public_ipv6: str | None = None
+    public_ipv6: ipaddress.IPv6Address | None = None  # JSON null when the node has no IPv6
+    backend_v6_data: Any = None  # the IPv6 side's BackendData (vxlan: flannel-v6.<VNI>'s VtepMAC)
 
     def to_json(self) -> str:
-        doc: dict[str, Any] = {"PublicIP": str(self.public_ip), "PublicIPv6": self.public_ipv6}
+        v6 = None if self.public_ipv6 is None else str(self.public_ipv6)
+        doc: dict[str, Any] = {"PublicIP": str(self.public_ip), "PublicIPv6": v6}
         if self.backend_type:
             doc["BackendType"] = self.backend_type
         if self.backend_data is not None:
             doc["BackendData"] = self.backend_data
+        if self.backend_v6_data is not None:
+            doc["BackendV6Data"] = self.backend_v6_data
         return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
@@ -118,7 +143,16 @@ class LeaseAttrs:
         v6 = doc.get("PublicIPv6")
         if v6 is not None and not isinstance(v6, str):
             raise LeaseFormatError("lease value: PublicIPv6 must be a string or null")
-        return cls(public_ip, btype, doc.get("BackendData"), v6)
+        public_ipv6 = None
+        if v6 is not None:
+            try:
+                public_ipv6 = ipaddress.IPv6Address(v6)
+            except ValueError:
+                public_ipv6 = None
+            if public_ipv6 is None or public_ipv6.scope_id:  # flanneld (Go's ParseIP) takes no %zone
+                raise LeaseFormatError(f"lease value: PublicIPv6 {_cut(v6)!r} is not an IPv6 address",
+                                       "bad_public_ip")
+        return cls(public_ip, btype, doc.get("BackendData"), public_ipv6, doc.get("BackendV6Data"))
 
     @property
     def wire_type(self) -> str:
@@ -132,10 +166,16 @@ class Lease:
     attrs: LeaseAttrs
     expiration: float | None  # epoch seconds; None: a reservation, which never expires
     revision: int = 0
+    subnet6: ipaddress.IPv6Network | None = None  # the IPv6 subnet of a dual-stack lease
 
     @property
     def key(self) -> str:
-        return subnet_key(self.subnet)
+        return subnet_key(self.subnet, self.subnet6)
+
+    @property
+    def shown(self) -> str:
+        """Its subnets for a log line (``10.5.52.0/24``, ``10.5.52.0/24+fd10:244:0:34::/64``)."""
+        return shown(self.subnet, self.subnet6)
 
     @property
     def is_reservation(self) -> bool:
@@ -147,8 +187,9 @@ class Lease:
         return self.expiration - (time.time() if now is None else now)
 
     def to_dict(self) -> dict:
-        """The form ``weftctl leases --json`` prints."""
-        return {
+        """The form ``weftctl leases --json`` prints. The IPv6 fields are there when the lease
+        has an IPv6 part (an IPv4-only lease prints as it always did)."""
+        out = {
             "subnet": str(self.subnet),
             "public_ip": str(self.attrs.public_ip),
             "backend_type": self.attrs.backend_type,
@@ -156,3 +197,8 @@ class Lease:
             "expiration": self.expiration,
             "reservation": self.is_reservation,
         }
+        if self.subnet6 is not None or self.attrs.public_ipv6 is not None:
+            out["subnet6"] = None if self.subnet6 is None else str(self.subnet6)
+            out["public_ipv6"] = None if self.attrs.public_ipv6 is None else str(self.attrs.public_ipv6)
+            out["backend_v6_data"] = self.attrs.backend_v6_data
+        return out

@@ -1,9 +1,13 @@
 """Lease logic, written once for every store (flannel's LocalManager).
 
 Acquisition, in flannel's order (``tryAcquireLease``):
-1. the lease (or reservation) this public IP already holds, if the config still covers it;
+1. the lease (or reservation) this public IP already holds, if the config still covers it (with
+   EnableIPv6 both parts; without it, only a lease with no IPv6 part fits);
 2. else the subnet from the previous subnet.env, if free and inside the config;
 3. else a random free subnet among the first 100 free ones between SubnetMin and SubnetMax.
+With EnableIPv6, steps 2 and 3 pick the IPv6 subnet the same way and independently (the previous
+FLANNEL_IPV6_SUBNET, else a random one of the first 100 free between IPv6SubnetMin and
+IPv6SubnetMax), and both go into one key (``10.5.3.0-24&fd10:244:0:9::-64``).
 Creation is atomic create-if-absent; a lost race retries (10 times, as flannel). Keys without TTL
 are reservations: only the public IP written in them ever takes them.
 
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .config import NetworkConfig, parse_config
-from .lease import Lease, LeaseAttrs, LeaseFormatError, subnet_key
+from .lease import Lease, LeaseAttrs, LeaseFormatError, shown, subnet_key
 from .leasecheck import InvalidLeases, judge, key_problem
 from .store import (LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError, StoreUnavailable,
                     WatchCompacted)
@@ -80,7 +84,8 @@ class LeaseManager:
         out = []
         for r in records:
             try:
-                out.append(Lease(r.subnet, LeaseAttrs.from_json(r.value), r.expiration, r.revision))
+                out.append(Lease(r.subnet, LeaseAttrs.from_json(r.value), r.expiration, r.revision,
+                                 r.subnet6))
             except LeaseFormatError:
                 continue
         return out, rev
@@ -90,11 +95,13 @@ class LeaseManager:
         return next((l for l in leases if l.attrs.public_ip == public_ip), None)
 
     def acquire(self, config: NetworkConfig, attrs: LeaseAttrs,
-                previous_subnet: ipaddress.IPv4Network | None = None) -> Lease:
+                previous_subnet: ipaddress.IPv4Network | None = None,
+                previous_subnet6: ipaddress.IPv6Network | None = None) -> Lease:
         value = attrs.to_json()
         for _ in range(RACE_RETRIES):
             records, _ = self.store.list_leases()
             taken = {r.subnet for r in records}
+            taken6 = {r.subnet6 for r in records if r.subnet6 is not None}
             mine = None
             for r in records:
                 try:
@@ -104,30 +111,38 @@ class LeaseManager:
                 except LeaseFormatError:
                     continue
             if mine is not None:
-                if config.contains_subnet(mine.subnet):
+                name = shown(mine.subnet, mine.subnet6)
+                if config.fits(mine.subnet, mine.subnet6):
                     ttl = None if mine.expiration is None else self.ttl  # a reservation stays one
                     try:
-                        rec = self.store.update_lease(mine.subnet, value, ttl)
+                        rec = self.store.update_lease(mine.subnet, value, ttl, mine.subnet6)
                     except LeaseNotFound:
                         continue  # deleted under us: start over
-                    log.info("reusing lease %s held by %s", mine.subnet, attrs.public_ip)
-                    return Lease(rec.subnet, attrs, rec.expiration, rec.revision)
-                log.warning("lease %s of %s is outside the current config; deleting it",
-                            mine.subnet, attrs.public_ip)
-                self.store.delete_lease(mine.subnet)
+                    log.info("reusing lease %s held by %s", name, attrs.public_ip)
+                    return Lease(rec.subnet, attrs, rec.expiration, rec.revision, rec.subnet6)
+                log.warning("lease %s of %s does not fit the current config; deleting it",
+                            name, attrs.public_ip)
+                self.store.delete_lease(mine.subnet, mine.subnet6)
                 taken.discard(mine.subnet)
+                taken6.discard(mine.subnet6)
 
             if previous_subnet is not None and config.contains_subnet(previous_subnet) \
                     and previous_subnet not in taken:
                 candidate = previous_subnet
             else:
                 candidate = self._random_free(config, taken)
+            candidate6 = None
+            if config.enable_ipv6:  # picked independently of the IPv4 part, as flannel does
+                if config.contains_subnet6(previous_subnet6) and previous_subnet6 not in taken6:
+                    candidate6 = previous_subnet6
+                else:
+                    candidate6 = self._random_free6(config, taken6)
             try:
-                rec = self.store.create_lease(candidate, value, self.ttl)
+                rec = self.store.create_lease(candidate, value, self.ttl, candidate6)
             except LeaseExists:
                 continue
-            log.info("acquired lease %s for %s", candidate, attrs.public_ip)
-            return Lease(rec.subnet, attrs, rec.expiration, rec.revision)
+            log.info("acquired lease %s for %s", shown(candidate, candidate6), attrs.public_ip)
+            return Lease(rec.subnet, attrs, rec.expiration, rec.revision, rec.subnet6)
         raise StoreError(f"could not acquire a lease after {RACE_RETRIES} races with other nodes")
 
     def _random_free(self, config: NetworkConfig, taken: set) -> ipaddress.IPv4Network:
@@ -146,13 +161,29 @@ class LeaseManager:
                               f"{config.subnet_max} are leased or reserved")
         return ipaddress.IPv4Network((self.rng.choice(free), config.subnet_len))
 
+    def _random_free6(self, config: NetworkConfig, taken6: set) -> ipaddress.IPv6Network:
+        """As ``_random_free``, between IPv6SubnetMin and IPv6SubnetMax: the scan stops at the
+        100th free subnet, so it walks at most (leases + 100) of a /64 range's 2**n subnets."""
+        used = {int(s.network_address) for s in taken6 if s.prefixlen == config.ipv6_subnet_len}
+        size, end = config.subnet6_size, int(config.ipv6_subnet_max)
+        free, addr = [], int(config.ipv6_subnet_min)
+        while addr <= end and len(free) < FREE_CANDIDATES:
+            if addr not in used:
+                free.append(addr)
+            addr += size
+        if not free:
+            raise NetworkFull(f"IPv6 network {config.ipv6_network} is full: all {config.subnet6_count}"
+                              f" /{config.ipv6_subnet_len} subnets between {config.ipv6_subnet_min}"
+                              f" and {config.ipv6_subnet_max} are leased or reserved")
+        return ipaddress.IPv6Network((ipaddress.IPv6Address(self.rng.choice(free)), config.ipv6_subnet_len))
+
     def renew(self, lease: Lease) -> Lease:
         ttl = None if lease.expiration is None else self.ttl
         try:
-            rec = self.store.update_lease(lease.subnet, lease.attrs.to_json(), ttl)
+            rec = self.store.update_lease(lease.subnet, lease.attrs.to_json(), ttl, lease.subnet6)
         except LeaseNotFound:
-            raise LeaseRevoked(f"lease {lease.subnet} has been revoked (deleted from the store)") from None
-        return Lease(rec.subnet, lease.attrs, rec.expiration, rec.revision)
+            raise LeaseRevoked(f"lease {lease.shown} has been revoked (deleted from the store)") from None
+        return Lease(rec.subnet, lease.attrs, rec.expiration, rec.revision, rec.subnet6)
 
 
 @dataclass(frozen=True)
@@ -185,15 +216,53 @@ class LeaseWatcher:
         self.known: dict[ipaddress.IPv4Network, Lease] = {}
         self.revision = 0
         self.synced = threading.Event()
+        # How long the first listing took to go through the data plane (every listed lease judged
+        # and handed to on_event): what a node starting into a big cluster waits. None before.
+        self.initial_sync_seconds: float | None = None
         self.stats: Counter[str] = Counter()
         self.invalid = InvalidLeases(log)
+        # Valid leases refused because their IPv6 subnet is another known lease's (by IPv4
+        # subnet): followed once that lease lets go of it.
+        self.shadowed: dict[ipaddress.IPv4Network, Lease] = {}
+
+    @property
+    def _judges_ipv6(self) -> bool:
+        return self.config is None or self.config.enable_ipv6
+
+    def _holder6(self, lease: Lease) -> Lease | None:
+        """The known lease of another IPv4 subnet that holds ``lease``'s IPv6 subnet, if any.
+        IPv6 parts are not canonical-disjoint as IPv4 keys are (one IPv6 subnet can be in two
+        keys), so the first lease known with it keeps it: a later key cannot take a node's IPv6
+        subnet away (a route to it through another node)."""
+        if lease.subnet6 is None or not self._judges_ipv6:
+            return None
+        return next((k for k in self.known.values()
+                     if k.subnet6 == lease.subnet6 and k.subnet != lease.subnet), None)
+
+    def _shadow(self, lease: Lease, holder: Lease) -> None:
+        self.shadowed[lease.subnet] = lease
+        self.invalid.report(subnet_key(lease.subnet, lease.subnet6), lease.revision, "overlap",
+                            f"{lease.subnet6} is the IPv6 subnet of the lease of {holder.subnet}"
+                            f" (PublicIP {holder.attrs.public_ip})")
+
+    def _release6(self, gone: Lease) -> None:
+        """``gone`` no longer holds its IPv6 subnet: a lease refused for it is followed now."""
+        if gone.subnet6 is None:
+            return
+        waiting = sorted((l for l in self.shadowed.values() if l.subnet6 == gone.subnet6),
+                         key=lambda l: l.revision)
+        if waiting and waiting[0].subnet not in self.known:
+            lease = self.shadowed.pop(waiting[0].subnet)
+            self.known[lease.subnet] = lease
+            self._emit("added", lease)
 
     def _decode(self, record: LeaseRecord) -> tuple[Lease | None, str]:
         """The lease, or None and the reason it is refused (logged and counted once per write)."""
         try:
             return decode(record, self.config), ""
         except LeaseFormatError as exc:
-            self.invalid.report(subnet_key(record.subnet), record.revision, exc.reason, str(exc))
+            self.invalid.report(subnet_key(record.subnet, record.subnet6), record.revision, exc.reason,
+                                str(exc))
             return None, exc.reason
 
     def _foreign(self, name: str, revision: int) -> None:
@@ -220,17 +289,36 @@ class LeaseWatcher:
 
     def resync(self) -> None:
         """List everything and emit what changed since what we knew."""
+        started = time.monotonic()
         scan = self.store.scan_subnets()
-        current, refused = {}, {}
+        current, refused, refused_keys = {}, {}, set()
         for r in scan.records:
             lease, reason = self._decode(r)
             if lease is not None:
-                current[lease.subnet] = lease
+                # Two keys of one IPv4 subnet (with and without an IPv6 part, or two IPv6 parts:
+                # only someone else's writing does that) are one lease: the last written wins.
+                other = current.get(lease.subnet)
+                if other is None or other.revision < lease.revision:
+                    current[lease.subnet] = lease
             else:
                 refused[r.subnet] = reason
+                refused_keys.add(subnet_key(r.subnet, r.subnet6))
+        # IPv6 subnets held twice: leases known with theirs keep them, then the oldest write.
+        holders: dict[ipaddress.IPv6Network, Lease] = {}
+        self.shadowed = {}
+        for lease in sorted(current.values(), key=lambda l: (
+                getattr(self.known.get(l.subnet), "subnet6", None) != l.subnet6, l.revision)):
+            if lease.subnet6 is None or not self._judges_ipv6:
+                continue
+            holder = holders.setdefault(lease.subnet6, lease)
+            if holder is not lease:
+                del current[lease.subnet]
+                self._shadow(lease, holder)
+                refused[lease.subnet] = "overlap"
+                refused_keys.add(lease.key)
         for f in scan.foreign:
             self._foreign(f.name, f.revision)
-        self.invalid.keep_only({subnet_key(s) for s in refused} | {f.name for f in scan.foreign})
+        self.invalid.keep_only(refused_keys | {f.name for f in scan.foreign})
         for subnet in [s for s in self.known if s not in current]:
             old, reason = self.known.pop(subnet), refused.get(subnet, "")
             # Gone while history was lost: past its expiration it expired (a node that could not
@@ -242,12 +330,14 @@ class LeaseWatcher:
             if old is None:
                 self.known[subnet] = lease
                 self._emit("added", lease)
-            elif old.revision != lease.revision:
+            elif old.revision != lease.revision or old.subnet6 != lease.subnet6:
                 self.known[subnet] = lease
                 self._emit("renewed", lease)
         if self.on_config is not None:
             self._config(self.store.get_config())  # a change while history was lost
         self.revision = scan.revision
+        if self.initial_sync_seconds is None:
+            self.initial_sync_seconds = time.monotonic() - started
         self.synced.set()
 
     def _apply(self, event) -> None:
@@ -262,18 +352,43 @@ class LeaseWatcher:
             lease, reason = self._decode(event.record)
             old = self.known.get(event.subnet)
             if lease is None:
-                if old is not None:  # replaced by garbage: it no longer describes a peer
+                # replaced by garbage: it no longer describes a peer (garbage in another key of
+                # the same IPv4 subnet leaves the lease known from its own key alone)
+                shadowed = self.shadowed.get(event.subnet)
+                if shadowed is not None and shadowed.subnet6 == event.record.subnet6:
+                    del self.shadowed[event.subnet]
+                if old is not None and old.subnet6 == event.record.subnet6:
                     self._emit("removed", self.known.pop(event.subnet), reason)
+                    self._release6(old)
                 return
+            holder = self._holder6(lease)
+            if holder is not None:  # another node's IPv6 subnet: not this lease's to take
+                self._shadow(lease, holder)
+                if old is not None:
+                    self._emit("removed", self.known.pop(event.subnet), "overlap")
+                    self._release6(old)
+                return
+            self.shadowed.pop(event.subnet, None)
+            # A lease is its IPv4 subnet: a key of it with another IPv6 part replaces what was
+            # known of it ("renewed": the data plane moves its IPv6 side).
             self.known[event.subnet] = lease
             self._emit("added" if old is None else "renewed", lease)
+            if old is not None and old.subnet6 != lease.subnet6:
+                self._release6(old)
         elif event.kind == "delete":
-            self.invalid.forget(subnet_key(event.subnet))
-            old = self.known.pop(event.subnet, None)
+            self.invalid.forget(subnet_key(event.subnet, event.subnet6))
+            shadowed = self.shadowed.get(event.subnet)
+            if shadowed is not None and shadowed.subnet6 == event.subnet6:
+                del self.shadowed[event.subnet]
+            old = self.known.get(event.subnet)
+            if old is not None and old.subnet6 != event.subnet6:
+                return  # another key of that IPv4 subnet: the known lease's key stays
+            self.known.pop(event.subnet, None)
             if old is not None:
                 expired = event.expired or (old.expiration is not None
                                             and old.expiration <= time.time() + 1)
                 self._emit("expired" if expired else "removed", old)
+                self._release6(old)
 
     def run(self, stop: threading.Event) -> None:
         """Follow the store until ``stop``. Never returns early: every failure (the store away,

@@ -11,7 +11,9 @@ this node's subnet P:
 
 The chain is jumped from the top of nat POSTROUTING. With ``iptables`` (Debian's is iptables-nft)
 the chain lives in the ``nat`` table; without it ``nft`` gets a table ``ip weft`` of its own, with
-a base chain hooked at srcnat that jumps to ``WEFT-POSTRTG``. Both are rewritten whole by
+a base chain hooked at srcnat that jumps to ``WEFT-POSTRTG``. A dual-stack network gets the same
+rules for IPv6Network and the node's IPv6 subnet from a second instance (``family=6``), as flannel
+does: ``ip6tables`` (multicast ``ff00::/8``), or the nft table ``ip6 weft``. Both are rewritten whole by
 ``setup`` (so running it twice leaves the same rules), checked by ``ensure`` and removed whole by
 ``teardown``, which touches nothing else. iptables-nft may leave the (empty) ``nat`` table behind if
 it created it. Every command runs with a timeout; all run in the caller's network namespace.
@@ -37,18 +39,25 @@ class MasqError(Exception):
 
 
 class Masquerade:
-    def __init__(self, tool: str | None = None):
-        """``tool``: "iptables" or "nft"; None picks iptables if installed, else nft."""
+    def __init__(self, tool: str | None = None, family: int = 4):
+        """``tool``: "iptables" or "nft"; None picks iptables if installed, else nft. ``family``
+        4 or 6: with "iptables", 6 runs ``ip6tables``."""
+        if family not in (4, 6):
+            raise MasqError(f"unknown address family {family!r} (4 or 6)")
+        self.family = family
+        self.iptables = "iptables" if family == 4 else "ip6tables"
         if tool is None:
-            tool = "iptables" if shutil.which("iptables") else "nft" if shutil.which("nft") else None
+            tool = "iptables" if shutil.which(self.iptables) else "nft" if shutil.which("nft") else None
             if tool is None:
-                raise MasqError("--ip-masq needs iptables or nft, and neither is installed")
+                raise MasqError(f"--ip-masq needs {self.iptables} or nft, and neither is installed")
         if tool not in ("iptables", "nft"):
             raise MasqError(f"unknown masquerade tool {tool!r} (iptables or nft)")
         self.tool = tool
-        self.cluster: ipaddress.IPv4Network | None = None
-        self.subnet: ipaddress.IPv4Network | None = None
+        self.cluster: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+        self.subnet: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
         self.random_fully = True
+        self.multicast = "224.0.0.0/4" if family == 4 else "ff00::/8"
+        self.nft_family = "ip" if family == 4 else "ip6"  # nft's table family and address match
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -63,7 +72,7 @@ class Masquerade:
         return res
 
     def _ipt(self, *args: str, check: bool = True):
-        return self._run(["iptables", "-w", "5", "-t", "nat", *args], check=check)
+        return self._run([self.iptables, "-w", "5", "-t", "nat", *args], check=check)
 
     def _rules(self) -> list[list[str]]:
         c, p = str(self.cluster), str(self.subnet)
@@ -74,31 +83,31 @@ class Masquerade:
             ["-s", p, "-d", c, *tag, "-j", "RETURN"],
             ["-s", c, "-d", p, *tag, "-j", "RETURN"],
             ["!", "-s", c, "-d", p, *tag, "-j", "RETURN"],
-            ["-s", c, "!", "-d", "224.0.0.0/4", *tag, "-j", "MASQUERADE", *rnd],
+            ["-s", c, "!", "-d", self.multicast, *tag, "-j", "MASQUERADE", *rnd],
             ["!", "-s", c, "-d", c, *tag, "-j", "MASQUERADE", *rnd],
         ]
 
     _JUMP = ["-m", "comment", "--comment", COMMENT, "-j", CHAIN]
 
     def _nft_script(self) -> str:
-        c, p = self.cluster, self.subnet
+        c, p, ip, fam = self.cluster, self.subnet, self.nft_family, self.nft_family
         rnd = " fully-random" if self.random_fully else ""
         tag = f'comment "{COMMENT}"'
         return "\n".join([
-            f"table ip {NFT_TABLE}",
-            f"delete table ip {NFT_TABLE}",
-            f"table ip {NFT_TABLE} {{",
+            f"table {fam} {NFT_TABLE}",
+            f"delete table {fam} {NFT_TABLE}",
+            f"table {fam} {NFT_TABLE} {{",
             "  chain postrouting {",
             "    type nat hook postrouting priority srcnat; policy accept;",
             f"    jump {CHAIN} {tag}",
             "  }",
             f"  chain {CHAIN} {{",
             f"    meta mark & 0x4000 == 0x4000 return {tag}",
-            f"    ip saddr {p} ip daddr {c} return {tag}",
-            f"    ip saddr {c} ip daddr {p} return {tag}",
-            f"    ip saddr != {c} ip daddr {p} return {tag}",
-            f"    ip saddr {c} ip daddr != 224.0.0.0/4 masquerade{rnd} {tag}",
-            f"    ip saddr != {c} ip daddr {c} masquerade{rnd} {tag}",
+            f"    {ip} saddr {p} {ip} daddr {c} return {tag}",
+            f"    {ip} saddr {c} {ip} daddr {p} return {tag}",
+            f"    {ip} saddr != {c} {ip} daddr {p} return {tag}",
+            f"    {ip} saddr {c} {ip} daddr != {self.multicast} masquerade{rnd} {tag}",
+            f"    {ip} saddr != {c} {ip} daddr {c} masquerade{rnd} {tag}",
             "  }",
             "}",
             "",
@@ -108,8 +117,9 @@ class Masquerade:
 
     def setup(self, cluster_network, node_subnet) -> None:
         """Install (or rewrite) the rules for ``cluster_network`` and this node's ``node_subnet``."""
-        self.cluster = ipaddress.IPv4Network(cluster_network)
-        self.subnet = ipaddress.IPv4Network(node_subnet)
+        network = ipaddress.IPv4Network if self.family == 4 else ipaddress.IPv6Network
+        self.cluster = network(cluster_network)
+        self.subnet = network(node_subnet)
         if self.tool == "nft":
             try:
                 self._run(["nft", "-f", "-"], input=self._nft_script())
@@ -118,7 +128,8 @@ class Masquerade:
                     raise
                 self.random_fully = False  # an nft without fully-random
                 self._run(["nft", "-f", "-"], input=self._nft_script())
-            log.info("masquerade: nft table ip %s for %s (node %s)", NFT_TABLE, self.cluster, self.subnet)
+            log.info("masquerade: nft table %s %s for %s (node %s)", self.nft_family, NFT_TABLE,
+                     self.cluster, self.subnet)
             return
         if self._ipt("-n", "-L", CHAIN, check=False).returncode != 0:
             self._ipt("-N", CHAIN)
@@ -136,16 +147,17 @@ class Masquerade:
                 break
         if self._ipt("-C", "POSTROUTING", *self._JUMP, check=False).returncode != 0:
             self._ipt("-I", "POSTROUTING", "1", *self._JUMP)
-        log.info("masquerade: iptables nat chain %s for %s (node %s)", CHAIN, self.cluster, self.subnet)
+        log.info("masquerade: %s nat chain %s for %s (node %s)", self.iptables, CHAIN, self.cluster,
+                 self.subnet)
 
     def ensure(self) -> bool:
         """Re-install the rules if any went missing (flannel rechecks every 5 s); True if it did."""
         if self.cluster is None:
             return False
         if self.tool == "nft":
-            res = self._run(["nft", "list", "chain", "ip", NFT_TABLE, CHAIN], check=False)
+            res = self._run(["nft", "list", "chain", self.nft_family, NFT_TABLE, CHAIN], check=False)
             ok = res.returncode == 0 and res.stdout.count(COMMENT) == len(self._rules())
-            ok = ok and self._run(["nft", "list", "chain", "ip", NFT_TABLE, "postrouting"],
+            ok = ok and self._run(["nft", "list", "chain", self.nft_family, NFT_TABLE, "postrouting"],
                                   check=False).returncode == 0
         else:
             ok = self._ipt("-C", "POSTROUTING", *self._JUMP, check=False).returncode == 0
@@ -163,8 +175,8 @@ class Masquerade:
     def teardown(self) -> None:
         """Remove exactly what ``setup`` added (nothing if it never ran here)."""
         if self.tool == "nft":
-            if self._run(["nft", "list", "table", "ip", NFT_TABLE], check=False).returncode == 0:
-                self._run(["nft", "delete", "table", "ip", NFT_TABLE])
+            if self._run(["nft", "list", "table", self.nft_family, NFT_TABLE], check=False).returncode == 0:
+                self._run(["nft", "delete", "table", self.nft_family, NFT_TABLE])
             return
         for _ in range(100):  # every copy of our jump, however many were added
             if self._ipt("-C", "POSTROUTING", *self._JUMP, check=False).returncode != 0:

@@ -59,6 +59,7 @@ class DaemonStatus:
     peers: int  # peers programmed
     peers_incompatible: int  # peers whose lease speaks another wire format
     peers_changed_at: float  # epoch seconds; 0 before the first change
+    peers_initial_sync_s: float | None  # the first listing through the data plane; None before
     renewals: int
     renewal_errors: int
     leases_reacquired: int  # leases taken again after they expired unrenewed
@@ -67,4 +68,5 @@ class DaemonStatus:
     watch: WatchStatus | None = None  # None before the lease watch starts
     config: ConfigStatus | None = None  # None before the config was read
     backend: str | None = None  # "wire/dataplane", None before the backend is made
-    backend_stats: dict[str, float] = field(default_factory=dict)  # the data plane's counters (if asked)
+    backend_stats: dict[str, float] = field(default_factory=dict)  # the data plane's numbers (if asked)
+    backend_gauges: frozenset[str] = frozenset()  # which of them are levels (Backend.GAUGES); the rest only grow

@@ -1,7 +1,10 @@
 """subnet.env, exactly as flanneld writes it (``pkg/subnet/subnet.go: WriteSubnetFile``).
 
 FLANNEL_SUBNET is the subnet's first usable address with its length (10.5.52.1/24), not the
-network address. The file is replaced atomically, so a reader never sees half of it.
+network address. A dual-stack node adds, in flannel's order before FLANNEL_MTU,
+FLANNEL_IPV6_NETWORK (IPv6Network) and FLANNEL_IPV6_SUBNET (its IPv6 subnet's first address after
+the network address, fd10:244:0:34::1/64). The file is replaced atomically, so a reader never
+sees half of it.
 """
 from __future__ import annotations
 
@@ -10,21 +13,26 @@ import os
 import tempfile
 
 
-def render(network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, mtu: int, ipmasq: bool) -> str:
+def render(network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, mtu: int, ipmasq: bool,
+           network6: ipaddress.IPv6Network | None = None,
+           subnet6: ipaddress.IPv6Network | None = None) -> str:
     first = subnet.network_address + 1
-    return (f"FLANNEL_NETWORK={network}\n"
-            f"FLANNEL_SUBNET={first}/{subnet.prefixlen}\n"
-            f"FLANNEL_MTU={mtu}\n"
-            f"FLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n")
+    text = (f"FLANNEL_NETWORK={network}\n"
+            f"FLANNEL_SUBNET={first}/{subnet.prefixlen}\n")
+    if network6 is not None and subnet6 is not None:
+        text += (f"FLANNEL_IPV6_NETWORK={network6}\n"
+                 f"FLANNEL_IPV6_SUBNET={subnet6.network_address + 1}/{subnet6.prefixlen}\n")
+    return text + (f"FLANNEL_MTU={mtu}\n"
+                   f"FLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n")
 
 
-def write(path: str, network, subnet, mtu: int, ipmasq: bool) -> None:
+def write(path: str, network, subnet, mtu: int, ipmasq: bool, network6=None, subnet6=None) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".subnet.env.", dir=directory)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(render(network, subnet, mtu, ipmasq))
+            f.write(render(network, subnet, mtu, ipmasq, network6, subnet6))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -59,5 +67,16 @@ def previous_subnet(path: str) -> ipaddress.IPv4Network | None:
         return None
     try:
         return ipaddress.IPv4Interface(text).network
+    except ValueError:
+        return None
+
+
+def previous_subnet6(path: str) -> ipaddress.IPv6Network | None:
+    """The IPv6 subnet a previous run wrote (FLANNEL_IPV6_SUBNET), or None if absent or unreadable."""
+    text = read(path).get("FLANNEL_IPV6_SUBNET")
+    if not text:
+        return None
+    try:
+        return ipaddress.IPv6Interface(text).network
     except ValueError:
         return None

@@ -31,18 +31,27 @@ def ignore_gone(fn, *args, **kwargs) -> None:
             raise
 
 
-def only_address(ipr, index: int, address: str, prefixlen: int = 32) -> bool:
-    """Leave exactly ``address/prefixlen`` as the device's IPv4 address (flannel removes any other).
+IFA_F_NODAD = 0x02
+RT_SCOPE_LINK = 253
+
+
+def only_address(ipr, index: int, address: str, prefixlen: int = 32, family: int = socket.AF_INET) -> bool:
+    """Leave exactly ``address/prefixlen`` as the device's address of ``family`` (flannel removes
+    any other). IPv6: the kernel's link-local address stays, and ours skips duplicate address
+    detection (it is unique by its lease; tentative, it could not be used for a second or so).
     True when it had to be added."""
     have = False
-    for msg in ipr.get_addr(family=socket.AF_INET, index=index):
+    for msg in ipr.get_addr(family=family, index=index):
+        if family == socket.AF_INET6 and msg["scope"] == RT_SCOPE_LINK:
+            continue
         if msg.get_attr("IFA_ADDRESS") == address and msg["prefixlen"] == prefixlen:
             have = True
         else:
             ignore_gone(ipr.addr, "del", index=index, address=msg.get_attr("IFA_ADDRESS"),
                         prefixlen=msg["prefixlen"])
     if not have:
-        ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+        extra = {"flags": IFA_F_NODAD} if family == socket.AF_INET6 else {}
+        ipr.addr("add", index=index, address=address, prefixlen=prefixlen, **extra)
     return not have
 
 
@@ -67,6 +76,7 @@ class NetlinkBackend(Backend):
         super().__init__(config, iface, options)
         self._lock = threading.RLock()
         self._ipr = None
+        self._batch = None
 
     @property
     def ipr(self):
@@ -74,6 +84,15 @@ class NetlinkBackend(Backend):
             from pyroute2 import IPRoute
             self._ipr = IPRoute()
         return self._ipr
+
+    @property
+    def nl(self):
+        """The per-peer entry writer (``fastpath.nlbatch.Batch``): neighbour, FDB and route
+        entries in one system call per peer, where pyroute2 costs ~1 ms per entry."""
+        if self._batch is None:
+            from .nlbatch import Batch
+            self._batch = Batch()
+        return self._batch
 
     def link_index(self, name: str) -> int | None:
         """The index of device ``name`` in this namespace; None when there is none."""
@@ -86,3 +105,6 @@ class NetlinkBackend(Backend):
             if self._ipr is not None:
                 self._ipr.close()
                 self._ipr = None
+            if self._batch is not None:
+                self._batch.close()
+                self._batch = None

@@ -19,7 +19,7 @@ def show(dev: str) -> tuple[dict, str]:
 
 def render(doc: dict) -> str:
     """The peers as a table, then every counter of the programs, named as on /metrics
-    (weft_backend_<name>): read from the maps, zeros included. drops_* are per reason
+    (weft_backend_<name>_total): read from the maps, zeros included. drops_* are per reason
     (fastpath/bpf/drop_reasons.h)."""
     table = [("SUBNET", "PUBLIC IP", "VTEP MAC", "VNI", "")]
     table += [(e["subnet"], e["public_ip"], e["vtep_mac"], str(e["vni"]), "(this node)" if e["local"] else "")

@@ -6,6 +6,12 @@ on add / remove / resync / teardown. A backend supplies only what a peer is (``d
 one is programmed (``program``), taken out (``unprogram``), switched over from an older version
 of itself (``replace``) and checked (``snapshot`` + ``missing``), plus hooks for its device.
 
+Dual-stack: a lease maps to up to two peers, its IPv4 side (``decode``) and, when this node and the
+lease both have IPv6, its IPv6 side (``decode6``: ``Lease.subnet6`` via ``PublicIPv6``). Both are
+kept in the same bookkeeping, keyed by ``Peer.subnet``; ``program`` etc. see ``peer.subnet.version``.
+Each side is judged on its own: bad BackendV6Data skips (and counts) only the IPv6 side. A lease's
+identity stays its IPv4 subnet: ``remove_peer`` takes out both of its sides.
+
 ``GuardedRouting`` adds the opt-in source guard (weftd ``--source-guard``) of vxlan/kernel and
 host-gw/kernel: a tc program on the underlay interface whose maps follow the same peers.
 
@@ -30,9 +36,9 @@ log = logging.getLogger("weft.backend")
 
 @dataclass(frozen=True)
 class Peer:
-    """What one peer lease is programmed as."""
-    subnet: ipaddress.IPv4Network
-    public_ip: ipaddress.IPv4Address
+    """What one side (IPv4 or IPv6) of a peer lease is programmed as."""
+    subnet: ipaddress.IPv4Network | ipaddress.IPv6Network
+    public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address  # of the same family as subnet
     mac: str | None = None  # the VtepMAC its frames are addressed to (vxlan); None: host-gw
     direct: bool = False  # DirectRouting: a plain route via public_ip, nothing in the tunnel
 
@@ -40,13 +46,16 @@ class Peer:
 class RoutingBackend(NetlinkBackend):
     RESTORED = "entries_restored"  # the counter of what resync put back
     COUNTERS: tuple[str, ...] = ()  # the backend's own counters, besides the ones kept here
+    # stats()'s levels; the rest only grow (/metrics: counters)
+    GAUGES = frozenset({"peers_programmed", "peers_failed", "peers6_programmed", "peers6_failed"})
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):
         super().__init__(config, iface, options)
         self.lease: Lease | None = None
-        self._peers: dict[ipaddress.IPv4Network, Peer] = {}
-        self._failed: set[ipaddress.IPv4Network] = set()
+        self._peers: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, Peer] = {}
+        self._failed: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
+        self._v6_of: dict[ipaddress.IPv4Network, ipaddress.IPv6Network] = {}  # lease -> its v6 peer
         self._counters = dict.fromkeys(("peers_bad_backend_data", "peer_errors", self.RESTORED,
                                         *self.COUNTERS), 0)
 
@@ -56,7 +65,19 @@ class RoutingBackend(NetlinkBackend):
         """What ``lease`` is programmed as; BadBackendData when this data plane cannot use it."""
         return Peer(lease.subnet, lease.attrs.public_ip, direct=self.is_direct(lease.attrs.public_ip))
 
-    def is_direct(self, public_ip: ipaddress.IPv4Address) -> bool:
+    def decode6(self, lease: Lease) -> Peer | None:
+        """The IPv6 side of ``lease``: None when this node has no IPv6 or the lease has no IPv6
+        subnet or PublicIPv6; BadBackendData when this data plane cannot use its BackendV6Data."""
+        if not self.has_ipv6 or lease.subnet6 is None or lease.attrs.public_ipv6 is None:
+            return None
+        return Peer(lease.subnet6, lease.attrs.public_ipv6, direct=self.is_direct(lease.attrs.public_ipv6))
+
+    @property
+    def has_ipv6(self) -> bool:
+        """Whether this node carries IPv6 (EnableIPv6, and the daemon found a PublicIPv6)."""
+        return self.config.enable_ipv6 and self.iface.public_ipv6 is not None
+
+    def is_direct(self, public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return False
 
     def program(self, peer: Peer) -> None:
@@ -152,15 +173,61 @@ class RoutingBackend(NetlinkBackend):
                 self._failed.discard(lease.subnet)
                 if old is not None:
                     self._unprogram(old)
-                return
-            old = self._peers.get(peer.subnet)
-            changed = old is not None and old != peer
-            if changed:
-                self._step_from(self.replace, old, peer)
-            self._peers[peer.subnet] = peer
-            if self._program(peer) and changed:
-                self._step_from(self.replaced, old, peer)
-            self.peer_added(peer)
+            else:
+                self._put(peer)
+            if self.has_ipv6 or lease.subnet in self._v6_of:
+                self._add_v6(lease)
+
+    def _put(self, peer: Peer) -> None:
+        """Store and program ``peer``, switching over from what its subnet was programmed as."""
+        old = self._peers.get(peer.subnet)
+        changed = old is not None and old != peer
+        if changed:
+            self._step_from(self.replace, old, peer)
+        self._peers[peer.subnet] = peer
+        if self._program(peer) and changed:
+            self._step_from(self.replaced, old, peer)
+        self.peer_added(peer)
+
+    def _add_v6(self, lease: Lease) -> None:
+        """The IPv6 side of ``add_peer``: judged apart from the IPv4 side, which stays as it is."""
+        try:
+            peer = self.decode6(lease)
+        except BadBackendData as exc:
+            self._counters["peers_bad_backend_data"] += 1
+            log.warning("%s: peer %s (%s): bad %s BackendV6Data (%s); its IPv6 side skipped",
+                        self.name(), lease.subnet6, lease.attrs.public_ipv6, self.wire_type, exc)
+            self._drop_v6(lease.subnet)
+            return
+        if peer is not None and self._own6(peer):
+            log.warning("%s: peer %s claims our IPv6 subnet %s; its IPv6 side skipped", self.name(),
+                        lease.subnet, peer.subnet)
+            peer = None
+        if peer is None or self._v6_of.get(lease.subnet, peer.subnet) != peer.subnet:
+            self._drop_v6(lease.subnet)  # no IPv6 side any more, or another IPv6 subnet
+        if peer is None:
+            return
+        if peer.subnet in self._peers and lease.subnet not in self._v6_of:
+            # Another lease held that subnet before (a store that let two leases claim it): this
+            # one has it now, and that one's removal must not take it out.
+            for other, subnet6 in list(self._v6_of.items()):
+                if subnet6 == peer.subnet:
+                    del self._v6_of[other]
+        self._v6_of[lease.subnet] = peer.subnet
+        self._put(peer)
+
+    def _drop_v6(self, subnet: ipaddress.IPv4Network) -> None:
+        """Take out the IPv6 peer of the lease whose IPv4 subnet is ``subnet``, if it has one."""
+        subnet6 = self._v6_of.pop(subnet, None)
+        if subnet6 is None:
+            return
+        self._failed.discard(subnet6)
+        old = self._peers.pop(subnet6, None)
+        if old is not None:
+            self._unprogram(old)
+
+    def _own6(self, peer: Peer) -> bool:
+        return self.lease is not None and peer.subnet == self.lease.subnet6
 
     def _step_from(self, step, old: Peer, new: Peer) -> None:
         try:
@@ -174,14 +241,26 @@ class RoutingBackend(NetlinkBackend):
                 return
             peer = self._peers.pop(lease.subnet, None)
             self._failed.discard(lease.subnet)
+            subnet6 = self._v6_of.pop(lease.subnet, None)
+            peer6 = self._peers.pop(subnet6, None) if subnet6 is not None else None
+            self._failed.discard(subnet6)
             self.peer_removed(lease)
+            # Not programmed by us (bad data, or before a restart): remove what its lease implies.
             if peer is None:
-                # Not programmed by us (bad data, or before a restart): remove what its lease implies.
                 try:
                     peer = self.decode(lease)
                 except BadBackendData:
-                    return
-            self._unprogram(peer)
+                    pass
+            if peer6 is None and subnet6 is None:
+                try:
+                    peer6 = self.decode6(lease)
+                except BadBackendData:
+                    pass
+                if peer6 is not None and (self._own6(peer6) or peer6.subnet in self._peers):
+                    peer6 = None  # ours, or held by another lease now
+            for side in (peer, peer6):
+                if side is not None:
+                    self._unprogram(side)
 
     def resync(self) -> None:
         """Put back what someone removed behind our back, and retry what failed."""
@@ -220,6 +299,7 @@ class RoutingBackend(NetlinkBackend):
                     log.warning("%s: peer %s: removal failed: %s", self.name(), peer.subnet, exc)
             self._peers.clear()
             self._failed.clear()
+            self._v6_of.clear()
             self.teardown_device()
             self.lease = None
         self.close()
@@ -227,8 +307,13 @@ class RoutingBackend(NetlinkBackend):
     def stats(self) -> dict[str, float]:
         with self._lock:
             s = {k: float(v) for k, v in self._counters.items()}
-            s["peers_programmed"] = float(len(self._peers) - len(self._failed))
-            s["peers_failed"] = float(len(self._failed))
+            for version, key in ((4, "peers"), (6, "peers6")):
+                if version == 6 and not self.has_ipv6:
+                    continue  # an IPv4-only node has no IPv6 numbers (rather than zeros)
+                held = sum(1 for subnet in self._peers if subnet.version == version)
+                failed = sum(1 for subnet in self._failed if subnet.version == version)
+                s[f"{key}_programmed"] = float(held - failed)
+                s[f"{key}_failed"] = float(failed)
             s.update(self.extra_stats())
             return s
 
@@ -238,6 +323,7 @@ class GuardedRouting(RoutingBackend):
     ``--source-guard`` attaches ``new_guard()`` (fastpath/bpf/guard.py) to the underlay interface's
     ingress at setup, its maps follow the peers, and without the flag a guard a previous run left
     there is removed (its maps would no longer follow the leases)."""
+    GAUGES = RoutingBackend.GAUGES | {"guard_peer_ips", "guard_peers"}  # the guard's map sizes
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):
@@ -273,6 +359,10 @@ class GuardedRouting(RoutingBackend):
 
     def peer_added(self, peer: Peer) -> None:
         if self.guard is None and not self._guard_wanted:
+            return
+        if peer.subnet.version != 4:
+            # The guard is an IPv4 guard: it checks IPv4 packets only (IPv6 ones pass it unchecked)
+            # and its maps hold IPv4 subnets and PublicIPs, so a peer's IPv6 side stays out of it.
             return
         if self.guard is None:
             self.guard = self.new_guard()

@@ -11,6 +11,12 @@ A userspace backend is a TUN device plus a UDP socket with an engine between the
   txqueuelen of 10,000 (the default 500 overflows under TCP load), IPv6 off, and one route for the
   whole Network through it; bind the UDP socket to the underlay address and the wire format's
   port; start the engine.
+- dual-stack (EnableIPv6, vxlan/fastpath only; ``carries_ipv6``: this node has a PublicIPv6 and
+  its lease a subnet6): the same TUN also gets ``<subnet6 network address>/128`` (IPv6 on, no
+  link-local address, no DAD) and the IPv6Network routed through it with MTU = TUN MTU - 20 (the
+  outer IPv6 header is 20 bytes longer; pods learn it by path MTU discovery); the engine binds a
+  second UDP socket (IPV6_V6ONLY) to the IPv6 underlay address on the same port. A lease maps to
+  up to two peers (``fastpath.routing``): each is one engine route of its family.
 - add_peer / remove_peer: one ``engine.set_route`` / ``remove_route`` (constant time; the engine's
   threads keep running).
 - DirectRouting (backends with ``supports_direct_routing``, i.e. ``vxlan/fastpath``, as flannel's
@@ -60,6 +66,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 
 from controlplane.backends.base import BackendError, BackendOptions, ExternalInterface
@@ -106,6 +113,8 @@ class TunEngineBackend(RoutingBackend):
     vnet_hdr = True
     supports_direct_routing = False  # Backend.DirectRouting (flannel: vxlan only)
     COUNTERS = ("device_recreated", "engine_restarts")
+    # stats()'s levels; the engine's counts (reset when a new engine process starts) only grow
+    GAUGES = RoutingBackend.GAUGES | {"peers_direct", "engine_pid", "routes", "workers"}
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):
@@ -113,6 +122,7 @@ class TunEngineBackend(RoutingBackend):
         self.port = config.backend.effective_port
         self.vni = getattr(config.backend, "vni", None)  # a vxlan key; the udp format has none
         self.local = iface.address or iface.public_ip
+        self.local6 = iface.address6 or iface.public_ipv6  # dual-stack: the IPv6 socket's address
         self.engine: control.EngineClient | None = None  # the engine process's control channel
         self._engine_proc = None       # its Popen when this process started it (to reap it)
         self._engine_pid: int | None = None
@@ -126,6 +136,7 @@ class TunEngineBackend(RoutingBackend):
         self.workers = max(1, int(os.environ.get("WEFT_ENGINE_WORKERS", "1") or 1))
         self.busy_poll_us = max(0, int(os.environ.get("WEFT_ENGINE_BUSY_POLL_US", str(BUSY_POLL_US)) or 0))
         self._l2_net: ipaddress.IPv4Network | None = None
+        self._l2_net6: ipaddress.IPv6Network | None = None
         self._worker_threads: list[tuple[int, int]] = []  # (worker index, engine thread id)
 
     # -- to override ---------------------------------------------------------------------------
@@ -139,6 +150,23 @@ class TunEngineBackend(RoutingBackend):
     def engine_kwargs(self) -> dict:
         return {}
 
+    def engine_kwargs6(self) -> dict:
+        """The engine's IPv6 options besides its Network and subnets (vxlan: the v6 VTEP MAC)."""
+        raise BackendError(f"{self.name()}: carries IPv4 only")
+
+    @property
+    def carries_ipv6(self) -> bool:
+        """Dual-stack: this node has IPv6 and its lease an IPv6 subnet; the TUN and the engine
+        carry both families."""
+        return self.has_ipv6 and self.lease is not None and self.lease.subnet6 is not None
+
+    @property
+    def mtu6(self) -> int:
+        """The IPv6 route's MTU: an outer IPv6 header is 20 bytes longer than an IPv4 one, so an
+        inner IPv6 packet must be 20 bytes shorter (flannel-v6.<VNI>'s MTU; pods find it by path
+        MTU discovery: the TUN itself has the IPv4 MTU)."""
+        return self.mtu - 20
+
     # -- netlink -------------------------------------------------------------------------------
 
     def _configure_device(self) -> int:
@@ -147,17 +175,24 @@ class TunEngineBackend(RoutingBackend):
         if idx is None:
             raise BackendError(f"{self.name()}: TUN {self.dev_name} vanished right after it was opened")
         ipr.link("set", index=idx, mtu=self.mtu, txqlen=TXQUEUELEN)
-        try:
-            with open(f"/proc/sys/net/ipv6/conf/{self.dev_name}/disable_ipv6", "w") as f:
-                f.write("1")
-        except OSError:
-            pass
+        # IPv4 only: IPv6 off. Dual-stack: on, but without a link-local address (addr_gen_mode 1)
+        # and without DAD: nothing on a TUN answers neighbour or router solicitations.
+        v6 = self.carries_ipv6
+        for key, value in ((("addr_gen_mode", "1"), ("accept_dad", "0"), ("disable_ipv6", "0")) if v6
+                           else (("disable_ipv6", "1"),)):
+            try:
+                with open(f"/proc/sys/net/ipv6/conf/{self.dev_name}/{key}", "w") as f:
+                    f.write(value)
+            except OSError:
+                if v6:
+                    raise
         ipr.link("set", index=idx, state="up")
         self._ensure_addr_route(idx)
         return idx
 
     def _ensure_addr_route(self, idx: int) -> list[str]:
-        """Exactly <subnet>.0/32 on the TUN and the Network routed through it; what was missing."""
+        """Exactly <subnet>.0/32 on the TUN and the Network routed through it (dual-stack also
+        <subnet6 network address>/128 and the IPv6Network, with the IPv6 MTU); what was missing."""
         ipr = self.ipr
         missing = []
         if only_address(ipr, idx, str(self.lease.subnet.network_address)):
@@ -166,6 +201,15 @@ class TunEngineBackend(RoutingBackend):
         if (str(net.network_address), net.prefixlen, None, idx) not in direct_routes.main_routes(ipr):
             ipr.route("replace", dst=str(net), oif=idx)
             missing.append("route")
+        if self.carries_ipv6:
+            if only_address(ipr, idx, str(self.lease.subnet6.network_address), 128, socket.AF_INET6):
+                missing.append("IPv6 address")
+            net6 = self.config.ipv6_network
+            if ((str(net6.network_address), net6.prefixlen, None, idx)
+                    not in direct_routes.main_routes(ipr, socket.AF_INET6)):
+                ipr.route("replace", dst=str(net6), oif=idx, family=socket.AF_INET6,
+                          metrics={"mtu": self.mtu6})
+                missing.append("IPv6 route")
         return missing
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -192,6 +236,11 @@ class TunEngineBackend(RoutingBackend):
                   "local": str(self.local), "port": self.port, "workers": self.workers,
                   "mtu": self.mtu, "vnet_hdr": self.vnet_hdr, "busy_poll_us": self.busy_poll_us,
                   "kwargs": self.engine_kwargs()}
+        if self.carries_ipv6:  # absent otherwise: an IPv4-only engine's config stays as it was
+            config["local6"] = str(self.local6)
+            config["kwargs"].update(network6=str(self.config.ipv6_network),
+                                    subnet6_len=self.config.ipv6_subnet_len,
+                                    local_subnet6=str(self.lease.subnet6), **self.engine_kwargs6())
         return json.loads(json.dumps(config))
 
     def _attach(self, client: control.EngineClient, info: dict, proc=None) -> None:
@@ -368,8 +417,9 @@ class TunEngineBackend(RoutingBackend):
         if removed:
             log.info("%s: removed engine route(s) no lease holds: %s", self.name(), ", ".join(removed))
 
-    def _engine_routes(self) -> dict[ipaddress.IPv4Network, tuple[str, str | None]]:
-        """What the engine should hold: every peer through the tunnel that did not fail."""
+    def _engine_routes(self) -> dict[ipaddress.IPv4Network | ipaddress.IPv6Network, tuple[str, str | None]]:
+        """What the engine should hold: every peer (either family) through the tunnel that did not
+        fail."""
         return {s: (str(p.public_ip), p.mac) for s, p in self._peers.items()
                 if not p.direct and s not in self._failed}
 
@@ -379,6 +429,8 @@ class TunEngineBackend(RoutingBackend):
             try:
                 if self.supports_direct_routing and self.config.backend.direct_routing:
                     self._l2_net = direct_routes.underlay_network(self.ipr, self.iface)
+                    if self.has_ipv6:
+                        self._l2_net6 = direct_routes.underlay_network(self.ipr, self.iface, v6=True)
                 self._start()
             except BackendError:
                 raise
@@ -388,16 +440,17 @@ class TunEngineBackend(RoutingBackend):
             log.info("%s: %s up (engine %s in pid %d, %d worker(s), vnet_hdr=%s, port %d)", self.name(),
                      self.dev_name, self._engine_name, self._engine_pid, self.workers, self.vnet_hdr, self.port)
             if self.supports_direct_routing and self.config.backend.direct_routing:
-                log.info("%s: DirectRouting for peers on %s", self.name(), self._l2_net or "(unknown)")
+                log.info("%s: DirectRouting for peers on %s", self.name(),
+                         " and ".join(str(n) for n in (self._l2_net, self._l2_net6) if n) or "(unknown)")
             for peer in list(self._peers.values()):  # setup again after a lease change
                 if peer.direct:
                     self._program(peer)
 
     # -- peers: an engine route, or (DirectRouting) a kernel route -----------------------------
 
-    def is_direct(self, public_ip: ipaddress.IPv4Address) -> bool:
-        return self.supports_direct_routing and direct_routes.is_direct(self.config, self._l2_net,
-                                                                        public_ip)
+    def is_direct(self, public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        l2_net = self._l2_net6 if public_ip.version == 6 else self._l2_net
+        return self.supports_direct_routing and direct_routes.is_direct(self.config, l2_net, public_ip)
 
     def add_peer(self, lease: Lease) -> None:
         if not self.config.contains_subnet(lease.subnet):  # the engine's route table holds no other
@@ -456,7 +509,11 @@ class TunEngineBackend(RoutingBackend):
         return True
 
     def snapshot(self) -> set[tuple]:
-        return direct_routes.main_routes(self.ipr) if any(p.direct for p in self._peers.values()) else set()
+        present: set[tuple] = set()
+        for version, family in ((4, socket.AF_INET), (6, socket.AF_INET6)):
+            if any(p.direct and p.subnet.version == version for p in self._peers.values()):
+                present |= direct_routes.main_routes(self.ipr, family)
+        return present
 
     def missing(self, peer: Peer, present: set[tuple]) -> tuple[str, ...]:
         if peer.direct and direct_routes.route_key(peer.subnet, peer.public_ip, self.iface.index) not in present:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -10,6 +9,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+
+from bench.scale import by_label, parse_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,21 +71,29 @@ class Weftd:
             time.sleep(0.05)
         raise AssertionError(f"weftd {self.n} not ready in {timeout} s: {self.log()[-2000:]}")
 
-    def metric(self, name: str) -> float | None:
-        """``name``'s value on /metrics (the first label set); None when the page lacks it. A
-        daemon that is not running or does not answer raises: that is no missing metric."""
+    def metrics_page(self) -> str:
+        """/metrics as text. A daemon that is not running or does not answer raises: that is no
+        missing metric."""
         if self.proc is None or self.proc.poll() is not None:
             code = None if self.proc is None else self.proc.returncode
             raise AssertionError(f"weftd {self.n} is not running (exit status {code}), so it has no "
-                                 f"{name}: {self.log()[-1000:]}")
+                                 f"metrics: {self.log()[-1000:]}")
         try:
             status, text = self.get("/metrics")
         except (OSError, urllib.error.URLError) as exc:
             raise AssertionError(f"weftd {self.n} (pid {self.proc.pid}) does not answer /metrics: {exc}") from None
         if status != 200:
             raise AssertionError(f"weftd {self.n} (pid {self.proc.pid}): /metrics answered {status}")
-        m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
-        return float(m.group(1)) if m else None
+        return text
+
+    def metric(self, name: str) -> float | None:
+        """``name``'s value on /metrics (a sample name: a counter's ends in ``_total``; label sets
+        summed); None when the page lacks it."""
+        return parse_metrics(self.metrics_page()).get(name)
+
+    def labelled(self, name: str, label: str) -> dict[str, float]:
+        """The samples ``name{label="x"} v`` of /metrics as {x: v}."""
+        return by_label(self.metrics_page(), name, label)
 
     def subnet(self) -> str:
         with open(self.subnet_file) as f:

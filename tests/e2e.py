@@ -74,11 +74,27 @@ def all_pairs_ping(lab: Lab) -> list[str]:
     return bad
 
 
-def transfer(lab: Lab, src, dst, nbytes: int = TRANSFER_BYTES, port: int = 7777) -> tuple[str, str]:
-    """Send ``nbytes`` of pseudo-random data over TCP from pod src to pod dst; both sides' SHA-256."""
-    server = lab.socket(dst.namespace)
+def all_pairs_ping_both(lab: Lab) -> list[str]:
+    """Pod pairs of a dual-stack lab that do not reach each other, per family (empty: full mesh
+    over IPv4 and IPv6). A pod without an IPv6 address is a failure, never a pair skipped."""
+    bad = all_pairs_ping(lab)
+    bad += [f"{p.namespace}: no IPv6 address" for p in lab.pods if not p.ip6]
+    for a in lab.pods:
+        for b in lab.pods:
+            if a is not b and b.ip6 and not lab.ping(a, b.ip6, count=2, timeout=2):
+                bad.append(f"{a.namespace}->{b.ip6}")
+    return bad
+
+
+def transfer(lab: Lab, src, dst, nbytes: int = TRANSFER_BYTES, port: int = 7777,
+             family: int = 4) -> tuple[str, str]:
+    """Send ``nbytes`` of pseudo-random data over TCP from pod src to pod dst (to its IPv6
+    address with ``family`` 6); both sides' SHA-256."""
+    af = socket.AF_INET6 if family == 6 else socket.AF_INET
+    dst_ip = dst.ip6 if family == 6 else dst.ip
+    server = lab.socket(dst.namespace, af)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind((dst.ip, port))
+    server.bind((dst_ip, port))
     server.listen(1)
     server.settimeout(30)
     got = {}
@@ -101,9 +117,9 @@ def transfer(lab: Lab, src, dst, nbytes: int = TRANSFER_BYTES, port: int = 7777)
     sent = hashlib.sha256()
     block = hashlib.sha256(b"weft").digest() * (CHUNK // 32)
     try:
-        client = lab.socket(src.namespace)
+        client = lab.socket(src.namespace, af)
         client.settimeout(30)
-        client.connect((dst.ip, port))
+        client.connect((dst_ip, port))
         with client:
             left, i = nbytes, 0
             while left:
@@ -288,14 +304,27 @@ class Testbed:
     made by CNI ADD from the subnet.env weftd would write (``pods``: the lab's Pod records).
     Every namespace is recorded in a ledger before it is made, and ``destroy`` is the lab's own
     teardown: whatever still runs in them is stopped, then exactly those namespaces go.
+
+    ``dual_stack=True`` builds what a dual-stack lab has (the network config's EnableIPv6 with
+    IPv6Network ``NETWORK6``): node N's eth0 also has ``UNDERLAY6`` + N (2001:db8:198:18::N/64,
+    no DAD), IPv6 forwarding, and subnet.env's FLANNEL_IPV6_* lines for ``subnet6(N)``
+    (fd10:244:0:N::/64), so CNI gives cni0 fd10:244:0:N::1 and the pod fd10:244:0:N::2 with a
+    default route via cni0 in both families. ``node_ip6(n)``, ``pod_ip6(n)``; the Pod records
+    carry ``ip6``. No DAD anywhere in the testbed, so every address is usable at once::
+
+        with built(Testbed("wds-", dual_stack=True)) as bed:   # then run backends with
+            ...  # ExternalInterface(address6=bed.node_ip6(n), public_ipv6=bed.node_ip6(n)), ping bed.pod_ip6(m)
     """
     __test__ = False  # not a test class, whatever its name
+    NETWORK6 = ipaddress.IPv6Network("fd10:244::/56")
+    UNDERLAY6 = ipaddress.IPv6Network("2001:db8:198:18::/64")
 
-    def __init__(self, prefix: str, nodes=(1, 2, 3), pod_mtu: int = 1500):
+    def __init__(self, prefix: str, nodes=(1, 2, 3), pod_mtu: int = 1500, dual_stack: bool = False):
         from bench.lab_topology import Names
         self.prefix = prefix
         self.nodes = tuple(nodes)
         self.pod_mtu = pod_mtu
+        self.dual_stack = dual_stack
         names = Names(prefix)
         self.wire = names.wire
         self.node = {n: names.node_ns(n) for n in self.nodes}
@@ -320,14 +349,39 @@ class Testbed:
                                                                "owner_pid": os.getpid(), "scenario": "testbed"})
         self.ledger.add("dir", path=directory, created=True)
         scenario = from_dict({"name": "testbed", "lab": {"nodes": len(self.nodes), "pods_per_node": 1,
-                                                         "underlay": "198.18.0.0/24", "node_cpus": False}})
+                                                         "underlay": "198.18.0.0/24", "node_cpus": False,
+                                                         "underlay6": str(self.UNDERLAY6)}})
+        if self.dual_stack:  # what parsing EnableIPv6 + IPv6Network gives (no weftd reads it here)
+            scenario = dataclasses.replace(scenario, network=dataclasses.replace(
+                scenario.network, ipv6_network=self.NETWORK6, ipv6_subnet_len=64))
         self.topology = Topology(scenario, Names(self.prefix), directory, self.ledger, self.namespaces)
         nodes = self.topology.build_underlay()
         for node in nodes:  # the subnet.env weftd would write (FLANNEL_IPMASQ=true: -ip-masq, as the lab)
             subnetenv.write(node.subnet_file, ipaddress.IPv4Network("10.244.0.0/16"),
                             ipaddress.IPv4Network(f"10.244.{node.index}.0/24"), self.pod_mtu, True)
+            if self.dual_stack:
+                self._add_ipv6_lines(node.subnet_file, node.index)
             read_subnet(node)
         self.pods = self.topology.build_pods(nodes)  # through CNI ADD, as the lab's pods
+
+    def node_ip6(self, n: int) -> ipaddress.IPv6Address:
+        return self.UNDERLAY6.network_address + n
+
+    def subnet6(self, n: int) -> ipaddress.IPv6Network:
+        return ipaddress.IPv6Network((int(self.NETWORK6.network_address) + (n << 64), 64))
+
+    def pod_ip6(self, n: int) -> str:
+        return str(self.subnet6(n).network_address + 2)
+
+    def _add_ipv6_lines(self, path: str, n: int) -> None:
+        """flanneld's IPv6 lines of subnet.env (WriteSubnetFile), after FLANNEL_SUBNET."""
+        with open(path) as f:
+            lines = f.read().splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith("FLANNEL_SUBNET=")) + 1
+        lines[at:at] = [f"FLANNEL_IPV6_NETWORK={self.NETWORK6}",
+                        f"FLANNEL_IPV6_SUBNET={self.subnet6(n).network_address + 1}/64"]
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
     def add_netns(self, short: str) -> str:
         """One more namespace (``<prefix><short>``, only lo up), recorded like the others."""

@@ -18,6 +18,7 @@ import pytest
 from controlplane.store import LeaseExists, LeaseNotFound, WatchCompacted
 
 NET = ipaddress.IPv4Network
+NET6 = ipaddress.IPv6Network
 
 
 def subnet(i: int) -> ipaddress.IPv4Network:
@@ -240,6 +241,72 @@ class StoreContract:
         assert [(e.kind, e.subnet, e.name, e.value) for e in events] == [
             ("foreign", None, "10.5.1.0-24/x", "y"), ("foreign", None, "garbage", None),
             ("put", subnet(5), "", None)]
+
+    # -- dual-stack keys: <ip>-<len>&<ip6>-<len6> (flannel's MakeSubnetKey) ----------------------
+    def test_dual_stack_key_roundtrip(self, store, write_raw):
+        """A lease with an IPv6 part lives under flannel's dual key; every method takes the pair,
+        and a scan, a get and the watch give the IPv6 part back."""
+        n6 = NET6("fd10:244:0:1::/64")
+        _, rev = store.list_leases()
+        rec = store.create_lease(subnet(1), value(1), ttl=3600, subnet6=n6)
+        assert (rec.subnet, rec.subnet6) == (subnet(1), n6)
+        assert store.get_lease(subnet(1)) is None  # another key: 10.5.1.0-24 alone
+        got = store.get_lease(subnet(1), n6)
+        assert (got.subnet, got.subnet6, got.value) == (subnet(1), n6, value(1))
+        store.create_lease(subnet(2), value(2), ttl=3600)  # an IPv4-only lease beside it
+        scan = store.scan_subnets()
+        assert sorted((r.subnet, r.subnet6) for r in scan.records) == [(subnet(1), n6), (subnet(2), None)]
+        assert scan.foreign == []
+        renewed = store.update_lease(subnet(1), value(11), ttl=3600, subnet6=n6)
+        assert renewed.subnet6 == n6 and store.get_lease(subnet(1), n6).value == value(11)
+        with pytest.raises(LeaseNotFound):  # the IPv4-only key of that subnet does not exist
+            store.update_lease(subnet(1), value(1), ttl=3600)
+        assert store.delete_lease(subnet(1)) is False
+        assert store.delete_lease(subnet(1), n6) is True
+        assert store.get_lease(subnet(1), n6) is None
+        watch = store.watch(rev)
+        try:
+            events = drain(watch, 4)
+        finally:
+            watch.close()
+        assert [(e.kind, e.subnet, e.subnet6) for e in events] == [
+            ("put", subnet(1), n6), ("put", subnet(2), None), ("put", subnet(1), n6),
+            ("delete", subnet(1), n6)]
+        assert events[0].record.subnet6 == n6 and events[1].record.subnet6 is None
+
+    def test_a_lease_is_its_ipv4_subnet(self, store):
+        """Create-if-absent covers every key of an IPv4 subnet: with an IPv6 part, without one, or
+        with another one (two nodes must never share an IPv4 subnet through two keys)."""
+        a6, b6 = NET6("fd10:244:0:1::/64"), NET6("fd10:244:0:2::/64")
+        store.create_lease(subnet(1), value(1), ttl=3600, subnet6=a6)
+        for other in (None, a6, b6):
+            with pytest.raises(LeaseExists):
+                store.create_lease(subnet(1), value(2), ttl=3600, subnet6=other)
+        store.create_lease(subnet(2), value(2), ttl=3600)
+        with pytest.raises(LeaseExists):
+            store.create_lease(subnet(2), value(3), ttl=3600, subnet6=b6)
+        # another IPv4 subnet that starts alike (10.5.1.0-25) is not one of its keys
+        store.create_lease(NET("10.5.1.0/25"), value(4), ttl=3600, subnet6=b6)
+        assert sorted((r.subnet, r.subnet6) for r in store.list_leases()[0]) == [
+            (NET("10.5.1.0/24"), a6), (NET("10.5.1.0/25"), b6), (subnet(2), None)]
+
+    def test_dual_stack_keys_written_by_others(self, store, write_raw):
+        """flanneld's dual keys are leases; malformed IPv6 parts are someone else's keys."""
+        good = "10.5.1.0-24&fd10:244:0:1::-64"
+        bad = ["10.5.2.0-24&fd10:244:0:2::1-64",  # host bits
+               "10.5.3.0-24&FD10:244:0:3::-64",  # not as Go prints it
+               "10.5.4.0-24&fd10:0244:0:4::-64",  # leading zero
+               "10.5.5.0-24&fd10:244:0:5:0:0:0:0-64",  # not RFC 5952's short form
+               "10.5.6.0-24&fd10:244:0:6::-129",  # no such length
+               "10.5.7.0-24&fd10:244:0:7::-064",
+               "10.5.8.0-24&10.6.0.0-16",  # IPv4 after '&'
+               "10.5.9.0-24&", "10.5.10.0-24&fd10::-64&fd11::-64", "&fd10:244::-64"]
+        write_raw(store, f"subnets/{good}", value(1))
+        for name in bad:
+            write_raw(store, f"subnets/{name}", value(2))
+        scan = store.scan_subnets()
+        assert [(r.subnet, r.subnet6) for r in scan.records] == [(subnet(1), NET6("fd10:244:0:1::/64"))]
+        assert sorted(f.name for f in scan.foreign) == sorted(bad)
 
     def test_config_changes_are_watched(self, store, write_raw):
         _, rev = store.list_leases()

@@ -587,6 +587,9 @@ def test_control_plane_scale_small(tmp_path):
         assert cp[store]["nodes"] == 6
         assert 0 < cp[store]["converge_p50_s"] <= cp[store]["converge_p99_s"] < 60
         assert cp[store]["store_ops_per_s"] > 0 and cp[store]["daemon_rss_mb_max"] > 5
+        # one lease added and removed PROPAGATION_ROUNDS times, seen by each of the 6 daemons
+        assert cp[store]["propagation_samples"] == 2 * scale.PROPAGATION_ROUNDS * 6
+        assert 0 < cp[store]["propagation_p50_ms"] <= cp[store]["propagation_p99_ms"] < 30000
 
 
 def test_micro_gate_against_committed_baseline_and_its_self_test(tmp_path):
@@ -608,3 +611,125 @@ def test_micro_gate_against_committed_baseline_and_its_self_test(tmp_path):
     # the benchmarks -k left out are noted, not failed
     assert "test_watch_event_apply" not in r.stderr
     assert "note test_watch_event_apply: in the baseline, not selected (-k)" in r.stdout
+
+
+# -- dual-stack runs: IPv6 rows beside IPv4's --------------------------------------------------------
+
+def _dual_doc(v6_vxlan=(7.0, 10.0), drop_v6=()) -> dict:
+    """A dual-stack run made the way bench run makes it: raw rows (IPv6 keys ending _v6, each TCP
+    x1 sample followed by its underlay twin), summarized per backend, then the ratios."""
+    d = doc()
+    rows = {"bare": [], "vxlan/kernel": []}
+    for i in range(3):
+        rows["bare"].append({"backend": "bare", "tcp1_gbps": 10.0, "rtt_p50_us": 5.0, "ping_loss_pct": 0.0,
+                             "tcp1_gbps_v6": 9.0, "rtt_p50_us_v6": 6.0, "ping_loss_pct_v6": 0.0,
+                             "rr_p50_us_v6": 14.0})
+        rows["vxlan/kernel"].append({"backend": "vxlan/kernel", "tcp1_gbps": 8.0, "underlay_tcp1_gbps": 10.0,
+                                     "rtt_p50_us": 10.0, "ping_loss_pct": 0.0,
+                                     "tcp1_gbps_v6": v6_vxlan[0], "underlay_tcp1_gbps_v6": 9.0,
+                                     "rtt_p50_us_v6": v6_vxlan[1], "ping_loss_pct_v6": 0.0,
+                                     "rr_p50_us_v6": 20.0, "retransmits_v6": 0})
+    # one IPv6 sample disturbed by foreign load: left out of IPv6's medians and pairs, not IPv4's
+    rows["vxlan/kernel"][2].update(tcp1_gbps_v6=1.0, tcp1_v6_disturbed=True, tcp1_gbps=8.3)
+    for name, rs in rows.items():
+        for r in rs:
+            for k in drop_v6:
+                r.pop(k, None)
+        d["backends"][name] = results.summarize(rs, {}, seconds=1)
+        d["runs"] += rs
+    results.add_ratios(d)
+    return d
+
+
+def test_dual_stack_results_pair_each_family_against_its_own_underlay():
+    d = _dual_doc()
+    vx, bare = d["backends"]["vxlan/kernel"], d["backends"]["bare"]
+    # IPv4: untouched by the IPv6 keys and by the disturbed IPv6 probe (8.3 counts)
+    assert vx["tcp1_gbps"] == 8.0 and vx["disturbed_runs"] == 0
+    assert vx["ratio_to_bare"] == pytest.approx(0.8) and vx["latency_ratio_to_bare"] == pytest.approx(2.0)
+    v6 = vx["v6"]
+    assert v6["tcp1_gbps"] == 7.0 and v6["disturbed_runs"] == 1 and v6["rr_p50_us"] == 20.0
+    assert v6["ratio_to_bare"] == pytest.approx(7.0 / 9.0)  # paired with the IPv6 twins
+    assert v6["latency_ratio_to_bare"] == pytest.approx(10.0 / 6.0)  # against bare's IPv6 ping
+    # bare's IPv6 TCP x1 pools its own 3 samples and the 2 twins of undisturbed IPv6 runs
+    assert v6["ratio_to_vxlan_kernel"] == pytest.approx(1.0) and bare["v6"]["tcp1_samples"] == 5
+    # an IPv4-only run has no "v6" anywhere, and its numbers are what they were
+    plain = _dual_doc(drop_v6=("tcp1_gbps_v6", "underlay_tcp1_gbps_v6", "rtt_p50_us_v6", "ping_loss_pct_v6",
+                               "rr_p50_us_v6", "retransmits_v6", "tcp1_v6_disturbed"))
+    assert not any("v6" in b for b in plain["backends"].values())
+    assert {k: v for k, v in vx.items() if k != "v6"} == plain["backends"]["vxlan/kernel"]
+
+
+def test_dual_stack_table_has_a_family_column_and_ipv6_rows(tmp_path):
+    d = _dual_doc()
+    heads, body, notes = report.rows(d)
+    assert heads[:3] == ["backend", "family", "TCP×1 Gb/s"]
+    assert [r[:2] for r in body] == [["bare", "IPv4"], ["bare", "IPv6"], ["vxlan/kernel", "IPv4"],
+                                     ["vxlan/kernel", "IPv6"]]
+    assert body[3][2] == "7.00" and body[3][3] == "0.78"
+    text = report.terminal(d)
+    assert "vxlan/kernel  IPv6" in text and any(n.startswith("IPv6 rows:") for n in notes)
+    assert "| vxlan/kernel | IPv6 | 7.00 | 0.78 |" in report.markdown(d)
+    assert os.path.basename(report.charts(d, str(tmp_path))[0]) == "throughput.png"
+    # an IPv4-only document renders as before: no family column, one row per backend
+    heads, body, _ = report.rows(doc(bare=(10.0, 5.0), vxlan__kernel=(8.0, 10.0)))
+    assert heads[:2] == ["backend", "TCP×1 Gb/s"] and [r[0] for r in body] == ["bare", "vxlan/kernel"]
+
+
+def test_gate_judges_ipv6_of_a_dual_stack_baseline_only():
+    base = _dual_doc()
+    findings, _ = gate.gate(base, _dual_doc())
+    assert not any(f.failed for f in findings)
+    assert {f.metric for f in findings} >= {"ratio_to_bare", "v6 ratio_to_bare", "v6 latency_ratio_to_bare"}
+    # IPv6 through vxlan halved (IPv4 as before): fails on IPv6 alone
+    findings, _ = gate.gate(base, _dual_doc(v6_vxlan=(3.5, 10.0)))
+    assert [(f.backend, f.metric) for f in findings if f.failed] == [("vxlan/kernel", "v6 ratio_to_bare")]
+    # a run without IPv6 does not pass a dual-stack baseline
+    v4 = copy.deepcopy(base)
+    for b in v4["backends"].values():
+        b.pop("v6")
+    failed = [f for f in gate.gate(base, v4)[0] if f.failed]
+    assert failed and all(f.metric.startswith("v6 ") and "null in the run" in f.why for f in failed)
+    # the committed (IPv4-only) baseline judges exactly what it did: no IPv6 metric, none failed
+    with open(BASELINE) as f:
+        committed = json.load(f)
+    findings, _ = gate.gate(committed, committed)
+    assert findings and not any(f.failed or f.metric.startswith("v6") for f in findings)
+    # baseline and compare carry the IPv6 part
+    merged = gate.merge_baseline([base, _dual_doc(v6_vxlan=(6.0, 10.0)), _dual_doc()])
+    assert merged["backends"]["vxlan/kernel"]["v6"]["ratio_to_bare"] == pytest.approx(7.0 / 9.0)
+    table = gate.compare_table(base, _dual_doc(v6_vxlan=(3.5, 10.0)), ["ratio_to_bare"])
+    assert "v6 ratio_to_bare" in table and "-50.0%" in table
+
+
+def test_a_dual_stack_run_measures_the_data_planes_that_carry_ipv6():
+    from bench.scenario import load
+    from controlplane.backends import declaration
+    dual = load(os.path.join(REPO, "scenarios", "dualstack.toml"))
+    names = runner.default_backends(dual)
+    assert names[0] == "bare" and {"vxlan/kernel", "host-gw/kernel", "vxlan/fastpath"} <= set(names)
+    assert all(declaration(b).ipv6 for b in names[1:]) and not any(b.startswith("udp/") for b in names)
+    assert runner.default_backends(load(os.path.join(REPO, "scenarios", "default.toml"))) == runner.default_backends()
+    if os.geteuid() == 0:
+        assert runner.unavailable("udp/fastpath", dual_stack=True).startswith(
+            "carries IPv4 only, the scenario enables IPv6: ")
+        assert runner.unavailable("udp/fastpath") is None
+
+
+@needs_root
+def test_dual_stack_run_measures_both_families(tmp_path):
+    """bench run on scenarios/dualstack.toml: IPv6 rows beside IPv4's, paired with the IPv6
+    underlay of the same run. Quick plan, one run (~1.5 min on the lab VM)."""
+    r = run_tool("bench.cli", "run", "--scenario", "scenarios/dualstack.toml", "--quick", "--repeat", "1",
+                 "--backends", "bare,vxlan/kernel", "--out", str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((tmp_path / "results.json").read_text())
+    vx = d["backends"]["vxlan/kernel"]
+    for part in (vx, vx["v6"]):
+        for key in ("tcp1_gbps", "rtt_p50_us", "ping_loss_pct", "ratio_to_bare", "latency_ratio_to_bare"):
+            assert part.get(key) is not None, key
+    assert d["backends"]["bare"]["v6"]["tcp1_samples"] >= 3
+    # every vxlan/kernel TCP x1 sample has its IPv6 twin, taken over the nodes' IPv6 underlay
+    assert all(r.get("tcp1_gbps_v6") and r.get("underlay_tcp1_gbps_v6") for r in d["runs"]
+               if r["backend"] == "vxlan/kernel")
+    assert "vxlan/kernel  IPv6" in r.stdout and "vxlan/kernel  IPv4" in r.stdout

@@ -10,6 +10,9 @@
   foreign, spoofed or malformed datagram lands in its drop reason, a peer's passes, other traffic is
   untouched; 3,000 random mutations are each counted exactly once; UDP GSO batches datagram by
   datagram. The MTU guard of weft_from_pods keys on gso_size (GSO), not gso_segs.
+- IPv6 (dual-stack): the same for every program's IPv6 branch (weft_peers6, the IPv6 underlay's
+  datagrams by drop reason, UDP GSO batches, 2,000 random mutations, the 1430 MTU guard, the FIB
+  and redirect_peer receive paths), and IPv6 left alone on a node without IPv6.
 - The map follows add/remove; 1,000 synthetic leases go into the map in under 1 s, measured through
   the backend (vxlan/ebpf add_peer) and compared with vxlan/kernel programming the same 1,000 peers
   as neighbour + FDB + route entries, each in its own scratch namespace.
@@ -93,7 +96,7 @@ def progs():
 def fresh(progs):
     """Programs with an empty peer map, zeroed counters and the default config."""
     for e in progs.peer_entries():
-        progs.delete_peer(fb.peer_key(ipaddress.IPv4Network(e["subnet"])))
+        progs.delete_peer(fb.peer_key(ipaddress.ip_network(e["subnet"])))
     progs.clear_counters()
     progs.set_config(config(flags=fb.CFG_DEFAULT))
     return progs
@@ -137,8 +140,10 @@ def test_struct_mirrors_match_compiled_layout(progs):
     bpf, _ = fb.build_in_process()
     try:
         peers, cfg, eps = bpf[b"weft_peers"], bpf[b"weft_config"], bpf[b"weft_endpoints"]
+        peers6, ips6 = bpf[b"weft_peers6"], bpf[b"weft_peer_ips6"]
         for mirror, compiled in ((fb.PeerKey, peers.Key), (fb.Peer, peers.Leaf), (fb.Config, cfg.Leaf),
-                                 (fb.Endpoint, eps.Leaf)):
+                                 (fb.Endpoint, eps.Leaf), (fb.Peer6Key, peers6.Key), (fb.Peer6, peers6.Leaf),
+                                 (fb.IP6, ips6.Key)):
             assert ctypes.sizeof(mirror) == ctypes.sizeof(compiled), mirror.__name__
             ours = [(n, getattr(mirror, n).offset, getattr(mirror, n).size) for n, _ in mirror._fields_]
             theirs = [(n, getattr(compiled, n).offset, getattr(compiled, n).size) for n, _ in compiled._fields_]
@@ -146,8 +151,13 @@ def test_struct_mirrors_match_compiled_layout(progs):
     finally:
         bpf.cleanup()
     assert (progs.peers.key_size, progs.peers.value_size) == (8, 16) == (ctypes.sizeof(fb.PeerKey), 16)
-    assert progs.config.value_size == ctypes.sizeof(fb.Config) == 40
+    # the IPv4 fields first, as before dual-stack (offsets unchanged), then the IPv6 ones
+    assert progs.config.value_size == ctypes.sizeof(fb.Config) == 40 + 8 + 4 * 16
+    assert fb.Config.public_ipv4.offset == 36 and fb.Config.vtep_mac6.offset == 40
     assert (progs.peer_ips.key_size, progs.peer_ips.value_size) == (4, 4)
+    assert (progs.peers6.key_size, progs.peers6.value_size) == (20, 28)
+    assert (progs.peer_ips6.key_size, progs.peer_ips6.value_size) == (16, 4)
+    assert (progs.endpoints6.key_size, progs.endpoints6.value_size) == (16, 16)
     assert (progs.endpoints.key_size, progs.endpoints.value_size) == (4, ctypes.sizeof(fb.Endpoint)) == (4, 16)
     assert progs.counters.value_size == progs.drops.value_size == 8
 
@@ -303,7 +313,8 @@ def test_from_overlay_counts_and_passes_without_redirect_flag(fresh):
 
 @pytest.fixture
 def scratch_ns():
-    """A namespace with veth d0 (10.244.1.1/24, pod 10.244.1.2 at POD_MAC), forwarding on."""
+    """A namespace with veth d0 (10.244.1.1/24 and fd10:244:0:1::1/64; pod 10.244.1.2 and
+    fd10:244:0:1::2 at POD_MAC), forwarding on in both families."""
     name = PREFIX + "fib"
     if name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
         pytest.fail(f"namespace {name} exists; not touching it")
@@ -313,10 +324,12 @@ def scratch_ns():
                     ["link", "add", "d0", "address", CNI_MAC, "type", "veth", "peer", "name", "d1"],
                     ["addr", "add", "10.244.1.1/24", "dev", "d0"],
                     ["link", "set", "d0", "up"], ["link", "set", "d1", "up"],
-                    ["neigh", "replace", "10.244.1.2", "lladdr", POD_MAC, "dev", "d0", "nud", "permanent"]):
+                    ["neigh", "replace", "10.244.1.2", "lladdr", POD_MAC, "dev", "d0", "nud", "permanent"],
+                    ["addr", "add", "fd10:244:0:1::1/64", "dev", "d0", "nodad"],
+                    ["neigh", "replace", "fd10:244:0:1::2", "lladdr", POD_MAC, "dev", "d0", "nud", "permanent"]):
             subprocess.run(["ip", "-n", name, *cmd], check=True, timeout=10)
-        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv4.conf.all.forwarding=1"],
-                       check=True, timeout=10)
+        for key in ("net.ipv4.conf.all.forwarding=1", "net.ipv6.conf.all.forwarding=1"):
+            subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", key], check=True, timeout=10)
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], timeout=10)
@@ -862,3 +875,399 @@ def test_hostgw_guard_ignores_vxlan_config_and_from_underlay_ignores_hostgw_conf
     pkt = vxlan_datagram()
     assert run(progs, "weft_from_underlay", pkt) == (sysbpf.TC_ACT_OK, pkt)
     assert sum(underlay_buckets(progs).values()) == 0
+
+
+# -- IPv6 (dual-stack): the IPv6 side of every program ---------------------------------------------------
+# Node 2001:db8:198:18::1 (PublicIPv6 2001:db8:ff::1) holds fd10:244:0:1::/64; peers ::2
+# (fd10:244:0:2::/64, PEER6_MAC) and ::3 (fd10:244:0:3::/64, PEER3_MAC6). Our IPv6 VtepMAC differs
+# from the device's (OUR_MAC): a lease vxlan/kernel made keeps its flannel-v6 MAC.
+NETWORK6 = ipaddress.IPv6Network("fd10:244::/56")
+OUR_IP6 = "2001:db8:198:18::1"
+PUBLIC_IP6 = "2001:db8:ff::1"
+PEER_IP6, PEER3_IP6 = "2001:db8:198:18::2", "2001:db8:198:18::3"
+OUR_MAC6 = "02:0e:00:00:06:01"
+PEER6_MAC = "02:0e:00:00:06:02"
+PEER3_MAC6 = "02:0e:00:00:06:03"
+
+
+def config6(flags: int = fb.CFG_DEFAULT, mtu: int = 1450) -> fb.Config:
+    cfg = config(flags, mtu=mtu)
+    cfg.vtep_mac6 = (ctypes.c_uint8 * 6)(*fb.mac_bytes(OUR_MAC6))
+    cfg.mtu6 = mtu - 20
+    cfg.network6 = fb.ip6_bytes(NETWORK6.network_address)
+    cfg.netmask6 = fb.ip6_bytes(NETWORK6.netmask)
+    cfg.local_ipv6 = fb.ip6_bytes(ipaddress.IPv6Address(OUR_IP6))
+    cfg.public_ipv6 = fb.ip6_bytes(ipaddress.IPv6Address(PUBLIC_IP6))
+    return cfg
+
+
+def ipv6(src: str, dst: str, nexthdr: int, body: bytes, hlim: int = 64, tclass: int = 0) -> bytes:
+    return (struct.pack("!IHBB", (6 << 28) | (tclass << 20), len(body), nexthdr, hlim)
+            + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + body)
+
+
+def frame6(src: str, dst: str, hlim: int = 64, dmac: str = CNI_MAC, smac: str = POD_MAC,
+           payload: bytes = b"weft" * 16, proto: int = 17, tclass: int = 0, ethertype: int = 0x86DD) -> bytes:
+    if proto == 6:
+        l4 = struct.pack("!HHIIBBHHH", 1234, 5678, 1, 1, 5 << 4, 0x10, 65535, 0, 0) + payload
+    else:
+        l4 = struct.pack("!HHHH", 1234, 5678, 8 + len(payload), 0) + payload
+    return (fb.mac_bytes(dmac) + fb.mac_bytes(smac) + struct.pack("!H", ethertype)
+            + ipv6(src, dst, proto, l4, hlim=hlim, tclass=tclass))
+
+
+def ip6_of(pkt: bytes) -> dict:
+    return {"dmac": fb.mac_text(pkt[0:6]), "smac": fb.mac_text(pkt[6:12]), "hlim": pkt[14 + 7],
+            "daddr": str(ipaddress.IPv6Address(pkt[38:54]))}
+
+
+@pytest.fixture
+def dual(fresh):
+    """A dual-stack node's maps: both families' own subnets (local) and two peers each."""
+    fresh.set_config(config6())
+    v6 = ipaddress.IPv6Network
+    fresh.put_peer(fb.peer_key(ipaddress.IPv4Network("10.244.1.0/24")),
+                   fb.peer_value(ipaddress.IPv4Address(OUR_IP), VNI, OUR_MAC, fb.PEER_LOCAL))
+    fresh.put_peer(fb.peer_key(v6("fd10:244:0:1::/64")),
+                   fb.peer_value(ipaddress.IPv6Address(OUR_IP6), VNI, OUR_MAC6, fb.PEER_LOCAL))
+    add_peer(fresh, "10.244.2.0/24", "198.18.0.2", PEER_MAC)
+    for subnet, ip, mac in (("fd10:244:0:2::/64", PEER_IP6, PEER6_MAC), ("fd10:244:0:3::/64", PEER3_IP6, PEER3_MAC6)):
+        fresh.put_peer(fb.peer_key(v6(subnet)), fb.peer_value(ipaddress.IPv6Address(ip), VNI, mac))
+    return fresh
+
+
+def test_peer_map_v6_entries_and_peer_ips6(dual):
+    """weft_peers6 decodes as written, sorted after the IPv4 entries; weft_peer_ips6 follows it."""
+    entries = {e["subnet"]: e for e in dual.peer_entries()}
+    assert entries["fd10:244:0:2::/64"] == {"subnet": "fd10:244:0:2::/64", "public_ip": PEER_IP6, "vni": 1,
+                                            "vtep_mac": PEER6_MAC, "local": False}
+    assert entries["fd10:244:0:1::/64"]["local"] is True
+    assert dual.peer_ip_entries() == {"198.18.0.2": 1, PEER_IP6: 1, PEER3_IP6: 1}
+    dual.put_peer(fb.peer_key(ipaddress.IPv6Network("fd10:244:0:3::/64")),
+                  fb.peer_value(ipaddress.IPv6Address(PEER_IP6), VNI, PEER6_MAC))  # moved to peer 2
+    assert dual.peer_ip_entries() == {"198.18.0.2": 1, PEER_IP6: 2}
+    assert dual.delete_peer(fb.peer_key(ipaddress.IPv6Network("fd10:244:0:3::/64")))
+    assert dual.delete_peer(fb.peer_key(ipaddress.IPv6Network("fd10:244:0:2::/64")))
+    assert dual.peer_ip_entries() == {"198.18.0.2": 1}
+    assert sorted(dual.peer_entries(), key=fb.peer_sort_key)[-1]["subnet"] == "fd10:244:0:1::/64"
+
+
+def test_to_overlay6_hit_rewrites_inner_macs(dual):
+    pkt = frame6("fd10:244:0:1::", "fd10:244:0:2::7", dmac=OUR_MAC, smac=OUR_MAC)
+    rc, out = run(dual, "weft_to_overlay", pkt)
+    assert rc == sysbpf.TC_ACT_OK
+    got = ip6_of(out)
+    assert (got["dmac"], got["smac"], got["hlim"]) == (PEER6_MAC, OUR_MAC6, 64)
+    assert out[12:] == pkt[12:]
+    c = dual.counter_sums()
+    assert c["tx_packets"] == 1 and c["tx_bytes"] == len(pkt)
+
+
+@pytest.mark.parametrize("dst,reason", [
+    ("fd10:244:0:9::7", "no_peer"),        # in the IPv6Network, no peer
+    ("ff02::16", "not_overlay"),           # the device's own multicast listener report
+    ("2001:db8::7", "not_overlay"),
+])
+def test_to_overlay6_drops_with_reason(dual, dst, reason):
+    rc, _ = run(dual, "weft_to_overlay", frame6("fd10:244:0:1::", dst))
+    assert rc == sysbpf.TC_ACT_SHOT
+    drops = dual.drop_sums()
+    assert drops[reason] == 1 and sum(drops.values()) == 1
+
+
+def test_ipv6_on_a_node_without_ipv6_is_left_alone_or_refused(dual):
+    """Without IPv6 in weft_config (an IPv4-only node with a stale weft_peers6 entry): from_pods
+    leaves IPv6 to the stack uncounted, to_overlay drops it as not IPv4."""
+    dual.set_config(config(fb.CFG_DEFAULT))
+    pkt = frame6("fd10:244:0:1::2", "fd10:244:0:2::7")
+    assert run(dual, "weft_from_pods", pkt) == (sysbpf.TC_ACT_OK, pkt)
+    assert sum(dual.counter_sums().values()) == 0
+    assert run(dual, "weft_to_overlay", pkt)[0] == sysbpf.TC_ACT_SHOT
+    assert dual.drop_sums()["not_ipv4"] == 1
+
+
+def test_from_pods6_hit_redirects_with_hop_limit_and_macs(dual):
+    rc, out = run(dual, "weft_from_pods", frame6("fd10:244:0:1::2", "fd10:244:0:2::7", hlim=64))
+    assert rc == sysbpf.TC_ACT_REDIRECT
+    got = ip6_of(out)
+    assert (got["dmac"], got["smac"], got["hlim"]) == (PEER6_MAC, OUR_MAC6, 63)
+    c = dual.counter_sums()
+    assert c["pods_redirect"] == 1 and c["tx_packets"] == 1
+    # the IPv4 side is unchanged by IPv6 being on: IPv4 MACs, TTL and checksum
+    rc, out = run(dual, "weft_from_pods", frame("10.244.1.2", "10.244.2.7", ttl=64))
+    got = ip_of(out)
+    assert rc == sysbpf.TC_ACT_REDIRECT
+    assert (got["dmac"], got["smac"], got["ttl"], got["csum_ok"]) == (PEER_MAC, OUR_MAC, 63, True)
+
+
+def _hop_by_hop() -> bytes:
+    pkt = bytearray(frame6("fd10:244:0:1::2", "fd10:244:0:2::7"))
+    pkt[14 + 6] = 0  # next header: hop-by-hop options
+    return bytes(pkt)
+
+
+@pytest.mark.parametrize("pkt,counter", [
+    (frame6("fd10:244:0:1::2", "fd10:244:0:9::7"), "map_miss"),
+    (frame6("fd10:244:0:1::2", "fd10:244:0:2::7", hlim=1), "pods_stack"),  # time exceeded: the stack's
+    (_hop_by_hop(), "pods_stack"),
+    # the pod resolves its IPv6 gateway (cni0) by neighbour discovery: the bridge answers, untouched
+    (frame6("fe80::5", "ff02::1:ff00:1", dmac="33:33:ff:00:00:01", proto=58), None),
+    (frame6("fd10:244:0:1::2", "fd10:244:0:1::1", proto=58), None),       # to the gateway itself
+    (frame6("fd10:244:0:1::2", "2001:db8::9"), None),                     # outside the IPv6Network
+])
+def test_from_pods6_leaves_the_rest_to_the_stack(dual, pkt, counter):
+    rc, out = run(dual, "weft_from_pods", pkt)
+    assert rc == sysbpf.TC_ACT_OK
+    c = dual.counter_sums()
+    assert c["tx_packets"] == 0
+    if counter:
+        assert c[counter] == 1
+    else:
+        assert out == pkt and sum(c.values()) == 0
+    assert sum(dual.drop_sums().values()) == 0
+
+
+# The IPv6 overlay MTU is 20 bytes below the IPv4 one (1450 - 20 = 1430): the outer header is IPv6.
+@pytest.mark.parametrize("payload,gso_size,to_stack", [
+    (1430 - 40 - 20, 0, False),     # 1430 bytes: fits
+    (1430 - 40 - 20 + 1, 0, True),  # 1431: the stack (Packet Too Big)
+    (2 * 1370, 1370, False),        # GSO, segments of 40 + 20 + 1370 = 1430
+    (2 * 1371, 1371, True),
+], ids=["1430", "1431", "gso-fits", "gso-too-big"])
+def test_from_pods6_mtu_guard(dual, payload, gso_size, to_stack):
+    pkt = frame6("fd10:244:0:1::2", "fd10:244:0:2::7", proto=6, payload=b"x" * payload)
+    rc, _ = run(dual, "weft_from_pods", pkt, skb_ctx(gso_segs=2 if gso_size else 1, gso_size=gso_size))
+    c = dual.counter_sums()
+    assert (rc, c["pods_stack"]) == ((sysbpf.TC_ACT_OK, 1) if to_stack else (sysbpf.TC_ACT_REDIRECT, 0))
+
+
+def test_from_overlay6_without_a_tunnel_key_is_dropped(dual):
+    pkt = frame6("fd10:244:0:2::7", "fd10:244:0:1::2", dmac=OUR_MAC6, smac=PEER6_MAC)
+    assert run(dual, "weft_from_overlay", pkt)[0] == sysbpf.TC_ACT_SHOT
+    assert dual.drop_sums()["tunnel_key"] == 1
+
+
+def test_from_overlay6_stack_frames_get_the_device_mac(dual):
+    """A frame left to the stack (outside the IPv6Network, or redirect off) addressed to our IPv6
+    VtepMAC gets the device's MAC, which the stack takes as PACKET_HOST."""
+    dual.set_config(config6(RX_NO_CHECK))
+    rc, out = run(dual, "weft_from_overlay", frame6("fd10:244:0:2::7", "2001:db8::1", dmac=OUR_MAC6, smac=PEER6_MAC))
+    assert rc == sysbpf.TC_ACT_OK and ip6_of(out)["dmac"] == OUR_MAC
+    dual.set_config(config6(0))
+    pkt = frame6("fd10:244:0:2::7", "fd10:244:0:1::2", dmac=OUR_MAC, smac=PEER6_MAC)
+    assert run(dual, "weft_from_overlay", pkt) == (sysbpf.TC_ACT_OK, pkt)  # the device's MAC already
+    c = dual.counter_sums()
+    assert (c["rx_stack"], c["rx_redirect"], c["rx_packets"]) == (2, 0, 2)
+
+
+def test_from_overlay6_fib_redirects_to_the_pod(dual, scratch_ns):
+    dual.set_config(config6(RX_NO_CHECK))
+
+    def go():
+        fd = dual.fns["weft_from_overlay"].fd
+        res = [sysbpf.test_run(fd, frame6("fd10:244:0:2::7", "fd10:244:0:1::2", hlim=63, dmac=OUR_MAC6,
+                                          smac=PEER6_MAC), skb_ctx(1))[:2]]
+        # no neighbour for ::9: redirect_neigh lets the kernel resolve it (neighbour discovery)
+        res.append(sysbpf.test_run(fd, frame6("fd10:244:0:2::7", "fd10:244:0:1::9", dmac=OUR_MAC6), skb_ctx(1))[:2])
+        # hop limit 1: the stack (time exceeded)
+        res.append(sysbpf.test_run(fd, frame6("fd10:244:0:2::7", "fd10:244:0:1::2", hlim=1, dmac=OUR_MAC6),
+                                   skb_ctx(1))[:2])
+        return res
+    [(rc, out), (rc2, _), (rc3, _)] = in_netns(scratch_ns, go)
+    assert rc == sysbpf.TC_ACT_REDIRECT
+    got = ip6_of(out)
+    assert (got["dmac"], got["smac"], got["hlim"]) == (POD_MAC, CNI_MAC, 62)
+    assert (rc2, rc3) == (sysbpf.TC_ACT_REDIRECT, sysbpf.TC_ACT_OK)
+    c = dual.counter_sums()
+    assert c["rx_redirect"] == 2 and c["rx_stack"] == 1 and c["rx_packets"] == 3
+
+
+def test_from_overlay6_redirect_peer_only_when_the_neighbour_agrees(dual, scratch_ns):
+    """weft_endpoints6: a learnt IPv6 pod whose MAC the neighbour table confirms gets the frame
+    through bpf_redirect_peer; a stale entry (other MAC) takes the FIB redirect."""
+    pkt = frame6("fd10:244:0:2::7", "fd10:244:0:1::2", hlim=63, dmac=OUR_MAC6, smac=PEER6_MAC)
+    dual.set_config(config6(RX_NO_CHECK))
+
+    def go():
+        d1 = socket.if_nametoindex("d1")
+        out = []
+        for mac in (POD_MAC, "02:aa:00:00:00:99"):
+            dual.set_endpoints({ipaddress.IPv6Address("fd10:244:0:1::2"): (d1, mac, CNI_MAC),
+                                ipaddress.IPv4Address("10.244.1.2"): (d1, POD_MAC, CNI_MAC)})
+            out.append(sysbpf.test_run(dual.fns["weft_from_overlay"].fd, pkt, skb_ctx(1))[:2])
+        return out
+    [(rc, out), (rc2, _)] = in_netns(scratch_ns, go)
+    assert rc == rc2 == sysbpf.TC_ACT_REDIRECT
+    got = ip6_of(out)
+    assert (got["dmac"], got["smac"], got["hlim"]) == (POD_MAC, CNI_MAC, 62)
+    c = dual.counter_sums()
+    assert c["rx_peer"] == 1 and c["rx_redirect"] == 1
+    assert dual.endpoint_count() == 2  # one per family, each in its own map
+    assert len(dual.endpoints6.items()) == 1 and len(dual.endpoints.items()) == 1
+    dual.set_endpoints({})
+    assert dual.endpoint_count() == 0
+
+
+def vxlan_datagram6(outer_src=PEER_IP6, inner_src="fd10:244:0:2::7", inner_dst="fd10:244:0:1::2", *,
+                    outer_dst=OUR_IP6, dport=PORT, vx_flags=0x08000000, vni=VNI, vni_low=0,
+                    inner_dmac=OUR_MAC6, inner_smac=PEER6_MAC, outer_tc=0, inner_tc=0, dmac=HOST_MAC,
+                    payload=b"weft" * 8, udp_len=None, inner=None, nexthdr=17) -> bytes:
+    """A VXLAN datagram over the IPv6 underlay, as a flannel-v6.<VNI> peer sends it."""
+    if inner is None:
+        inner = frame6(inner_src, inner_dst, dmac=inner_dmac, smac=inner_smac, payload=payload, tclass=inner_tc)
+    vx = struct.pack("!II", vx_flags, (vni << 8) | vni_low) + inner
+    udp = struct.pack("!HHHH", 40000, dport, udp_len if udp_len is not None else 8 + len(vx), 0) + vx
+    return (fb.mac_bytes(dmac) + fb.mac_bytes("02:ee:00:00:00:02") + b"\x86\xdd"
+            + ipv6(outer_src, outer_dst, nexthdr, udp, tclass=outer_tc))
+
+
+def _with_payload_len(pkt: bytes, n: int) -> bytes:
+    return pkt[:18] + struct.pack("!H", n) + pkt[20:]
+
+
+def _fragment6(offset: int) -> bytes:
+    """The peer's datagram behind a fragment header (offset in 8-byte units, more fragments)."""
+    full = vxlan_datagram6()
+    udp = full[54:]
+    frag = struct.pack("!BBHI", 17, 0, (offset << 3) | 1, 7)
+    return full[:14] + ipv6(PEER_IP6, OUR_IP6, 44, frag + udp)
+
+
+def _truncated6(n: int) -> bytes:
+    full = vxlan_datagram6()
+    body = full[62:62 + n]
+    udp = struct.pack("!HHHH", 40000, PORT, 8 + n, 0) + body
+    return full[:14] + ipv6(PEER_IP6, OUR_IP6, 17, udp)
+
+
+def _inner6_len_lies() -> bytes:
+    pkt = bytearray(vxlan_datagram6())
+    struct.pack_into("!H", pkt, 62 + 8 + 14 + 4, 400)
+    return bytes(pkt)
+
+
+BAD6 = {
+    "spoofed-other-peer": (vxlan_datagram6(inner_src="fd10:244:0:3::7"), "spoofed_src"),
+    "spoofed-our-subnet": (vxlan_datagram6(inner_src="fd10:244:0:1::9"), "spoofed_src"),
+    "spoofed-outside-network": (vxlan_datagram6(inner_src="2001:db8::1"), "spoofed_src"),
+    "non-peer": (vxlan_datagram6(outer_src="2001:db8:198:18::66"), "unknown_peer"),
+    "our-own-ip": (vxlan_datagram6(outer_src=OUR_IP6, inner_src="fd10:244:0:1::9"), "unknown_peer"),
+    "ipv4-peer-ip-as-v6": (vxlan_datagram6(outer_src="::ffff:198.18.0.2"), "unknown_peer"),
+    "wrong-vni": (vxlan_datagram6(vni=2), "wrong_vni"),
+    "no-i-flag": (vxlan_datagram6(vx_flags=0), "bad_vxlan"),
+    "reserved-vni-byte": (vxlan_datagram6(vni_low=1), "bad_vxlan"),
+    "inner-dmac-ipv4-vtep-mac": (vxlan_datagram6(inner_dmac=OUR_MAC), "wrong_mac"),  # not our IPv6 VtepMAC
+    "inner-smac-ours": (vxlan_datagram6(inner_smac=OUR_MAC6), "wrong_mac"),
+    "inner-ipv4": (vxlan_datagram6(inner=frame("10.244.2.7", "10.244.1.2", dmac=OUR_MAC6, smac=PEER6_MAC)),
+                   "inner_not_ipv4"),
+    "inner-version-4": (vxlan_datagram6(inner=frame6("fd10:244:0:2::7", "fd10:244:0:1::2", dmac=OUR_MAC6,
+                                                     smac=PEER6_MAC)[:14] + b"\x45" + frame6(
+                                                         "fd10:244:0:2::7", "fd10:244:0:1::2")[15:]),
+                        "inner_not_ipv4"),
+    "ecn-ce-on-not-ect": (vxlan_datagram6(outer_tc=3, inner_tc=0), "ecn"),
+    "first-fragment": (_fragment6(0), "fragment"),
+    "payload-len-beyond-frame": (_with_payload_len(vxlan_datagram6(), 2000), "malformed"),
+    "udp-len-short": (vxlan_datagram6(udp_len=60), "malformed"),
+    "udp-len-below-header": (vxlan_datagram6(udp_len=4), "malformed"),
+    "truncated-empty": (_truncated6(0), "truncated"),
+    "truncated-no-inner-ip": (_truncated6(8 + 14 + 20), "truncated"),
+    "inner-payload-length-lies": (_inner6_len_lies(), "truncated"),
+}
+
+
+def test_from_underlay6_passes_a_peers_datagram(dual):
+    pkt = vxlan_datagram6()
+    assert run(dual, "weft_from_underlay", pkt) == (sysbpf.TC_ACT_OK, pkt)
+    assert run(dual, "weft_from_underlay", vxlan_datagram6(outer_dst=PUBLIC_IP6))[0] == sysbpf.TC_ACT_OK
+    # ECT inner with CE outside is fine (RFC 6040: the decapsulator marks CE)
+    assert run(dual, "weft_from_underlay", vxlan_datagram6(outer_tc=3, inner_tc=2))[0] == sysbpf.TC_ACT_OK
+    assert run(dual, "weft_from_underlay", pkt, skb_ctx(gso_segs=4, gso_size=len(pkt) - 124))[0] == sysbpf.TC_ACT_OK
+    b = underlay_buckets(dual)
+    assert b["underlay_passed"] == 7 and sum(b.values()) == 7
+    # the IPv4 underlay still passes its own peer's datagram
+    assert run(dual, "weft_from_underlay", vxlan_datagram())[0] == sysbpf.TC_ACT_OK
+    assert underlay_buckets(dual)["underlay_passed"] == 8
+
+
+@pytest.mark.parametrize("name", sorted(BAD6))
+def test_from_underlay6_drops_by_reason(dual, name):
+    pkt, reason = BAD6[name]
+    rc, _ = run(dual, "weft_from_underlay", pkt)
+    b = underlay_buckets(dual)
+    assert rc == sysbpf.TC_ACT_SHOT, (name, b)
+    assert b[f"drops_{reason}"] == 1 and sum(b.values()) == 1, (name, b)
+
+
+@pytest.mark.parametrize("name,pkt", [
+    ("other-port", vxlan_datagram6(dport=4789)),
+    ("later-fragment", _fragment6(100)),
+    ("to-a-pod", vxlan_datagram6(outer_dst="fd10:244:0:1::2")),
+    ("forwarded", vxlan_datagram6(outer_dst="2001:db8:198:18::99")),
+    ("not-for-this-host", vxlan_datagram6(dmac="02:ee:00:00:00:99")),
+    ("tcp", vxlan_datagram6(nexthdr=6)),
+    ("routing-header", vxlan_datagram6(nexthdr=43)),  # extension headers: the kernel's (and from_overlay's) to judge
+])
+def test_from_underlay6_leaves_other_traffic_alone(dual, name, pkt):
+    assert run(dual, "weft_from_underlay", pkt) == (sysbpf.TC_ACT_OK, pkt), name
+    assert sum(underlay_buckets(dual).values()) == 0
+
+
+def test_from_underlay6_on_a_node_without_ipv6_is_untouched(dual):
+    dual.set_config(config(fb.CFG_DEFAULT))
+    pkt = vxlan_datagram6()
+    assert run(dual, "weft_from_underlay", pkt) == (sysbpf.TC_ACT_OK, pkt)
+    assert sum(underlay_buckets(dual).values()) == 0
+
+
+def gso_batch6(datagrams: list[bytes], outer_src: str = PEER_IP6) -> bytes:
+    body = b"".join(d[62:] for d in datagrams)
+    udp = struct.pack("!HHHH", 40000, PORT, 8 + len(body), 0) + body
+    return (fb.mac_bytes(HOST_MAC) + fb.mac_bytes("02:ee:00:00:00:02") + b"\x86\xdd"
+            + ipv6(outer_src, OUR_IP6, 17, udp))
+
+
+def test_from_underlay6_checks_every_datagram_of_a_gso_batch(dual):
+    good = [vxlan_datagram6(inner_src=f"fd10:244:0:2::{i}") for i in range(1, 6)]
+    gso = len(good[0]) - 62
+    ctx = skb_ctx(gso_segs=5, gso_size=gso)
+    assert run(dual, "weft_from_underlay", gso_batch6(good), ctx)[0] == sysbpf.TC_ACT_OK
+    assert underlay_buckets(dual)["underlay_passed"] == 5
+    bad = good[:2] + [vxlan_datagram6(inner_src="fd10:244:0:3::9")] + good[3:4] + [vxlan_datagram6(vni=9)]
+    rc, _ = run(dual, "weft_from_underlay", gso_batch6(bad), ctx)
+    b = underlay_buckets(dual)
+    assert rc == sysbpf.TC_ACT_SHOT
+    assert (b["drops_spoofed_src"], b["drops_wrong_vni"], b["drops_gso_batch"], b["underlay_passed"]) == (1, 1, 3, 5)
+
+
+def test_from_underlay6_random_mutations_counted_once(dual):
+    """2,000 random mutations of IPv6-underlay datagrams: each lands in at most one bucket, and one
+    that passes keeps the rule (outer source = the PublicIPv6 holding the inner source)."""
+    import random
+    rng = random.Random(61)
+    seeds = [vxlan_datagram6(), vxlan_datagram6(inner_src="fd10:244:0:3::7"),
+             vxlan_datagram6(outer_src=PEER3_IP6, inner_src="fd10:244:0:3::4", inner_smac=PEER3_MAC6)]
+    prev = underlay_buckets(dual)
+    passed = counted = 0
+    for i in range(2000):
+        pkt = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 3)):
+            if rng.random() < 0.7:
+                pkt[rng.randrange(min(len(pkt), 130))] = rng.randrange(256)
+            else:
+                pkt = pkt[:rng.randint(54, len(pkt))]
+        pkt = bytes(pkt)
+        rc, _ = run(dual, "weft_from_underlay", pkt)
+        now = underlay_buckets(dual)
+        delta = sum(now.values()) - sum(prev.values())
+        did_pass = now["underlay_passed"] - prev["underlay_passed"]
+        prev = now
+        assert delta in (0, 1), (i, pkt.hex())
+        counted += delta
+        assert rc == (sysbpf.TC_ACT_SHOT if delta and not did_pass else sysbpf.TC_ACT_OK), (i, pkt.hex())
+        if did_pass:
+            passed += 1
+            outer = str(ipaddress.IPv6Address(pkt[22:38]))
+            inner = ipaddress.IPv6Address(pkt[62 + 8 + 14 + 8:][:16])
+            holder = {"fd10:244:0:2::/64": PEER_IP6, "fd10:244:0:3::/64": PEER3_IP6}
+            assert any(inner in ipaddress.IPv6Network(n) and outer == ip for n, ip in holder.items()), (i, pkt.hex())
+    assert counted > 1000 and passed > 30, (counted, passed, prev)

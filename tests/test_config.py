@@ -56,6 +56,8 @@ def test_subnet_min_max():
     assert not c.contains_subnet(ipaddress.IPv4Network("10.5.10.0/25"))
 
 
+V6 = '{"Network": "10.5.0.0/16", "EnableIPv6": true, %s}'  # a dual-stack config's IPv6 keys in %s
+
 BAD = [
     ("not json", "config: not valid JSON"),
     ('["Network"]', "config: must be a JSON object"),
@@ -87,7 +89,34 @@ BAD = [
     ('{"Network": "10.5.0.0/16", "Backend": {"DirectRouting": "yes"}}', 'Backend.DirectRouting: must be true or false, got "yes"'),
     ('{"Network": "10.5.0.0/16", "Backend": {"MTU": 100}}', "Backend.MTU: 100 is outside 576..65535"),
     ('{"Network": "10.5.0.0/16", "Backend": {"MTU": true}}', "Backend.MTU: must be an integer, got true"),
-    ('{"Network": "10.5.0.0/16", "EnableIPv6": true}', "EnableIPv6: IPv6 networks are not supported"),
+    # Dual-stack (flannel's pkg/subnet/config.go rules for the IPv6 keys)
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": true}', "IPv6Network: missing"),
+    ('{"Network": "10.5.0.0/16", "EnableIPv6": "true"}', 'EnableIPv6: must be true or false, got "true"'),
+    ('{"Network": "10.5.0.0/16", "EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00::/56"}',
+     "EnableIPv4: false (IPv6-only) is not supported"),
+    ('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00::/56"}', "EnableIPv4: false (IPv6-only)"),
+    (V6 % '"IPv6Network": 6', "IPv6Network: must be a string, got 6"),
+    (V6 % '"IPv6Network": "10.6.0.0/16"', "IPv6Network: '10.6.0.0/16' is not an IPv6 CIDR"),
+    (V6 % '"IPv6Network": "fd00::"', "IPv6Network: 'fd00::' has no prefix length"),
+    (V6 % '"IPv6Network": "fd00::%eth0/56"', "IPv6Network: 'fd00::%eth0/56' is not an IPv6 CIDR"),
+    (V6 % '"IPv6Network": "fd00::/56", "IPv6SubnetMin": "fd00:0:0:1::%1"',
+     "IPv6SubnetMin: 'fd00:0:0:1::%1' is not an IPv6 address"),
+    (V6 % '"IPv6Network": "fd00::/125"', "IPv6Network: /125 is too small (at most /124)"),
+    (V6 % '"IPv6Network": "fd00::/56", "IPv6SubnetLen": 127', "IPv6SubnetLen: 127 is too long (at most 126)"),
+    (V6 % '"IPv6Network": "fd00::/56", "IPv6SubnetLen": 57',
+     "IPv6SubnetLen: 57 must be at least IPv6Network's length + 2 (58)"),
+    (V6 % '"IPv6Network": "fd00::/56", "IPv6SubnetLen": "64"', 'IPv6SubnetLen: must be an integer, got "64"'),
+    (V6 % '"IPv6Network": "fd00::/56", "IPv6SubnetMin": "fd01::"', "IPv6SubnetMin: fd01:: is outside IPv6Network fd00::/56"),
+    (V6 % '"IPv6Network": "fd00::/56", "IPv6SubnetMax": "fe80::"', "IPv6SubnetMax: fe80:: is outside IPv6Network"),
+    (V6 % '"IPv6Network": "fd00::/56", "IPv6SubnetMin": "fd00:0:0:1::1"',
+     "IPv6SubnetMin: fd00:0:0:1::1 is not on a /64 boundary"),
+    (V6 % '"IPv6Network": "fd00::/56", "IPv6SubnetMin": "10.5.0.0"', "IPv6SubnetMin: '10.5.0.0' is not an IPv6 address"),
+    (V6 % '"IPv6Network": "fd00::/56", "IPv6SubnetMin": "fd00:0:0:9::", "IPv6SubnetMax": "fd00:0:0:2::"',
+     "IPv6SubnetMin: fd00:0:0:9:: is above IPv6SubnetMax fd00:0:0:2::"),
+    (V6 % '"IPv6Network": "fd00::/56", "Backend": {"Type": "udp"}',
+     "EnableIPv6: udp/fastpath carries IPv4 only (flannel's udp wire format has no IPv6); use vxlan or host-gw"),
+    (V6 % '"IPv6Network": "fd00::/56", "Backend": {"Type": "udp", "Dataplane": "python"}',
+     "EnableIPv6: udp/python carries IPv4 only"),
 ]
 
 
@@ -97,3 +126,127 @@ def test_bad_config_one_line(text, message):
         parse_config(text)
     assert message in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+# -- dual-stack: EnableIPv6 and the IPv6 keys, with flannel's defaults ------------------------------
+def test_ipv6_defaults_like_flannel():
+    c = parse_config('{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd10:244::/56"}')
+    assert c.enable_ipv6
+    assert c.ipv6_network == ipaddress.IPv6Network("fd10:244::/56")
+    assert c.ipv6_subnet_len == 64  # IPv6Network /62 or wider: /64 subnets
+    assert str(c.ipv6_subnet_min) == "fd10:244:0:1::"  # the first subnet is skipped, as for IPv4
+    assert str(c.ipv6_subnet_max) == "fd10:244:0:ff::"
+    assert c.subnet6_count == 255
+    assert c.subnet6_at(0) == ipaddress.IPv6Network("fd10:244:0:1::/64")
+    assert c.subnet6_at(254) == ipaddress.IPv6Network("fd10:244:0:ff::/64")
+    # the IPv4 side is unchanged
+    assert c.subnet_len == 24 and str(c.subnet_min) == "10.244.1.0"
+
+
+@pytest.mark.parametrize("network,subnet_len", [("fd00::/48", 64), ("fd00::/62", 64), ("fd00::/63", 65),
+                                                ("fd00::/100", 102), ("fd00::/124", 126)])
+def test_ipv6_subnet_len_default(network, subnet_len):
+    c = parse_config(f'{{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "{network}"}}')
+    assert c.ipv6_subnet_len == subnet_len
+    assert c.subnet6_count == (1 << (subnet_len - c.ipv6_network.prefixlen)) - 1
+
+
+def test_ipv6_explicit_keys_and_case_insensitive():
+    c = parse_config('{"network": "10.5.0.0/16", "enableipv6": true, "ipv6network": "fd00:1::/48",'
+                     ' "ipv6subnetlen": 80, "IPV6SUBNETMIN": "fd00:1:0:0:5::", "Ipv6SubnetMax": "fd00:1:0:0:9::"}')
+    assert c.ipv6_subnet_len == 80
+    assert str(c.ipv6_subnet_min) == "fd00:1:0:0:5::" and str(c.ipv6_subnet_max) == "fd00:1:0:0:9::"
+    assert c.subnet6_count == 5
+    assert c.contains_subnet6(ipaddress.IPv6Network("fd00:1:0:0:7::/80"))
+    assert not c.contains_subnet6(ipaddress.IPv6Network("fd00:1:0:0:4::/80"))  # below IPv6SubnetMin
+    assert not c.contains_subnet6(ipaddress.IPv6Network("fd00:1:0:0:7::/96"))  # another length
+    assert not c.contains_subnet6(None)
+
+
+def test_ipv6_network_host_bits_are_masked_like_go():
+    c = parse_config('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::1/56"}')
+    assert c.ipv6_network == ipaddress.IPv6Network("fd00::/56")
+
+
+def test_ipv6_keys_are_ignored_without_enable_ipv6():
+    """flannel reads the IPv6 keys only with EnableIPv6: a config carrying them (even broken ones)
+    with EnableIPv6 false is IPv4 only, and an IPv4-only config parses as before."""
+    for text in ('{"Network": "10.5.0.0/16", "IPv6Network": "fd00::/56"}',
+                 '{"Network": "10.5.0.0/16", "EnableIPv6": false, "IPv6Network": "nonsense", "IPv6SubnetLen": 3}',
+                 '{"Network": "10.5.0.0/16", "EnableIPv4": true, "Backend": {"Type": "udp"}}'):
+        c = parse_config(text)
+        assert not c.enable_ipv6 and c.ipv6_network is None and c.subnet6_count == 0
+    plain = parse_config('{"Network": "10.5.0.0/16"}')
+    assert plain == parse_config('{"Network": "10.5.0.0/16", "EnableIPv4": true, "EnableIPv6": false}')
+
+
+def test_fits_needs_both_parts_with_ipv6_and_none_without():
+    """flannel's reuse rule (tryAcquireLease): a lease fits when both parts do; without
+    EnableIPv6 only a lease with no IPv6 part fits."""
+    dual = parse_config('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/56"}')
+    v4only = parse_config('{"Network": "10.5.0.0/16"}')
+    n4, n6 = ipaddress.IPv4Network("10.5.3.0/24"), ipaddress.IPv6Network("fd00:0:0:3::/64")
+    assert dual.fits(n4, n6)
+    assert not dual.fits(n4, None)
+    assert not dual.fits(n4, ipaddress.IPv6Network("fd01::/64"))
+    assert not dual.fits(ipaddress.IPv4Network("10.6.3.0/24"), n6)
+    assert v4only.fits(n4, None)
+    assert not v4only.fits(n4, n6)
+
+
+@pytest.mark.parametrize("wire,dataplane", [("vxlan", "kernel"), ("vxlan", "ebpf"), ("vxlan", "fastpath"),
+                                            ("host-gw", "kernel")])
+def test_ipv6_data_planes(wire, dataplane):
+    c = parse_config(f'{{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/56",'
+                     f' "Backend": {{"Type": "{wire}", "Dataplane": "{dataplane}"}}}}')
+    assert c.backend.name == f"{wire}/{dataplane}" and c.enable_ipv6
+
+
+def test_ipv6_refused_on_udp_also_through_dataplane_override():
+    """The seed config may name an IPv6 data plane and a node override it with one that has none."""
+    c = parse_config('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/56",'
+                     ' "Backend": {"Type": "vxlan"}}')
+    assert c.with_dataplane("fastpath").backend.name == "vxlan/fastpath"
+    from controlplane.backends import declaration
+    assert declaration("udp/python").ipv6 is False and declaration("vxlan/kernel").ipv6 is True
+    udp = parse_config('{"Network": "10.5.0.0/16", "Backend": {"Type": "udp"}}')
+    assert udp.with_dataplane("python").backend.name == "udp/python"  # IPv4 only: fine
+
+
+def test_dataplane_override_without_ipv6_is_refused_on_a_dual_stack_network():
+    """``weftd --dataplane`` picks among one wire format's data planes; one without IPv6 (today
+    only udp's, whose wire format is refused with EnableIPv6 anyway) is refused there too."""
+    import dataclasses
+    dual = parse_config('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/56"}')
+    as_udp = dataclasses.replace(dual, backend=dataclasses.replace(dual.backend, type="udp", dataplane="fastpath"))
+    with pytest.raises(ConfigError) as exc:
+        as_udp.with_dataplane("python")
+    assert str(exc.value) == ("--dataplane python: EnableIPv6: udp/python carries IPv4 only (flannel's udp "
+                              "wire format has no IPv6); use vxlan or host-gw")
+
+
+# -- subnet.env (flannel's WriteSubnetFile), IPv4 and dual-stack ---------------------------------
+def test_subnet_env_ipv4_only_is_unchanged(tmp_path):
+    from controlplane import subnetenv
+    path = str(tmp_path / "subnet.env")
+    subnetenv.write(path, ipaddress.IPv4Network("10.5.0.0/16"), ipaddress.IPv4Network("10.5.52.0/24"), 1450, False)
+    with open(path) as f:
+        assert f.read() == ("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.52.1/24\n"
+                            "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
+    assert subnetenv.previous_subnet6(path) is None
+
+
+def test_subnet_env_dual_stack_in_flannels_order(tmp_path):
+    from controlplane import subnetenv
+    path = str(tmp_path / "subnet.env")
+    subnetenv.write(path, ipaddress.IPv4Network("10.244.0.0/16"), ipaddress.IPv4Network("10.244.3.0/24"), 1450,
+                    True, ipaddress.IPv6Network("fd10:244::/56"), ipaddress.IPv6Network("fd10:244:0:3::/64"))
+    with open(path) as f:
+        assert f.read() == ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\n"
+                            "FLANNEL_IPV6_NETWORK=fd10:244::/56\nFLANNEL_IPV6_SUBNET=fd10:244:0:3::1/64\n"
+                            "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
+    assert subnetenv.previous_subnet(path) == ipaddress.IPv4Network("10.244.3.0/24")
+    assert subnetenv.previous_subnet6(path) == ipaddress.IPv6Network("fd10:244:0:3::/64")
+    with open(path, "a") as f:
+        f.write("FLANNEL_IPV6_SUBNET=banana\n")  # an unreadable line: no previous subnet, no error
+    assert subnetenv.previous_subnet6(path) is None

@@ -132,3 +132,53 @@ def test_leases_names_the_ones_daemons_ignore(args, tmp_path):
         " (Expecting value: line 1 column 1 (char 0)); weftd ignores it",
         "weftctl: invalid lease subnets/10.99.0.0-24 (outside_network): 10.99.0.0/24 is outside"
         " Network 10.5.0.0/16; weftd ignores it"]
+
+
+def test_dual_stack_reserve_release_and_leases(args, tmp_path):
+    """On a dual-stack network a reservation holds both subnets (one key); the acquisition of its
+    public IP then reuses it. release takes the IPv4 subnet, whatever IPv6 part the key has."""
+    dual = '{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56","Backend":{"Type":"alloc"}}'
+    assert ctl(args, "config", "put", "-", input=dual).returncode == 0
+    r = ctl(args, "reserve", "10.5.3.0/24", "--public-ip", "198.18.0.3")
+    assert r.returncode == 1 and "the network is dual-stack (EnableIPv6): give its IPv6 subnet too" in r.stderr
+    r = ctl(args, "reserve", "10.5.3.0/24", "--public-ip", "198.18.0.3", "--subnet6", "fd99::/64")
+    assert r.returncode == 1 and "--subnet6 fd99::/64 is not a subnet of the configured IPv6Network" in r.stderr
+    r = ctl(args, "reserve", "10.5.3.0/24", "--public-ip", "198.18.0.3", "--subnet6", "fd10:244:0:3::1/64")
+    assert r.returncode == 2 and "not an IPv6 subnet" in r.stderr
+    r = ctl(args, "reserve", "10.5.3.0/24", "--public-ip", "198.18.0.3", "--subnet6", "fd10:244:0:3::/64")
+    assert r.returncode == 0, r.stderr
+    assert "reserved 10.5.3.0/24 and fd10:244:0:3::/64 for 198.18.0.3" in r.stdout
+    store = SQLiteStore(str(tmp_path / "weft.db"), prefix="/test/net")
+    try:
+        rec = store.get_lease(ipaddress.IPv4Network("10.5.3.0/24"), ipaddress.IPv6Network("fd10:244:0:3::/64"))
+        assert rec is not None and rec.expiration is None
+        # another IPv6 part for a reserved IPv4 subnet: taken
+        r = ctl(args, "reserve", "10.5.3.0/24", "--public-ip", "198.18.0.4", "--subnet6", "fd10:244:0:4::/64")
+        assert r.returncode == 1 and "10.5.3.0/24 is held by 198.18.0.3" in r.stderr
+        from controlplane.config import parse_config
+        from controlplane.manager import LeaseManager
+        lease = LeaseManager(store).acquire(parse_config(dual), LeaseAttrs(
+            ipaddress.IPv4Address("198.18.0.3"), "alloc", public_ipv6=ipaddress.IPv6Address("2001:db8::3")))
+        assert (str(lease.subnet), str(lease.subnet6), lease.expiration) == (
+            "10.5.3.0/24", "fd10:244:0:3::/64", None)  # the reservation, still one
+    finally:
+        store.close()
+    r = ctl(args, "leases")
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["SUBNET", "SUBNET6", "PUBLIC", "IP", "PUBLIC", "IPV6", "BACKEND", "EXPIRES"]
+    assert lines[1].split()[:5] == ["10.5.3.0/24", "fd10:244:0:3::/64", "198.18.0.3", "2001:db8::3", "alloc"]
+    assert ctl(args, "release", "10.5.3.0/24").returncode == 0
+    assert json.loads(ctl(args, "leases", "--json").stdout) == []
+    r = ctl(args, "release", "10.5.3.0/24")
+    assert r.returncode == 1 and "no lease or reservation for 10.5.3.0/24" in r.stderr
+
+
+def test_ipv4_only_leases_output_is_unchanged(args, tmp_path):
+    store = SQLiteStore(str(tmp_path / "weft.db"), prefix="/test/net")
+    store.create_lease(ipaddress.IPv4Network("10.5.9.0/24"),
+                       LeaseAttrs(ipaddress.IPv4Address("198.18.0.9"), "host-gw").to_json(), ttl=None)
+    store.close()
+    r = ctl(args, "leases")
+    assert r.stdout.splitlines()[0].split() == ["SUBNET", "PUBLIC", "IP", "BACKEND", "EXPIRES"]
+    assert set(json.loads(ctl(args, "leases", "--json").stdout)[0]) == {
+        "subnet", "public_ip", "backend_type", "backend_data", "expiration", "reservation"}

@@ -213,3 +213,196 @@ def test_source_guard_is_refused_where_it_cannot_work(tmp_path):
     assert d.wait(20) == 1
     errors = [l for l in d.log().splitlines() if " ERROR " in l]
     assert len(errors) == 1 and "--source-guard: not available on alloc/kernel" in errors[0], d.log()
+
+
+# -- dual-stack (EnableIPv6) ---------------------------------------------------------------------
+DUAL_ALLOC = ('{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56",'
+              '"Backend":{"Type":"alloc"}}')
+
+
+def test_dual_stack_daemons(store_args, tmp_path):
+    """Three weftd with EnableIPv6 (alloc: leases only, so -iface lo serves): each gets both an
+    IPv4 and an IPv6 subnet, subnet.env has flannel's IPv6 lines in flannel's order, each follows
+    the others, and a restart keeps both subnets."""
+    import ipaddress
+    put_config(store_args, DUAL_ALLOC)
+    nodes = [Weftd(str(tmp_path), n, store_args, extra=["-public-ipv6", f"2001:db8:198:18::{n}"])
+             for n in (1, 2, 3)]
+    try:
+        for d in nodes:
+            d.start()
+        for d in nodes:
+            d.wait_ready(30)
+        envs = []
+        for d in nodes:
+            with open(d.subnet_file) as f:
+                text = f.read()
+            keys = [line.split("=", 1)[0] for line in text.splitlines()]
+            assert keys == ["FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_IPV6_NETWORK", "FLANNEL_IPV6_SUBNET",
+                            "FLANNEL_MTU", "FLANNEL_IPMASQ"], text
+            env = dict(line.split("=", 1) for line in text.splitlines())
+            assert env["FLANNEL_IPV6_NETWORK"] == "fd10:244::/56"
+            sub6 = ipaddress.IPv6Interface(env["FLANNEL_IPV6_SUBNET"])
+            assert sub6.network.prefixlen == 64 and sub6.ip == sub6.network.network_address + 1
+            assert sub6.network.subnet_of(ipaddress.IPv6Network("fd10:244::/56"))
+            envs.append(env)
+        assert len({e["FLANNEL_IPV6_SUBNET"] for e in envs}) == 3
+        assert len({e["FLANNEL_SUBNET"] for e in envs}) == 3
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(d.metric("weft_peers") == 2 for d in nodes):
+            time.sleep(0.1)
+        assert [d.metric("weft_peers") for d in nodes] == [2, 2, 2]
+        nodes[1].signal(signal.SIGKILL)
+        nodes[1].wait()
+        nodes[1].start()
+        nodes[1].wait_ready(30)
+        with open(nodes[1].subnet_file) as f:
+            again = dict(line.split("=", 1) for line in f.read().splitlines())
+        assert again == envs[1]
+        ctl = run_tool("controlplane.ctl", *store_args, "leases", "--json")
+        rows = {r["public_ip"]: r for r in __import__("json").loads(ctl.stdout)}
+        assert rows["198.18.0.2"]["subnet6"] == str(ipaddress.IPv6Interface(envs[1]["FLANNEL_IPV6_SUBNET"]).network)
+        assert rows["198.18.0.2"]["public_ipv6"] == "2001:db8:198:18::2"
+    finally:
+        for d in nodes:
+            d.stop()
+
+
+@pytest.mark.parametrize("extra,env,message", [
+    ([], {}, "failed to find IPv6 address for interface lo (EnableIPv6 needs a global IPv6 address on it,"
+             " or -public-ipv6)"),
+    (["-public-ipv6", "banana"], {}, "-public-ipv6 'banana': not an IPv6 address"),
+    (["-public-ipv6", "198.18.0.1"], {}, "-public-ipv6 '198.18.0.1': not an IPv6 address"),
+    (["-public-ipv6", "2001:db8::1%lo"], {}, "-public-ipv6 '2001:db8::1%lo': not an IPv6 address"),
+    ([], {"FLANNELD_PUBLIC_IPV6": "fe80::1"}, "-public-ipv6 fe80::1: a link-local address cannot be"),
+    (["--public-ipv6=ff02::1"], {}, "-public-ipv6 ff02::1: a multicast address cannot be"),
+])
+def test_dual_stack_needs_a_public_ipv6_one_line(tmp_path, extra, env, message):
+    """flanneld's "failed to find IPv6 address for interface": lo has only ::1 (not global)."""
+    args = ["--store", f"sqlite://{tmp_path}/weft.db"]
+    put_config(args, DUAL_ALLOC)
+    r = run_tool("controlplane.daemon", *args, "-iface", "lo", "-public-ip", "198.18.0.1",
+                 "-subnet-file", f"{tmp_path}/e", *extra, env=env, timeout=20)
+    assert r.returncode == 1
+    errors = [l for l in r.stderr.splitlines() if " ERROR " in l]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+
+
+def test_public_ipv6_is_ignored_without_enable_ipv6(tmp_path):
+    """As flanneld: -public-ipv6 on an IPv4-only network changes nothing (no PublicIPv6 in the
+    lease, subnet.env and the lease value exactly as before)."""
+    args = ["--store", f"sqlite://{tmp_path}/weft.db"]
+    put_config(args)
+    d = Weftd(str(tmp_path), 1, args, extra=["-public-ipv6", "2001:db8:198:18::1"]).start()
+    try:
+        d.wait_ready()
+        with open(d.subnet_file) as f:
+            assert "IPV6" not in f.read()
+        from controlplane.store.sqlite import SQLiteStore
+        (rec,), _ = SQLiteStore(str(tmp_path / "weft.db")).list_leases()
+        assert rec.subnet6 is None and rec.value == '{"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"alloc"}'
+    finally:
+        d.stop()
+
+
+def test_udp_with_enable_ipv6_is_fatal_one_line(tmp_path):
+    args = ["--store", f"sqlite://{tmp_path}/weft.db"]
+    from controlplane.store.sqlite import SQLiteStore
+    SQLiteStore(str(tmp_path / "weft.db")).put_config(
+        '{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56","Backend":{"Type":"udp"}}')
+    r = run_tool("controlplane.daemon", *args, "-iface", "lo", "-subnet-file", f"{tmp_path}/e", timeout=20)
+    assert r.returncode == 1
+    errors = [l for l in r.stderr.splitlines() if " ERROR " in l]
+    assert len(errors) == 1 and ("EnableIPv6: udp/fastpath carries IPv4 only (flannel's udp wire format has"
+                                 " no IPv6); use vxlan or host-gw") in errors[0], r.stderr
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="needs root (network namespaces)")
+@pytest.mark.parametrize("tool", ["iptables", "nft"])
+def test_ipv6_masquerade_rules(tool):
+    """-ip-masq on a dual-stack network: flannel's six rules for IPv6Network (multicast ff00::/8),
+    with ip6tables or in the nft table ``ip6 weft``; put back when flushed, removed whole, and
+    the IPv4 rules beside them untouched."""
+    import os
+    import subprocess
+    from .nsagent import Agent
+    ns = f"cpmasq{os.getpid() % 100000}{tool[0]}"
+
+    def sh(*argv):
+        r = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=20)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def saved(cmd):  # iptables-save without its timestamped comments and packet counters
+        return "\n".join(l.split(" [")[0] for l in sh(cmd, "-t", "nat").splitlines() if not l.startswith("#"))
+
+    def ruleset():
+        return saved("ip6tables-save") if tool == "iptables" else sh("nft", "list", "ruleset")
+
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    agent = Agent(ns)
+    try:
+        agent.masq("m4", tool, 4)
+        agent.masq("m6", tool, 6)
+        agent.call("m4", "setup", "10.244.0.0/16", "10.244.1.0/24")
+        four = saved("iptables-save") if tool == "iptables" else sh("nft", "list", "table", "ip", "weft")
+        agent.call("m6", "setup", "fd10:244::/56", "fd10:244:0:1::/64")
+        once = ruleset()
+        agent.call("m6", "setup", "fd10:244::/56", "fd10:244:0:1::/64")
+        assert ruleset() == once  # rewritten whole, not appended
+        if tool == "iptables":
+            rules = [l for l in sh("ip6tables", "-w", "5", "-t", "nat", "-S", "WEFT-POSTRTG").splitlines()
+                     if l.startswith("-A")]
+            assert len(rules) == 6
+            assert "--mark 0x4000/0x4000" in rules[0]
+            assert "-s fd10:244:0:1::/64 -d fd10:244::/56" in rules[1]
+            assert "! -s fd10:244::/56 -d fd10:244:0:1::/64" in rules[3]
+            assert "-s fd10:244::/56 ! -d ff00::/8" in rules[4] and "MASQUERADE" in rules[4]
+            assert "-j WEFT-POSTRTG" in sh("ip6tables", "-w", "5", "-t", "nat", "-S", "POSTROUTING")
+            sh("ip6tables", "-w", "5", "-t", "nat", "-D", "WEFT-POSTRTG", "3")
+        else:
+            table = sh("nft", "list", "table", "ip6", "weft")
+            assert "ip6 saddr != fd10:244::/56 ip6 daddr fd10:244:0:1::/64 return" in table
+            assert "ip6 daddr != ff00::/8 masquerade" in table and "jump WEFT-POSTRTG" in table
+            sh("nft", "flush", "chain", "ip6", "weft", "WEFT-POSTRTG")
+        assert agent.call("m6", "ensure") is True
+        assert ruleset() == once
+        assert agent.call("m6", "ensure") is False
+        agent.call("m6", "teardown")
+        assert "fd10:244" not in ruleset()
+        assert (saved("iptables-save") if tool == "iptables"
+                else sh("nft", "list", "table", "ip", "weft")) == four  # the IPv4 rules stay
+    finally:
+        agent.stop()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_a_peer_lease_with_this_nodes_ipv6_subnet_is_never_a_peer(tmp_path):
+    """The race the watch cannot settle (another key named this node's IPv6 subnet before this
+    node's lease was known): weftd counts it as own_subnet and programs no peer for it."""
+    import ipaddress
+    from controlplane.backends import ExternalInterface
+    from controlplane.backends.alloc import AllocBackend
+    from controlplane.config import parse_config
+    from controlplane.daemon import Daemon, parse_args
+    from controlplane.lease import Lease, LeaseAttrs
+    from controlplane.manager import LeaseEvent, LeaseWatcher
+    from controlplane.store.sqlite import SQLiteStore
+    config = parse_config(DUAL_ALLOC)
+    d = Daemon(parse_args(["--store", f"sqlite://{tmp_path}/weft.db"]))
+    store = SQLiteStore(str(tmp_path / "weft.db"))
+    try:
+        d.watcher = LeaseWatcher(store, d.on_lease_event, config=config)
+        d.backend = AllocBackend(config, ExternalInterface("lo", 1, None, ipaddress.IPv4Address("198.18.0.1"), 65536))
+        six = ipaddress.IPv6Network("fd10:244:0:7::/64")
+        attrs = lambda n: LeaseAttrs(ipaddress.IPv4Address(f"198.18.0.{n}"), "alloc",
+                                     public_ipv6=ipaddress.IPv6Address(f"2001:db8::{n}"))
+        d.lease = Lease(ipaddress.IPv4Network("10.5.1.0/24"), attrs(1), None, 1, six)
+        d.on_lease_event(LeaseEvent("added", Lease(ipaddress.IPv4Network("10.5.2.0/24"), attrs(2), None, 2, six)))
+        assert d.peers == {} and d.backend.peers == {}
+        assert d.watcher.invalid.snapshot()["own_subnet"] == 1
+        other = Lease(ipaddress.IPv4Network("10.5.3.0/24"), attrs(3), None, 3, ipaddress.IPv6Network("fd10:244:0:8::/64"))
+        d.on_lease_event(LeaseEvent("added", other))
+        assert list(d.peers) == [other.subnet]  # a peer with an IPv6 subnet of its own is one
+    finally:
+        store.close()

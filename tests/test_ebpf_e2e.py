@@ -17,6 +17,12 @@ with the source guard land in exactly their counter and never reach the pod; a v
 peer's UDP GSO batches are checked datagram by datagram; without the guard a kernel node takes a
 spoofed datagram (flannel's behaviour).
 
+Dual-stack (EnableIPv6, ``Testbed(dual_stack=True)``, prefix ``wed<pid%1000>-``): IPv6 pods reach each
+other over the IPv6 underlay between eBPF nodes and with a vxlan/kernel node (flannel-v6.1; outer
+headers compared on the wire), 64 MiB over IPv6 both ways (redirect_peer and FIB receive paths),
+the lease's PublicIPv6/BackendV6Data, weft_peers6 in ``weftctl peermap``, hostile IPv6 datagrams
+each in exactly its counter, restart and resync of the IPv6 side.
+
 Part 2 (daemon level, bench/lab.py + tests/e2e.py): the lab suite on 3 weftd nodes with vxlan/ebpf
 and on a mixed lab (node 2 vxlan/kernel): all pod pairs ping, 64 MiB each way byte-identical,
 restart keeps the subnet and the mesh, a released lease leaves every map within 2 s (read as
@@ -67,8 +73,8 @@ pytestmark = [needs_root, needs_bcc]
 class Cluster(Testbed):
     """The testbed (tests.e2e) with a backend Agent per node; pods' eth0 MTU 1450 (vxlan's)."""
 
-    def __init__(self, prefix: str = PREFIX, nodes=NODES):
-        super().__init__(prefix, nodes, pod_mtu=1450)
+    def __init__(self, prefix: str = PREFIX, nodes=NODES, dual_stack: bool = False):
+        super().__init__(prefix, nodes, pod_mtu=1450, dual_stack=dual_stack)
         self.agents: dict[int, Agent] = {}
         self.leases: dict[int, Lease] = {}
         self.kinds: dict[int, str] = {}
@@ -84,10 +90,16 @@ class Cluster(Testbed):
             agent.stop()
         return super().destroy()
 
-    @staticmethod
-    def iface(n: int) -> dict:
+    def iface(self, n: int) -> dict:
         addr = ipaddress.IPv4Address(f"198.18.0.{n}")
-        return {"name": "eth0", "address": addr, "public_ip": addr, "mtu": 1500}
+        fields = {"name": "eth0", "address": addr, "public_ip": addr, "mtu": 1500}
+        if self.dual_stack:  # what weftd finds with EnableIPv6: the interface's global IPv6 address
+            fields.update(address6=self.node_ip6(n), public_ipv6=self.node_ip6(n))
+        return fields
+
+    def lease(self, n: int, attrs) -> Lease:
+        return Lease(ipaddress.IPv4Network(f"10.244.{n}.0/24"), attrs, time.time() + 3600,
+                     subnet6=self.subnet6(n) if self.dual_stack else None)
 
     def start(self, kinds: dict[int, str], config=CONFIG, options: dict[int, dict] | None = None) -> None:
         """Start a backend per node (``{1: "vxlan/ebpf", ...}``, with BackendOptions fields per node
@@ -96,7 +108,7 @@ class Cluster(Testbed):
         for n, kind in kinds.items():
             self.agents[n].backend("b", kind, config, self.iface(n), (options or {}).get(n))
             attrs = self.agents[n].call("b", "lease_attrs", None)
-            self.leases[n] = Lease(ipaddress.IPv4Network(f"10.244.{n}.0/24"), attrs, time.time() + 3600)
+            self.leases[n] = self.lease(n, attrs)
         for n in kinds:
             self.agents[n].call("b", "setup", self.leases[n])
             for m in kinds:
@@ -117,11 +129,12 @@ class Cluster(Testbed):
 
     # -- traffic --
 
-    def ping_failures(self, pairs=None, src_ns=None) -> list[tuple[int, int]]:
+    def ping_failures(self, pairs=None, src_ns=None, v6: bool = False) -> list[tuple[int, int]]:
         pairs = pairs or [(a, b) for a in self.kinds for b in self.kinds if a != b]
         procs = {(a, b): subprocess.Popen(
             ["ip", "netns", "exec", (src_ns or self.pod)[a], "ping", "-n", "-q", "-c", "2", "-i", "0.2",
-             "-W", "1", f"10.244.{b}.2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "-W", "1", self.pod_ip6(b) if v6 else f"10.244.{b}.2"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
             for a, b in pairs}
         failed = []
         for pair, proc in procs.items():
@@ -401,14 +414,14 @@ def _lab_suite(dataplanes: dict[int, str] | None):
         print(f"\nlease removal reached every node in {result['removal_s'] * 1000:.0f} ms")
         # the per-CPU counters reach /metrics (node 1 runs vxlan/ebpf in both labs)
         m = metrics(lab, 1)
-        assert m["weft_backend_tx_packets"] > 1000 and m["weft_backend_rx_packets"] > 1000, m
-        assert m["weft_backend_pods_redirect"] + m["weft_backend_tx_packets"] > 0
-        assert m["weft_backend_rx_peer"] + m["weft_backend_rx_redirect"] > 0, m
-        assert m["weft_backend_drops_tunnel_key"] == 0 and "weft_backend_drops_no_peer" in m, m
+        assert m["weft_backend_tx_packets_total"] > 1000 and m["weft_backend_rx_packets_total"] > 1000, m
+        assert m["weft_backend_pods_redirect_total"] + m["weft_backend_tx_packets_total"] > 0
+        assert m["weft_backend_rx_peer_total"] + m["weft_backend_rx_redirect_total"] > 0, m
+        assert m["weft_backend_drops_tunnel_key_total"] == 0 and "weft_backend_drops_no_peer_total" in m, m
         # every datagram the peers sent crossed weft_from_underlay and passed; none was dropped
-        assert m["weft_backend_underlay_passed"] > 1000, m
+        assert m["weft_backend_underlay_passed_total"] > 1000, m
         for r in fb.UNDERLAY_REASONS:
-            assert m[f"weft_backend_drops_{r.name.lower()}"] == 0, (r.name, m)
+            assert m[f"weft_backend_drops_{r.name.lower()}_total"] == 0, (r.name, m)
         # weftctl peermap works from the node's namespace (its own process, own mount namespace)
         out = lab.exec(lab.node(1).namespace, [PY, "-m", "controlplane.ctl", "peermap"], timeout=30, check=True)
         assert "10.244." in out.stdout and "VTEP MAC" in out.stdout
@@ -829,3 +842,303 @@ def test_lab_lease_expiry_leaves_the_map():
     finally:
         problems = lab.down()
     assert not problems and not nothing_left(lab)
+
+
+# -- dual-stack (EnableIPv6): IPv6 pods over the IPv6 underlay ------------------------------------------
+# The testbed's dual-stack form (tests.e2e.Testbed): node N also has 2001:db8:198:18::N/64 on eth0 and
+# fd10:244:0:N::/64 as its IPv6 subnet; pod <p>pNx1 is fd10:244:0:N::2, its IPv6 gateway cni0's
+# fd10:244:0:N::1 (resolved by neighbour discovery with the bridge, as with the CNI bridge plugin).
+
+CONFIG6 = parse_config('{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd10:244::/56", '
+                       '"Backend": {"Type": "vxlan"}}')
+PREFIX6 = f"wed{os.getpid() % 1000}-"
+
+
+@pytest.fixture(scope="module")
+def cluster6():
+    with built(Cluster(PREFIX6, dual_stack=True)) as c:
+        yield c
+
+
+@pytest.fixture
+def net6(cluster6):
+    yield cluster6
+    cluster6.stop()
+
+
+def ping6_failures(net: Cluster, pairs=None, src_ns=None) -> list[tuple[int, int]]:
+    return net.ping_failures(pairs, src_ns, v6=True)
+
+
+def test_dual_stack_ebpf_nodes_both_families(net6):
+    """Three vxlan/ebpf nodes with EnableIPv6: every pod pair pings over IPv4 and IPv6, the node
+    reaches remote pods over IPv6 (weft_to_overlay), the lease carries PublicIPv6 and
+    BackendV6Data, the IPv6 peers are weft_peers6 entries (weftctl peermap shows them), and still
+    no per-peer route, neighbour or FDB entry in either family."""
+    net6.start(EBPF3, CONFIG6)
+    assert ping6_failures(net6) == []
+    assert net6.ping_failures() == []
+    assert ping6_failures(net6, src_ns=net6.node) == []
+    attrs = net6.leases[1].attrs
+    assert attrs.public_ipv6 == net6.node_ip6(1)
+    assert attrs.backend_v6_data == {"VNI": 1, "VtepMAC": attrs.backend_data["VtepMAC"]}
+    assert json.loads(attrs.to_json())["BackendV6Data"]["VtepMAC"] == attrs.backend_data["VtepMAC"]
+    entries = {e["subnet"]: e for e in net6.call(1, "peer_map")}
+    assert entries["fd10:244:0:2::/64"]["public_ip"] == str(net6.node_ip6(2))
+    assert entries["fd10:244:0:2::/64"]["vtep_mac"] == net6.leases[2].attrs.backend_v6_data["VtepMAC"]
+    assert set(entries) == {"10.244.2.0/24", "10.244.3.0/24", "fd10:244:0:2::/64", "fd10:244:0:3::/64"}
+    doc = json.loads(sh(PY, "-m", "controlplane.ctl", "peermap", "--json", ns=net6.node[1], timeout=30))
+    assert [e["subnet"] for e in doc["peers"] if e["local"]] == ["10.244.1.0/24", "fd10:244:0:1::/64"]
+    assert doc["peer_ips"] == {"198.18.0.2": 1, "198.18.0.3": 1, str(net6.node_ip6(2)): 1, str(net6.node_ip6(3)): 1}
+    text = sh(PY, "-m", "controlplane.ctl", "peermap", ns=net6.node[1], timeout=30)
+    assert re.search(r"fd10:244:0:3::/64\s+2001:db8:198:18::3\s", text), text
+    for n in NODES:
+        routes = json.loads(sh("ip", "-n", net6.node[n], "-j", "-6", "route", "show", "dev", "flannel.1"))
+        assert [(r["dst"], r.get("metrics", [{}])[0].get("mtu")) for r in routes
+                if r.get("protocol") != "kernel"] == [("fd10:244::/56", 1430)], routes
+        assert sh("ip", "-n", net6.node[n], "-6", "neigh", "show", "nud", "permanent").strip() == ""
+        assert "dst" not in sh("bridge", "-n", net6.node[n], "fdb", "show", "dev", "flannel.1")
+        link = json.loads(sh("ip", "-n", net6.node[n], "-j", "addr", "show", "dev", "flannel.1"))[0]
+        assert [a["local"] for a in link["addr_info"] if a["family"] == "inet6"] == [f"fd10:244:0:{n}::"]
+        s = net6.call(n, "stats")
+        assert s["peers6_programmed"] == 2 and s["peers6_failed"] == 0
+        assert s["tx_packets"] > 0 and s["pods_redirect"] > 0 and s["rx_redirect"] > 0
+        assert s["drops_tunnel_key"] == 0 and s["drops_no_config"] == 0 and s["drops_not_ipv4"] == 0
+        assert s["drops_not_overlay"] == 0, s  # IPv6 on the device sends nothing of its own (no MLD, no DAD)
+    # the IPv6 side follows the lease: removed with it, back with it
+    net6.call(1, "remove_peer", net6.leases[3])
+    assert "fd10:244:0:3::/64" not in {e["subnet"] for e in net6.call(1, "peer_map")}
+    assert ping6_failures(net6, [(1, 3)]) == [(1, 3)]
+    net6.call(1, "add_peer", net6.leases[3])
+    assert ping6_failures(net6, [(1, 3), (3, 1)]) == []
+
+
+def test_dual_stack_tcp_transfer_v6_byte_identical(net6):
+    """64 MiB over TCP between IPv6 pods, both ways, eBPF to eBPF: the IPv6 overlay MTU (1430: pods
+    with MTU 1450 learn it from the stack's Packet Too Big) and GSO hold. Node 2 receives through
+    bpf_redirect_peer (its pod learnt in weft_endpoints6), node 1 through the FIB redirect
+    (redirect_peer switched off in its config map)."""
+    import fastpath.bpf as fb
+    net6.start({1: "vxlan/ebpf", 2: "vxlan/ebpf"}, CONFIG6)
+    net6.call(1, "set_flags", fb.CFG_DEFAULT & ~fb.CFG_RX_PEER)
+    assert ping6_failures(net6) == []
+    net6.call(2, "sync_endpoints")  # the pod's IPv6 neighbour entry exists after the ping
+    assert net6.call(2, "stats")["endpoints"] >= 1
+    for a, b in ((1, 2), (2, 1)):
+        server = subprocess.Popen(["ip", "netns", "exec", net6.pod[b], PY, "-c", _RECEIVER6, net6.pod_ip6(b), "5702"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(0.3)
+            sent = sh(PY, "-c", _SENDER6, net6.pod_ip6(b), "5702", "64", ns=net6.pod[a], timeout=90)
+            got, _ = server.communicate(timeout=90)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+        assert sent.strip() and sent.strip() == got.strip(), (a, b)
+    s1, s2 = net6.call(1, "stats"), net6.call(2, "stats")
+    assert s2["rx_peer"] > 1000 and s1["rx_redirect"] > 1000, (s1, s2)
+    for s in (s1, s2):
+        assert s["pods_redirect"] > 1000, {k: v for k, v in s.items() if v}
+        # every IPv6-underlay datagram (GRO: by its segments) crossed weft_from_underlay and passed
+        assert s["underlay_passed"] == s["rx_packets"] > 1000, s
+        assert all(s[k] == 0 for k in RX_BUCKETS if k.startswith("drops_")), {k: s[k] for k in RX_BUCKETS}
+
+
+_RECEIVER6 = _RECEIVER.replace("s = socket.socket()", "s = socket.socket(socket.AF_INET6)")
+_SENDER6 = _SENDER
+
+
+def test_dual_stack_interop_with_vxlan_kernel_over_the_v6_wire(net6):
+    """eBPF nodes 1, 2 and a vxlan/kernel node 3 (flannel's flannel-v6.1): IPv6 pods reach each
+    other in every direction; on the wire both send IPv6-underlay VXLAN with the same port, VNI and
+    flags, inner destination = the receiver's IPv6 VtepMAC (BackendV6Data)."""
+    net6.start(MIXED, CONFIG6)
+    if net6.leases[3].attrs.backend_v6_data is None:
+        pytest.fail("vxlan/kernel advertises no BackendV6Data: its dual-stack side is missing")
+    assert ping6_failures(net6) == []
+    assert net6.ping_failures() == []
+    mac6 = {n: net6.leases[n].attrs.backend_v6_data["VtepMAC"] for n in NODES}
+    frames = _capture_vxlan6(net6.wire, "w2", 2.0, lambda: ping6_failures(net6, [(1, 2), (3, 2)]))
+    by_src = {}
+    for f in frames:
+        o = _outer6(f)
+        by_src.setdefault(o["src"], o)
+    ebpf, kernel = by_src.get(str(net6.node_ip6(1))), by_src.get(str(net6.node_ip6(3)))
+    assert ebpf and kernel, by_src
+    assert ebpf["inner_dmac"] == kernel["inner_dmac"] == mac6[2]
+    assert (ebpf["inner_smac"], kernel["inner_smac"]) == (mac6[1], mac6[3])
+    for field in ("dst", "dport", "vx_flags", "vni", "hlim", "tclass", "inner_type"):
+        assert ebpf[field] == kernel[field], (field, ebpf, kernel)
+    assert (ebpf["dport"], ebpf["vni"], ebpf["vx_flags"], ebpf["inner_type"]) == (8472, 1, 0x08, 0x86DD)
+    assert ebpf["udp_csum"] != 0 and kernel["udp_csum"] != 0  # mandatory over IPv6
+
+
+def _capture_vxlan6(ns: str, iface: str, seconds: float, during) -> list[bytes]:
+    """Raw IPv6-underlay VXLAN frames (UDP dst 8472 right after the IPv6 header) seen on ``iface``."""
+    import threading
+    frames: list[bytes] = []
+    ready = threading.Event()
+
+    def grab():
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        s.bind((iface, 0))
+        s.settimeout(0.2)
+        ready.set()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                f = s.recv(65535)
+            except socket.timeout:
+                continue
+            if len(f) > 70 and f[12:14] == b"\x86\xdd" and f[20] == 17 and int.from_bytes(f[56:58], "big") == 8472:
+                frames.append(f)
+        s.close()
+    t = threading.Thread(target=lambda: in_netns(ns, grab))
+    t.start()
+    ready.wait(5)
+    during()
+    t.join(seconds + 10)
+    return frames
+
+
+def _outer6(f: bytes) -> dict:
+    vx, inner = 62, 70
+    return {"src": str(ipaddress.IPv6Address(f[22:38])), "dst": str(ipaddress.IPv6Address(f[38:54])),
+            "hlim": f[21], "tclass": ((f[14] & 0x0F) << 4) | (f[15] >> 4),
+            "dport": int.from_bytes(f[56:58], "big"), "udp_csum": int.from_bytes(f[60:62], "big"),
+            "vx_flags": f[vx], "vni": int.from_bytes(f[vx + 4:vx + 7], "big"),
+            "inner_dmac": ":".join(f"{b:02x}" for b in f[inner:inner + 6]),
+            "inner_smac": ":".join(f"{b:02x}" for b in f[inner + 6:inner + 12]),
+            "inner_type": int.from_bytes(f[inner + 12:inner + 14], "big")}
+
+
+def icmp6_echo(src: str, dst: str, seq: int) -> bytes:
+    """An IPv6 ICMPv6 echo request, checksum right: a pod that gets it counts Icmp6InEchos."""
+    s6, d6 = (socket.inet_pton(socket.AF_INET6, a) for a in (src, dst))
+    body = struct.pack("!BBHHH", 128, 0, 0, 0x66, seq) + b"weft-hostile-v6"
+    pseudo = s6 + d6 + struct.pack("!IxxxB", len(body), 58)
+    data = pseudo + body + (b"\0" if len(body) % 2 else b"")
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    body = body[:2] + struct.pack("!H", ~total & 0xFFFF) + body[4:]
+    return struct.pack("!IHBB", 6 << 28, len(body), 58, 64) + s6 + d6 + body
+
+
+_SEND6 = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.sendto(bytes.fromhex(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def in_echos6(ns: str) -> int:
+    for line in sh("cat", "/proc/net/snmp6", ns=ns).splitlines():
+        if line.startswith("Icmp6InEchos "):
+            return int(line.split()[1])
+    raise AssertionError(f"{ns}: no Icmp6InEchos in /proc/net/snmp6")
+
+
+def test_dual_stack_hostile_v6_datagrams_land_in_their_counter(net6):
+    """IPv6-underlay VXLAN datagrams sent to eBPF node 1: each lands in exactly its counter, only
+    the legit one reaches the pod (Icmp6InEchos); nothing crashes, the mesh works after."""
+    net6.start(EBPF3, CONFIG6)
+    assert ping6_failures(net6, [(2, 1)]) == []
+    mac6 = {n: net6.leases[n].attrs.backend_v6_data["VtepMAC"] for n in NODES}
+    x = intruder(net6)
+    if "2001:db8:198:18::66" not in sh("ip", "-n", x, "-6", "addr", "show", "dev", "eth0"):
+        sh("ip", "-n", x, "addr", "add", "2001:db8:198:18::66/64", "dev", "eth0", "nodad")
+    to, pod, n2 = str(net6.node_ip6(1)), net6.pod_ip6(1), net6.node[2]
+    legit = lambda seq, dst=pod: icmp6_echo(net6.pod_ip6(2), dst, seq)  # noqa: E731
+    v6 = lambda inner, **kw: vxlan_payload(inner, mac6[1], mac6[2], ethertype=0x86DD, **kw)  # noqa: E731
+    cases = [
+        ("legit", n2, v6(legit(1)), "underlay_passed", True),
+        ("wrong VNI", n2, v6(legit(2), vni=7), "drops_wrong_vni", False),
+        ("spoofed: node 3's IPv6 subnet", n2, v6(icmp6_echo(net6.pod_ip6(3), pod, 3)), "drops_spoofed_src", False),
+        ("non-peer", x, v6(legit(4)), "drops_unknown_peer", False),
+        ("truncated: VXLAN header only", n2, v6(b"")[:8], "drops_truncated", False),
+        ("truncated: inner IPv6 header cut", n2, v6(legit(5))[:8 + 14 + 30], "drops_truncated", False),
+        ("inner IPv4 over the IPv6 underlay", n2,
+         vxlan_payload(icmp_echo("10.244.2.2", "10.244.1.2", 6), mac6[1], mac6[2]), "drops_inner_not_ipv4", False),
+        ("inner destination MAC not our IPv6 VtepMAC", n2,
+         vxlan_payload(legit(7), "02:0e:00:00:00:77", mac6[2], ethertype=0x86DD), "drops_wrong_mac", False),
+    ]
+    for name, src, payload, counter, reaches in cases:
+        before, echos = net6.call(1, "stats"), in_echos6(net6.pod[1])
+        sh(PY, "-c", _SEND6, to, "8472", payload.hex(), ns=src, timeout=30)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and net6.call(1, "stats")[counter] == before[counter]:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        after = net6.call(1, "stats")
+        moved = {k: after[k] - before[k] for k in RX_BUCKETS if after[k] != before[k]}
+        assert moved == {counter: 1}, (name, moved)
+        if reaches:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and in_echos6(net6.pod[1]) == echos:
+                time.sleep(0.05)
+        assert in_echos6(net6.pod[1]) == echos + (1 if reaches else 0), name
+    # an inner destination in the IPv6Network that no lease holds: passes the underlay checks (a
+    # peer's own pod), then the stack routes it back into the overlay, where it is a counted miss
+    before = net6.call(1, "stats")
+    sh(PY, "-c", _SEND6, to, "8472", v6(legit(8, dst="fd10:244:0:9::1")).hex(), ns=n2, timeout=30)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and net6.call(1, "stats")["drops_no_peer"] == before["drops_no_peer"]:
+        time.sleep(0.05)
+    after = net6.call(1, "stats")
+    assert after["drops_no_peer"] - before["drops_no_peer"] == 1 and after["map_miss"] > before["map_miss"]
+    assert ping6_failures(net6) == [] and net6.ping_failures() == []
+
+
+def test_dual_stack_restart_keeps_v6_mac_and_peers(net6):
+    """A restarted eBPF node keeps its IPv6 VtepMAC (from the previous lease) and forwards IPv6
+    before any lease event (the old programs' weft_peers6 is inherited); a node switching from
+    vxlan/kernel keeps that data plane's own flannel-v6 MAC and still receives."""
+    net6.start(EBPF3, CONFIG6)
+    mac6 = net6.leases[1].attrs.backend_v6_data["VtepMAC"]
+    net6.agents[1].drop("b")
+    net6.agents[1].backend("b", "vxlan/ebpf", CONFIG6, net6.iface(1))
+    assert net6.agents[1].call("b", "lease_attrs", net6.leases[1]).backend_v6_data["VtepMAC"] == mac6
+    net6.call(1, "setup", net6.leases[1])
+    assert {"fd10:244:0:2::/64", "fd10:244:0:3::/64"} <= {e["subnet"] for e in net6.call(1, "peer_map")}
+    assert ping6_failures(net6, [(1, 2), (2, 1)]) == []
+    # a previous lease with an IPv6 VtepMAC other than the device's (made by vxlan/kernel)
+    import dataclasses
+    other = "02:0e:00:00:66:01"
+    prev = dataclasses.replace(net6.leases[1], attrs=dataclasses.replace(
+        net6.leases[1].attrs, backend_v6_data={"VNI": 1, "VtepMAC": other}))
+    net6.call(1, "teardown")
+    net6.agents[1].drop("b")
+    net6.agents[1].backend("b", "vxlan/ebpf", CONFIG6, net6.iface(1))
+    attrs = net6.agents[1].call("b", "lease_attrs", prev)
+    assert attrs.backend_v6_data["VtepMAC"] == other != attrs.backend_data["VtepMAC"]
+    net6.leases[1] = net6.lease(1, attrs)
+    net6.call(1, "setup", net6.leases[1])
+    for m in (2, 3):
+        net6.call(1, "add_peer", net6.leases[m])
+        net6.call(m, "add_peer", net6.leases[1])
+    assert ping6_failures(net6) == []
+    assert net6.ping_failures() == []
+    # to the node itself (cni0's IPv6 address): the stack's path, which needs the device's MAC
+    sh("ping", "-n", "-q", "-c", "2", "-i", "0.2", "-W", "1", "fd10:244:0:1::1", ns=net6.pod[2])
+    assert net6.call(1, "stats")["rx_stack"] > 0
+
+
+def test_dual_stack_resync_recreates_the_v6_side(net6):
+    """A removed flannel.1 comes back with its IPv6 address, route (MTU 1430) and IPv6 settings;
+    IPv6 pods reach each other again, and the recreated device sends nothing of its own."""
+    net6.start({1: "vxlan/ebpf", 2: "vxlan/ebpf"}, CONFIG6)
+    assert ping6_failures(net6) == []
+    sh("ip", "link", "del", "flannel.1", ns=net6.node[1])
+    assert ping6_failures(net6, [(1, 2)]) == [(1, 2)]
+    before = net6.call(1, "stats")
+    net6.call(1, "resync")
+    assert net6.call(1, "stats")["device_recreated"] == before["device_recreated"] + 1
+    assert "fd10:244::/56 dev flannel.1 proto static metric 1024 mtu 1430" in sh(
+        "ip", "-n", net6.node[1], "-6", "route", "show", "fd10:244::/56")
+    assert "fd10:244:0:1::/128" in sh("ip", "-n", net6.node[1], "-6", "addr", "show", "dev", "flannel.1")
+    assert ping6_failures(net6) == [] and net6.ping_failures() == []
+    time.sleep(1.5)  # MLD's unsolicited report interval: a listener report would have come by now
+    s = net6.call(1, "stats")
+    assert s["drops_not_overlay"] == before["drops_not_overlay"] and s["drops_not_ipv4"] == 0, s

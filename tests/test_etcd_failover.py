@@ -19,7 +19,6 @@ import pytest
 
 from bench.etcdserver import EtcdServer, free_port
 from controlplane.store import EtcdOptions, StoreUnavailable
-from controlplane.store import etcd_rpc
 from controlplane.store.etcd import EtcdStore
 from controlplane.store.monitor import MonitoredStore, StoreHealth
 
@@ -27,8 +26,7 @@ from .conftest import needs_etcd
 from .daemons import Weftd, run_tool
 from .store_contract import drain
 
-pytestmark = [needs_etcd, pytest.mark.skipif(etcd_rpc.unavailable_reason() is not None,
-                                              reason=str(etcd_rpc.unavailable_reason()))]
+pytestmark = needs_etcd
 
 NET = ipaddress.IPv4Network
 PREFIX = "/weft-failover"

@@ -44,9 +44,9 @@ def test_e2e_suite(backend):
     assert out["removal_s"] < 2.0
     m1 = out["metrics"][1]
     # the traffic went through the engine, and nothing valid was dropped as malformed
-    assert m1["weft_backend_tx_packets"] > 1000 and m1["weft_backend_rx_packets"] > 1000
+    assert m1["weft_backend_tx_packets_total"] > 1000 and m1["weft_backend_rx_packets_total"] > 1000
     # exported (a missing counter is no zero) and zero
-    assert (m1["weft_backend_rx_drop_bad_ip"], m1["weft_backend_rx_drop_spoofed_src"]) == (0, 0)
+    assert (m1["weft_backend_rx_drop_bad_ip_total"], m1["weft_backend_rx_drop_spoofed_src_total"]) == (0, 0)
 
 
 @pytest.mark.parametrize("dataplanes", [
@@ -61,7 +61,7 @@ def test_mixed_vxlan_kernel_and_fastpath(dataplanes):
         fast = out["metrics"][1]
         # the kernel peer's TSO packets crossed the veth whole (no GRO size) and were written
         # whole; its VXLAN headers (reserved bits clear) and inner packets all passed the checks
-        assert fast["weft_backend_rx_super_packets"] > 0
+        assert fast["weft_backend_rx_super_packets_total"] > 0
         assert {k: v for k, v in fast.items() if k.startswith("weft_backend_rx_drop_") and v} == {}
 
 
@@ -129,7 +129,7 @@ def test_vxlan_fastpath_direct_routing():
         assert sent == got
         for n in (1, 2):
             after = metrics(lab, n)
-            for key in ("weft_backend_tx_packets", "weft_backend_rx_packets"):
+            for key in ("weft_backend_tx_packets_total", "weft_backend_rx_packets_total"):
                 assert after[key] == before[n][key], (n, key, before[n][key], after[key])
         out = run_suite(lab)  # transfers, restart (direct routes survive it), lease release
         assert out["removal_s"] < 2.0
@@ -161,7 +161,7 @@ WORKERS = 2
 
 
 def _worker_bytes(m: dict, i: int, key: str) -> float:
-    return m[f"weft_backend_worker{i}_{key}"]          # missing: the per-thread accounting broke
+    return m[f"weft_backend_worker{i}_{key}_total"]    # missing: the per-thread accounting broke
 
 
 def _udp_flows(lab, src, dst, flows: int = 16, per_flow: int = 200, size: int = 1000,
@@ -237,8 +237,8 @@ def test_multiqueue_workers(backend):
         streams_in, streams_out = {1: 8, 2: 4, 3: 0}, {1: 4, 2: 4, 3: 4}
         for node in lab.nodes:
             m = metrics(lab, node.index)
-            assert m["weft_backend_tx_packets"] > 1000, m
-            assert (m["weft_backend_rx_drop_bad_ip"], m["weft_backend_rx_drop_spoofed_src"]) == (0, 0)
+            assert m["weft_backend_tx_packets_total"] > 1000, m
+            assert (m["weft_backend_rx_drop_bad_ip_total"], m["weft_backend_rx_drop_spoofed_src_total"]) == (0, 0)
             wrote = sum(_worker_bytes(m, i, "tun_write_bytes") for i in range(WORKERS))
             read = sum(_worker_bytes(m, i, "tun_read_bytes") for i in range(WORKERS))
             assert wrote >= streams_in[node.index] * (16 << 20), (node.index, wrote)

@@ -268,8 +268,8 @@ def test_weftd_source_guard_on_host_gw():
         assert all_pairs_ping(lab) == []
         for n in (1, 2, 3):
             m = metrics(lab, n)
-            assert m["weft_backend_hostgw_passed"] > 0, (n, m)
-            assert sum(m[f"weft_backend_drops_hostgw_{r}"] for r in
+            assert m["weft_backend_hostgw_passed_total"] > 0, (n, m)
+            assert sum(m[f"weft_backend_drops_hostgw_{r}_total"] for r in
                        ("spoofed", "own_subnet", "no_peer", "no_neigh", "not_routed")) == 0, (n, m)
         restart_keeps_subnet_and_mesh(lab, 2)
         tc = sh("tc", "-n", lab.node(2).namespace, "filter", "show", "dev", "eth0", "ingress")

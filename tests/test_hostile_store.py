@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sqlite3
 import subprocess
 import time
-import urllib.error
 import uuid
 
 import pytest
@@ -143,18 +141,8 @@ def writer(request, tmp_path):
 
 
 # -- reading a daemon -----------------------------------------------------------------------------
-def labelled(d: Weftd, name: str, label: str) -> dict[str, float]:
-    """``name{label="x"} v`` lines of /metrics as {x: v} ({} when /metrics does not answer)."""
-    try:
-        _, text = d.get("/metrics")
-    except (OSError, urllib.error.URLError):
-        return {}
-    return {m.group(1): float(m.group(2)) for m in
-            re.finditer(rf'^{re.escape(name)}{{{label}="([^"]*)"}} (\S+)$', text, re.M)}
-
-
 def invalid_counts(d: Weftd) -> dict[str, float]:
-    return {k: v for k, v in labelled(d, "weft_leases_invalid_total", "reason").items() if v}
+    return {k: v for k, v in d.labelled("weft_leases_invalid_total", "reason").items() if v}
 
 
 def wait_for(what, check, timeout: float = 10.0, d: Weftd | None = None):

@@ -740,3 +740,83 @@ def test_teardown_after_a_crash_where_del_cannot_run(capsys):
     del lab  # the crash: nobody calls down()
     assert cli.main(["down", prefix]) == 0
     _assert_gone(prefix, pids, directory)
+
+
+# -- dual-stack scenarios ---------------------------------------------------------------------------
+
+DUALSTACK_NET = ('[network]\nconfig = {Network = "10.244.0.0/16", EnableIPv6 = true, '
+                 'IPv6Network = "fd10:244::/56"}\n')
+
+
+def test_dual_stack_comes_from_the_network_config():
+    assert not sc.loads("name = 'x'").dual_stack
+    s = sc.load(os.path.join(REPO, "scenarios", "dualstack.toml"))
+    assert s.dual_stack and s.network.backend.name == "vxlan/kernel" and s.nodes == 3 and s.store == "sqlite"
+    assert str(s.node_ip6(2)) == "2001:db8:198:18::2"
+    s = sc.loads("name = 'x'\n[lab]\nunderlay6 = '2001:db8:7::/64'\n" + DUALSTACK_NET)
+    assert s.dual_stack and str(s.node_ip6(3)) == "2001:db8:7::3"
+    assert sc.from_dict(sc.to_dict(s)).underlay6 == s.underlay6  # a lab's state keeps it (attach)
+
+
+@pytest.mark.parametrize("lab, net, error", [
+    ("underlay6 = '2001:db9::/64'", "", "lab.underlay6: 2001:db9::/64 must lie inside 2001:db8::/32"),
+    ("underlay6 = 'fd00::/64'", "", "lab.underlay6: fd00::/64 must lie inside 2001:db8::/32"),
+    ("underlay6 = '2001:db8::1/64'", "", "lab.underlay6: '2001:db8::1/64' is not an IPv6 CIDR with no host bits"),
+    ("underlay6 = '198.18.0.0/15'", "", "lab.underlay6: '198.18.0.0/15' is not an IPv6 CIDR"),
+    ("nodes = 3\nunderlay6 = '2001:db8::/127'", "", "lab.nodes: 3 nodes and the store do not fit in 2001:db8::/127"),
+    ("nodes = 5", '[network]\nconfig = {Network = "10.244.0.0/16", EnableIPv6 = true, IPv6Network = "fd10::/62"}\n',
+     "network.config: IPv6Network fd10::/62 holds 3 subnets of /64 between IPv6SubnetMin and IPv6SubnetMax, "
+     "fewer than 5 nodes"),
+    ("", '[network]\nconfig = {Network = "10.244.0.0/16", EnableIPv6 = true, IPv6Network = "fd10::/56", '
+         'Backend = {Type = "udp"}}\n', "network.config: EnableIPv6: udp/fastpath carries IPv4 only"),
+])
+def test_dual_stack_scenario_errors_are_one_line(lab, net, error):
+    with pytest.raises(sc.ScenarioError) as exc:
+        sc.loads(f"name = 'x'\n[lab]\n{lab}\n{net}", "x.toml")
+    assert str(exc.value).startswith(f"x.toml: {error}") and "\n" not in str(exc.value), str(exc.value)
+
+
+@needs_root
+def test_teardown_runs_cni_del_before_the_namespaces_go():
+    """``bench down``'s teardown DELs every pod while its namespace still exists (as a runtime
+    removes a pod): each pod's host-local reservations (IPv4 and IPv6, a dual-stack testbed) and
+    weft-cni's saved config vanish while the pod's namespace is still there. Without the DEL they
+    would go only with the lab directory, after the namespaces. (Watched by polling, ~1 s.)"""
+    import threading
+
+    from .e2e import Testbed, built
+    with built(Testbed(f"wtd{os.getpid() % 100}-", dual_stack=True)) as bed:
+        base = bed.topology.dir
+        watched = {}  # pod namespace -> files DEL must remove
+        for pod in bed.pods:
+            cni = os.path.join(base, f"n{pod.node}", "cni")
+            watched[pod.namespace] = [os.path.join(cni, "ipam", "cbr0", pod.ip),
+                                      os.path.join(cni, "ipam", "cbr0", pod.ip6),
+                                      os.path.join(cni, "flannel", pod.namespace)]
+        assert all(os.path.exists(f) for files in watched.values() for f in files), watched
+        gone: dict[str, int] = {}  # what -> the poll at which it was first seen gone
+        stop = threading.Event()
+
+        def poll():
+            i = 0
+            while not stop.is_set() and len(gone) < 2 * len(watched):
+                i += 1
+                for ns, files in watched.items():
+                    if ("files", ns) not in gone and not any(os.path.exists(f) for f in files):
+                        gone[("files", ns)] = i
+                    if ("netns", ns) not in gone and not os.path.exists(os.path.join(NETNS_DIR, ns)):
+                        gone[("netns", ns)] = i
+                time.sleep(0.0005)
+
+        watcher = threading.Thread(target=poll)
+        watcher.start()
+        try:
+            problems = bed.destroy()
+        finally:
+            stop.set()
+            watcher.join(10)
+        bed.ledger = None  # destroyed: built() checks that nothing is left
+        assert problems == []
+        for ns in watched:
+            assert ("files", ns) in gone and ("netns", ns) in gone, gone
+            assert gone[("files", ns)] < gone[("netns", ns)], f"{ns}: DEL's files outlived its namespace: {gone}"

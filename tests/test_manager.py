@@ -237,3 +237,226 @@ def test_relist_tells_an_expired_lease_from_a_deleted_one(store):
     w.resync()
     assert events[2:] == [("expired", short.subnet), ("removed", deleted.subnet)] or \
         events[2:] == [("removed", deleted.subnet), ("expired", short.subnet)], events
+
+
+# -- dual-stack (EnableIPv6): both parts allocated, one key, flannel's reuse rules ------------------
+NET6 = ipaddress.IPv6Network
+IP6 = ipaddress.IPv6Address
+DUAL = parse_config('{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56",'
+                    '"Backend":{"Type":"alloc"}}')
+MAC = "5e:bb:b4:14:2b:45"
+
+
+def attrs6(n: int) -> LeaseAttrs:
+    return LeaseAttrs(IP(f"198.18.0.{n}"), "alloc", public_ipv6=IP6(f"2001:db8:198:18::{n}"))
+
+
+def test_dual_stack_acquire_writes_both_parts_in_one_key(store):
+    m = LeaseManager(store, ttl=3600, rng=random.Random(3))
+    leases = [m.acquire(DUAL, attrs6(n)) for n in range(1, 6)]
+    for lease in leases:
+        assert DUAL.contains_subnet(lease.subnet) and DUAL.contains_subnet6(lease.subnet6)
+        rec = store.get_lease(lease.subnet, lease.subnet6)  # the one dual key
+        assert rec is not None and rec.value == lease.attrs.to_json()
+        assert lease.key == f"{lease.subnet.network_address}-24&{lease.subnet6.network_address}-64"
+    assert len({l.subnet for l in leases}) == 5 and len({l.subnet6 for l in leases}) == 5
+    # the two parts are picked independently (random among the first 100 free of each range)
+    index4 = [(int(l.subnet.network_address) - int(DUAL.subnet_min)) >> 8 for l in leases]
+    index6 = [(int(l.subnet6.network_address) - int(DUAL.ipv6_subnet_min)) >> 64 for l in leases]
+    assert index4 != index6
+    assert all(i < 100 for i in index6)
+    # an IPv4-only config never writes an IPv6 part
+    plain = m.acquire(CONFIG, attrs(9))
+    assert plain.subnet6 is None and store.get_lease(plain.subnet) is not None
+
+
+def test_dual_stack_reuse_needs_both_parts_to_fit(store):
+    """flannel's tryAcquireLease: the lease of this public IP is reused when both parts fit the
+    config; otherwise it is deleted and a new one made. Without EnableIPv6 only a lease with no
+    IPv6 part fits."""
+    m = LeaseManager(store, ttl=3600, rng=random.Random(4))
+    first = m.acquire(DUAL, attrs6(1))
+    again = m.acquire(DUAL, attrs6(1))
+    assert (again.subnet, again.subnet6) == (first.subnet, first.subnet6)
+    assert again.revision > first.revision
+    # the same node under an IPv4-only config: the dual-stack lease does not fit, and goes
+    v4 = m.acquire(CONFIG, attrs(1), previous_subnet=first.subnet)
+    assert v4.subnet == first.subnet and v4.subnet6 is None  # its IPv4 subnet is free again
+    assert store.get_lease(first.subnet, first.subnet6) is None
+    # and back to dual-stack: an IPv4-only lease does not fit either
+    back = m.acquire(DUAL, attrs6(1), previous_subnet=v4.subnet, previous_subnet6=first.subnet6)
+    assert (back.subnet, back.subnet6) == (first.subnet, first.subnet6)
+    assert [(r.subnet, r.subnet6) for r in store.list_leases()[0]] == [(first.subnet, first.subnet6)]
+    # an IPv6 part outside the (new) IPv6 range: deleted, a fitting one made
+    other = parse_config('{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd99::/56",'
+                         '"Backend":{"Type":"alloc"}}')
+    moved = m.acquire(other, attrs6(1), previous_subnet=first.subnet, previous_subnet6=first.subnet6)
+    assert other.contains_subnet6(moved.subnet6) and moved.subnet == first.subnet
+    assert len(store.list_leases()[0]) == 1
+
+
+def test_dual_stack_previous_subnet_env_parts_reused_independently(store):
+    m = LeaseManager(store, ttl=3600, rng=random.Random(5))
+    lease = m.acquire(DUAL, attrs6(1), previous_subnet=NET("10.5.77.0/24"),
+                      previous_subnet6=NET6("fd10:244:0:99::/64"))
+    assert (lease.subnet, lease.subnet6) == (NET("10.5.77.0/24"), NET6("fd10:244:0:99::/64"))
+    # the IPv4 part is taken, the IPv6 part free: the IPv6 one is still reused
+    lease2 = m.acquire(DUAL, attrs6(2), previous_subnet=NET("10.5.77.0/24"),
+                       previous_subnet6=NET6("fd10:244:0:98::/64"))
+    assert lease2.subnet != NET("10.5.77.0/24") and lease2.subnet6 == NET6("fd10:244:0:98::/64")
+    # the IPv6 part taken (by node 1) or outside IPv6Network: a random free one
+    lease3 = m.acquire(DUAL, attrs6(3), previous_subnet=NET("10.5.78.0/24"),
+                       previous_subnet6=NET6("fd10:244:0:99::/64"))
+    assert lease3.subnet == NET("10.5.78.0/24") and lease3.subnet6 not in (lease.subnet6, lease2.subnet6)
+    lease4 = m.acquire(DUAL, attrs6(4), previous_subnet6=NET6("fd77::/64"))
+    assert DUAL.contains_subnet6(lease4.subnet6)
+
+
+def test_dual_stack_ipv6_range_full(store):
+    tiny = parse_config('{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/62",'
+                        '"Backend":{"Type":"alloc"}}')  # /64 subnets: 3 after the first
+    m = LeaseManager(store, ttl=3600)
+    got = {m.acquire(tiny, attrs6(n)).subnet6 for n in range(1, 4)}
+    assert got == {NET6("fd10:244:0:1::/64"), NET6("fd10:244:0:2::/64"), NET6("fd10:244:0:3::/64")}
+    with pytest.raises(NetworkFull, match=r"IPv6 network fd10:244::/62 is full: all 3 /64 subnets"):
+        m.acquire(tiny, attrs6(4))
+
+
+def test_dual_stack_renew_and_revoke(store):
+    m = LeaseManager(store, ttl=3600)
+    lease = m.acquire(DUAL, attrs6(1))
+    renewed = m.renew(lease)
+    assert renewed.subnet6 == lease.subnet6 and renewed.revision > lease.revision
+    store.delete_lease(lease.subnet, lease.subnet6)
+    with pytest.raises(LeaseRevoked, match=f"lease {lease.subnet}\\+{lease.subnet6} has been revoked"):
+        m.renew(renewed)
+    assert store.list_leases()[0] == []  # not recreated
+
+
+def _v6_value(n: int, **fields) -> str:
+    import json
+    doc = {"PublicIP": f"198.18.0.{n}", "PublicIPv6": f"2001:db8:198:18::{n}", "BackendType": "vxlan",
+           "BackendData": {"VNI": 1, "VtepMAC": MAC}, "BackendV6Data": {"VNI": 1, "VtepMAC": MAC}}
+    doc.update(fields)
+    return json.dumps({k: v for k, v in doc.items() if v is not ...}, separators=(",", ":"))
+
+
+VXDUAL = parse_config('{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56"}')
+VXV4 = parse_config('{"Network":"10.5.0.0/16"}')
+
+
+def test_watcher_emits_dual_stack_leases_and_judges_the_ipv6_part(store):
+    """Hostile IPv6 parts are refused with a reason, counted once, never a crash; a node without
+    EnableIPv6 follows the IPv4 part only (and does not judge the rest)."""
+    good = {1: "fd10:244:0:1::-64"}
+    bad = {  # key's IPv6 part or value -> the reason a dual-stack node refuses it
+        2: ("fd99::-64", _v6_value(2), "outside_network"),
+        3: ("fd10:244:0:3::-80", _v6_value(3), "wrong_length"),
+        4: ("fd10:244:0:4::-64", _v6_value(4, PublicIPv6="fe80::4"), "bad_public_ip"),
+        5: ("fd10:244:0:5::-64", _v6_value(5, PublicIPv6="ff02::1"), "bad_public_ip"),
+        6: ("fd10:244:0:6::-64", _v6_value(6, PublicIPv6="::"), "bad_public_ip"),
+        7: ("fd10:244:0:7::-64", _v6_value(7, BackendV6Data={"VNI": 1}), "bad_backend_data"),
+        8: ("fd10:244:0:8::-64", _v6_value(8, BackendV6Data="garbage"), "bad_backend_data"),
+        9: ("fd10:244:0:9::-64", _v6_value(9, BackendV6Data={"VNI": 1 << 24, "VtepMAC": MAC}),
+            "bad_backend_data"),
+        10: ("fd10:244:0:a::-64", _v6_value(10, BackendV6Data={"VtepMAC": "01:00:5e:00:00:01"}),
+             "bad_backend_data"),
+        11: ("fd10:244:0:b::-64", _v6_value(11, BackendV6Data=...), "bad_backend_data"),
+    }
+    _raw_put(store, f"subnets/10.5.1.0-24&{good[1]}", _v6_value(1))
+    for n, (part, text, _) in bad.items():
+        _raw_put(store, f"subnets/10.5.{n}.0-24&{part}", text)
+    # garbage a dual-stack and an IPv4-only node both refuse: PublicIPv6 not an address; key parts
+    _raw_put(store, "subnets/10.5.20.0-24&fd10:244:0:14::-64", _v6_value(20, PublicIPv6="banana"))
+    _raw_put(store, "subnets/10.5.21.0-24&fd10:244:0:15::1-64", _v6_value(21))
+    _raw_put(store, "subnets/10.5.22.0-24&FD10:244:0:16::-64", _v6_value(22))
+    _raw_put(store, "subnets/10.5.30.0-24", _v6_value(30, PublicIPv6=None, BackendV6Data=...))
+
+    dual, v4 = [], []
+    wd = LeaseWatcher(store, dual.append, config=VXDUAL)
+    w4 = LeaseWatcher(store, v4.append, config=VXV4)
+    wd.resync()
+    w4.resync()
+    got = {(str(e.lease.subnet), str(e.lease.subnet6), str(e.lease.attrs.public_ipv6)) for e in dual}
+    assert got == {("10.5.1.0/24", "fd10:244:0:1::/64", "2001:db8:198:18::1"),
+                   ("10.5.30.0/24", "None", "None")}  # an IPv4-only lease: followed on IPv4
+    one = next(e.lease for e in dual if e.lease.subnet == NET("10.5.1.0/24"))
+    assert one.attrs.backend_v6_data == {"VNI": 1, "VtepMAC": MAC}
+    counts = {k: v for k, v in wd.invalid.snapshot().items() if v}
+    want = {}
+    for _, _, reason in bad.values():
+        want[reason] = want.get(reason, 0) + 1
+    want["bad_public_ip"] += 1  # "banana"
+    want["bad_key"] = 2
+    assert counts == want
+    # the IPv4-only node follows the IPv4 part of every dual-stack lease whose IPv4 side is fine
+    assert {str(e.lease.subnet) for e in v4} == {"10.5.1.0/24", "10.5.30.0/24"} | {
+        f"10.5.{n}.0/24" for n in bad}
+    assert {k: v for k, v in w4.invalid.snapshot().items() if v} == {"bad_public_ip": 1, "bad_key": 2}
+
+
+def test_watcher_follows_dual_stack_keys_through_the_watch(store):
+    """put/delete of dual keys through the watch: added, renewed with a new IPv6 part, removed;
+    another key of the same IPv4 subnet deleted leaves the known lease alone."""
+    events, stop = [], threading.Event()
+    w = LeaseWatcher(store, lambda e: events.append((e.kind, str(e.lease.subnet), str(e.lease.subnet6))),
+                     poll_timeout=0.1, config=VXDUAL)
+    t = threading.Thread(target=w.run, args=(stop,))
+    t.start()
+    try:
+        assert w.synced.wait(5)
+        n6a, n6b = NET6("fd10:244:0:1::/64"), NET6("fd10:244:0:2::/64")
+        store.create_lease(NET("10.5.1.0/24"), _v6_value(1), ttl=3600, subnet6=n6a)
+        store.update_lease(NET("10.5.1.0/24"), _v6_value(1), ttl=3600, subnet6=n6a)
+        _raw_put(store, "subnets/10.5.1.0-24&fd10:244:0:2::-64", _v6_value(1))  # someone else's key
+        store.delete_lease(NET("10.5.1.0/24"), n6a)  # the old key: the lease stays (new key)
+        store.delete_lease(NET("10.5.1.0/24"), n6b)
+        deadline = time.monotonic() + 5
+        while len(events) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join()
+    assert events == [("added", "10.5.1.0/24", "fd10:244:0:1::/64"),
+                      ("renewed", "10.5.1.0/24", "fd10:244:0:1::/64"),
+                      ("renewed", "10.5.1.0/24", "fd10:244:0:2::/64"),
+                      ("removed", "10.5.1.0/24", "fd10:244:0:2::/64")]
+
+
+def test_an_ipv6_subnet_stays_with_the_lease_known_first(store):
+    """IPv6 key parts are not disjoint by construction as IPv4 ones are: a second key naming a
+    known lease's IPv6 subnet is refused (overlap), counted once per write, and followed once the
+    first lets go of it; a known lease rewritten onto another's IPv6 subnet is removed."""
+    events, stop = [], threading.Event()
+    n6a, n6b = NET6("fd10:244:0:1::/64"), NET6("fd10:244:0:2::/64")
+    store.create_lease(NET("10.5.1.0/24"), _v6_value(1), ttl=3600, subnet6=n6a)
+    store.create_lease(NET("10.5.2.0/24"), _v6_value(2), ttl=3600, subnet6=n6a)  # someone's copy
+    w = LeaseWatcher(store, lambda e: events.append((e.kind, str(e.lease.subnet), str(e.lease.subnet6), e.reason)),
+                     poll_timeout=0.1, config=VXDUAL)
+    w.resync()
+    assert events == [("added", "10.5.1.0/24", "fd10:244:0:1::/64", "")]  # the older write
+    assert w.invalid.snapshot()["overlap"] == 1
+    w.resync()  # a re-list counts nothing again, and the lease known first keeps it
+    assert w.invalid.snapshot()["overlap"] == 1 and len(events) == 1
+    t = threading.Thread(target=w.run, args=(stop,))
+    t.start()
+    try:
+        assert w.synced.wait(5)
+        store.update_lease(NET("10.5.1.0/24"), _v6_value(1), ttl=3600, subnet6=n6a)  # renewed: still its
+        store.create_lease(NET("10.5.3.0/24"), _v6_value(3), ttl=3600, subnet6=n6b)
+        store.update_lease(NET("10.5.2.0/24"), _v6_value(2), ttl=3600, subnet6=n6a)  # still refused
+        store.delete_lease(NET("10.5.1.0/24"), n6a)  # lets go: 10.5.2.0/24 is followed now
+        _raw_put(store, "subnets/10.5.3.0-24&fd10:244:0:1::-64", _v6_value(3))  # onto 10.5.2's: removed
+        deadline = time.monotonic() + 5
+        while len(events) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join()
+    assert events[1:] == [("renewed", "10.5.1.0/24", "fd10:244:0:1::/64", ""),
+                          ("added", "10.5.3.0/24", "fd10:244:0:2::/64", ""),
+                          ("removed", "10.5.1.0/24", "fd10:244:0:1::/64", ""),
+                          ("added", "10.5.2.0/24", "fd10:244:0:1::/64", ""),
+                          ("removed", "10.5.3.0/24", "fd10:244:0:2::/64", "overlap")]
+    assert w.invalid.snapshot()["overlap"] == 3
+    assert {str(s): str(l.subnet6) for s, l in w.known.items()} == {"10.5.2.0/24": "fd10:244:0:1::/64"}

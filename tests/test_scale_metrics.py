@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.scale import parse_metrics
+from bench.scale import by_label, parse_metrics, parse_samples
 
 from .daemons import Weftd, run_tool
 
@@ -28,6 +28,14 @@ def test_a_real_weftd_page_by_sample_name_with_label_sets_summed(tmp_path):
     assert len(events) == 4 and got["weft_watch_events_total"] == sum(events) >= 1  # its own lease: added
     assert got["weft_ready"] == 1.0 and got["weft_peers"] == 0.0 and got["weft_lease_info"] == 1.0
     assert got["weft_lease_expiration_timestamp_seconds"] > 1.7e9
+    # the same parser, with families and types, and one label's values
+    samples = {s.name: s for s in parse_samples(text)}
+    assert (samples["weft_lease_renewals_total"].family, samples["weft_lease_renewals_total"].type) == \
+        ("weft_lease_renewals", "counter")
+    assert (samples["weft_peers"].family, samples["weft_peers"].type) == ("weft_peers", "gauge")
+    assert samples["weft_backend_peers_programmed"].labels == {"backend": "alloc/kernel"}
+    kinds = by_label(text, "weft_watch_events_total", "kind")
+    assert set(kinds) == {"added", "renewed", "removed", "expired"} and sum(kinds.values()) == sum(events)
 
 
 def test_a_page_that_is_not_prometheus_text_is_an_error_not_fewer_metrics():

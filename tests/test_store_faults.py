@@ -270,7 +270,7 @@ def outage_then_recovery(tmp_path, args, nodes, heal, reason: str):
         assert len(lines(d, r"WARNING .*store .* is unavailable")) == 1, d.log()
         assert lines(d, reason), d.log()
         assert d.get("/readyz")[0] == 200 and d.get("/healthz")[0] == 200
-        assert sum(v for v in _labelled(d, "weft_store_errors_total").values()) > 0
+        assert sum(v for v in d.labelled("weft_store_errors_total", "op").values()) > 0
     heal()
     wait_for("store back", lambda: all(d.metric("weft_store_up") == 1 for d in nodes),
              timeout=15, nodes=nodes)
@@ -283,12 +283,6 @@ def outage_then_recovery(tmp_path, args, nodes, heal, reason: str):
             assert len(lines(d, r"INFO .*store .* is back after")) == 1, d.log()
     finally:
         newcomer.stop()
-
-
-def _labelled(d: Weftd, name: str) -> dict[str, float]:
-    _, text = d.get("/metrics")
-    return {m.group(1): float(m.group(2))
-            for m in re.finditer(rf'^{name}{{op="([^"]*)"}} (\S+)$', text, re.M)}
 
 
 @needs_root

@@ -12,12 +12,14 @@ WIRE = Wire("alloc", mtu_overhead=0, default_dataplane="kernel",
             summary="subnet allocation only, no forwarding")
 # bench run measures the bare underlay with this backend ("bare"), not as a data plane of its own
 DATAPLANES = (Dataplane("alloc", "kernel", "controlplane.backends.alloc:AllocBackend",
-                        "leases only; something else moves the packets", bench=False),)
+                        "leases only; something else moves the packets", bench=False,
+                        ipv6=True),)  # leases of both families; no traffic of its own
 
 
 class AllocBackend(Backend):
     wire_type = "alloc"
     dataplane = "kernel"
+    GAUGES = frozenset({"peers_programmed"})
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

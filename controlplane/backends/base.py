@@ -46,6 +46,8 @@ class ExternalInterface:
     address: ipaddress.IPv4Address | None  # the interface's own IPv4 address
     public_ip: ipaddress.IPv4Address  # what goes into the lease (differs behind NAT)
     mtu: int
+    address6: ipaddress.IPv6Address | None = None  # the interface's own global IPv6 address
+    public_ipv6: ipaddress.IPv6Address | None = None  # PublicIPv6 (None: the network is IPv4 only)
 
 
 class BackendOptions:
@@ -93,7 +95,7 @@ class Backend(ABC):
         return lease.attrs.wire_type == self.wire_type
 
     def lease_attrs(self, previous: Lease | None) -> LeaseAttrs:
-        return LeaseAttrs(self.iface.public_ip, self.wire_type)
+        return LeaseAttrs(self.iface.public_ip, self.wire_type, public_ipv6=self.iface.public_ipv6)
 
     @abstractmethod
     def setup(self, lease: Lease) -> None: ...
@@ -113,5 +115,10 @@ class Backend(ABC):
     def teardown(self) -> None:
         pass
 
+    # The stats that are levels (they may go down); every other stat only grows, and /metrics
+    # shows it as a Prometheus counter (weft_backend_<name>_total; a restart may reset it).
+    GAUGES: ClassVar[frozenset[str]] = frozenset()
+
     def stats(self) -> dict[str, float]:
+        """The data plane's numbers by name, read now; ``GAUGES`` says which are levels."""
         return {}

@@ -61,6 +61,10 @@ class Wire:
     default_port: int = 0  # Backend.Port when 0 (0: the wire format has no port)
     keys: tuple[Key, ...] = ()  # its own keys under Backend
     summary: str = ""
+    # "module:function" judging a peer lease's BackendData (and BackendV6Data) of this wire format
+    # before any node acts on it: ``problem(data) -> str | None`` (why it is refused, one line).
+    # None: the data is the data plane's own business (host-gw and udp carry none).
+    check_backend_data: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,10 @@ class Dataplane:
     # this data plane leaves running after weftd exits without --teardown (the engine process),
     # unless the new backend is going to adopt it.
     leftovers: str | None = None
+    # Carries IPv6 (a dual-stack network's second family): EnableIPv6 is refused on a data plane
+    # without it, with ``no_ipv6_reason`` in the message.
+    ipv6: bool = False
+    no_ipv6_reason: str = ""
 
     def __post_init__(self):
         if self.source_guard not in ("builtin", "optional", "none"):

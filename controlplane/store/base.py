@@ -7,16 +7,19 @@ changes after a revision, so a watcher that lists at revision R and then watches
 nothing, however many writers there are.
 
 Contract (tests/store_contract.py runs it against every store):
+- Lease keys are flannel's: ``<ip>-<len>``, or ``<ip>-<len>&<ip6>-<len6>`` for a dual-stack
+  lease; the lease methods take the IPv4 subnet and the IPv6 one (``subnet6``, None for none).
 - ``create_lease`` is atomic create-if-absent: two racing creators, one wins, the other gets
-  ``LeaseExists``.
+  ``LeaseExists``. A lease is its IPv4 subnet: a key of the same IPv4 subnet with another (or
+  no) IPv6 part makes the create fail too.
 - ``update_lease`` only updates a key that exists (so a lease an operator deleted is not brought
   back by a renewal): otherwise ``LeaseNotFound``.
 - a TTL of ``None`` means no expiry (a reservation). An expired key is absent for every read and
   its removal is an event (``expired=True`` where the store can tell).
 - ``watch(since)`` returns events with revision > ``since`` in revision order; if the store no
   longer holds history back to ``since`` it raises ``WatchCompacted`` and the caller re-lists.
-- Keys under ``<prefix>/subnets/`` that are not lease keys (``<ip>-<len>`` exactly as flannel
-  writes it, nothing nested) are someone else's writing, never leases: ``scan_subnets`` returns
+- Keys under ``<prefix>/subnets/`` that are not lease keys (``<ip>-<len>[&<ip6>-<len6>]`` exactly
+  as flannel writes it, nothing nested) are someone else's writing, never leases: ``scan_subnets`` returns
   them apart as ``ForeignKey``, and ``watch`` reports their changes as ``foreign`` events, so the
   caller can log and count them (``list_leases`` leaves them out).
 - ``watch`` also reports every change of the config key (``config`` events), so a daemon notices
@@ -64,6 +67,7 @@ class LeaseRecord:
     value: str
     expiration: float | None  # epoch seconds, None = no TTL (reservation)
     revision: int  # revision of the last change to this key
+    subnet6: ipaddress.IPv6Network | None = None  # a dual-stack key's IPv6 part
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ class StoreEvent:
     expired: bool = False  # "delete" caused by TTL expiry, where the store can tell
     name: str = ""  # "foreign": the key's name under subnets/
     value: str | None = None  # "foreign" and "config": the text written; None when deleted
+    subnet6: ipaddress.IPv6Network | None = None  # "put", "delete": the key's IPv6 part
 
 
 @dataclass(frozen=True)
@@ -141,18 +146,20 @@ class Store(ABC):
         return scan.records, scan.revision
 
     @abstractmethod
-    def get_lease(self, subnet: ipaddress.IPv4Network) -> LeaseRecord | None: ...
+    def get_lease(self, subnet: ipaddress.IPv4Network,
+                  subnet6: ipaddress.IPv6Network | None = None) -> LeaseRecord | None: ...
 
     @abstractmethod
-    def create_lease(self, subnet: ipaddress.IPv4Network, value: str,
-                     ttl: float | None) -> LeaseRecord: ...
+    def create_lease(self, subnet: ipaddress.IPv4Network, value: str, ttl: float | None,
+                     subnet6: ipaddress.IPv6Network | None = None) -> LeaseRecord: ...
 
     @abstractmethod
-    def update_lease(self, subnet: ipaddress.IPv4Network, value: str,
-                     ttl: float | None) -> LeaseRecord: ...
+    def update_lease(self, subnet: ipaddress.IPv4Network, value: str, ttl: float | None,
+                     subnet6: ipaddress.IPv6Network | None = None) -> LeaseRecord: ...
 
     @abstractmethod
-    def delete_lease(self, subnet: ipaddress.IPv4Network) -> bool:
+    def delete_lease(self, subnet: ipaddress.IPv4Network,
+                     subnet6: ipaddress.IPv6Network | None = None) -> bool:
         """True when a live key was deleted."""
 
     @abstractmethod

@@ -1,7 +1,8 @@
-"""The etcd v3 store, in flanneld's exact layout, on the python ``etcd3`` client (0.12).
+"""The etcd v3 store, in flanneld's exact layout, over etcd's JSON gateway (``etcd_http``).
 
 Layout (flanneld's ``pkg/subnet/etcd/registry.go``), so weftd and flanneld can share one etcd:
-- config ``<prefix>/config``; leases ``<prefix>/subnets/<ip>-<len>``; values are stored as given.
+- config ``<prefix>/config``; leases ``<prefix>/subnets/<ip>-<len>`` (dual-stack:
+  ``<ip>-<len>&<ip6>-<len6>``); values are stored as given.
 - a TTL is an etcd lease granted with that TTL (whole seconds, rounded up) and attached to the key;
   a key with no lease is a reservation (``etcdctl put`` without ``--lease``).
 - create = txn ``version(key) == 0`` then put; renew = txn ``version(key) > 0`` then put with a
@@ -11,35 +12,29 @@ Layout (flanneld's ``pkg/subnet/etcd/registry.go``), so weftd and flanneld can s
   key, as flanneld does); its revision is the key's ``mod_revision``; ``list_leases`` returns the
   range's header revision, so list at R + watch from R loses nothing.
 
-Notes on python-etcd3 0.12 (kragniz/python-etcd3, last release 2020):
-- It needs protobuf<4 (its generated ``_pb2`` files are too old for protobuf 4+).
-- Its helpers hide the response header (``get_prefix``) and swallow the watch compaction signal
-  into a callback, so this store calls the gRPC stubs the client builds (``client.kvstub``,
-  ``leasestub``, and ``rpc.etcdrpc.WatchStub``) with request messages from ``etcd3.etcdrpc``, passing
-  the auth token the way the client does (``metadata=(("token", ...),)``).
-- With user/password it also attaches the token as gRPC *call credentials*, which current grpcio
-  refuses on a plaintext channel ("Established channel does not have a sufficient security level
-  to transfer call credential"); the token in metadata is all etcd reads, so only that is sent.
-- It authenticates once; etcd's simple tokens expire after ``--auth-token-ttl`` (300 s) idle, so
-  an "invalid auth token" answer re-authenticates and retries once.
-- It takes one host:port. Endpoints are tried in order at connect time; after an UNAVAILABLE
-  answer (or a timeout) the connection is dropped and the next call reconnects, starting at the
-  next endpoint (also escaping gRPC's reconnect backoff). The call that met the dead member is
-  sent once more to the next endpoint when that is safe (reads, and writes gRPC never sent: see
-  ``_do``), and a watch goes on from the next endpoint at the last revision it received, so a
-  cluster with a member down keeps answering without a failure.
-- Watches use the watch stub directly (``controlplane.store.etcd_watch``, which names what it uses
-  of this store), one stream at a time per watch, read by a thread into a queue: a watch whose
-  start revision is compacted gets a response with ``compact_revision`` set (and ``canceled``),
-  which becomes ``WatchCompacted``.
-- gRPC and etcd3 are imported when the first store is made (``controlplane.store.etcd_rpc``
-  says why: GRPC_VERBOSITY).
+How it talks to etcd: JSON over HTTP/1.1 (``controlplane.store.etcd_http``), etcd's own gRPC
+gateway on the client port (etcd 3.4 on), TLS and client certificates by the standard library's
+``ssl``. The requests, answers and status codes are the v3 gRPC API's; gRPC, protobuf and the
+``etcd3`` package are not needed (they cost weftd about 17 MB of RSS: /work/notes/rss.md).
+- The auth token (``Authenticate``) goes in each request's ``Authorization`` header; etcd's simple
+  tokens expire after ``--auth-token-ttl`` (300 s) idle, so an "invalid auth token" answer
+  re-authenticates and retries once.
+- Endpoints are tried in order at connect time; after an UNAVAILABLE answer (or a timeout) the
+  connection is dropped and the next call reconnects, starting at the next endpoint. The call
+  that met the dead member is sent once more to the next endpoint when that is safe (reads, and
+  writes that never left this process: the connect or TLS handshake failed; see ``_do``), and a
+  watch goes on from the next endpoint at the last revision it received, so a cluster with a
+  member down keeps answering without a failure.
+- Watches (``controlplane.store.etcd_watch``, which names what it uses of this store): one
+  ``/v3/watch`` stream at a time per watch, read by a thread into a queue: a watch whose start
+  revision is compacted gets a response with ``compact_revision`` set (and ``canceled``), which
+  becomes ``WatchCompacted``.
 """
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import math
+import ssl
 import threading
 import time
 import weakref
@@ -47,8 +42,8 @@ from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..lease import subnet_key, subnet_of_name
-from . import etcd_rpc as rpc
+from ..lease import lease_key_of_name, subnet_key
+from . import etcd_http as v3
 from .base import (ClaimChanged, ClaimRecord, ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord,
                    Store, StoreError, StoreEvent, StoreUnavailable, SubnetScan, Watch)
 from .etcd_watch import EtcdWatch
@@ -56,27 +51,11 @@ from .etcd_watch import EtcdWatch
 CONNECT_TIMEOUT = 5.0  # seconds for connecting / authenticating to one endpoint
 OP_TIMEOUT = 10.0  # seconds for one request
 BEST_EFFORT_TIMEOUT = 2.0  # seconds for revoking a lease no key uses any more
-GRPC_OPTIONS = [
-    ("rpc.grpc.keepalive_time_ms", 10000),  # notice a dead etcd under an idle watch (etcd allows >=5s)
-    ("rpc.grpc.keepalive_timeout_ms", 5000),
-    ("rpc.grpc.http2.max_pings_without_data", 0),
-    ("rpc.grpc.initial_reconnect_backoff_ms", 500),
-    ("rpc.grpc.max_reconnect_backoff_ms", 2000),
-]
 _GONE = object()  # a lease that no longer exists (expired or revoked)
 
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
-
-
-def _never_sent(exc) -> bool:
-    """gRPC failed the call before sending it: the channel had no connection to send it on (its
-    pick failed: "failed to connect to all addresses"), so the server never saw it. Any other
-    UNAVAILABLE (a stream removed, a reset, etcd's "request timed out") may come after the
-    request reached the server."""
-    return (exc.code() == rpc.grpc.StatusCode.UNAVAILABLE
-            and "failed to connect to all addresses" in (exc.details() or ""))
 
 
 def _prefix_end(key: bytes) -> bytes:
@@ -90,7 +69,7 @@ def _prefix_end(key: bytes) -> bytes:
 
 
 def _parse_endpoint(url: str) -> tuple[str, str, int]:
-    """``http(s)://host:port`` (or ``host:port``) -> (scheme, host for gRPC, port)."""
+    """``http(s)://host:port`` (or ``host:port``) -> (scheme, host, port)."""
     text = url.strip()
     if "://" not in text:
         text = "http://" + text
@@ -118,46 +97,56 @@ def _check_file(flag: str, path: str) -> bytes:
     return data
 
 
-def _check_pair(certfile: str, cert: bytes, keyfile: str, key: bytes) -> None:
-    """A key that does not belong to the certificate, or an expired certificate, gets a clear
-    message here; gRPC would only say "Failed to create security handshaker"."""
+def _no_password() -> bytes:
+    raise ValueError("the key is encrypted")  # never prompt on a terminal
+
+
+def _tls_context(o) -> ssl.SSLContext:
+    """The TLS settings of every https endpoint. A file that is not what its flag wants, a key
+    that does not belong to the certificate, or an expired certificate gets a clear message
+    here; a handshake would only fail with a less telling one."""
     try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-    except ImportError:
-        return
-    try:
-        crt = x509.load_pem_x509_certificate(cert)
-    except ValueError as exc:
-        raise StoreError(f"-etcd-certfile {certfile}: not a certificate ({_one_line(exc)})") from None
-    try:
-        priv = serialization.load_pem_private_key(key, password=None)
-    except (ValueError, TypeError) as exc:
-        raise StoreError(f"-etcd-keyfile {keyfile}: not an unencrypted private key"
+        ctx = ssl.create_default_context(cafile=o.cafile or None)  # none: the system's roots
+    except ssl.SSLError as exc:
+        raise StoreError(f"-etcd-cafile {o.cafile}: no usable CA certificate in it"
                          f" ({_one_line(exc)})") from None
-    pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    enc = serialization.Encoding.DER
-    if priv.public_key().public_bytes(enc, pub) != crt.public_key().public_bytes(enc, pub):
-        raise StoreError(f"-etcd-keyfile {keyfile} is not the key of -etcd-certfile {certfile}")
-    not_after = getattr(crt, "not_valid_after_utc", None)
-    if not_after is None:  # cryptography < 42: a naive UTC datetime
-        not_after = crt.not_valid_after.replace(tzinfo=datetime.timezone.utc)
-    if not_after.timestamp() < time.time():
-        raise StoreError(f"-etcd-certfile {certfile}: certificate expired at {not_after.isoformat()}")
+    if not o.certfile:
+        return ctx
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is not None:
+        try:
+            not_after = decode(o.certfile).get("notAfter")
+        except (ssl.SSLError, ValueError) as exc:
+            reason = exc.args[-1] if exc.args else exc  # SSLError("Error decoding ...",)
+            raise StoreError(f"-etcd-certfile {o.certfile}: not a certificate"
+                             f" ({_one_line(reason)})") from None
+        if not_after and ssl.cert_time_to_seconds(not_after) < time.time():
+            raise StoreError(f"-etcd-certfile {o.certfile}: certificate expired at {not_after}")
+    try:
+        ctx.load_cert_chain(o.certfile, o.keyfile, password=_no_password)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise StoreError(f"-etcd-keyfile {o.keyfile} is not the key of -etcd-certfile"
+                             f" {o.certfile}") from None
+        raise StoreError(f"-etcd-keyfile {o.keyfile}: not an unencrypted private key"
+                         f" ({_one_line(exc)})") from None
+    except ValueError:
+        raise StoreError(f"-etcd-keyfile {o.keyfile}: not an unencrypted private key"
+                         " (it is encrypted)") from None
+    return ctx
 
 
 @dataclass
 class Conn:
     endpoint: str
-    client: object
-    metadata: tuple
+    client: v3.Client
+    token: str | None  # the auth token, sent with every request (user/password only)
     auth: bool
 
 
 class EtcdStore(Store):
     def __init__(self, opts, prefix: str = "/coreos.com/network", *,
                  connect_timeout: float = CONNECT_TIMEOUT, op_timeout: float = OP_TIMEOUT):
-        rpc.load()
         self.opts = opts
         self.prefix = prefix.rstrip("/")
         self.connect_timeout = connect_timeout
@@ -169,11 +158,12 @@ class EtcdStore(Store):
         self.url = ",".join(self.endpoints)
         if bool(opts.certfile) != bool(opts.keyfile):
             raise StoreError("-etcd-certfile and -etcd-keyfile must be given together")
-        pem = {flag: _check_file(flag, path) for flag, path in
-               (("-etcd-cafile", opts.cafile), ("-etcd-certfile", opts.certfile),
-                ("-etcd-keyfile", opts.keyfile)) if path}
-        if opts.certfile:
-            _check_pair(opts.certfile, pem["-etcd-certfile"], opts.keyfile, pem["-etcd-keyfile"])
+        for flag, path in (("-etcd-cafile", opts.cafile), ("-etcd-certfile", opts.certfile),
+                           ("-etcd-keyfile", opts.keyfile)):
+            if path:
+                _check_file(flag, path)
+        self._tls = (_tls_context(opts) if opts.cafile or opts.certfile
+                     or any(p[0] == "https" for p in self._parsed) else None)
         if bool(opts.username) != bool(opts.password):
             raise StoreError("-etcd-username and -etcd-password must be given together")
         self._config_key = f"{self.prefix}/config".encode()
@@ -198,21 +188,17 @@ class EtcdStore(Store):
             self._ops[op] += 1
 
     def _open(self, index: int) -> Conn:
-        """Connect to endpoint ``index`` and check it answers; raises rpc.grpc.RpcError."""
+        """Connect to endpoint ``index`` and check it answers; raises v3.RpcError."""
         scheme, host, port = self._parsed[index]
-        o = self.opts
-        kwargs = dict(timeout=self.connect_timeout, grpc_options=GRPC_OPTIONS)
-        if scheme == "https":  # like etcd's clientv3: the scheme decides whether TLS is used
-            kwargs.update(ca_cert=o.cafile or "", cert_cert=o.certfile or None,
-                          cert_key=o.keyfile or None)
-        client = rpc.Client(host=host, port=port, **kwargs)
+        # like etcd's clientv3: the scheme decides whether TLS is used
+        client = v3.Client(scheme, host, port, self._tls if scheme == "https" else None,
+                           self.connect_timeout)
         try:
-            conn = Conn(self.endpoints[index], client, (), bool(o.username))
-            if conn.auth:  # etcd3 would also send the token as call credentials: see above
+            conn = Conn(self.endpoints[index], client, None, bool(self.opts.username))
+            if conn.auth:
                 self._reauth(conn)
             # One cheap read proves the endpoint answers (and that TLS and auth work).
-            client.kvstub.Range(rpc.etcdrpc.RangeRequest(key=self._config_key, count_only=True),
-                                self.connect_timeout, metadata=conn.metadata)
+            client.range(self._config_key, self.connect_timeout, conn.token, count_only=True)
             return conn
         except BaseException:
             client.close()
@@ -234,7 +220,7 @@ class EtcdStore(Store):
                     self._next = index
                     conn, dropped, self._dropped = self._conn, self._dropped, None
                     break
-                except rpc.grpc.RpcError as exc:
+                except v3.RpcError as exc:
                     err = self._error(exc, self.endpoints[index], self.connect_timeout)
                     if not isinstance(err, StoreUnavailable):
                         raise err from None
@@ -264,6 +250,10 @@ class EtcdStore(Store):
                 self._retired.append(conn.client)
                 self._next = (self.endpoints.index(conn.endpoint) + 1) % len(self.endpoints)
                 self._dropped = conn.endpoint
+        if len(self.endpoints) > 1:
+            # A watch on that member goes on from the next one (it would notice a dead host by
+            # itself, but not a member that is paused or cut off from its cluster).
+            conn.client.interrupt_streams()
         self._close_retired()
 
     def _close_retired(self) -> None:
@@ -278,46 +268,38 @@ class EtcdStore(Store):
 
     def _reauth(self, conn: Conn) -> None:
         self.count("auth")
-        resp = rpc.etcdrpc.AuthStub(conn.client.channel).Authenticate(
-            rpc.etcdrpc.AuthenticateRequest(name=self.opts.username, password=self.opts.password),
-            self.connect_timeout)
-        conn.metadata = (("token", resp.token),)
+        conn.token = conn.client.authenticate(self.opts.username, self.opts.password,
+                                              self.connect_timeout)
 
     @staticmethod
-    def _error(exc, endpoint: str, timeout: float) -> StoreError:
-        code = exc.code() if hasattr(exc, "code") else None
-        details = _one_line(exc.details() if hasattr(exc, "details") else exc) or str(code)
-        if code in (rpc.grpc.StatusCode.UNAVAILABLE, rpc.grpc.StatusCode.UNKNOWN):
-            if endpoint.startswith("https:") and any(
-                    w in details for w in ("TSI_", "andshake", "SSL", "Tls", "Ssl")):
-                details += " (TLS: check -etcd-cafile, -etcd-certfile, -etcd-keyfile)"
-            elif (endpoint.startswith("http:") and "Socket closed" in details
-                  and "Stream removed" not in details):  # not a stream that a dead server broke
-                details += " (does the server want https?)"
-        if code == rpc.grpc.StatusCode.UNAVAILABLE:
+    def _error(exc: v3.RpcError, endpoint: str, timeout: float) -> StoreError:
+        code = exc.code()
+        details = exc.details() or code
+        if code == "UNAVAILABLE" and endpoint.startswith("https:") and exc.tls:
+            details += " (TLS: check -etcd-cafile, -etcd-certfile, -etcd-keyfile)"
+        if code == "UNAVAILABLE":
             return StoreUnavailable(f"etcd {endpoint}: {details}")
-        if code == rpc.grpc.StatusCode.DEADLINE_EXCEEDED:
+        if code == "DEADLINE_EXCEEDED":
             return StoreUnavailable(f"etcd {endpoint}: no answer within {timeout:g}s")
-        if code == rpc.grpc.StatusCode.CANCELLED:
+        if code == "CANCELLED":
             return StoreUnavailable(f"etcd {endpoint}: request cancelled ({details})")
-        name = code.name.lower() if code is not None else "error"
-        return StoreError(f"etcd {endpoint}: {details} ({name})")
+        return StoreError(f"etcd {endpoint}: {details} ({code.lower()})")
 
     @staticmethod
-    def _invalid_token(exc) -> bool:
-        return (exc.code() == rpc.grpc.StatusCode.UNAUTHENTICATED
-                and "invalid auth token" in (exc.details() or ""))
+    def _invalid_token(exc: v3.RpcError) -> bool:
+        return exc.code() == "UNAUTHENTICATED" and "invalid auth token" in exc.details()
 
     def _do(self, op: str, fn, timeout: float | None = None, *, read: bool = False):
         """Run ``fn(conn, timeout)``: count it, re-authenticate once on an expired token, fail
-        over once to the next endpoint when that is safe, and turn gRPC errors into one-line
+        over once to the next endpoint when that is safe, and turn RpcErrors into one-line
         StoreErrors naming the endpoint.
 
         Failing over: an operation that meets a dead or silent member is sent once more, to the
         next endpoint that answers, so a cluster with one member down keeps answering (and the
         store's health stays up). Only when sending it again cannot apply it twice:
         - a read (``read=True``: ranges, lease TTLs): after any unavailability, a timeout included;
-        - a write only when gRPC failed it before it left this process (``_never_sent``). Writes
+        - a write only when it never left this process (``exc.sent`` False: the connect or
+          the TLS handshake failed). Writes
           are compare-and-swap transactions (lease create/renew, the claim's take and refresh,
           ``ClaimChanged``) or deletes: one that timed out (DEADLINE_EXCEEDED), or whose stream
           broke (UNAVAILABLE "Stream removed", etcd's own "request timed out"), may have been
@@ -332,13 +314,13 @@ class EtcdStore(Store):
         while True:
             try:
                 return fn(conn, timeout)
-            except rpc.grpc.RpcError as exc:
+            except v3.RpcError as exc:
                 if not reauthed and conn.auth and self._invalid_token(exc):
                     reauthed = True
                     try:
                         self._reauth(conn)
                         continue
-                    except rpc.grpc.RpcError as exc2:
+                    except v3.RpcError as exc2:
                         exc = exc2
                 err = self._error(exc, conn.endpoint, timeout)
                 if not isinstance(err, StoreUnavailable):
@@ -351,11 +333,10 @@ class EtcdStore(Store):
                 conn = self._connection()  # the next endpoint that answers, or StoreUnavailable
 
     @staticmethod
-    def _may_resend(exc, read: bool) -> bool:
-        code = exc.code()
-        if code == rpc.grpc.StatusCode.DEADLINE_EXCEEDED:
-            return read
-        return code == rpc.grpc.StatusCode.UNAVAILABLE and (read or _never_sent(exc))
+    def _may_resend(exc: v3.RpcError, read: bool) -> bool:
+        if exc.code() == "DEADLINE_EXCEEDED":
+            return read or not exc.sent
+        return exc.code() == "UNAVAILABLE" and (read or not exc.sent)
 
     # -- what the watch uses (controlplane.store.etcd_watch) --------------------------------------
     def connection(self) -> Conn:
@@ -376,7 +357,7 @@ class EtcdStore(Store):
         self._close_retired()
 
     def stream_error(self, conn: Conn, exc) -> StoreError:
-        """A gRPC error of a stream on ``conn`` as one line. An unavailable connection is dropped
+        """An RpcError of a stream on ``conn`` as one line. An unavailable connection is dropped
         (the next call goes to the next endpoint); an invalid auth token is renewed, so the watch
         created next carries a fresh one."""
         if conn.auth and self._invalid_token(exc):
@@ -390,7 +371,7 @@ class EtcdStore(Store):
         """Re-authenticate ``conn`` (best effort: a failure shows in the next call)."""
         try:
             self._reauth(conn)
-        except rpc.grpc.RpcError:
+        except v3.RpcError:
             pass
 
     def watch_range(self) -> tuple[bytes, bytes]:
@@ -404,31 +385,32 @@ class EtcdStore(Store):
         follow. ``cache``: lease TTLs already asked (one per lease per batch)."""
         kv = ev.kv
         rev = kv.mod_revision
-        deleted = ev.type == rpc.kv_pb2.Event.DELETE
+        deleted = ev.type == "DELETE"
         if kv.key == self._config_key:
             return StoreEvent("config", None, rev, value=None if deleted else self._text(kv.value))
         if not kv.key.startswith(self._subnets):
             return None  # between config and subnets/ in the range, but not flanneld's
-        subnet = self._subnet_of(kv.key)
-        if subnet is None:
+        pair = self._subnet_of(kv.key)
+        if pair is None:
             return StoreEvent("foreign", None, rev, name=self._name_of(kv.key),
                               value=None if deleted else self._text(kv.value))
+        subnet, subnet6 = pair
         if deleted:
-            return StoreEvent("delete", subnet, rev)
+            return StoreEvent("delete", subnet, rev, subnet6=subnet6)
         exp = self._expiration(kv.lease, cache)
         if exp is _GONE:  # superseded since (renewed with a new lease, or expired): already past
             exp = time.time()
-        return StoreEvent("put", subnet, rev, LeaseRecord(subnet, self._text(kv.value), exp, rev))
+        return StoreEvent("put", subnet, rev, LeaseRecord(subnet, self._text(kv.value), exp, rev, subnet6),
+                          subnet6=subnet6)
 
     # -- leases (etcd's) ----------------------------------------------------------------------
     def _grant(self, conn: Conn, timeout: float, ttl: float) -> tuple[int, int]:
         self.count("grant")
-        resp = conn.client.leasestub.LeaseGrant(
-            rpc.etcdrpc.LeaseGrantRequest(TTL=max(1, math.ceil(ttl)), ID=0), timeout,
-            metadata=conn.metadata)
-        if resp.error:
-            raise StoreError(f"etcd {conn.endpoint}: lease grant: {_one_line(resp.error)}")
-        return resp.ID, resp.TTL
+        lease_id, granted, error = conn.client.lease_grant(max(1, math.ceil(ttl)), timeout,
+                                                           conn.token)
+        if error:
+            raise StoreError(f"etcd {conn.endpoint}: lease grant: {_one_line(error)}")
+        return lease_id, granted
 
     def _revoke(self, conn: Conn, lease_id: int, only_if_unused: bool = False) -> None:
         """Best effort: an error here leaves a lease that expires on its own."""
@@ -437,15 +419,13 @@ class EtcdStore(Store):
         try:
             if only_if_unused:
                 self.count("ttl")
-                info = conn.client.leasestub.LeaseTimeToLive(
-                    rpc.etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=True), BEST_EFFORT_TIMEOUT,
-                    metadata=conn.metadata)
-                if info.TTL == -1 or len(info.keys):
+                ttl, keys = conn.client.lease_time_to_live(lease_id, BEST_EFFORT_TIMEOUT,
+                                                           conn.token, keys=True)
+                if ttl == -1 or keys:
                     return
             self.count("revoke")
-            conn.client.leasestub.LeaseRevoke(rpc.etcdrpc.LeaseRevokeRequest(ID=lease_id),
-                                              BEST_EFFORT_TIMEOUT, metadata=conn.metadata)
-        except rpc.grpc.RpcError:
+            conn.client.lease_revoke(lease_id, BEST_EFFORT_TIMEOUT, conn.token)
+        except v3.RpcError:
             pass
 
     def _expiration(self, lease_id: int, cache: dict | None = None):
@@ -454,26 +434,31 @@ class EtcdStore(Store):
             return None
         if cache is not None and lease_id in cache:
             return cache[lease_id]
-        info = self._do("ttl", lambda c, t: c.client.leasestub.LeaseTimeToLive(
-            rpc.etcdrpc.LeaseTimeToLiveRequest(ID=lease_id), t, metadata=c.metadata), read=True)
-        exp = _GONE if info.TTL < 0 else time.time() + info.TTL
+        ttl, _ = self._do("ttl", lambda c, t: c.client.lease_time_to_live(lease_id, t, c.token),
+                          read=True)
+        exp = _GONE if ttl < 0 else time.time() + ttl
         if cache is not None:
             cache[lease_id] = exp
         return exp
 
     # -- keys ---------------------------------------------------------------------------------
-    def _key(self, subnet: ipaddress.IPv4Network) -> bytes:
-        return self._subnets + subnet_key(subnet).encode()
+    def _key(self, subnet: ipaddress.IPv4Network, subnet6: ipaddress.IPv6Network | None = None) -> bytes:
+        return self._subnets + subnet_key(subnet, subnet6).encode()
+
+    def _dual_keys(self, subnet: ipaddress.IPv4Network) -> tuple[bytes, bytes]:
+        """[start, end) of the dual-stack keys of ``subnet`` (``<ip>-<len>&...``; "'" follows '&')."""
+        base = self._key(subnet)
+        return base + b"&", base + b"'"
 
     def _name_of(self, key: bytes) -> str:
         """A key's name under ``<prefix>/subnets/``."""
         return key[len(self._subnets):].decode("utf-8", "replace")
 
-    def _subnet_of(self, key: bytes) -> ipaddress.IPv4Network | None:
-        """The subnet of a key directly under ``<prefix>/subnets/``; None for anything else."""
+    def _subnet_of(self, key: bytes):
+        """(subnet, subnet6) of a lease key directly under ``<prefix>/subnets/``; None for anything else."""
         if not key.startswith(self._subnets):
             return None
-        return subnet_of_name(key[len(self._subnets):].decode("utf-8", "replace"))
+        return lease_key_of_name(key[len(self._subnets):].decode("utf-8", "replace"))
 
     @staticmethod
     def _text(value: bytes) -> str:
@@ -481,63 +466,59 @@ class EtcdStore(Store):
 
     # -- the Store interface ------------------------------------------------------------------
     def get_config(self) -> str | None:
-        resp = self._do("get_config", lambda c, t: c.client.kvstub.Range(
-            rpc.etcdrpc.RangeRequest(key=self._config_key), t, metadata=c.metadata), read=True)
+        resp = self._do("get_config", lambda c, t: c.client.range(self._config_key, t, c.token),
+                        read=True)
         return self._text(resp.kvs[0].value) if resp.kvs else None
 
     def put_config(self, text: str) -> None:
-        self._do("put_config", lambda c, t: c.client.kvstub.Put(
-            rpc.etcdrpc.PutRequest(key=self._config_key, value=text.encode()), t, metadata=c.metadata))
+        self._do("put_config", lambda c, t: c.client.put(self._config_key, text.encode(), t,
+                                                         c.token))
 
     def scan_subnets(self) -> SubnetScan:
-        resp = self._do("list", lambda c, t: c.client.kvstub.Range(
-            rpc.etcdrpc.RangeRequest(key=self._subnets, range_end=_prefix_end(self._subnets)), t,
-            metadata=c.metadata), read=True)
+        resp = self._do("list", lambda c, t: c.client.range(
+            self._subnets, t, c.token, range_end=_prefix_end(self._subnets)), read=True)
         records, foreign, cache = [], [], {}
         for kv in resp.kvs:
-            subnet = self._subnet_of(kv.key)
-            if subnet is None:  # someone else's key under subnets/
+            pair = self._subnet_of(kv.key)
+            if pair is None:  # someone else's key under subnets/
                 foreign.append(ForeignKey(self._name_of(kv.key), kv.mod_revision))
                 continue
             exp = self._expiration(kv.lease, cache)
             if exp is _GONE:
                 continue  # expired since the range; its delete event follows the revision
-            records.append(LeaseRecord(subnet, self._text(kv.value), exp, kv.mod_revision))
-        return SubnetScan(records, foreign, resp.header.revision)
+            records.append(LeaseRecord(pair[0], self._text(kv.value), exp, kv.mod_revision, pair[1]))
+        return SubnetScan(records, foreign, resp.revision)
 
     def _get_live(self, op: str, key: bytes):
         """The key's kv and its expiration; None when it is absent or its etcd lease is gone."""
-        resp = self._do(op, lambda c, t: c.client.kvstub.Range(
-            rpc.etcdrpc.RangeRequest(key=key), t, metadata=c.metadata), read=True)
+        resp = self._do(op, lambda c, t: c.client.range(key, t, c.token), read=True)
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
         exp = self._expiration(kv.lease)
         return None if exp is _GONE else (kv, exp)
 
-    def get_lease(self, subnet) -> LeaseRecord | None:
-        live = self._get_live("get", self._key(subnet))
+    def get_lease(self, subnet, subnet6=None) -> LeaseRecord | None:
+        live = self._get_live("get", self._key(subnet, subnet6))
         if live is None:
             return None
         kv, exp = live
-        return LeaseRecord(subnet, self._text(kv.value), exp, kv.mod_revision)
+        return LeaseRecord(subnet, self._text(kv.value), exp, kv.mod_revision, subnet6)
 
-    def _put(self, subnet, value: str, ttl, must_exist: bool) -> LeaseRecord:
-        key = self._key(subnet)
-        compare = rpc.etcdrpc.Compare(key=key, target=rpc.etcdrpc.Compare.VERSION,
-                                  result=(rpc.etcdrpc.Compare.GREATER if must_exist
-                                          else rpc.etcdrpc.Compare.EQUAL),
-                                  version=0)
+    def _put(self, subnet, value: str, ttl, must_exist: bool, subnet6=None) -> LeaseRecord:
+        key = self._key(subnet, subnet6)
+        compare = [v3.compare_version(key, "GREATER" if must_exist else "EQUAL", 0)]
+        if not must_exist:  # a lease is its IPv4 subnet: no other key of it, v4-only or dual-stack
+            start, end = self._dual_keys(subnet)
+            compare.append(v3.compare_version(start, "EQUAL", 0, range_end=end))
+            if subnet6 is not None:
+                compare.append(v3.compare_version(self._key(subnet), "EQUAL", 0))
 
         def txn(conn: Conn, timeout: float):
             lease_id, granted = self._grant(conn, timeout, ttl) if ttl is not None else (0, 0)
-            put = rpc.etcdrpc.PutRequest(key=key, value=value.encode(), lease=lease_id,
-                                     prev_kv=must_exist)
+            put = v3.request_put(key, value.encode(), lease=lease_id, prev_kv=must_exist)
             try:
-                resp = conn.client.kvstub.Txn(
-                    rpc.etcdrpc.TxnRequest(compare=[compare],
-                                       success=[rpc.etcdrpc.RequestOp(request_put=put)]),
-                    timeout, metadata=conn.metadata)
+                resp = conn.client.txn(compare, [put], timeout, conn.token)
             except BaseException:
                 # The txn may have been applied all the same (a timeout). A create that failed
                 # must not leave a key behind: revoking its lease removes it. A renewal must not
@@ -552,27 +533,27 @@ class EtcdStore(Store):
                 raise LeaseExists(f"lease {subnet} is taken")
             expires = time.time() + granted if lease_id else None
             if must_exist:
-                old = resp.responses[0].response_put.prev_kv.lease
+                prev = resp.prev_kv(0)
+                old = prev.lease if prev else 0
                 if old and old != lease_id:
                     self._revoke(conn, old, only_if_unused=True)
-            return LeaseRecord(subnet, value, expires, resp.header.revision)
+            return LeaseRecord(subnet, value, expires, resp.revision, subnet6)
         return self._do("update" if must_exist else "create", txn)
 
-    def create_lease(self, subnet, value, ttl) -> LeaseRecord:
-        return self._put(subnet, value, ttl, must_exist=False)
+    def create_lease(self, subnet, value, ttl, subnet6=None) -> LeaseRecord:
+        return self._put(subnet, value, ttl, must_exist=False, subnet6=subnet6)
 
-    def update_lease(self, subnet, value, ttl) -> LeaseRecord:
-        return self._put(subnet, value, ttl, must_exist=True)
+    def update_lease(self, subnet, value, ttl, subnet6=None) -> LeaseRecord:
+        return self._put(subnet, value, ttl, must_exist=True, subnet6=subnet6)
 
-    def delete_lease(self, subnet) -> bool:
-        key = self._key(subnet)
+    def delete_lease(self, subnet, subnet6=None) -> bool:
+        key = self._key(subnet, subnet6)
 
         def delete(conn: Conn, timeout: float):
-            resp = conn.client.kvstub.DeleteRange(
-                rpc.etcdrpc.DeleteRangeRequest(key=key, prev_kv=True), timeout, metadata=conn.metadata)
-            for kv in resp.prev_kvs:
+            deleted = conn.client.delete_range(key, timeout, conn.token)
+            for kv in deleted:
                 self._revoke(conn, kv.lease, only_if_unused=True)
-            return resp.deleted > 0
+            return len(deleted) > 0
         return self._do("delete", delete)
 
     def watch(self, since_revision: int) -> Watch:
@@ -581,9 +562,8 @@ class EtcdStore(Store):
             # etcd checks a watch's token only when the watch is created, and answers an expired
             # one with a cancel "permission denied", not "invalid auth token". One authenticated
             # call first renews the token if needed (and restarts its idle clock).
-            self._do("auth_check", lambda c, t: c.client.kvstub.Range(
-                rpc.etcdrpc.RangeRequest(key=self._config_key, count_only=True), t,
-                metadata=c.metadata), read=True)
+            self._do("auth_check", lambda c, t: c.client.range(self._config_key, t, c.token,
+                                                               count_only=True), read=True)
         w = EtcdWatch(self, since_revision)
         with self._lock:
             self._watches.add(w)
@@ -606,23 +586,19 @@ class EtcdStore(Store):
 
     def _claim_txn(self, conn: Conn, timeout: float, key: bytes, compare, put) -> int | None:
         """Put ``put`` if ``compare`` holds: the new revision, or None when it did not hold."""
-        resp = conn.client.kvstub.Txn(
-            rpc.etcdrpc.TxnRequest(compare=[compare], success=[rpc.etcdrpc.RequestOp(request_put=put)]),
-            timeout, metadata=conn.metadata)
-        return resp.header.revision if resp.succeeded else None
+        resp = conn.client.txn([compare], [put], timeout, conn.token)
+        return resp.revision if resp.succeeded else None
 
     def take_claim(self, public_ip, value, ttl, expected) -> ClaimRecord:
         key = self._claim_key(public_ip)
         if expected is None:
-            compare = rpc.etcdrpc.Compare(key=key, target=rpc.etcdrpc.Compare.VERSION,
-                                      result=rpc.etcdrpc.Compare.EQUAL, version=0)
+            compare = v3.compare_version(key, "EQUAL", 0)
         else:
-            compare = rpc.etcdrpc.Compare(key=key, target=rpc.etcdrpc.Compare.MOD,
-                                      result=rpc.etcdrpc.Compare.EQUAL, mod_revision=expected.revision)
+            compare = v3.compare_mod(key, "EQUAL", expected.revision)
 
         def take(conn: Conn, timeout: float):
             lease_id, granted = self._grant(conn, timeout, ttl)
-            put = rpc.etcdrpc.PutRequest(key=key, value=value.encode(), lease=lease_id)
+            put = v3.request_put(key, value.encode(), lease=lease_id)
             try:
                 revision = self._claim_txn(conn, timeout, key, compare, put)
             except BaseException:
@@ -640,31 +616,24 @@ class EtcdStore(Store):
     def refresh_claim(self, public_ip, record, ttl) -> ClaimRecord:
         """Keeps the lease granted at take (its TTL stays the one given then)."""
         key = self._claim_key(public_ip)
-        compare = rpc.etcdrpc.Compare(key=key, target=rpc.etcdrpc.Compare.MOD,
-                                  result=rpc.etcdrpc.Compare.EQUAL, mod_revision=record.revision)
+        compare = v3.compare_mod(key, "EQUAL", record.revision)
 
         def refresh(conn: Conn, timeout: float):
             self.count("keepalive")
-            call = conn.client.leasestub.LeaseKeepAlive(
-                iter([rpc.etcdrpc.LeaseKeepAliveRequest(ID=record.lease_id)]), timeout,
-                metadata=conn.metadata)
-            try:
-                alive = next(call, None)  # one request, one answer: a keep-alive, not a stream
-            finally:
-                call.cancel()
-            if alive is None or alive.TTL <= 0:
+            alive = conn.client.lease_keep_alive(record.lease_id, timeout, conn.token)
+            if alive <= 0:
                 raise ClaimChanged(f"the claim of public IP {public_ip} expired")
-            put = rpc.etcdrpc.PutRequest(key=key, value=record.value.encode(), lease=record.lease_id)
+            put = v3.request_put(key, record.value.encode(), lease=record.lease_id)
             try:
                 revision = self._claim_txn(conn, timeout, key, compare, put)
-            except rpc.grpc.RpcError as exc:
-                if exc.code() == rpc.grpc.StatusCode.NOT_FOUND:  # the lease expired just now
+            except v3.RpcError as exc:
+                if exc.code() == "NOT_FOUND":  # the lease expired just now
                     raise ClaimChanged(f"the claim of public IP {public_ip} expired") from None
                 raise
             if revision is None:
                 self._revoke(conn, record.lease_id, only_if_unused=True)
                 raise ClaimChanged(f"the claim of public IP {public_ip} was taken or released")
-            return ClaimRecord(public_ip, record.value, time.time() + alive.TTL, revision,
+            return ClaimRecord(public_ip, record.value, time.time() + alive, revision,
                                record.lease_id)
         return self._do("refresh_claim", refresh)
 
@@ -672,13 +641,8 @@ class EtcdStore(Store):
         key = self._claim_key(public_ip)
 
         def release(conn: Conn, timeout: float):
-            compare = rpc.etcdrpc.Compare(key=key, target=rpc.etcdrpc.Compare.MOD,
-                                      result=rpc.etcdrpc.Compare.EQUAL, mod_revision=record.revision)
-            resp = conn.client.kvstub.Txn(rpc.etcdrpc.TxnRequest(
-                compare=[compare],
-                success=[rpc.etcdrpc.RequestOp(
-                    request_delete_range=rpc.etcdrpc.DeleteRangeRequest(key=key))]),
-                timeout, metadata=conn.metadata)
+            compare = v3.compare_mod(key, "EQUAL", record.revision)
+            resp = conn.client.txn([compare], [v3.request_delete(key)], timeout, conn.token)
             self._revoke(conn, record.lease_id, only_if_unused=True)
             return resp.succeeded
         return self._do("release_claim", release)

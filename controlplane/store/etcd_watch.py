@@ -7,7 +7,7 @@ store is used here):
   the next endpoint that answers; ``StoreError`` when none does.
 - ``hold(conn)`` / ``release(conn)``: the watch uses ``conn``; the store keeps a connection it
   dropped open until no watch holds it.
-- ``stream_error(conn, exc)``: the ``StoreError`` for a gRPC error of a stream on ``conn``; the
+- ``stream_error(conn, exc)``: the ``StoreError`` for an ``RpcError`` of a stream on ``conn``; the
   store drops the connection when it is unavailable and renews an invalid auth token.
 - ``renew_token(conn)``: re-authenticate (best effort), after a watch canceled for its token.
 - ``watch_range()``: the (key, range end) to watch.
@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 
-from . import etcd_rpc as rpc
+from .etcd_http import RpcError, b64
 from .base import StoreError, StoreEvent, StoreUnavailable, Watch, WatchCompacted
 
 
@@ -36,33 +36,26 @@ def _one_line(text) -> str:
 
 
 class _Stream:
-    """One gRPC watch stream on one connection. Its thread puts ``(self, response or error)`` on
-    the watch's queue, so the answers of a stream the watch has left behind are told apart."""
+    """One watch stream (``/v3/watch``) on one connection. Its thread puts ``(self, response or
+    error)`` on the watch's queue, so the answers of a stream the watch has left behind are told
+    apart. The stream never ends by itself: a member going away is an RpcError."""
 
-    def __init__(self, conn, create, out: queue.Queue, name: str):
+    def __init__(self, conn, create: dict, out: queue.Queue, name: str, timeout: float):
         self.conn = conn
         self._stop = threading.Event()
-
-        def requests():
-            yield rpc.etcdrpc.WatchRequest(create_request=create)
-            self._stop.wait()  # keep the stream open until close()
-
         # hasleader: etcd ends the stream when the member loses its leader (flanneld's
         # WithRequireLeader), instead of leaving a silent watch on a partitioned member.
-        self.call = rpc.etcdrpc.WatchStub(conn.client.channel).Watch(
-            requests(), metadata=conn.metadata + (("hasleader", "true"),))
+        self.call = conn.client.watch(create, conn.token, {"hasleader": "true"}, timeout)
         self._thread = threading.Thread(target=self._run, args=(out,), daemon=True, name=name)
         self._thread.start()
 
     def _run(self, out: queue.Queue) -> None:
         try:
-            for resp in self.call:
+            for resp in self.call.responses():
                 out.put((self, resp))
                 if resp.canceled or resp.compact_revision:
                     return
-            if not self._stop.is_set():
-                out.put((self, StoreUnavailable(f"etcd {self.conn.endpoint}: watch stream ended")))
-        except rpc.grpc.RpcError as exc:
+        except RpcError as exc:
             if not self._stop.is_set():
                 out.put((self, exc))
         except Exception as exc:  # never let the reader die silently
@@ -71,10 +64,7 @@ class _Stream:
 
     def close(self) -> None:
         self._stop.set()
-        try:
-            self.call.cancel()
-        except Exception:
-            pass
+        self.call.close()
         self._thread.join(timeout=2)
 
 
@@ -98,10 +88,11 @@ class EtcdWatch(Watch):
         store = self._store
         conn = store.connection()
         key, end = store.watch_range()
-        create = rpc.etcdrpc.WatchCreateRequest(key=key, range_end=end, start_revision=self._received + 1)
+        create = {"key": b64(key), "range_end": b64(end), "start_revision": self._received + 1}
         try:
-            stream = _Stream(conn, create, self._queue, f"etcd-watch-{store.prefix}")
-        except rpc.grpc.RpcError as exc:
+            stream = _Stream(conn, create, self._queue, f"etcd-watch-{store.prefix}",
+                             store.op_timeout)
+        except RpcError as exc:
             raise store.stream_error(conn, exc) from None
         store.hold(conn)
         return stream
@@ -130,13 +121,10 @@ class EtcdWatch(Watch):
             return  # a stream this watch has left behind
         store = self._store
         conn = stream.conn
-        if isinstance(item, rpc.grpc.RpcError):
+        if isinstance(item, RpcError):
             err = store.stream_error(conn, item)
             if not (isinstance(err, StoreUnavailable) and self._fail_over()):
                 self._backlog.append(err)
-        elif isinstance(item, StoreUnavailable):  # the stream ended
-            if not self._fail_over():
-                self._backlog.append(item)
         elif isinstance(item, Exception):
             self._backlog.append(item)
         elif item.compact_revision:

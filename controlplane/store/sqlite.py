@@ -21,7 +21,7 @@ import time
 import urllib.parse
 from collections import Counter
 
-from ..lease import subnet_key, subnet_of_name
+from ..lease import lease_key_of_name, subnet_key
 from .base import (ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError,
                    StoreEvent, StoreUnavailable, SubnetScan, Watch, WatchCompacted)
 from .base import ClaimChanged, ClaimRecord, StoreCorrupt
@@ -62,8 +62,16 @@ def _clean(key, value, expires):
 
 
 def _subnet_of(key: str):
-    """The subnet of a key ``subnets/<ip>-<len>``; None for any other key under subnets/."""
-    return subnet_of_name(key[len(_SUBNETS):])
+    """(subnet, subnet6) of a lease key ``subnets/<ip>-<len>[&<ip6>-<len6>]``; None for any other
+    key under subnets/."""
+    return lease_key_of_name(key[len(_SUBNETS):])
+
+
+def _v4_range(subnet) -> tuple[str, str]:
+    """The keys ``subnets/<ip>-<len>&...`` (the dual-stack keys of one IPv4 subnet) lie in
+    [start, end): '&' is followed by "'" in ASCII."""
+    base = _SUBNETS + subnet_key(subnet)
+    return base + "&", base + "'"
 # Node claims (controlplane.claim) live in a table of their own: no revision, no event, no reaping,
 # so lease watchers and the event history never see them.
 _CLAIMS_SCHEMA = """CREATE TABLE IF NOT EXISTS claims (
@@ -279,15 +287,15 @@ class SQLiteStore(Store):
         records, foreign = [], []
         for key, value, expires, revision in rows:
             key, value, expires = _clean(key, value, expires)
-            subnet = _subnet_of(key)
-            if subnet is None:
+            pair = _subnet_of(key)
+            if pair is None:
                 foreign.append(ForeignKey(key[len(_SUBNETS):], revision))
             else:
-                records.append(LeaseRecord(subnet, value, expires, revision))
+                records.append(LeaseRecord(pair[0], value, expires, revision, pair[1]))
         return SubnetScan(records, foreign, rev)
 
-    def get_lease(self, subnet) -> LeaseRecord | None:
-        key = _SUBNETS + subnet_key(subnet)
+    def get_lease(self, subnet, subnet6=None) -> LeaseRecord | None:
+        key = _SUBNETS + subnet_key(subnet, subnet6)
         row = self._read(lambda c: c.execute(
             "SELECT value, expires, revision FROM kv WHERE prefix = ? AND key = ?"
             " AND (expires IS NULL OR expires > ?)", (self.prefix, key, time.time())).fetchone(),
@@ -295,33 +303,39 @@ class SQLiteStore(Store):
         if not row:
             return None
         _, value, expires = _clean(key, row[0], row[1])
-        return LeaseRecord(subnet, value, expires, row[2])
+        return LeaseRecord(subnet, value, expires, row[2], subnet6)
 
-    def _put(self, subnet, value: str, ttl, must_exist: bool) -> LeaseRecord:
-        key = _SUBNETS + subnet_key(subnet)
+    def _put(self, subnet, value: str, ttl, must_exist: bool, subnet6=None) -> LeaseRecord:
+        key = _SUBNETS + subnet_key(subnet, subnet6)
+        start, end = _v4_range(subnet)
+        name = subnet_key(subnet, subnet6)
 
         def put(conn):
             exists = conn.execute("SELECT 1 FROM kv WHERE prefix = ? AND key = ?",
                                   (self.prefix, key)).fetchone()
             if must_exist and not exists:
-                raise LeaseNotFound(f"lease {subnet} does not exist")
-            if not must_exist and exists:
+                raise LeaseNotFound(f"lease {name} does not exist")
+            # A lease is its IPv4 subnet: a key of the same IPv4 subnet with or without another
+            # IPv6 part holds it too.
+            if not must_exist and (exists or conn.execute(
+                    "SELECT 1 FROM kv WHERE prefix = ? AND ((key >= ? AND key < ?) OR key = ?)",
+                    (self.prefix, start, end, _SUBNETS + subnet_key(subnet))).fetchone()):
                 raise LeaseExists(f"lease {subnet} is taken")
             expires = None if ttl is None else time.time() + ttl
             rev = self._event(conn, self.prefix, key, "put", value, expires)
             conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?)",
                          (self.prefix, key, value, expires, rev))
-            return LeaseRecord(subnet, value, expires, rev)
+            return LeaseRecord(subnet, value, expires, rev, subnet6)
         return self._write(put, op="update" if must_exist else "create")
 
-    def create_lease(self, subnet, value, ttl) -> LeaseRecord:
-        return self._put(subnet, value, ttl, must_exist=False)
+    def create_lease(self, subnet, value, ttl, subnet6=None) -> LeaseRecord:
+        return self._put(subnet, value, ttl, must_exist=False, subnet6=subnet6)
 
-    def update_lease(self, subnet, value, ttl) -> LeaseRecord:
-        return self._put(subnet, value, ttl, must_exist=True)
+    def update_lease(self, subnet, value, ttl, subnet6=None) -> LeaseRecord:
+        return self._put(subnet, value, ttl, must_exist=True, subnet6=subnet6)
 
-    def delete_lease(self, subnet) -> bool:
-        key = _SUBNETS + subnet_key(subnet)
+    def delete_lease(self, subnet, subnet6=None) -> bool:
+        key = _SUBNETS + subnet_key(subnet, subnet6)
 
         def delete(conn):
             if conn.execute("DELETE FROM kv WHERE prefix = ? AND key = ?", (self.prefix, key)).rowcount:
@@ -448,12 +462,13 @@ class _SQLiteWatch(Watch):
                 continue
             if not key.startswith(_SUBNETS):
                 continue
-            subnet = _subnet_of(key)
-            if subnet is None:
+            pair = _subnet_of(key)
+            if pair is None:
                 events.append(StoreEvent("foreign", None, rev, name=key[len(_SUBNETS):], value=text))
                 continue
-            record = LeaseRecord(subnet, value, expires, rev) if kind == "put" else None
-            events.append(StoreEvent(kind, subnet, rev, record, bool(expired)))
+            subnet, subnet6 = pair
+            record = LeaseRecord(subnet, value, expires, rev, subnet6) if kind == "put" else None
+            events.append(StoreEvent(kind, subnet, rev, record, bool(expired), subnet6=subnet6))
         if not rows:
             # Nothing new: move past other prefixes' revisions, and turn due expiries into events.
             self._store.reap_expired()

@@ -51,6 +51,21 @@ class Peer(ctypes.Structure):
                 ("flags", ctypes.c_uint16)]
 
 
+class IP6(ctypes.Structure):
+    _fields_ = [("a", ctypes.c_uint32 * 4)]  # network order
+
+
+class Peer6Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]  # addr: network order
+
+
+class Peer6(ctypes.Structure):
+    _fields_ = [("remote_ipv6", ctypes.c_uint8 * 16),  # network order (C: __u32[4])
+                ("vni", ctypes.c_uint32),
+                ("vtep_mac", ctypes.c_uint8 * 6),
+                ("flags", ctypes.c_uint16)]
+
+
 PEER_LOCAL = 1 << 0
 
 
@@ -70,7 +85,19 @@ class Config(ctypes.Structure):
                 ("mtu", ctypes.c_uint32),
                 ("flags", ctypes.c_uint32),
                 ("vni", ctypes.c_uint32),
-                ("public_ipv4", ctypes.c_uint32)]  # host order
+                ("public_ipv4", ctypes.c_uint32),  # host order
+                # IPv6 (dual-stack); netmask6 all zero: no IPv6
+                ("vtep_mac6", ctypes.c_uint8 * 6),
+                ("mtu6", ctypes.c_uint16),
+                ("network6", ctypes.c_uint8 * 16),  # network order (C: __u32[4])
+                ("netmask6", ctypes.c_uint8 * 16),
+                ("local_ipv6", ctypes.c_uint8 * 16),
+                ("public_ipv6", ctypes.c_uint8 * 16)]
+
+
+def ip6_bytes(addr) -> "ctypes.Array":
+    """An IPv6 address (or None: ::) as the 16 network-order bytes of a Config/Peer6 field."""
+    return (ctypes.c_uint8 * 16)(*(addr.packed if addr is not None else bytes(16)))
 
 
 CFG_RX_REDIRECT = 1 << 0
@@ -157,20 +184,40 @@ def mac_text(raw) -> str:
     return ":".join(f"{b:02x}" for b in bytes(raw))
 
 
-def peer_key(subnet: ipaddress.IPv4Network) -> PeerKey:
+def peer_key(subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> PeerKey | Peer6Key:
+    """The weft_peers key of an IPv4 subnet, or the weft_peers6 key of an IPv6 one."""
+    if subnet.version == 6:
+        return Peer6Key(subnet.prefixlen, (ctypes.c_uint8 * 16)(*subnet.network_address.packed))
     return PeerKey(subnet.prefixlen, struct.unpack("=I", subnet.network_address.packed)[0])
 
 
-def peer_value(public_ip: ipaddress.IPv4Address, vni: int, mac: str, flags: int = 0) -> Peer:
+def peer_value(public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address, vni: int, mac: str,
+               flags: int = 0) -> Peer | Peer6:
+    """The weft_peers value (PublicIP), or the weft_peers6 one (PublicIPv6)."""
+    if public_ip.version == 6:
+        return Peer6(ip6_bytes(public_ip), vni, (ctypes.c_uint8 * 6)(*mac_bytes(mac)), flags)
     return Peer(int(public_ip), vni, (ctypes.c_uint8 * 6)(*mac_bytes(mac)), flags)
 
 
 def decode_peer(key: bytes, value: bytes) -> dict:
+    """A weft_peers or weft_peers6 entry (told apart by the key's size) as a dict."""
+    if len(key) >= ctypes.sizeof(Peer6Key):
+        k6 = Peer6Key.from_buffer_copy(key[:ctypes.sizeof(Peer6Key)])
+        v6 = Peer6.from_buffer_copy(value[:ctypes.sizeof(Peer6)])
+        return {"subnet": f"{ipaddress.IPv6Address(bytes(k6.addr))}/{k6.prefixlen}",
+                "public_ip": str(ipaddress.IPv6Address(bytes(v6.remote_ipv6))), "vni": v6.vni,
+                "vtep_mac": mac_text(v6.vtep_mac), "local": bool(v6.flags & PEER_LOCAL)}
     k = PeerKey.from_buffer_copy(key[:ctypes.sizeof(PeerKey)])
     v = Peer.from_buffer_copy(value[:ctypes.sizeof(Peer)])
     addr = socket.inet_ntoa(struct.pack("=I", k.addr))
     return {"subnet": f"{addr}/{k.prefixlen}", "public_ip": str(ipaddress.IPv4Address(v.remote_ipv4)),
             "vni": v.vni, "vtep_mac": mac_text(v.vtep_mac), "local": bool(v.flags & PEER_LOCAL)}
+
+
+def peer_sort_key(entry: dict) -> tuple:
+    """IPv4 entries first, then IPv6, each by address and length."""
+    net = ipaddress.ip_network(entry["subnet"])
+    return (net.version, int(net.network_address), net.prefixlen)
 
 
 # -- building ---------------------------------------------------------------------------------------
@@ -220,7 +267,8 @@ def check_toolchain(import_bcc: bool = True):
 
 
 ENTRIES = ("weft_to_overlay", "weft_from_pods", "weft_from_overlay", "weft_from_underlay", "weft_hostgw_guard")
-MAPS = ("weft_peers", "weft_config", "weft_counters", "weft_drops", "weft_endpoints", "weft_peer_ips")
+MAPS = ("weft_peers", "weft_config", "weft_counters", "weft_drops", "weft_endpoints", "weft_peer_ips",
+        "weft_peers6", "weft_peer_ips6", "weft_endpoints6")
 LOAD_TIMEOUT = 60.0  # seconds a compile + load may take before the loader is killed
 
 
@@ -348,7 +396,11 @@ class Programs:
         self.drops = self.maps["weft_drops"]
         self.endpoints = self.maps["weft_endpoints"]
         self.peer_ips = self.maps["weft_peer_ips"]
-        self._ip_refs: dict[int, int] = {}  # PublicIP (network-order u32) -> subnets it holds
+        self.peers6 = self.maps["weft_peers6"]
+        self.peer_ips6 = self.maps["weft_peer_ips6"]
+        self.endpoints6 = self.maps["weft_endpoints6"]
+        # PublicIP (4 network-order bytes) or PublicIPv6 (16) -> subnets it holds
+        self._ip_refs: dict[bytes, int] = {}
 
     def set_config(self, cfg: Config) -> None:
         self.config.update(struct.pack("=I", 0), bytes(cfg))
@@ -356,68 +408,83 @@ class Programs:
     def get_config(self) -> Config:
         return Config.from_buffer_copy(self.config.lookup(struct.pack("=I", 0)))
 
-    def put_peer(self, key: PeerKey, value: Peer) -> None:
-        """Put a weft_peers entry and keep weft_peer_ips (the receive check's peer set) in step."""
-        old = self._peer_ip(self.peers.lookup(bytes(key)))
-        self.peers.update(bytes(key), bytes(value))
+    def put_peer(self, key: PeerKey | Peer6Key, value: Peer | Peer6) -> None:
+        """Put a weft_peers (weft_peers6 for a Peer6Key) entry and keep weft_peer_ips (weft_peer_ips6),
+        the receive check's peer set, in step."""
+        peers = self.peers6 if isinstance(key, Peer6Key) else self.peers
+        old = self._peer_ip(peers.lookup(bytes(key)))
+        peers.update(bytes(key), bytes(value))
         new = self._peer_ip(bytes(value))
         if old != new:
             self._ip_ref(new, +1)
             self._ip_ref(old, -1)
 
-    def delete_peer(self, key: PeerKey) -> bool:
-        old = self._peer_ip(self.peers.lookup(bytes(key)))
-        gone = self.peers.delete(bytes(key))
+    def delete_peer(self, key: PeerKey | Peer6Key) -> bool:
+        peers = self.peers6 if isinstance(key, Peer6Key) else self.peers
+        old = self._peer_ip(peers.lookup(bytes(key)))
+        gone = peers.delete(bytes(key))
         if gone:
             self._ip_ref(old, -1)
         return gone
 
     @staticmethod
-    def _peer_ip(raw: bytes | None) -> int | None:
-        """The PublicIP (network-order u32) of a weft_peers value; None for none or our own entry."""
+    def _peer_ip(raw: bytes | None) -> bytes | None:
+        """The PublicIP (4 network-order bytes) of a weft_peers value, or the PublicIPv6 (16) of a
+        weft_peers6 one (told apart by size); None for none or our own entry."""
         if raw is None:
             return None
+        if len(raw) >= ctypes.sizeof(Peer6):
+            v6 = Peer6.from_buffer_copy(raw[:ctypes.sizeof(Peer6)])
+            return None if v6.flags & PEER_LOCAL else bytes(v6.remote_ipv6)
         v = Peer.from_buffer_copy(raw[:ctypes.sizeof(Peer)])
-        return None if v.flags & PEER_LOCAL else socket.htonl(v.remote_ipv4)
+        return None if v.flags & PEER_LOCAL else struct.pack("!I", v.remote_ipv4)
 
-    def _ip_ref(self, ip: int | None, delta: int) -> None:
+    def _ip_ref(self, ip: bytes | None, delta: int) -> None:
         if ip is None:
             return
         n = self._ip_refs.get(ip, 0) + delta
-        key = struct.pack("=I", ip)
+        ips = self.peer_ips6 if len(ip) == 16 else self.peer_ips
         if n > 0:
             self._ip_refs[ip] = n
-            self.peer_ips.update(key, struct.pack("=I", n))
+            ips.update(ip, struct.pack("=I", n))
         else:
             self._ip_refs.pop(ip, None)
-            self.peer_ips.delete(key)
+            ips.delete(ip)
 
     def peer_ip_entries(self) -> dict[str, int]:
-        """weft_peer_ips as {PublicIP: subnets it holds}, read from the map."""
-        return {socket.inet_ntoa(k[:4]): int.from_bytes(v[:4], "little") for k, v in self.peer_ips.items()}
+        """weft_peer_ips and weft_peer_ips6 as {PublicIP(v6): subnets it holds}, read from the maps."""
+        out = {socket.inet_ntoa(k[:4]): int.from_bytes(v[:4], "little") for k, v in self.peer_ips.items()}
+        out.update({str(ipaddress.IPv6Address(k[:16])): int.from_bytes(v[:4], "little")
+                    for k, v in self.peer_ips6.items()})
+        return out
 
-    def set_endpoints(self, want: dict[ipaddress.IPv4Address, tuple[int, str, str]]) -> int:
-        """Make weft_endpoints exactly ``{pod IP: (ifindex, pod MAC, bridge MAC)}``; returns changes."""
-        have = dict(self.endpoints.items())
+    def set_endpoints(self, want: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, tuple[int, str, str]]) -> int:
+        """Make weft_endpoints (IPv4 pods) and weft_endpoints6 (IPv6 pods) exactly ``{pod IP:
+        (ifindex, pod MAC, bridge MAC)}``; returns changes."""
         changes = 0
-        wanted = {}
-        for ip, (ifindex, mac, bmac) in want.items():
-            value = bytes(Endpoint(ifindex, (ctypes.c_uint8 * 6)(*mac_bytes(mac)),
-                                   (ctypes.c_uint8 * 6)(*mac_bytes(bmac))))
-            wanted[ip.packed] = value
-            if have.get(ip.packed) != value:
-                self.endpoints.update(ip.packed, value)
+        for version, endpoints in ((4, self.endpoints), (6, self.endpoints6)):
+            have = dict(endpoints.items())
+            wanted = {}
+            for ip, (ifindex, mac, bmac) in want.items():
+                if ip.version != version:
+                    continue
+                value = bytes(Endpoint(ifindex, (ctypes.c_uint8 * 6)(*mac_bytes(mac)),
+                                       (ctypes.c_uint8 * 6)(*mac_bytes(bmac))))
+                wanted[ip.packed] = value
+                if have.get(ip.packed) != value:
+                    endpoints.update(ip.packed, value)
+                    changes += 1
+            for key in set(have) - set(wanted):
+                endpoints.delete(key)
                 changes += 1
-        for key in set(have) - set(wanted):
-            self.endpoints.delete(key)
-            changes += 1
         return changes
 
     def endpoint_count(self) -> int:
-        return len(self.endpoints.items())
+        return len(self.endpoints.items()) + len(self.endpoints6.items())
 
     def peer_entries(self) -> list[dict]:
-        return [decode_peer(k, v) for k, v in self.peers.items()]
+        """weft_peers, then weft_peers6, decoded."""
+        return [decode_peer(k, v) for k, v in self.peers.items() + self.peers6.items()]
 
     def counter_sums(self) -> dict[str, int]:
         return {c.name.lower(): self.counters.sum_u64(int(c)) for c in Counter if c is not Counter.MAX}

@@ -14,8 +14,8 @@
 enum weft_drop_reason {
 	WEFT_DROP_NONE = 0,
 	WEFT_DROP_SHORT = 1,		/* frame too short for Ethernet + IPv4 headers */
-	WEFT_DROP_NOT_IPV4 = 2,		/* non-IPv4 frame routed into the VXLAN device */
-	WEFT_DROP_NOT_OVERLAY = 3,	/* IPv4 outside the Network routed into the VXLAN device */
+	WEFT_DROP_NOT_IPV4 = 2,		/* non-IPv4 frame routed into the VXLAN device (IPv6 on a node without IPv6) */
+	WEFT_DROP_NOT_OVERLAY = 3,	/* IPv4 (IPv6) outside the Network (IPv6Network) routed into the VXLAN device */
 	WEFT_DROP_NO_PEER = 4,		/* in the Network, but no peer holds that subnet */
 	WEFT_DROP_TUNNEL_KEY = 5,	/* bpf_skb_set_tunnel_key failed; on receive: no tunnel key */
 	WEFT_DROP_NO_CONFIG = 6,	/* weft_config not readable */
@@ -26,7 +26,7 @@ enum weft_drop_reason {
 	WEFT_DROP_BAD_VXLAN = 11,	/* VXLAN flags other than I, or reserved bits set */
 	WEFT_DROP_WRONG_VNI = 12,	/* a VNI other than ours */
 	WEFT_DROP_WRONG_MAC = 13,	/* inner destination MAC not our VtepMAC, or inner source MAC ours */
-	WEFT_DROP_INNER_NOT_IPV4 = 14,	/* inner frame not IPv4 */
+	WEFT_DROP_INNER_NOT_IPV4 = 14,	/* inner frame not IPv4 (over the IPv6 underlay: not IPv6) */
 	WEFT_DROP_ECN = 15,		/* outer CE on a not-ECT inner packet (RFC 6040: drop) */
 	WEFT_DROP_SPOOFED_SRC = 16,	/* inner source outside the subnet of the peer that sent it */
 	WEFT_DROP_GSO_BATCH = 17,	/* passed, but shared a UDP GSO skb with a datagram that failed */

@@ -30,6 +30,16 @@
  * UDP_SEGMENT sends arrive over a veth) is checked and counted datagram by datagram.
  * Passed datagrams meet the kernel's UDP checksum check next (Udp InCsumErrors), then the VXLAN
  * device and weft_from_overlay.
+ *
+ * IPv6 underlay (dual-stack: flannel-v6.<VNI> peers send VXLAN between PublicIPv6 addresses): the same
+ * checks in the same order and counters (weft_underlay6), with the outer IPv6 header: FRAGMENT is a
+ * first fragment (fragment header, offset 0, UDP to our port); MALFORMED: a payload length beyond
+ * the frame, or a UDP length not the payload's (only UDP directly after the IPv6 header is ours;
+ * other extension headers pass untouched: a datagram behind them reaches the VXLAN socket only
+ * through weft_from_overlay's check); UNKNOWN_PEER: source not in weft_peer_ips6; WRONG_MAC against
+ * our IPv6 VtepMAC; INNER_NOT_IPV4: inner frame not IPv6 (flannel never mixes families);
+ * TRUNCATED: an inner payload length beyond the datagram; SPOOFED_SRC: inner source outside the
+ * IPv6 subnet (weft_peers6) of the peer with that PublicIPv6.
  */
 #include "common.h"
 
@@ -40,6 +50,7 @@
 #define WEFT_UDP_HLEN		8
 #define WEFT_VXLAN_HLEN		8
 #define WEFT_OUTER_LEN		(ETH_HLEN + 20 + WEFT_UDP_HLEN)			/* 42 */
+#define WEFT_OUTER6_LEN		(ETH_HLEN + WEFT_IP6_HLEN + WEFT_UDP_HLEN)		/* 62 */
 #define WEFT_INNER_MIN		(WEFT_VXLAN_HLEN + ETH_HLEN + 20)		/* 42 */
 #define WEFT_MAX_BATCH		64	/* datagrams of a UDP GSO batch checked one by one (more: MALFORMED) */
 
@@ -131,11 +142,17 @@ static __always_inline __u32 weft_check_datagram(struct __sk_buff *skb, struct w
 	return weft_check_source(raw[9], remote);	/* inner saddr: b + 36 */
 }
 
+static __always_inline __u32 weft_check_datagram6(struct __sk_buff *skb, struct weft_config *cfg,
+						  __u32 off, __u32 len, __u8 outer_ecn, const __u32 *remote);
+
 /* A UDP GSO batch (UDP_SEGMENT sends: vxlan/fastpath peers, a local sender over a veth) carries
  * several VXLAN datagrams, gso bytes of UDP payload each: each is checked and counted. One failing
- * datagram drops the batch (an skb goes or stays whole); its passing ones count as GSO_BATCH. */
+ * datagram drops the batch (an skb goes or stays whole); its passing ones count as GSO_BATCH.
+ * ``v6`` (a constant at each call: the compiler keeps one family's code) picks the outer family:
+ * IPv4 from ``remote``, IPv6 from ``remote6``. */
 static __always_inline int weft_check_batch(struct __sk_buff *skb, struct weft_config *cfg, __u32 payload,
-					    __u32 gso, __u8 outer_tos, __u32 remote)
+					    __u32 gso, __u8 outer_tos, __u32 remote, const __u32 *remote6,
+					    const int v6)
 {
 	__u32 n = (payload + gso - 1) / gso;
 	if (n > WEFT_MAX_BATCH)
@@ -147,7 +164,8 @@ static __always_inline int weft_check_batch(struct __sk_buff *skb, struct weft_c
 		__u32 len = payload - at;
 		if (len > gso)
 			len = gso;
-		__u32 reason = weft_check_datagram(skb, cfg, WEFT_OUTER_LEN + at, len, outer_tos, remote);
+		__u32 reason = v6 ? weft_check_datagram6(skb, cfg, WEFT_OUTER6_LEN + at, len, outer_tos, remote6)
+				  : weft_check_datagram(skb, cfg, WEFT_OUTER_LEN + at, len, outer_tos, remote);
 		if (reason) {
 			weft_drop_n(reason, 1);
 			failed = 1;
@@ -200,7 +218,7 @@ static __always_inline int weft_underlay(struct __sk_buff *skb, struct weft_conf
 		__be16 itot = 0;
 		bpf_skb_load_bytes(skb, WEFT_OUTER_LEN + WEFT_VXLAN_HLEN + ETH_HLEN + 2, &itot, sizeof(itot));
 		if (bpf_ntohs(itot) + WEFT_VXLAN_HLEN + ETH_HLEN != payload)
-			return weft_check_batch(skb, cfg, payload, gso, outer_tos, remote);
+			return weft_check_batch(skb, cfg, payload, gso, outer_tos, remote, NULL, 0);
 	}
 	__u32 reason = weft_check_datagram(skb, cfg, WEFT_OUTER_LEN, payload, outer_tos, remote);
 	if (reason)
@@ -209,10 +227,123 @@ static __always_inline int weft_underlay(struct __sk_buff *skb, struct weft_conf
 	return TC_ACT_OK;
 }
 
+/* -- the IPv6 underlay -------------------------------------------------------------------------- */
+
+#define WEFT_INNER6_MIN		(WEFT_VXLAN_HLEN + ETH_HLEN + WEFT_IP6_HLEN)	/* 62 */
+#define WEFT_NEXTHDR_FRAGMENT	44
+
+static __always_inline int weft_to_us6(struct __sk_buff *skb, struct weft_config *cfg, const __u32 *daddr)
+{
+	if (skb->pkt_type != 0)	/* PACKET_BROADCAST, PACKET_MULTICAST */
+		return 1;
+	if (cfg->local_ipv6[0] | cfg->local_ipv6[1] | cfg->local_ipv6[2] | cfg->local_ipv6[3])
+		return weft_ip6_eq(daddr, cfg->local_ipv6) || weft_ip6_eq(daddr, cfg->public_ipv6);
+	return !weft_in_network6(cfg, daddr);
+}
+
+/* weft_check_datagram over the IPv6 underlay: VXLAN header + inner Ethernet + inner IPv6 header at
+ * `off`, `len` bytes. Copied two bytes in, so that the inner IPv6 header is 4-byte aligned on the
+ * stack: VXLAN at 2, inner Ethernet at 10, IPv6 at 24 (source raw[8..11]). */
+static __always_inline __u32 weft_check_datagram6(struct __sk_buff *skb, struct weft_config *cfg,
+						  __u32 off, __u32 len, __u8 outer_ecn, const __u32 *remote)
+{
+	if (len < WEFT_INNER6_MIN)
+		return WEFT_DROP_TRUNCATED;
+	__u32 raw[16] = {};
+	__u8 *b = (__u8 *)raw;
+	if (bpf_skb_load_bytes(skb, off, b + 2, WEFT_INNER6_MIN) < 0)
+		return WEFT_DROP_TRUNCATED;
+	if ((b[2] ^ (WEFT_VXLAN_I >> 24)) | b[3] | b[4] | b[5] | b[9])
+		return WEFT_DROP_BAD_VXLAN;
+	if ((((__u32)b[6] << 16) | ((__u32)b[7] << 8) | b[8]) ^ cfg->vni)
+		return WEFT_DROP_WRONG_VNI;
+	if (weft_mac_diff(b + 10, cfg->vtep_mac6))
+		return WEFT_DROP_WRONG_MAC;
+	if (!weft_mac_diff(b + 16, cfg->vtep_mac6))
+		return WEFT_DROP_WRONG_MAC;
+	if ((*(__u16 *)(b + 22) ^ bpf_htons(ETH_P_IPV6)) | ((b[24] & 0xF0) ^ 0x60))
+		return WEFT_DROP_INNER_NOT_IPV4;
+	__u32 itot = WEFT_IP6_HLEN + bpf_ntohs(*(__u16 *)(b + 28));
+	if (itot + WEFT_VXLAN_HLEN + ETH_HLEN > len)
+		return WEFT_DROP_TRUNCATED;
+	if (!((outer_ecn ^ 3) | ((b[25] >> 4) & 3)))
+		return WEFT_DROP_ECN;
+	return weft_check_source6(&raw[8], remote);	/* inner saddr: b + 32 */
+}
+
+/* weft_underlay for an IPv6 datagram to our port (UDP right after the IPv6 header). */
+static __always_inline int weft_underlay6(struct __sk_buff *skb, struct weft_config *cfg, struct ipv6hdr *ip6)
+{
+	__u32 segs = weft_segs(skb);
+	__u32 frame = skb->len - ETH_HLEN;
+	__u32 plen = bpf_ntohs(ip6->payload_len);
+	struct weft_udphdr *udp = (void *)(ip6 + 1);
+	__u32 ulen = bpf_ntohs(udp->len);
+	/* A GRO packet beyond 64 KB carries no lengths (BIG TCP's jumbo form): the frame's. */
+	if (skb->gso_size && frame > 0xFFFF + WEFT_IP6_HLEN) {
+		plen = frame - WEFT_IP6_HLEN;
+		ulen = plen;
+	}
+	if (WEFT_IP6_HLEN + plen > frame || plen < WEFT_UDP_HLEN || ulen != plen)
+		return weft_drop_n(WEFT_DROP_MALFORMED, segs);
+	struct weft_ip6 remote = {};
+	__builtin_memcpy(remote.a, &ip6->saddr, 16);
+	if (!weft_peer_ips6.lookup(&remote))
+		return weft_drop_n(WEFT_DROP_UNKNOWN_PEER, segs);
+	__u8 outer_ecn = (((__u8 *)ip6)[1] >> 4) & 3;
+	__u32 payload = ulen - WEFT_UDP_HLEN;
+
+	__u32 gso = skb->gso_size;
+	if (gso && payload > gso) {
+		__be16 ipl = 0;
+		bpf_skb_load_bytes(skb, WEFT_OUTER6_LEN + WEFT_VXLAN_HLEN + ETH_HLEN + 4, &ipl, sizeof(ipl));
+		if (WEFT_IP6_HLEN + bpf_ntohs(ipl) + WEFT_VXLAN_HLEN + ETH_HLEN != payload)
+			return weft_check_batch(skb, cfg, payload, gso, outer_ecn, 0, remote.a, 1);
+	}
+	__u32 reason = weft_check_datagram6(skb, cfg, WEFT_OUTER6_LEN, payload, outer_ecn, remote.a);
+	if (reason)
+		return weft_drop_n(reason, segs);
+	weft_count(WEFT_CNT_UNDERLAY_PASSED, segs);
+	return TC_ACT_OK;
+}
+
+static __always_inline int weft_from_underlay6(struct __sk_buff *skb)
+{
+	struct weft_config *cfg = weft_cfg();
+	if (!cfg || !cfg->vxlan_port || !cfg->netmask6[0])
+		return TC_ACT_OK;
+	struct ethhdr *eth = weft_linear(skb, WEFT_OUTER6_LEN);
+	if (!eth)
+		return TC_ACT_OK;	/* too short for UDP after IPv6: the kernel's to judge */
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	if (ip6->version != 6 || !weft_to_us6(skb, cfg, (const __u32 *)&ip6->daddr))
+		return TC_ACT_OK;
+	if (ip6->nexthdr == WEFT_NEXTHDR_FRAGMENT) {
+		/* fragment header: next header, reserved, offset (13 bits) + flags; then UDP if first */
+		__u8 fh[8] = {};
+		__be16 dport = 0;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + WEFT_IP6_HLEN, fh, sizeof(fh)) < 0 || fh[0] != 17 ||
+		    ((fh[2] << 8 | fh[3]) & 0xFFF8) ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + WEFT_IP6_HLEN + 8 + 2, &dport, sizeof(dport)) < 0 ||
+		    dport != cfg->vxlan_port)
+			return TC_ACT_OK;
+		return weft_drop_n(WEFT_DROP_FRAGMENT, weft_segs(skb));
+	}
+	if (ip6->nexthdr != 17)
+		return TC_ACT_OK;
+	struct weft_udphdr *udp = (void *)(ip6 + 1);
+	if (udp->dest != cfg->vxlan_port)
+		return TC_ACT_OK;
+	return weft_underlay6(skb, cfg, ip6);
+}
+
 int weft_from_underlay(struct __sk_buff *skb)
 {
-	if (skb->protocol != bpf_htons(ETH_P_IP) || skb->pkt_type == WEFT_PACKET_OTHERHOST)
+	if (skb->protocol != bpf_htons(ETH_P_IP) || skb->pkt_type == WEFT_PACKET_OTHERHOST) {
+		if (skb->protocol == bpf_htons(ETH_P_IPV6) && skb->pkt_type != WEFT_PACKET_OTHERHOST)
+			return weft_from_underlay6(skb);
 		return TC_ACT_OK;
+	}
 	struct weft_config *cfg = weft_cfg();
 	if (!cfg || !cfg->vxlan_port)
 		return TC_ACT_OK;

@@ -74,7 +74,7 @@ def inherited_peers(dev: str, ours: set[int]) -> dict:
     out = {}
     for e in doc["peers"]:
         if not e["local"]:
-            out[ipaddress.IPv4Network(e["subnet"])] = (ipaddress.IPv4Address(e["public_ip"]), e["vtep_mac"])
+            out[ipaddress.ip_network(e["subnet"])] = (ipaddress.ip_address(e["public_ip"]), e["vtep_mac"])
     return out
 
 

@@ -7,12 +7,13 @@ namespace and open its maps by id. Needs root (CAP_BPF/CAP_SYS_ADMIN), not bcc.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
 import subprocess
 
-from . import Counter, DropReason, decode_peer
+from . import Counter, DropReason, decode_peer, peer_sort_key
 from .sysbpf import map_items, maps_of_prog
 
 
@@ -76,14 +77,16 @@ def read(dev: str = "flannel.1") -> dict:
                 else:
                     maps[name] = (fd, info)
         out = {"device": dev, "program_id": prog_id, "peers": [], "peer_ips": {}, "counters": {}, "drops": {}}
-        if "weft_peer_ips" in maps:
-            fd, info = maps["weft_peer_ips"]
-            out["peer_ips"] = {socket.inet_ntoa(k[:4]): int.from_bytes(v[:4], "little")
-                               for k, v in map_items(fd, info.key_size, info.value_size)}
-        if "weft_peers" in maps:
-            fd, info = maps["weft_peers"]
-            out["peers"] = sorted((decode_peer(k, v) for k, v in map_items(fd, info.key_size, info.value_size)),
-                                  key=lambda e: tuple(int(x) for x in e["subnet"].replace("/", ".").split(".")))
+        for name in ("weft_peer_ips", "weft_peer_ips6"):  # PublicIP (PublicIPv6) -> subnets it holds
+            if name in maps:
+                fd, info = maps[name]
+                out["peer_ips"].update({str(ipaddress.ip_address(bytes(k[:info.key_size]))): int.from_bytes(v[:4], "little")
+                                        for k, v in map_items(fd, info.key_size, info.value_size)})
+        for name in ("weft_peers", "weft_peers6"):  # IPv4 subnets, then IPv6 (dual-stack) ones
+            if name in maps:
+                fd, info = maps[name]
+                out["peers"] += sorted((decode_peer(k, v) for k, v in map_items(fd, info.key_size, info.value_size)),
+                                       key=peer_sort_key)
         for name, enum_cls, key in (("weft_counters", Counter, "counters"), ("weft_drops", DropReason, "drops")):
             if name not in maps:
                 continue

@@ -20,7 +20,27 @@ struct weft_peer {
 	__u16 flags;		/* reserved, 0 */
 };
 
-/* weft_peers value flags */
+/* An IPv6 address, network byte order (weft_peer_ips6 key). */
+struct weft_ip6 {
+	__u32 a[4];
+};
+
+/* weft_peers6 key (LPM trie): an IPv6 peer subnet (the IPv6 side of a dual-stack lease). */
+struct weft_peer6_key {
+	__u32 prefixlen;	/* bits of addr that count: the peer's IPv6 subnet length */
+	__u8 addr[16];		/* the subnet's network address, network byte order */
+};
+
+/* weft_peers6 value: where a peer's IPv6 subnet is reached (VXLAN over the IPv6 underlay, as
+ * flannel's flannel-v6.<VNI> sends it). */
+struct weft_peer6 {
+	__u32 remote_ipv6[4];	/* the peer's PublicIPv6, network byte order (as bpf_tunnel_key wants it) */
+	__u32 vni;		/* VXLAN network identifier to send with */
+	__u8 vtep_mac[6];	/* the peer's IPv6 VtepMAC (BackendV6Data): inner destination MAC */
+	__u16 flags;		/* WEFT_PEER_* */
+};
+
+/* weft_peers and weft_peers6 value flags */
 #define WEFT_PEER_LOCAL		(1U << 0)	/* our own subnet: never encapsulated, never a miss */
 
 /* weft_endpoints key: a local pod's IPv4 address (network byte order); value: */
@@ -42,6 +62,13 @@ struct weft_config {
 	__u32 flags;		/* WEFT_CFG_* */
 	__u32 vni;		/* our VNI (Backend.VNI): the only one received */
 	__u32 public_ipv4;	/* our PublicIP, host byte order (peers send to it; may differ behind NAT) */
+	/* IPv6 (dual-stack); netmask6 all zero: this node carries no IPv6 */
+	__u8 vtep_mac6[6];	/* our IPv6 VtepMAC (BackendV6Data): inner MACs of IPv6 frames */
+	__u16 mtu6;		/* IPv6 packets' overlay MTU: mtu - 20 (the outer header is IPv6) */
+	__u32 network6[4];	/* IPv6Network, network byte order */
+	__u32 netmask6[4];	/* its mask, network byte order */
+	__u32 local_ipv6[4];	/* outer source address, network byte order; 0: the route's */
+	__u32 public_ipv6[4];	/* our PublicIPv6, network byte order */
 };
 
 /* weft_config.flags: runtime switches (never cflags). */

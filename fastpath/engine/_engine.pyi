@@ -3,7 +3,7 @@
 tests/test_engine.py checks that every method and parameter named here is the compiled one's.
 """
 from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal
 
 from fastpath.engine.api import COUNTER_NAMES as COUNTER_NAMES
@@ -11,8 +11,9 @@ from fastpath.engine.api import RX_OUTCOMES as RX_OUTCOMES
 from fastpath.engine.api import TX_OUTCOMES as TX_OUTCOMES
 
 _Fds = int | Iterable[int]
-_Subnet = str | IPv4Network
-_Address = str | IPv4Address
+_Subnet = str | IPv4Network | IPv6Network   # an IPv6 one: dual-stack engines only
+_Subnet6 = str | IPv6Network
+_Address = str | IPv4Address | IPv6Address
 _Mac = bytes | str | None
 
 class Engine:
@@ -28,11 +29,17 @@ class Engine:
                  network: _Subnet, subnet_len: int, local_subnet: _Subnet, vni: int = 1,
                  vtep_mac: _Mac = b"", port: int | None = None, mtu: int = 0,
                  vnet_hdr: bool | None = None, split_threads: bool = False,
-                 busy_poll_us: int = 0) -> None: ...
+                 busy_poll_us: int = 0, network6: _Subnet6 | None = None,
+                 subnet6_len: int | None = None, local_subnet6: _Subnet6 | None = None,
+                 vtep_mac6: _Mac = b"", sock6_fd: _Fds | None = None) -> None:
+        """Dual-stack (vxlan): ``network6``/``subnet6_len``/``local_subnet6`` (IPv6Network,
+        IPv6SubnetLen, ours), ``vtep_mac6`` (our flannel-v6 MAC), ``sock6_fd`` (IPV6_V6ONLY UDP
+        sockets on the IPv6 underlay, as ``sock_fd``)."""
 
     # routes (constant time, safe while the packet threads run)
     def set_route(self, subnet: _Subnet, peer_ip: _Address, peer_mac: _Mac = None) -> None:
-        """Send packets for ``subnet`` to ``peer_ip`` (VXLAN: inner destination MAC ``peer_mac``)."""
+        """Send packets for ``subnet`` to ``peer_ip`` (VXLAN: inner destination MAC ``peer_mac``);
+        an IPv6 subnet: the peer's public IPv6 and flannel-v6 VTEP MAC."""
     def remove_route(self, subnet: _Subnet) -> None: ...
     def routes(self) -> dict[str, tuple[str, str]]:
         """{subnet: (peer_ip, peer_mac)} as programmed."""

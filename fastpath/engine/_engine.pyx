@@ -34,6 +34,16 @@ Per worker (one TUN queue + one UDP socket), one thread runs both directions und
 - idle: poll() on the TUN, the socket and a stop eventfd; with ``busy_poll_us`` the thread first
   keeps trying (sched_yield between tries) that long after its last packet, for a shorter RTT.
 
+Dual-stack (vxlan, ``network6``): a TUN read of version 6 takes ``tx_packet6`` (routes6, a hash
+of IPv6 subnet prefixes, wire.h) and leaves as VXLAN with inner type 0x86DD from the IPv6 socket
+(``sock6_fd``): its messages join the same batch and a batch holding any is sent per run of one
+family (``tx_flush_mixed``); TSO6/USO6 super-packets are cut by ``tx_segment6`` (a copy of
+``tx_segment`` for IPv6 headers); an unroutable one is answered with ICMPv6 no route
+(``tx_unreachable6``). The loops also read the IPv6 socket (``rx_pass6``: same buffers, the same
+checks plus IPv6's, TCP segments merged into GSO_TCPV6 writes). IPv4 reads and datagrams never
+touch any of it (``tx_packet6`` is called through a pointer, so it is not inlined into
+``tx_packet``): the IPv4 path costs what it did.
+
 Hostile input: every datagram taken from the socket counts once in ``rx_datagrams`` and once in
 ``rx_packets`` or one ``rx_drop_*`` (the first check it fails); every TUN read once in
 ``tx_reads`` and in ``tx_packets`` or one ``tx_drop_*``. No header field is read before the
@@ -66,6 +76,8 @@ include "segment.pxi"
 include "icmp.pxi"
 include "worker.pxi"
 
+tx_v6 = tx_packet6     # see _engine.pxd
+
 if len(COUNTER_NAMES) != N_COUNTERS:
     raise ImportError(f"fastpath.engine._engine was built with {N_COUNTERS} counters and api.py "
                       f"names {len(COUNTER_NAMES)}: rebuild it (./bootstrap)")
@@ -89,6 +101,22 @@ cdef enum:                    # what a thread of Engine._run runs
     LOOP_RX = 2
 
 
+cdef int _alloc_map6(wf_map6_t *table, uint32_t slots) except -1:
+    table.mask = slots - 1
+    table.seed = int.from_bytes(os.urandom(4), "little")
+    table.slot = <wf_entry6_t *>calloc(slots, sizeof(wf_entry6_t))
+    if table.slot == NULL:
+        raise MemoryError()
+    return 0
+
+
+def _is_v6(value):
+    """Whether an address or subnet argument is IPv6 (its parser then checks it)."""
+    if isinstance(value, (ipaddress.IPv6Address, ipaddress.IPv6Network)):
+        return True
+    return isinstance(value, str) and ":" in value
+
+
 def _fds(value):
     if isinstance(value, int):
         return [value]
@@ -99,7 +127,8 @@ cdef class Engine:
     """TUN <-> UDP forwarding for one node.
 
     ``Engine(tun_fd, sock_fd, *, mode="udp"|"vxlan", network, subnet_len, local_subnet, vni=1,
-    vtep_mac=b"", port, mtu=0, vnet_hdr=None, split_threads=False, busy_poll_us=0)``
+    vtep_mac=b"", port, mtu=0, vnet_hdr=None, split_threads=False, busy_poll_us=0,
+    network6=None, subnet6_len=None, local_subnet6=None, vtep_mac6=b"", sock6_fd=None)``
 
     ``tun_fd``/``sock_fd``: an fd or a list of fds, one TUN queue and one UDP socket per worker
     (or one socket for all): as many workers as TUN fds. The caller owns the fds.
@@ -108,6 +137,13 @@ cdef class Engine:
     between tries) this long before it sleeps: lower RTT, some CPU. ``vnet_hdr``: whether the TUN
     fd carries virtio_net_hdr (None: ask the TUN). ``mtu``: the largest inner packet accepted from
     the wire (0: 65535).
+
+    Dual-stack (vxlan only): ``network6`` (flannel's IPv6Network), ``subnet6_len``
+    (IPv6SubnetLen), ``local_subnet6`` (this node's), ``vtep_mac6`` (its flannel-v6 VTEP MAC) and
+    ``sock6_fd`` (UDP sockets on the IPv6 underlay, IPV6_V6ONLY, as ``sock_fd``: one per worker or
+    one for all). TUN reads of version 6 are routed by ``set_route(<IPv6 subnet>, <public IPv6>,
+    <its v6 VTEP MAC>)`` and sent as VXLAN (inner type 0x86DD) from ``sock6_fd``; datagrams
+    taken from it must hold IPv6 to ``vtep_mac6`` from a source inside the sender's IPv6 subnet.
     """
     cdef Conf conf
     cdef Worker *workers
@@ -120,23 +156,37 @@ cdef class Engine:
     cdef readonly int subnet_len
     cdef dict _peers
     cdef dict _peer_refs      # public IP (network order) -> routes that go to it
+    cdef object network6      # IPv6Network or None
+    cdef object local_subnet6
+    cdef object subnet6_len
+    cdef dict _peers6         # str(IPv6 subnet) -> (peer IPv6, mac)
+    cdef dict _peer6_refs     # public IPv6 (16 bytes) -> routes that go to it
     cdef readonly bint split_threads
 
     def __cinit__(self):
         self.workers = NULL
         self.conf.routes = NULL
         self.conf.peers.slot = NULL
+        self.conf.routes6.slot = NULL
+        self.conf.peers6.slot = NULL
         self.stop_fd = -1
 
     def __init__(self, tun_fd, sock_fd, *, mode="udp", network, subnet_len, local_subnet, vni=1,
                  vtep_mac=b"", port=None, mtu=0, vnet_hdr=None, split_threads=False,
-                 busy_poll_us=0):
+                 busy_poll_us=0, network6=None, subnet6_len=None, local_subnet6=None,
+                 vtep_mac6=b"", sock6_fd=None):
         tun_fds = _fds(tun_fd)
         sock_fds = _fds(sock_fd)
         if len(sock_fds) == 1 and len(tun_fds) > 1:
             sock_fds = sock_fds * len(tun_fds)
         if len(tun_fds) != len(sock_fds):
             raise ValueError("one UDP socket per TUN queue (or one for all)")
+        sock6_fds = [-1] * len(tun_fds)
+        if network6 is not None:
+            sock6_fds = self._configure_v6(mode, network6, subnet6_len, local_subnet6, vtep_mac6,
+                                           sock6_fd, len(tun_fds))
+        elif sock6_fd is not None or local_subnet6 is not None:
+            raise ValueError("sock6_fd/local_subnet6 without network6")
         if mode not in ("udp", "vxlan"):
             raise ValueError(f"mode {mode!r}: must be 'udp' or 'vxlan'")
         net = ipaddress.IPv4Network(network)
@@ -154,6 +204,8 @@ cdef class Engine:
         self.local_subnet = local
         self._peers = {}
         self._peer_refs = {}
+        self._peers6 = {}
+        self._peer6_refs = {}
         self.threads = []
         self.conf.mode = MODE_VXLAN if mode == "vxlan" else MODE_UDP
         self.conf.encap = VXLAN_ENCAP if mode == "vxlan" else 0
@@ -191,6 +243,10 @@ cdef class Engine:
         self.conf.peers.slot = <uint32_t *>calloc(slots, sizeof(uint32_t))
         if self.conf.peers.slot == NULL:
             raise MemoryError()
+        if self.conf.v6:
+            # one IPv6 subnet per lease, and a lease per IPv4 route slot: the same sizing
+            _alloc_map6(&self.conf.routes6, slots)
+            _alloc_map6(&self.conf.peers6, slots)
         self.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.stop_fd < 0:
             raise OSError(errno, os.strerror(errno))
@@ -199,10 +255,49 @@ cdef class Engine:
         if self.workers == NULL:
             raise MemoryError()
         for i in range(self.nworkers):
-            _alloc_worker(&self.workers[i], &self.conf, tun_fds[i], sock_fds[i], self.stop_fd)
+            _alloc_worker(&self.workers[i], &self.conf, tun_fds[i], sock_fds[i], sock6_fds[i],
+                          self.stop_fd)
             os.set_blocking(tun_fds[i], False)
-        for fd in set(sock_fds):
+        for fd in set(sock_fds) | (set(sock6_fds) - {-1}):
             self._tune_socket(fd)
+
+    def _configure_v6(self, mode, network6, subnet6_len, local_subnet6, vtep_mac6, sock6_fd,
+                      int nworkers):
+        """Check and store the IPv6 side (dual-stack); the IPv6 sockets, one per worker."""
+        cdef int i
+        if mode != "vxlan":
+            raise ValueError("IPv6 needs vxlan mode (flannel's udp format carries IPv4 only)")
+        try:
+            net6 = ipaddress.IPv6Network(network6)
+        except ValueError:
+            raise ValueError(f"network6 {network6!r} is not an IPv6 network") from None
+        if subnet6_len is None or not net6.prefixlen < subnet6_len <= 128:
+            raise ValueError(f"subnet6_len {subnet6_len} does not fit IPv6 Network {net6}")
+        local6 = ipaddress.IPv6Network(local_subnet6) if local_subnet6 is not None else None
+        if local6 is None or local6.prefixlen != subnet6_len or not local6.subnet_of(net6):
+            raise ValueError(f"local subnet6 {local_subnet6} is not a /{subnet6_len} of {net6}")
+        if sock6_fd is None:
+            raise ValueError("network6 needs sock6_fd (a UDP socket on the IPv6 underlay)")
+        fds6 = _fds(sock6_fd)
+        if len(fds6) == 1 and nworkers > 1:
+            fds6 = fds6 * nworkers
+        if len(fds6) != nworkers:
+            raise ValueError("one IPv6 UDP socket per TUN queue (or one for all)")
+        mac6 = mac_bytes(vtep_mac6)
+        if mac6 == NO_MAC:
+            raise ValueError("IPv6 needs vtep_mac6 (the flannel-v6 VTEP MAC)")
+        sub_mask = ipaddress.IPv6Network(f"::/{subnet6_len}").netmask.packed
+        for i in range(16):
+            self.conf.net6[i] = net6.network_address.packed[i]
+            self.conf.net6_mask[i] = net6.netmask.packed[i]
+            self.conf.sub6_mask[i] = sub_mask[i]
+        for i in range(6):
+            self.conf.mac6[i] = mac6[i]
+        self.conf.v6 = 1
+        self.network6 = net6
+        self.local_subnet6 = local6
+        self.subnet6_len = subnet6_len
+        return fds6
 
     cdef _tune_socket(self, int fd):
         cdef int one = 1, size = SOCK_BUF
@@ -226,6 +321,12 @@ cdef class Engine:
         if self.conf.peers.slot != NULL:
             free(self.conf.peers.slot)
             self.conf.peers.slot = NULL
+        if self.conf.routes6.slot != NULL:
+            free(self.conf.routes6.slot)
+            self.conf.routes6.slot = NULL
+        if self.conf.peers6.slot != NULL:
+            free(self.conf.peers6.slot)
+            self.conf.peers6.slot = NULL
         if self.stop_fd >= 0:
             close(self.stop_fd)
             self.stop_fd = -1
@@ -238,7 +339,11 @@ cdef class Engine:
         return (int(net.network_address) - self.conf.net_base) >> self.conf.shift
 
     def set_route(self, subnet, peer_ip, peer_mac=None):
-        """Send packets for ``subnet`` to ``peer_ip`` (VXLAN: inner destination MAC ``peer_mac``)."""
+        """Send packets for ``subnet`` to ``peer_ip`` (VXLAN: inner destination MAC ``peer_mac``).
+        An IPv6 subnet (dual-stack): ``peer_ip`` is the peer's public IPv6, ``peer_mac`` its
+        flannel-v6 VTEP MAC."""
+        if _is_v6(subnet):
+            return self._set_route6(subnet, peer_ip, peer_mac)
         cdef uint32_t idx = self._index(subnet)
         cdef uint8_t mac[6]
         if idx == self.conf.local_idx:
@@ -261,6 +366,8 @@ cdef class Engine:
                 self._peer_ref(htonl(int(ipaddress.IPv4Address(old[0]))), -1)
 
     def remove_route(self, subnet):
+        if _is_v6(subnet):
+            return self._remove_route6(subnet)
         cdef uint32_t idx = self._index(subnet)
         cdef uint8_t mac[6]
         memset(mac, 0, 6)
@@ -280,14 +387,81 @@ cdef class Engine:
             self._peer_refs.pop(ip_n, None)
             wf_peer_del(&self.conf.peers, ip_n)
 
+    # -- IPv6 routes (dual-stack) ---------------------------------------------------------------
+    cdef bytes _key6(self, subnet):
+        """The routes6 key of an IPv6 subnet of this engine's IPv6 Network (ValueError if not)."""
+        if self.network6 is None:
+            raise ValueError(f"{subnet}: this engine carries no IPv6 (no network6)")
+        net = ipaddress.IPv6Network(subnet)
+        if net.prefixlen != self.subnet6_len or not net.subnet_of(self.network6):
+            raise ValueError(f"{net} is not a /{self.subnet6_len} of {self.network6}")
+        return net.network_address.packed
+
+    def _set_route6(self, subnet, peer_ip, peer_mac):
+        cdef bytes key = self._key6(subnet)
+        cdef bytes ip6
+        cdef bytes m
+        if ipaddress.IPv6Network(subnet) == self.local_subnet6:
+            raise ValueError(f"{subnet} is this node's own IPv6 subnet")
+        try:
+            ip = ipaddress.IPv6Address(peer_ip)
+        except ValueError:
+            raise ValueError(f"{subnet}: peer {peer_ip} is not an IPv6 address (an IPv6 subnet goes"
+                             " over the IPv6 underlay)") from None
+        if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
+            raise ValueError(f"peer IPv6 {ip} is not a unicast address")
+        m = mac_bytes(peer_mac)
+        if m == NO_MAC:
+            raise ValueError("IPv6 routes need the peer's flannel-v6 VTEP MAC")
+        ip6 = ip.packed
+        name = str(ipaddress.IPv6Network(subnet))
+        old = self._peers6.get(name)
+        if old is None and self.conf.routes6.count >= self.conf.nroutes:
+            raise ValueError(f"{subnet}: more IPv6 routes than IPv4 route slots ({self.conf.nroutes})")
+        if wf_map6_put(&self.conf.routes6, key, ip6, m) != 0:
+            raise ValueError(f"{subnet}: the IPv6 route table is full")
+        self._peers6[name] = (str(ip), m.hex(":"))
+        if old is None or old[0] != str(ip):
+            self._peer6_ref(ip6, 1)
+            if old is not None:
+                self._peer6_ref(ipaddress.IPv6Address(old[0]).packed, -1)
+
+    def _remove_route6(self, subnet):
+        cdef bytes key = self._key6(subnet)
+        wf_map6_del(&self.conf.routes6, key)
+        old = self._peers6.pop(str(ipaddress.IPv6Network(subnet)), None)
+        if old is not None:
+            self._peer6_ref(ipaddress.IPv6Address(old[0]).packed, -1)
+
+    cdef _peer6_ref(self, bytes ip6, int change):
+        n = self._peer6_refs.get(ip6, 0) + change
+        if n > 0:
+            self._peer6_refs[ip6] = n
+            if n == 1 and change > 0:
+                wf_map6_put(&self.conf.peers6, ip6, NULL, NULL)   # never full: <= routes6
+        else:
+            self._peer6_refs.pop(ip6, None)
+            wf_map6_del(&self.conf.peers6, ip6)
+
     def routes(self):
-        """{subnet: (peer_ip, peer_mac)} as programmed."""
-        return dict(self._peers)
+        """{subnet: (peer_ip, peer_mac)} as programmed (IPv6 subnets too, when dual-stack)."""
+        out = dict(self._peers)
+        out.update(self._peers6)
+        return out
 
     def lookup(self, addr):
         """(peer_ip, peer_mac) that a packet to ``addr`` goes to, read from the packet path's
         route table; None: no route."""
         cdef uint8_t mac[6]
+        cdef uint8_t peer6[16]
+        cdef bytes a6
+        if _is_v6(addr):
+            if not self.conf.v6:
+                return None
+            a6 = ipaddress.IPv6Address(addr).packed
+            if not route6_of(&self.conf, a6, peer6, mac):
+                return None
+            return str(ipaddress.IPv6Address(bytes(peer6[:16]))), bytes(mac[:6]).hex(":")
         cdef uint32_t ip = route_of(&self.conf, htonl(int(ipaddress.IPv4Address(addr))), mac)
         if ip == 0:
             return None
@@ -347,7 +521,7 @@ cdef class Engine:
         drops = self._socket_drops()
         if drops is not None:
             out["rx_socket_drops"] = drops
-        out["routes"] = len(self._peers)
+        out["routes"] = len(self._peers) + len(self._peers6)
         out["workers"] = self.nworkers
         return out
 
@@ -359,7 +533,9 @@ cdef class Engine:
         cdef socklen_t size
         cdef int i
         total = 0
-        for fd in {self.workers[i].sock_fd for i in range(self.nworkers)}:
+        fds = {self.workers[i].sock_fd for i in range(self.nworkers)}
+        fds |= {self.workers[i].sock6_fd for i in range(self.nworkers)} - {-1}
+        for fd in fds:
             size = sizeof(info)
             if getsockopt(fd, SOL_SOCKET, SO_MEMINFO, info, &size) != 0 or size < sizeof(info):
                 return None
@@ -381,14 +557,31 @@ cdef class Engine:
         size ``gro`` (0: none) and write what passes to the TUN."""
         cdef Worker *w = self._hook_worker("_inject_rx", datagram, RX_BUF)
         cdef uint32_t n = len(datagram)
-        cdef uint32_t src = htonl(int(ipaddress.IPv4Address(src_ip)))
+        cdef uint32_t src = 0
+        cdef bytes src6 = b""
+        cdef const uint8_t *s6
+        cdef bint from6 = _is_v6(src_ip)
+        if from6:   # from the IPv6 underlay
+            if not self.conf.v6:
+                raise ValueError(f"{src_ip}: this engine has no IPv6 socket")
+            src6 = ipaddress.IPv6Address(src_ip).packed
+        else:
+            src = htonl(int(ipaddress.IPv4Address(src_ip)))
+        s6 = src6
         memcpy(w.rx_buf, <const char *>datagram, n)
         with nogil:
-            rx_datagram(w, w.rx_buf, n, gro, src)
+            if from6:
+                rx_datagram6(w, w.rx_buf, n, gro, s6)
+            else:
+                rx_datagram(w, w.rx_buf, n, gro, src)
             rx_flush_run(w)
 
     def _is_peer(self, ip):
         """Whether the packet path takes ``ip`` for a peer (the peer set's answer)."""
+        cdef bytes ip6
+        if _is_v6(ip):
+            ip6 = ipaddress.IPv6Address(ip).packed
+            return self.conf.v6 != 0 and is_peer6(&self.conf, ip6)
         return is_peer(&self.conf, htonl(int(ipaddress.IPv4Address(ip))))
 
     def _inject_tx(self, bytes read):
@@ -408,18 +601,27 @@ cdef class Engine:
         return self._bench_dry(True, packet, 0, count, 0)
 
     def _bench_decap(self, bytes datagram, src_ip, int count, int gro=0):
-        """ns spent checking and merging ``count`` copies of ``datagram`` (no TUN write)."""
+        """ns spent checking and merging ``count`` copies of ``datagram`` (no TUN write); an IPv6
+        ``src_ip``: as taken from the IPv6 underlay's socket."""
+        if _is_v6(src_ip):
+            if not self.conf.v6:
+                raise ValueError(f"{src_ip}: this engine has no IPv6 socket")
+            return self._bench_dry(False, datagram, 0, count, gro, ipaddress.IPv6Address(src_ip).packed)
         return self._bench_dry(False, datagram, htonl(int(ipaddress.IPv4Address(src_ip))), count, gro)
 
-    cdef int64_t _bench_dry(self, bint tx, bytes data, uint32_t src, int count, int gro) except -1:
+    cdef int64_t _bench_dry(self, bint tx, bytes data, uint32_t src, int count, int gro,
+                            bytes src6=None) except -1:
         """The two above: worker 0's tx or rx path on ``count`` copies of ``data``, on this thread,
         in dry mode (batches built, no system calls); the ns it took."""
         cdef Worker *w = self._hook_worker("_bench_encap" if tx else "_bench_decap", data,
                                            RD_STRIDE if tx else RX_BUF)
         cdef uint32_t n = len(data)
         cdef const uint8_t *p = data
+        cdef const uint8_t *s6 = NULL
         cdef int i, j
         cdef timespec t0, t1
+        if src6 is not None:
+            s6 = src6
         if not tx:
             memcpy(w.rx_buf, p, n)
         self.conf.dry = 1
@@ -436,7 +638,10 @@ cdef class Engine:
                     tx_flush(w)
                 else:
                     for i in range(count):
-                        rx_datagram(w, w.rx_buf, n, gro, src)
+                        if s6 != NULL:
+                            rx_datagram6(w, w.rx_buf, n, gro, s6)
+                        else:
+                            rx_datagram(w, w.rx_buf, n, gro, src)
                         if i % RX_BATCH == RX_BATCH - 1:
                             rx_flush_run(w)
                     rx_flush_run(w)

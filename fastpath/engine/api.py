@@ -11,6 +11,7 @@ from __future__ import annotations
 COUNTER_NAMES = (
     "tx_packets",                   # inner packets sent (after segmentation)
     "tx_bytes",
+    "tx_ipv6_packets",              # ... of them IPv6 (dual-stack vxlan: over the IPv6 underlay)
     "tx_reads",                     # TUN reads (a super-packet is one read)
     "tx_super_packets",             # reads that were GSO super-packets
     "tx_datagram_sends",            # sendmmsg messages (one may carry up to 64 segments)
@@ -29,6 +30,7 @@ COUNTER_NAMES = (
     "rx_datagrams",                 # datagrams taken from the socket (a GRO message: each in it)
     "rx_packets",                   # inner packets delivered to the TUN
     "rx_bytes",
+    "rx_ipv6_packets",              # ... of them IPv6 (from the IPv6 underlay's socket)
     "rx_tun_writes",
     "rx_gro_writes",                # TUN writes that carried a GSO super-packet
     "rx_batches",
@@ -38,6 +40,7 @@ COUNTER_NAMES = (
     "rx_drop_short",
     "rx_drop_bad_ip",
     "rx_drop_not_ipv4",
+    "rx_drop_not_ipv6",             # IPv6 underlay: inner ethertype not 0x86DD or version not 6
     "rx_drop_oversized",
     "rx_drop_bad_vxlan",
     "rx_drop_wrong_vni",

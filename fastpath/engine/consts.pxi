@@ -49,3 +49,5 @@ cdef enum:
     ICMP_COST_NS = 1000000    # 1e9 / ICMP_RATE
     ICMP_QUOTE = 8            # bytes of the offending packet's payload quoted (RFC 792)
     ICMP_BUF = 112            # vnet header (10) + IPv4 (20) + ICMP (8) + IPv4 with options (60) + 8
+    ICMP6_MAX = 1280          # an ICMPv6 error: at most the IPv6 minimum MTU (RFC 4443 2.4(c))
+    ICMP6_BUF = 1290          # vnet header (10) + ICMP6_MAX

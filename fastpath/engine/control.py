@@ -16,7 +16,7 @@ Messages, both ways: a 4-byte big-endian length, then that many bytes of one JSO
 |---|---|---|
 | ``hello`` | | ``pid``, ``running``, ``config`` (as started), ``engine`` (class), ``tids`` ([worker, thread id]), ``routes`` (count) |
 | ``start`` | ``config``, ``routes`` ({subnet: [ip, mac]}) | as ``hello``; once per process: opens the TUN and the sockets, programs the routes, starts |
-| ``set_route`` | ``subnet``, ``ip``, ``mac`` (vxlan) | |
+| ``set_route`` | ``subnet``, ``ip``, ``mac`` (vxlan; an IPv6 subnet: the peer's PublicIPv6 and v6 VtepMAC) | |
 | ``remove_route`` | ``subnet`` | |
 | ``replace_routes`` | ``routes`` | sets every given route, then removes the others (a resync: the full table) |
 | ``routes`` | | ``routes`` ({subnet: [ip, mac]}) |

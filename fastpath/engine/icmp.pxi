@@ -113,3 +113,76 @@ cdef void tx_unreachable(Worker *w, const uint8_t *pkt, uint32_t plen, uint32_t 
         r = write(w.tun_fd, ip, n)
     if r >= 0:
         w.tx_cnt[<int>C_TX_ICMP_UNREACHABLE_SENT] += 1
+
+
+# -- IPv6 (dual-stack): ICMPv6 destination unreachable, code 0 "no route to destination" --------------
+# The same rules in RFC 4443's words (2.4 (e)): no reply to an ICMPv6 error, nor to a packet whose
+# source or destination is not one host (unspecified, loopback, multicast), nor to what hides its
+# upper layer behind extension headers (an error may be in there); the same token bucket; from the
+# unreachable destination (as for IPv4, see above); the quote as long as fits in 1280 bytes.
+
+cdef inline bint one_host6(const uint8_t *a) noexcept nogil:
+    cdef int i
+    cdef uint8_t rest = 0
+    if a[0] == 0xff:
+        return False                  # multicast
+    for i in range(15):
+        rest |= a[i]
+    return not (rest == 0 and (a[15] == 0 or a[15] == 1))     # :: and ::1
+
+
+cdef inline bint icmp6_allowed(const uint8_t *pkt, uint32_t plen) noexcept nogil:
+    cdef uint32_t tot = 40 + wf_be16(pkt + 4)
+    cdef uint8_t nh = pkt[6]
+    if tot > plen:
+        return False
+    if not one_host6(pkt + 8) or not one_host6(pkt + 24):
+        return False
+    if nh == 0 or nh == 43 or nh == 44 or nh == 60 or nh == 50 or nh == 51:
+        return False                  # extension headers: the upper layer is not at hand
+    if nh == 58 and (tot < 41 or pkt[40] < 128):
+        return False                  # an ICMPv6 error (types 0-127), or no type at all
+    return True
+
+
+cdef void tx_unreachable6(Worker *w, const uint8_t *pkt, uint32_t plen) noexcept nogil:
+    """Answer an unroutable IPv6 TUN read with ICMPv6 type 1 code 0, written back into the TUN:
+    IPv6 (traffic class and flow 0, hop limit 64, next header 58) from the offending packet's
+    destination to its source; ICMPv6 1/0, 4 unused bytes, then the offending packet as read,
+    cut to fit 1280 bytes."""
+    cdef Conf *c = w.conf
+    cdef uint8_t *b = w.icmp6_buf
+    cdef uint8_t *ip = b + VNET_HDR_LEN
+    cdef uint8_t *icmp = ip + 40
+    cdef uint32_t q, n
+    cdef uint64_t s
+    cdef ssize_t r
+    if not icmp6_allowed(pkt, plen):
+        return
+    if not icmp_take_token(w):
+        w.tx_cnt[<int>C_TX_ICMP_UNREACHABLE_LIMITED] += 1
+        return
+    q = 40 + wf_be16(pkt + 4)
+    if q > ICMP6_MAX - 48:
+        q = ICMP6_MAX - 48
+    n = 48 + q
+    memset(b, 0, VNET_HDR_LEN + 48)   # the vnet header stays zero: no GSO, checksum complete
+    ip[0] = 0x60
+    wf_put16(ip + 4, 8 + q)
+    ip[6] = 58
+    ip[7] = 64
+    memcpy(ip + 8, pkt + 24, 16)      # from the unreachable destination
+    memcpy(ip + 24, pkt + 8, 16)      # to the sender
+    icmp[0] = 1
+    icmp[1] = 0
+    memcpy(icmp + 8, pkt, q)
+    s = wf_pseudo6(ip, 58, 8 + q)
+    wf_put_csum(icmp + 2, <uint16_t>~wf_fold(wf_csum(icmp, 8 + q, s)))
+    if c.dry:
+        r = n
+    elif c.vnet:
+        r = write(w.tun_fd, b, VNET_HDR_LEN + n)
+    else:
+        r = write(w.tun_fd, ip, n)
+    if r >= 0:
+        w.tx_cnt[<int>C_TX_ICMP_UNREACHABLE_SENT] += 1

@@ -39,7 +39,12 @@ _ENGINE_THREAD = re.compile(r"^weft-engine-[a-z]+(\d+)$")  # the compiled engine
 CONFIG_KEYS = {"dev": str, "engine": str, "mode": str, "network": str, "subnet_len": int,
                "local_subnet": str, "local": str, "port": int, "workers": int, "mtu": int,
                "vnet_hdr": bool, "busy_poll_us": int, "kwargs": dict}
-ENGINE_KWARGS = {"vni": int, "vtep_mac": (str, type(None))}
+# Dual-stack only (absent from an IPv4-only config, so that an engine started before IPv6 existed
+# is still adopted): the IPv6 underlay address the second socket binds to.
+OPTIONAL_KEYS = {"local6": str}
+ENGINE_KWARGS = {"vni": int, "vtep_mac": (str, type(None)), "network6": str, "subnet6_len": int,
+                 "local_subnet6": str, "vtep_mac6": (str, type(None))}
+V6_KWARGS = ("network6", "subnet6_len", "local_subnet6", "vtep_mac6")
 
 
 class RequestError(Exception):
@@ -50,16 +55,21 @@ def _check_config(config) -> dict:
     if not isinstance(config, dict):
         raise RequestError("config must be an object")
     missing = sorted(set(CONFIG_KEYS) - set(config))
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    unknown = sorted(set(config) - set(CONFIG_KEYS) - set(OPTIONAL_KEYS))
     if missing or unknown:
         raise RequestError(f"config: missing {missing}, unknown {unknown}" if missing and unknown
                            else f"config: missing {missing}" if missing else f"config: unknown {unknown}")
-    for key, kind in CONFIG_KEYS.items():
+    for key, kind in {**CONFIG_KEYS, **OPTIONAL_KEYS}.items():
+        if key not in config:
+            continue
         if not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool)):
             raise RequestError(f"config: {key} must be {kind.__name__}, not {type(config[key]).__name__}")
     for key, value in config["kwargs"].items():
         if key not in ENGINE_KWARGS or not isinstance(value, ENGINE_KWARGS[key]) or isinstance(value, bool):
             raise RequestError(f"config: kwargs.{key} is not an engine option of the right type")
+    v6 = {k for k in V6_KWARGS if k in config["kwargs"]} | ({"local6"} & set(config))
+    if v6 and v6 != {*V6_KWARGS, "local6"}:
+        raise RequestError("config: IPv6 needs local6 and kwargs " + ", ".join(V6_KWARGS) + " together")
     if config["engine"] not in ("compiled", "reference"):
         raise RequestError(f"config: engine {config['engine']!r}: must be 'compiled' or 'reference'")
     if not 1 <= config["workers"] <= 64:
@@ -257,16 +267,21 @@ class EngineProcess:
 
     def op_replace_routes(self, msg) -> dict:
         routes = _routes_arg(msg.get("routes"))
+        kwargs = self.config["kwargs"]
         net = ipaddress.IPv4Network(self.config["network"])
+        net6 = ipaddress.IPv6Network(kwargs["network6"]) if "network6" in kwargs else None
+        wanted = set()
         for subnet, (ip, _) in routes.items():  # refuse the whole table before changing anything
-            sub = ipaddress.IPv4Network(subnet)
-            if sub.prefixlen != self.config["subnet_len"] or not sub.subnet_of(net):
-                raise RequestError(f"replace_routes: {subnet} is not a /{self.config['subnet_len']}"
-                                   f" of {net}")
-            ipaddress.IPv4Address(ip)
+            sub = ipaddress.ip_network(subnet)
+            size, within = (self.config["subnet_len"], net) if sub.version == 4 else (kwargs.get("subnet6_len"), net6)
+            if within is None or sub.prefixlen != size or not sub.subnet_of(within):
+                raise RequestError(f"replace_routes: {subnet} is not a /{size} of "
+                                   f"{within or 'an IPv6 Network (this engine carries IPv4 only)'}")
+            if ipaddress.ip_address(ip).version != sub.version:
+                raise RequestError(f"replace_routes: {subnet} via {ip}: not of one address family")
+            wanted.add(str(sub))
         for subnet, (ip, mac) in routes.items():  # set first: a route kept is never missing
             self.engine.set_route(subnet, ip, mac)
-        wanted = {str(ipaddress.IPv4Network(s)) for s in routes}
         removed = [s for s in self.engine.routes() if s not in wanted]
         for subnet in removed:
             self.engine.remove_route(subnet)
@@ -298,22 +313,18 @@ class EngineProcess:
         except OSError as exc:
             raise RequestError(f"cannot open TUN {config['dev']}: {exc.strerror} (needs CAP_NET_ADMIN"
                                " and /dev/net/tun)") from None
-        try:
-            for _ in range(workers):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self.socks.append(s)
-                if workers > 1:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                s.bind((config["local"], config["port"]))
-        except OSError as exc:
-            raise RequestError(f"cannot bind UDP {config['local']}:{config['port']}: {exc.strerror}") from None
+        socks = self._bind(socket.AF_INET, config["local"], config["port"], workers)
+        extra = {}
+        if "local6" in config:  # dual-stack: the IPv6 underlay's socket(s), IPv6 only, same port
+            socks6 = self._bind(socket.AF_INET6, config["local6"], config["port"], workers)
+            extra["sock6_fd"] = [s.fileno() for s in socks6] if workers > 1 else socks6[0].fileno()
         tun = self.tun_fds if workers > 1 else self.tun_fds[0]
-        sock = [s.fileno() for s in self.socks] if workers > 1 else self.socks[0].fileno()
+        sock = [s.fileno() for s in socks] if workers > 1 else socks[0].fileno()
         engine = cls(tun, sock, mode=config["mode"], network=config["network"],
                      subnet_len=config["subnet_len"], local_subnet=config["local_subnet"],
                      port=config["port"], mtu=config["mtu"],
                      vnet_hdr=config["vnet_hdr"], busy_poll_us=config["busy_poll_us"],
-                     **config["kwargs"])
+                     **config["kwargs"], **extra)
         self.engine = engine
         for subnet, (ip, mac) in routes.items():
             engine.set_route(subnet, ip, mac)
@@ -323,6 +334,25 @@ class EngineProcess:
                            if t not in before and t.native_id and (m := _ENGINE_THREAD.match(t.name)))
         self.config = config
         self.started_at = time.time()
+
+    def _bind(self, family: int, address: str, port: int, workers: int) -> list[socket.socket]:
+        """One UDP socket per worker (SO_REUSEPORT when several) bound to ``address``:``port``;
+        an IPv6 one IPV6_V6ONLY (the IPv4 socket holds the same port)."""
+        made = []
+        try:
+            for _ in range(workers):
+                s = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self.socks.append(s)
+                made.append(s)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if workers > 1:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                s.bind((address, port))
+        except OSError as exc:
+            where = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
+            raise RequestError(f"cannot bind UDP {where}: {exc.strerror}") from None
+        return made
 
     def _close_all(self) -> None:
         if self.engine is not None:

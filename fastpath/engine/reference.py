@@ -7,6 +7,8 @@ offloads (the TUN is opened without IFF_VNET_HDR, the socket without UDP_GRO).
 
 Same API as the compiled ``Engine``; same counter names (the ones it never moves stay 0).
 The checks are made in the same order, so each datagram lands in the same counter in both.
+IPv4 only: the compiled engine's IPv6 side (dual-stack vxlan/fastpath) has no counterpart here;
+its IPv6 frames are checked in tests against hand-built bytes instead.
 """
 from __future__ import annotations
 
@@ -44,8 +46,14 @@ def ip_checksum(data: bytes) -> int:
 class ReferenceEngine:
     def __init__(self, tun_fd, sock_fd, *, mode="udp", network, subnet_len, local_subnet, vni=1,
                  vtep_mac=b"", port=None, mtu=0, vnet_hdr=None, split_threads=False,
-                 busy_poll_us=0):
-        # split_threads, busy_poll_us: accepted for API parity; one thread, select(), no polling
+                 busy_poll_us=0, network6=None, subnet6_len=None, local_subnet6=None,
+                 vtep_mac6=b"", sock6_fd=None):
+        # split_threads, busy_poll_us: accepted for API parity; one thread, select(), no polling.
+        # IPv6 (the compiled engine's dual-stack vxlan): not here. This engine serves udp/python,
+        # and flannel's udp format carries IPv4 only.
+        if network6 is not None or sock6_fd is not None or local_subnet6 is not None:
+            raise ValueError("the reference engine carries IPv4 only (udp/python); IPv6 needs the"
+                             " compiled engine (vxlan/fastpath)")
         if not isinstance(tun_fd, int) or not isinstance(sock_fd, int):
             raise ValueError("the reference engine runs one worker on one TUN fd and one socket")
         if vnet_hdr:

@@ -51,6 +51,15 @@ cdef extern from "<netinet/in.h>" nogil:
         uint16_t sin_family
         uint16_t sin_port
         in_addr sin_addr
+    int AF_INET6
+    struct in6_addr:
+        uint8_t s6_addr[16]
+    struct sockaddr_in6:
+        uint16_t sin6_family
+        uint16_t sin6_port
+        uint32_t sin6_flowinfo
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
     uint16_t htons(uint16_t)
     uint32_t htonl(uint32_t)
     uint32_t ntohl(uint32_t)

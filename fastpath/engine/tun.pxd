@@ -14,4 +14,5 @@ cdef extern from "<linux/virtio_net.h>" nogil:
     int VIRTIO_NET_HDR_F_NEEDS_CSUM
     int VIRTIO_NET_HDR_GSO_NONE
     int VIRTIO_NET_HDR_GSO_TCPV4
+    int VIRTIO_NET_HDR_GSO_TCPV6
     int VIRTIO_NET_HDR_GSO_ECN

@@ -220,6 +220,130 @@ static inline void wf_peer_del(wf_peers_t *t, uint32_t ip) {
     wf_peers_end(t);
 }
 
+/* The IPv6 pseudo header (src, dst from the packet; upper-layer length < 64 KB; next header),
+ * native order (RFC 8200 8.1): the v4 one's two small words plus eight address words. */
+static inline uint64_t wf_pseudo6(const uint8_t *ip, uint32_t proto, uint32_t l4len) {
+    uint64_t s = 0;
+    for (int i = 8; i < 40; i += 4)
+        s += wf_ld32(ip + i);
+    return s + (uint16_t)((proto << 8) | (proto >> 8))
+             + (uint16_t)(((l4len & 0xff) << 8) | ((l4len >> 8) & 0xff));
+}
+
+/* IPv6 routes and peers: a map from a 16-byte key (a subnet's prefix with its host bits clear,
+ * or a peer's public IPv6 address) to a peer (public IPv6 + VTEP MAC). IPv6 subnets are sparse in
+ * their Network (a /56 holds 256 /64s, a /48 65,536), so no direct table: open addressing with
+ * linear probing, at most half full (sized for one entry per IPv4 route slot: a lease has one
+ * subnet of each family), deletion by backward shift, a per-engine seed. One writer (Python,
+ * holding the GIL) changes it under the sequence count; packet threads copy an entry out
+ * without a lock and retry while the count is odd or moved. The IPv4 path never touches it. */
+typedef struct {
+    uint8_t key[16];
+    uint8_t ip[16];    /* the peer's public IPv6 (network order) */
+    uint8_t mac[6];    /* its VTEP MAC */
+    uint8_t used;
+    uint8_t pad;
+} wf_entry6_t;
+
+typedef struct {
+    uint32_t seq;
+    uint32_t mask;     /* number of slots - 1 (a power of two) */
+    uint32_t seed;
+    uint32_t count;    /* entries in use (writer only) */
+    wf_entry6_t *slot;
+} wf_map6_t;
+
+static inline uint32_t wf_map6_home(const wf_map6_t *t, const uint8_t *key) {
+    uint32_t h = t->seed;
+    for (int i = 0; i < 16; i += 4) {
+        uint32_t k = wf_ld32(key + i) * 0xcc9e2d51u;
+        k = (k << 15) | (k >> 17);
+        h ^= k * 0x1b873593u;
+        h = ((h << 13) | (h >> 19)) * 5 + 0xe6546b64u;
+    }
+    h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16;
+    return h & t->mask;
+}
+
+/* Copy the entry of ``key`` into ip/mac (either may be NULL); 1 when there is one. */
+static inline int wf_map6_get(const wf_map6_t *t, const uint8_t *key, uint8_t *ip, uint8_t *mac) {
+    uint32_t s1, s2, i, n;
+    int found;
+    for (;;) {
+        s1 = __atomic_load_n(&t->seq, __ATOMIC_ACQUIRE);
+        found = 0;
+        if (!(s1 & 1)) {
+            i = wf_map6_home(t, key);
+            for (n = 0; n <= t->mask; n++) {    /* bounded even mid-change: never a full table */
+                const wf_entry6_t *e = &t->slot[i];
+                if (!__atomic_load_n(&e->used, __ATOMIC_RELAXED))
+                    break;
+                if (memcmp(e->key, key, 16) == 0) {
+                    if (ip) memcpy(ip, e->ip, 16);
+                    if (mac) memcpy(mac, e->mac, 6);
+                    found = 1;
+                    break;
+                }
+                i = (i + 1) & t->mask;
+            }
+        }
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        s2 = __atomic_load_n(&t->seq, __ATOMIC_RELAXED);
+        if (!(s1 & 1) && s1 == s2)
+            return found;
+    }
+}
+
+static inline void wf_map6_begin(wf_map6_t *t) {
+    __atomic_store_n(&t->seq, t->seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static inline void wf_map6_end(wf_map6_t *t) { __atomic_store_n(&t->seq, t->seq + 1, __ATOMIC_RELEASE); }
+
+/* Writer only. Set (or replace) the entry of ``key``; -1 when the table is half full already. */
+static inline int wf_map6_put(wf_map6_t *t, const uint8_t *key, const uint8_t *ip, const uint8_t *mac) {
+    uint32_t i = wf_map6_home(t, key);
+    while (t->slot[i].used && memcmp(t->slot[i].key, key, 16) != 0)
+        i = (i + 1) & t->mask;
+    if (!t->slot[i].used && 2 * (t->count + 1) > t->mask + 1)
+        return -1;
+    wf_map6_begin(t);
+    if (!t->slot[i].used) {
+        memcpy(t->slot[i].key, key, 16);
+        t->count++;
+    }
+    memcpy(t->slot[i].ip, ip ? ip : key, 16);
+    if (mac) memcpy(t->slot[i].mac, mac, 6); else memset(t->slot[i].mac, 0, 6);
+    __atomic_store_n(&t->slot[i].used, 1, __ATOMIC_RELAXED);
+    wf_map6_end(t);
+    return 0;
+}
+
+/* Writer only: remove the entry of ``key`` (backward shift, as wf_peer_del). */
+static inline void wf_map6_del(wf_map6_t *t, const uint8_t *key) {
+    uint32_t i = wf_map6_home(t, key), j, k;
+    while (memcmp(t->slot[i].key, key, 16) != 0 || !t->slot[i].used) {
+        if (!t->slot[i].used)
+            return;
+        i = (i + 1) & t->mask;
+    }
+    wf_map6_begin(t);
+    for (j = i;;) {
+        j = (j + 1) & t->mask;
+        if (!t->slot[j].used)
+            break;
+        k = wf_map6_home(t, t->slot[j].key);
+        if (j > i ? (k <= i || k > j) : (k <= i && k > j)) {
+            t->slot[i] = t->slot[j];
+            i = j;
+        }
+    }
+    memset(&t->slot[i], 0, sizeof(wf_entry6_t));
+    t->count--;
+    wf_map6_end(t);
+}
+
 static inline int wf_load_flag(const int *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void wf_store_flag(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 #endif

@@ -28,3 +28,18 @@ cdef extern from "wire.h" nogil:
     void wf_peer_del(wf_peers_t *t, uint32_t ip)
     int wf_load_flag(const int *p)
     void wf_store_flag(int *p, int v)
+    uint64_t wf_pseudo6(const uint8_t *ip, uint32_t proto, uint32_t l4len)
+    ctypedef struct wf_entry6_t:
+        uint8_t key[16]
+        uint8_t ip[16]
+        uint8_t mac[6]
+        uint8_t used
+    ctypedef struct wf_map6_t:
+        uint32_t seq
+        uint32_t mask
+        uint32_t seed
+        uint32_t count
+        wf_entry6_t *slot
+    int wf_map6_get(const wf_map6_t *t, const uint8_t *key, uint8_t *ip, uint8_t *mac)
+    int wf_map6_put(wf_map6_t *t, const uint8_t *key, const uint8_t *ip, const uint8_t *mac)
+    void wf_map6_del(wf_map6_t *t, const uint8_t *key)

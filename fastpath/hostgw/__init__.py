@@ -12,5 +12,6 @@ DATAPLANES = (
               "one kernel route per peer via its PublicIP", inspect="fastpath.peermap:show",
               source_guard="optional",
               source_guard_help="drop packets from a Network address whose source MAC is not that "
-                                "of the public IP of the lease holding it"),
+                                "of the public IP of the lease holding it",
+              ipv6=True),
 )

@@ -9,6 +9,11 @@ As flannel's ``route_network.go``: a route to the same destination through anoth
 device is removed before ours goes in, and ``resync`` puts back routes that vanished. Removal
 deletes exactly our route (destination, gateway and device must all match).
 
+Dual-stack (EnableIPv6, and the node has a PublicIPv6): each peer's IPv6 side is one more route,
+``<peer subnet6> via <PublicIPv6> dev <underlay>`` (flannel's ``ip -6 route replace``), with the
+same conflict removal, resync and removal rules, and PublicIPv6 must likewise be the interface's
+own IPv6 address.
+
 The source guard (opt-in, weftd ``--source-guard``, ``BackendOptions.source_guard``):
 ``weft_hostgw_guard`` (fastpath/bpf/hostgw_guard.c, fastpath/bpf/guard.py) on the underlay
 interface's ingress drops, counted by reason, every IPv4 packet whose source is in the Network but
@@ -22,6 +27,7 @@ running an event loop; a lock serialises the methods.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -29,12 +35,14 @@ import socket
 from controlplane.backends.base import BackendError
 from controlplane.lease import Lease
 
-from ..direct import MAIN_TABLE, main_routes, route_key
+from ..direct import MAIN_TABLE
 from ..netlink import GONE, nl_errno
 from ..routing import GuardedRouting, Peer
 
 log = logging.getLogger("weft.backend.hostgw")
 
+RTM_F_FIB_MATCH = 0x2000  # route get: return the FIB entry that matched, not a cloned route
+MAX_CONFLICTS = 16  # routes to one destination removed per program(): a bound, not a limit met
 NTF_USE = 0x01  # neighbour "use": create the entry if needed and start resolving it
 # NUD_PERMANENT | NUD_NOARP | NUD_REACHABLE | NUD_PROBE | NUD_STALE | NUD_DELAY: a usable MAC
 NUD_VALID = 0x80 | 0x40 | 0x02 | 0x10 | 0x04 | 0x08
@@ -51,13 +59,17 @@ class HostGWKernelBackend(GuardedRouting):
             have = self.iface.address if self.iface.address is not None else "no IPv4 address"
             raise BackendError(f"host-gw backend requires the public IP ({self.iface.public_ip}) "
                                f"to be the address of interface {self.iface.name} ({have})")
+        if self.has_ipv6 and self.iface.address6 != self.iface.public_ipv6:
+            have = self.iface.address6 if self.iface.address6 is not None else "no IPv6 address"
+            raise BackendError(f"host-gw backend requires the public IPv6 ({self.iface.public_ipv6}) "
+                               f"to be the address of interface {self.iface.name} ({have})")
         with self._lock:
             self.lease = lease
             for peer in list(self._peers.values()):
                 self._program(peer)
             self.setup_guard(lease)
             if self.guard is not None:
-                for gw in {p.public_ip for p in self._peers.values()}:
+                for gw in {p.public_ip for p in self._peers.values() if p.public_ip.version == 4}:
                     self._resolve(gw)
 
     # -- the source guard needs each peer's MAC in the neighbour table -----------------------------
@@ -77,7 +89,7 @@ class HostGWKernelBackend(GuardedRouting):
 
     def peer_added(self, peer: Peer) -> None:
         super().peer_added(peer)
-        if self.guard is not None and self.guard.progs is not None:
+        if self.guard is not None and self.guard.progs is not None and peer.subnet.version == 4:
             self._resolve(peer.public_ip)
 
     def resync_guard(self) -> None:
@@ -90,7 +102,7 @@ class HostGWKernelBackend(GuardedRouting):
             for n in self.ipr.neigh("dump", ifindex=self.iface.index, family=socket.AF_INET):
                 if n["ifindex"] == self.iface.index and n["state"] & NUD_VALID:
                     valid.add(n.get("NDA_DST"))
-            for gw in {p.public_ip for p in self._peers.values()}:
+            for gw in {p.public_ip for p in self._peers.values() if p.public_ip.version == 4}:
                 if str(gw) not in valid:
                     self._resolve(gw)
         except Exception as exc:
@@ -98,44 +110,76 @@ class HostGWKernelBackend(GuardedRouting):
 
     # -- peers -----------------------------------------------------------------------------------
 
-    def _routes_to(self, subnet: ipaddress.IPv4Network) -> list[tuple[str | None, int | None, int]]:
-        """(gateway, oif, priority) of every main-table route to exactly ``subnet``."""
-        out = []
-        for r in self.ipr.route("dump", family=socket.AF_INET):
+    def _route_in_use(self, subnet: ipaddress.IPv4Network | ipaddress.IPv6Network
+                      ) -> tuple[str | None, int | None, int] | None:
+        """(gateway, oif, priority) of the main-table route to exactly ``subnet`` that the kernel
+        uses now (``ip route get <subnet> fibmatch``), or None: one lookup, where a dump of every
+        route per peer would make programming N peers cost N dumps of N routes."""
+        try:
+            found = self.ipr.route("get", dst=str(subnet.network_address), flags=RTM_F_FIB_MATCH)
+        except Exception as exc:
+            if nl_errno(exc) in (errno.ENETUNREACH, errno.EHOSTUNREACH, *GONE):
+                return None
+            raise
+        for r in found:
             if (r.get("RTA_TABLE", r["table"]) == MAIN_TABLE and r["dst_len"] == subnet.prefixlen
                     and r.get("RTA_DST") == str(subnet.network_address)):
-                out.append((r.get("RTA_GATEWAY"), r.get("RTA_OIF"), r.get("RTA_PRIORITY") or 0))
-        return out
+                return r.get("RTA_GATEWAY"), r.get("RTA_OIF"), r.get("RTA_PRIORITY") or 0
+        return None
 
-    def program(self, peer: Peer) -> None:
-        """Our route, after removing any other route to the same destination (flannel's rule)."""
-        ipr, subnet, gw = self.ipr, peer.subnet, peer.public_ip
-        for r_gw, r_oif, prio in self._routes_to(subnet):
-            if (r_gw, r_oif) == (str(gw), self.iface.index):
-                continue
-            log.info("removing conflicting route %s via %s dev #%s", subnet, r_gw, r_oif)
-            kw = {"gateway": r_gw} if r_gw else {}
-            try:
-                ipr.route("del", dst=str(subnet), oif=r_oif, priority=prio, **kw)
-            except Exception as exc:
-                if nl_errno(exc) not in GONE:
-                    raise
-            self._counters["conflicts_removed"] += 1
-        ipr.route("replace", dst=str(subnet), gateway=str(gw), oif=self.iface.index)
-
-    def unprogram(self, peer: Peer) -> None:
-        """Exactly our route: destination, gateway and device must all match."""
+    def _remove_conflict(self, subnet, r_gw: str | None, r_oif: int | None, prio: int) -> None:
+        log.info("removing conflicting route %s via %s dev #%s", subnet, r_gw, r_oif)
+        kw = {"gateway": r_gw} if r_gw else {}
         try:
-            self.ipr.route("del", dst=str(peer.subnet), gateway=str(peer.public_ip), oif=self.iface.index)
+            self.ipr.route("del", dst=str(subnet), oif=r_oif, priority=prio, **kw)
         except Exception as exc:
             if nl_errno(exc) not in GONE:
                 raise
+        self._counters["conflicts_removed"] += 1
+
+    def program(self, peer: Peer) -> None:
+        """Our route, after removing any other route to the same destination (flannel's rule):
+        each one the kernel would use instead of ours goes, until ours (or none) is in use. One
+        hidden behind ours (a higher metric, added later) goes at the next resync."""
+        subnet, gw = peer.subnet, peer.public_ip
+        for _ in range(MAX_CONFLICTS):
+            in_use = self._route_in_use(subnet)
+            if in_use is None or in_use[:2] == (str(gw), self.iface.index):
+                break
+            self._remove_conflict(subnet, *in_use)
+        self.nl.route(True, subnet, gw, self.iface.index)
+        self.nl.commit()
+
+    def unprogram(self, peer: Peer) -> None:
+        """Exactly our route: destination, gateway and device must all match."""
+        self.nl.route(False, peer.subnet, peer.public_ip, self.iface.index)  # already gone is fine
+        self.nl.commit()
 
     def replace(self, old: Peer, new: Peer) -> None:
         self._unprogram(old)  # another gateway: the old route is not ours to keep
 
     def snapshot(self) -> set[tuple]:
-        return main_routes(self.ipr)
+        """Our peers' routes present now, as ``(dst, dst_len, gateway, oif)``: one dump per family.
+        The same dump sweeps conflicts: a route to a peer's subnet through another gateway or
+        device, which ``program`` cannot see while ours is the one in use (a higher metric)."""
+        peers = {(str(p.subnet.network_address), p.subnet.prefixlen): p for p in self._peers.values()}
+        present = set()
+        families = [socket.AF_INET] + ([socket.AF_INET6] if any(s.version == 6 for s in self._peers) else [])
+        for family in families:
+            for r in self.ipr.route("dump", family=family):
+                peer = peers.get((r.get("RTA_DST"), r["dst_len"]))
+                if peer is None or r.get("RTA_TABLE", r["table"]) != MAIN_TABLE:
+                    continue
+                gw, oif = r.get("RTA_GATEWAY"), r.get("RTA_OIF")
+                if (gw, oif) == (str(peer.public_ip), self.iface.index):
+                    present.add((r.get("RTA_DST"), r["dst_len"], gw, oif))
+                    continue
+                try:
+                    self._remove_conflict(peer.subnet, gw, oif, r.get("RTA_PRIORITY") or 0)
+                except Exception as exc:
+                    log.warning("removing a conflicting route to %s failed: %s", peer.subnet, exc)
+        return present
 
     def missing(self, peer: Peer, present: set[tuple]) -> tuple[str, ...]:
-        return () if route_key(peer.subnet, peer.public_ip, self.iface.index) in present else ("route",)
+        key = (str(peer.subnet.network_address), peer.subnet.prefixlen, str(peer.public_ip), self.iface.index)
+        return () if key in present else ("route",)

@@ -9,11 +9,13 @@ WIRE = Wire("udp", mtu_overhead=28, default_dataplane="fastpath", default_port=8
 
 ENGINE_PROCESS = "fastpath.engine.control:stop_engines_but_for"  # outlives weftd: see fastpath/userspace.py
 
+NO_IPV6 = "flannel's udp wire format has no IPv6"  # EnableIPv6 is refused with this reason
+
 DATAPLANES = (
     Dataplane("udp", "fastpath", "fastpath.udp.backend:UDPFastpathBackend",
               "the compiled userspace engine between a TUN and a UDP socket", source_guard="builtin",
-              leftovers=ENGINE_PROCESS),
+              leftovers=ENGINE_PROCESS, no_ipv6_reason=NO_IPV6),
     Dataplane("udp", "python", "fastpath.udp.backend:UDPPythonBackend",
               "the pure-Python reference engine, one packet per system call", source_guard="builtin",
-              leftovers=ENGINE_PROCESS),
+              leftovers=ENGINE_PROCESS, no_ipv6_reason=NO_IPV6),
 )

@@ -11,7 +11,8 @@ WIRE = Wire(
     keys=(Key("VNI", "vni", int, 1, 0, (1 << 24) - 1, "VXLAN network identifier"),
           Key("DirectRouting", "direct_routing", bool, False,
               description="route peers on the same L2 subnet directly, without VXLAN "
-                          "(kernel and fastpath data planes)")))
+                          "(kernel and fastpath data planes)")),
+    check_backend_data="fastpath.vxlan.backenddata:problem")  # BackendData and BackendV6Data
 
 BPF_MAPS = "fastpath.peermap:show"  # weftctl peermap: the programs' maps on a device
 
@@ -24,11 +25,11 @@ DATAPLANES = (
                           "(kernel bug workaround)"),),
               inspect=BPF_MAPS, source_guard="optional",
               source_guard_help="drop VXLAN datagrams whose outer source is not the public IP of "
-                                "the lease holding the inner source"),
+                                "the lease holding the inner source", ipv6=True),
     Dataplane("vxlan", "ebpf", "fastpath.vxlan.ebpf:VXLANEBPFBackend",
               "tc eBPF programs on an external VXLAN device, peers in a BPF map", inspect=BPF_MAPS,
-              source_guard="builtin", requires=("bcc",)),
+              source_guard="builtin", requires=("bcc",), ipv6=True),
     Dataplane("vxlan", "fastpath", "fastpath.vxlan.fastpath:VXLANFastpathBackend",
               "the compiled userspace engine between a TUN and a UDP socket", source_guard="builtin",
-              leftovers=ENGINE_PROCESS),
+              leftovers=ENGINE_PROCESS, ipv6=True),
 )

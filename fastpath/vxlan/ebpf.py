@@ -47,13 +47,29 @@ Design notes (Cilium's tunnel shape, wire-identical to ``vxlan/kernel``):
   replacing the filters (no packet lost), and its first resync drops inherited peers that no lease
   re-added.
 - Counters: per-CPU arrays ``weft_counters`` and ``weft_drops`` (one slot per drop reason), summed
-  when ``stats()`` is called: /metrics shows ``weft_backend_tx_packets``, ``..._drops_no_peer`` ...
+  when ``stats()`` is called: /metrics shows ``weft_backend_tx_packets_total``, ``..._drops_no_peer_total`` ...
 - ``weftctl peermap`` (run in the node's namespace) prints the live map: it finds the program on
   flannel.N's egress with ``tc`` and opens that program's maps by id (no bpffs pin, which the
   private mount namespace of ``ip netns exec`` would hide from other processes).
 - Teardown removes our filters from the underlay interface and cni0 (by priority and handle) and
   the device (its filters and the Network route go with it); the maps go with the last reference.
-- Not done: DirectRouting (every peer goes through the tunnel), IPv6.
+- Dual-stack (EnableIPv6, the node has a PublicIPv6): the same device carries IPv6 too (an external
+  device sends over whichever underlay family the tunnel key names), wire-compatible with a kernel
+  peer's ``flannel-v6.<VNI>``: IPv6 pod packets travel in VXLAN over the IPv6 underlay between
+  PublicIPv6 addresses, same VNI and port, inner MACs = the IPv6 VtepMACs of BackendV6Data. A
+  lease's IPv6 side is one ``weft_peers6`` entry (IPv6 subnet -> PublicIPv6, VNI, IPv6 VtepMAC;
+  ``weft_peer_ips6`` beside it); every program takes the IPv6 branch only for an IPv6 frame, so the
+  IPv4 path does the same work as before. The device gets ``<subnet6 network address>/128`` (the
+  source of the node's own traffic, as on flannel-v6.N) and one route, the IPv6Network with MTU
+  ``mtu - 20`` (the outer IPv6 header is 20 bytes longer: bigger pod packets meet the stack, which
+  answers Packet Too Big). Our IPv6 VtepMAC is the previous lease's (kept across restarts), else
+  the device's MAC; a different one (a lease vxlan/kernel made) works too: frames for it that
+  go up the stack get the device's MAC. Pods resolve their IPv6 gateway (cni0's address) by
+  neighbour discovery with the bridge, as before; received IPv6 takes the same paths as IPv4:
+  bpf_redirect_peer for a pod in ``weft_endpoints6`` (learnt from the bridge's IPv6 neighbours),
+  else the FIB redirect (bpf_redirect_neigh resolves the pod), else the stack.
+- Not done: DirectRouting (every peer goes through the tunnel); IPv6-only networks (refused by the
+  config, like everywhere).
 
 bcc or kernel headers missing: setup raises BackendError naming the fix, never a traceback.
 """
@@ -68,13 +84,14 @@ from controlplane.backends.base import BackendError, BackendOptions, ExternalInt
 from controlplane.config import NetworkConfig
 from controlplane.lease import Lease
 
-from ..netlink import ignore_gone
+from ..netlink import ignore_gone, only_address
 from ..routing import Peer, RoutingBackend
 from .vtep import VxlanDevice, parse_unicast_mac
 
 log = logging.getLogger("weft.backend.vxlan.ebpf")
 
 IFF_NOARP = 0x80
+IFF_MULTICAST = 0x1000
 NUD_PERMANENT = 0x80
 NUD_VALID = 0x80 | 0x40 | 0x02 | 0x10 | 0x04 | 0x08  # PERMANENT NOARP REACHABLE PROBE STALE DELAY
 SCOPE_LINK = 253
@@ -88,6 +105,7 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
     dataplane = "ebpf"
     RESTORED = "peers_restored"
     COUNTERS = ("device_recreated", "filters_restored")
+    GAUGES = RoutingBackend.GAUGES | {"endpoints", "peer_ips"}  # map sizes; the programs' counts only grow
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):
@@ -96,7 +114,8 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
         self.progs = None  # fastpath.bpf.Programs, compiled on first setup
         self.cfg_flags: int | None = None
         self._bridge_index: int | None = None
-        self._inherited: set[ipaddress.IPv4Network] = set()
+        self._inherited: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
+        self.dev6_name = None  # no flannel-v6.<VNI>: flannel.<VNI> (external) carries both families
         self._watch_stop = threading.Event()
         self._watch: threading.Thread | None = None
 
@@ -133,11 +152,11 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
                 # Fill the maps before the programs go live, so a restart does not drop a packet.
                 self._put_local(progs)
                 for peer in inherited:
-                    if peer.subnet not in self._peers and peer.subnet != lease.subnet:
-                        self._put(progs, peer)
+                    if peer.subnet not in self._peers and peer.subnet not in (lease.subnet, lease.subnet6):
+                        self._put_entry(progs, peer)
                         self._inherited.add(peer.subnet)
                 for peer in list(self._peers.values()):
-                    self._put(progs, peer)
+                    self._put_entry(progs, peer)
                 self._attach_device(idx)
                 self._attach_bridge()
                 self._attach_underlay()
@@ -168,6 +187,11 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
             log.info("kept %d peers from the programs a previous weftd left on %s", len(out), self.dev_name)
         return out
 
+    def _pick_mac6(self, previous: Lease | None) -> str:
+        """The previous lease's IPv6 VtepMAC, else the device's (one device: the simplest case)."""
+        from .vtep import lease_mac6
+        return lease_mac6(previous) or self.vtep_mac or super()._pick_mac6(previous)
+
     def _watch_bridge(self) -> None:
         """Every second: attach weft_from_pods when the pod bridge appears (the CNI plugin makes it,
         maybe after weftd starts) and relearn the pods (weft_endpoints). Cheap: three netlink dumps."""
@@ -195,8 +219,26 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
                 and data.get("IFLA_VXLAN_PORT") == self.port)
 
     def _ensure_device(self) -> int:
+        v6 = self.has_ipv6 and self.lease.subnet6 is not None
+
         def prepare(idx: int, link, created: bool) -> None:
-            if created:
+            if v6:
+                # No link-local address (nothing is ever resolved on this NOARP device), and no
+                # multicast listener reports (weft_to_overlay would drop them, counted): a
+                # forwarding node joins the all-routers groups on every multicast interface, so
+                # leave them (forwarding off; with MLDv1 a group never reported, joined while the
+                # device was down, leaves silently, where MLDv2 sends a state-change report),
+                # clear IFF_MULTICAST, and turn forwarding back on (bpf_fib_lookup wants it on
+                # the ingress device) without joining again.
+                self._sysctl(f"net/ipv6/conf/{self.dev_name}/addr_gen_mode", "1")
+                if link["flags"] & IFF_MULTICAST:
+                    forwarding = self._sysctl_read(f"net/ipv6/conf/{self.dev_name}/forwarding") or "1"
+                    self._sysctl(f"net/ipv6/conf/{self.dev_name}/force_mld_version", "1")
+                    self._sysctl(f"net/ipv6/conf/{self.dev_name}/forwarding", "0")
+                    self.ipr.link("set", index=idx, flags=0, change=IFF_MULTICAST)
+                    self._sysctl(f"net/ipv6/conf/{self.dev_name}/forwarding", forwarding)
+                self._sysctl(f"net/ipv6/conf/{self.dev_name}/disable_ipv6", "0")
+            elif created:
                 self._sysctl(f"net/ipv6/conf/{self.dev_name}/disable_ipv6", "1")
             if not link["flags"] & IFF_NOARP:
                 self.ipr.link("set", index=idx, flags=IFF_NOARP, change=IFF_NOARP)
@@ -206,7 +248,19 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
             vxlan_collect_metadata=1, vxlan_port=self.port)
         # One route for the whole Network; our own subnet's (more specific) route is the bridge's.
         self.ipr.route("replace", dst=str(self.config.network), oif=idx, scope=SCOPE_LINK)
+        if v6:  # the same for the IPv6Network, with the IPv6 overlay MTU; the device's own address
+            only_address(self.ipr, idx, str(self.lease.subnet6.network_address), 128, socket.AF_INET6)
+            self.ipr.route("replace", family=socket.AF_INET6, dst=str(self.config.ipv6_network), oif=idx,
+                           metrics={"mtu": self.mtu - 20})
         return idx
+
+    @staticmethod
+    def _sysctl_read(path: str) -> str | None:
+        try:
+            with open(f"/proc/sys/{path}") as f:
+                return f.read().strip()
+        except OSError:
+            return None
 
     @staticmethod
     def _sysctl(path: str, value: str) -> None:
@@ -230,6 +284,15 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
                      netmask=struct.unpack("=I", net.netmask.packed)[0], mtu=self.mtu,
                      flags=self.cfg_flags, vxlan_port=socket.htons(self.port), vni=self.vni,
                      public_ipv4=int(self.iface.public_ip))
+        if self.has_ipv6:  # else netmask6 stays zero: the programs leave IPv6 alone
+            from fastpath.bpf import ip6_bytes
+            net6 = self.config.ipv6_network
+            cfg.vtep_mac6 = (ctypes.c_uint8 * 6)(*mac_bytes(self.vtep_mac6 or self.vtep_mac))
+            cfg.mtu6 = self.mtu - 20
+            cfg.network6 = ip6_bytes(net6.network_address)
+            cfg.netmask6 = ip6_bytes(net6.netmask)
+            cfg.local_ipv6 = ip6_bytes(self.iface.address6)
+            cfg.public_ipv6 = ip6_bytes(self.iface.public_ipv6)
         progs.set_config(cfg)
 
     def set_flags(self, flags: int) -> None:
@@ -278,15 +341,19 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
 
     # -- peers -------------------------------------------------------------------------------------
 
-    def _put(self, progs, peer: Peer) -> None:
+    def _put_entry(self, progs, peer: Peer) -> None:
         from fastpath.bpf import peer_key, peer_value
         progs.put_peer(peer_key(peer.subnet), peer_value(peer.public_ip, self.vni, peer.mac))
 
     def _put_local(self, progs) -> None:
-        """Our own subnet, flagged local: pod traffic to it is neither encapsulated nor a miss."""
+        """Our own subnet (and IPv6 subnet), flagged local: pod traffic to it is neither
+        encapsulated nor a miss."""
         from fastpath.bpf import PEER_LOCAL, peer_key, peer_value
         progs.put_peer(peer_key(self.lease.subnet),
                        peer_value(self.iface.public_ip, self.vni, self.vtep_mac, PEER_LOCAL))
+        if self.has_ipv6 and self.lease.subnet6 is not None:
+            progs.put_peer(peer_key(self.lease.subnet6),
+                           peer_value(self.iface.public_ipv6, self.vni, self.vtep_mac6 or self.vtep_mac, PEER_LOCAL))
 
     def sync_endpoints(self) -> int:
         """Refill weft_endpoints from the pod bridge: pod IP (neighbour table) -> MAC -> port
@@ -318,18 +385,22 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
             if f["ifindex"] in ports and mac and not f["state"] & NUD_PERMANENT:
                 port_of[mac] = f["ifindex"]
         want = {}
-        for n in ipr.neigh("dump", family=socket.AF_INET, ifindex=bidx):
-            dst, mac = n.get("NDA_DST"), parse_unicast_mac(n.get("NDA_LLADDR"))
-            if n["ifindex"] != bidx or not dst or not mac or not n["state"] & NUD_VALID:
-                continue
-            ip = ipaddress.IPv4Address(dst)
-            if ip in self.lease.subnet and mac in port_of and bmac:
-                want[ip] = (port_of[mac], mac, bmac)
+        subnets = {socket.AF_INET: self.lease.subnet}
+        if self.has_ipv6 and self.lease.subnet6 is not None:  # IPv6 pods too (weft_endpoints6)
+            subnets[socket.AF_INET6] = self.lease.subnet6
+        for family, subnet in subnets.items():
+            for n in ipr.neigh("dump", family=family, ifindex=bidx):
+                dst, mac = n.get("NDA_DST"), parse_unicast_mac(n.get("NDA_LLADDR"))
+                if n["ifindex"] != bidx or not dst or not mac or not n["state"] & NUD_VALID:
+                    continue
+                ip = ipaddress.ip_address(dst)
+                if ip in subnet and mac in port_of and bmac:
+                    want[ip] = (port_of[mac], mac, bmac)
         return want
 
     def program(self, peer: Peer) -> None:
         if self.progs is not None:  # else setup puts it
-            self._put(self.progs, peer)
+            self._put_entry(self.progs, peer)
 
     restore = program
 
@@ -340,6 +411,7 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
 
     def peer_removed(self, lease: Lease) -> None:
         self._inherited.discard(lease.subnet)
+        self._inherited.discard(lease.subnet6)
 
     def peer_map(self, local: bool = False) -> list[dict]:
         """The live weft_peers entries (our own subnet's local entry only when ``local``)."""

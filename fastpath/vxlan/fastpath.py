@@ -9,6 +9,14 @@ which it replaces if one is left over) with ``<subnet>.0/32``, MTU = underlay MT
 whole Network routed through it; the engine adds/strips VXLAN + inner Ethernet
 (dst = the peer's VtepMAC, src = ours, type IPv4).
 
+Dual-stack (EnableIPv6): the node also looks like a kernel node's ``flannel-v6.<VNI>``: its lease
+adds PublicIPv6 and BackendV6Data ``{"VNI": n, "VtepMAC": "<v6 MAC>"}`` (its own MAC, kept across
+restarts as the v4 one), the same TUN also gets ``<subnet6 network address>/128`` and the
+IPv6Network routed through it (route MTU = TUN MTU - 20: the IPv6 outer header is 20 bytes
+longer), and the engine sends inner IPv6 packets as VXLAN (inner type 0x86DD, dst = the peer's v6
+VtepMAC, src = ours) from a second UDP socket on PublicIPv6, same VNI and port; what arrives
+there must be IPv6 to our v6 VtepMAC from inside the sending peer's IPv6 subnet.
+
 ``DirectRouting`` (``Backend.DirectRouting: true``) means what it means for ``vxlan/kernel``: a peer
 whose PublicIP is on the underlay interface's own L2 subnet gets a kernel route
 ``<peer subnet> via <PublicIP> dev <underlay>`` and no engine route, so its traffic never reaches
@@ -19,11 +27,17 @@ side is ``fastpath/direct.py``, shared with ``vxlan/kernel``; the bookkeeping is
 """
 from __future__ import annotations
 
+import logging
+
 from controlplane.lease import Lease
 
 from fastpath.engine import load_engine
+from fastpath.netlink import ignore_gone
 from fastpath.userspace import TunEngineBackend
 from fastpath.vxlan.vtep import VtepIdentity
+
+log = logging.getLogger("weft.backend.engine")
+
 
 class VXLANFastpathBackend(VtepIdentity, TunEngineBackend):
     wire_type = "vxlan"
@@ -49,3 +63,14 @@ class VXLANFastpathBackend(VtepIdentity, TunEngineBackend):
 
     def engine_kwargs(self) -> dict:
         return {"vni": self.vni, "vtep_mac": self.vtep_mac}
+
+    def engine_kwargs6(self) -> dict:
+        return {"vtep_mac6": self.vtep_mac6}
+
+    def _remove_stale_device(self) -> None:
+        """Also a kernel ``flannel-v6.<VNI>`` (left by vxlan/kernel): it holds our IPv6 UDP port."""
+        super()._remove_stale_device()
+        idx = self.link_index(f"flannel-v6.{self.vni}")
+        if idx is not None:
+            log.info("removing the existing flannel-v6.%s before opening the TUN", self.vni)
+            ignore_gone(self.ipr.link, "del", index=idx)

@@ -32,6 +32,15 @@ Design notes (after flannel's ``pkg/backend/vxlan/vxlan.go``):
 - A peer whose VtepMAC or PublicIP changes gets its stale FDB/neighbour entries removed before the
   new ones go in. ``resync`` re-adds any entry of a known peer that someone removed, and recreates
   the device if it vanished (flannel's link watcher does the same on RTM_DELLINK).
+- Dual-stack (EnableIPv6, and the node has a PublicIPv6): a second device ``flannel-v6.<VNI>``, as
+  flannel's: same VNI and port, source address the interface's IPv6 address, learning off, its own
+  VtepMAC (``BackendV6Data``, kept across restarts like the IPv4 one), ``<our subnet6's network
+  address>/128`` (no DAD), MTU 20 bytes below flannel.N's (the IPv6 outer header). Each peer's IPv6
+  side gets the same three entries there: neighbour ``<peer subnet6 network address> lladdr <its
+  v6 VtepMAC>``, FDB ``<v6 VtepMAC> dst <PublicIPv6>``, route ``<peer subnet6> via <its network
+  address> dev flannel-v6.N onlink``; with DirectRouting, a peer whose PublicIPv6 is on the
+  underlay's IPv6 subnet gets ``<peer subnet6> via <PublicIPv6> dev <underlay>`` instead. resync
+  and teardown cover it as flannel.N. A node without IPv6 removes a flannel-v6.N left by a run with it.
 
 All netlink work goes through one pyroute2 ``IPRoute`` in the calling process's network namespace.
 pyroute2's synchronous API runs its own asyncio loop, so these methods must not be called from a
@@ -56,9 +65,6 @@ from .vtep import VxlanDevice
 log = logging.getLogger("weft.backend.vxlan")
 
 NUD_PERMANENT = 0x80
-NUD_NOARP = 0x40
-NTF_SELF = 0x02
-RTNH_F_ONLINK = 0x04
 PARTS = ("neigh", "fdb", "route")  # a tunnelled peer's entries, in the order they go in
 
 
@@ -68,22 +74,39 @@ class VXLANKernelBackend(VxlanDevice, GuardedRouting):
     wire_type = "vxlan"
     dataplane = "kernel"
     COUNTERS = ("device_recreated", "tx_csum_off_failed")
+    GAUGES = GuardedRouting.GAUGES | {"peers_direct", "peers6_direct"}
     _l2_net: ipaddress.IPv4Network | None = None  # the underlay's own subnet, read at setup
+    # Device name -> index as of setup or the last resync: a lookup per peer entry costs as much
+    # as the entry. A device recreated meanwhile fails its peers until resync, which refreshes it.
+    _dev_index: dict[str, int | None]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dev_index = {}
+    _l2_net6: ipaddress.IPv6Network | None = None  # and its IPv6 subnet (dual-stack)
 
     # -- lease and device -------------------------------------------------------------------------
 
     def setup(self, lease: Lease) -> None:
+        if self.has_ipv6 and lease.subnet6 is None:
+            raise BackendError(f"vxlan: EnableIPv6 but lease {lease.subnet} has no IPv6 subnet")
         with self._lock:
             self._adopt_mac(lease)
             self.lease = lease
+            dev = self.dev_name
             try:
                 self._l2_net = direct_routes.underlay_network(self.ipr, self.iface)
                 self._ensure_device()
+                dev = self.dev6_name
+                if self.has_ipv6:
+                    self._l2_net6 = direct_routes.underlay_network(self.ipr, self.iface, v6=True)
+                    self._ensure_device6()
+                else:
+                    self._remove_stale_device6()
             except BackendError:
                 raise
             except Exception as exc:  # pyroute2's NetlinkError, an OSError
-                raise BackendError(f"vxlan: cannot set up {self.dev_name} on {self.iface.name}: "
-                                   f"{exc}") from None
+                raise BackendError(f"vxlan: cannot set up {dev} on {self.iface.name}: {exc}") from None
             for peer in list(self._peers.values()):  # setup again after a lease change
                 self._program(peer)
             self.setup_guard(lease)
@@ -96,46 +119,68 @@ class VXLANKernelBackend(VxlanDevice, GuardedRouting):
     def guard_start_args(self, lease: Lease) -> tuple:
         return (lease.subnet, self.vtep_mac)
 
-    def _device_compatible(self, msg) -> bool:
+    def _device_compatible(self, msg, v6: bool = False) -> bool:
         info = msg.get("IFLA_LINKINFO")
         if info is None or info.get("IFLA_INFO_KIND") != "vxlan":
             return False
         data = info.get("IFLA_INFO_DATA")
         if data is None:
             return False
+        local = (data.get("IFLA_VXLAN_LOCAL6") == str(self.local6) if v6
+                 else data.get("IFLA_VXLAN_LOCAL") == str(self.local))
         return (data.get("IFLA_VXLAN_ID") == self.vni
                 and data.get("IFLA_VXLAN_PORT") == self.port
-                and data.get("IFLA_VXLAN_LOCAL") == str(self.local)
+                and local
                 and data.get("IFLA_VXLAN_LINK") == self.iface.index
                 and not data.get("IFLA_VXLAN_LEARNING"))
 
     def _ensure_device(self) -> int:
         """Create (or fix, or recreate) flannel.N; return its index."""
-        idx = self.ensure_vxlan_device(
+        idx = self._dev_index[self.dev_name] = self.ensure_vxlan_device(
             self._device_compatible, "has other settings (VNI, port, local address or link)",
             vxlan_id=self.vni, vxlan_link=self.iface.index, vxlan_local=str(self.local),
             vxlan_port=self.port)
         if self.options.flags.get("vxlan_tx_csum_off"):
-            self._tx_csum_off()
+            self._tx_csum_off(self.dev_name)
         return idx
 
-    def _tx_csum_off(self) -> None:
-        """flannel's workaround for broken checksums: ``ethtool -K flannel.N tx-checksum-ip-generic off``."""
+    def _ensure_device6(self) -> int:
+        """Create (or fix, or recreate) flannel-v6.N; return its index."""
+        if self.local6 is None:
+            raise BackendError(f"vxlan: {self.dev6_name} needs an IPv6 address on {self.iface.name}")
+        idx = self._dev_index[self.dev6_name] = self.ensure_vxlan_device(
+            lambda msg: self._device_compatible(msg, v6=True),
+            "has other settings (VNI, port, local IPv6 address or link)", v6=True,
+            vxlan_id=self.vni, vxlan_link=self.iface.index, vxlan_local6=str(self.local6),
+            vxlan_port=self.port)
+        if self.options.flags.get("vxlan_tx_csum_off"):
+            self._tx_csum_off(self.dev6_name)
+        return idx
+
+    def _remove_stale_device6(self) -> None:
+        """Without IPv6 now: a flannel-v6.N from a run with it goes (and its routes with it)."""
+        idx = self.link_index(self.dev6_name)
+        if idx is not None:
+            log.info("%s left by a run with IPv6; removing it", self.dev6_name)
+            ignore_gone(self.ipr.link, "del", index=idx)
+
+    def _tx_csum_off(self, dev: str) -> None:
+        """flannel's workaround for broken checksums: ``ethtool -K <dev> tx-checksum-ip-generic off``."""
         feature = "tx-checksum-ip-generic"
         try:
             from pyroute2.ethtool import Ethtool
             with Ethtool() as et:
-                feats = et.get_features(self.dev_name)
+                feats = et.get_features(dev)
                 if feats.features[feature].enable:
                     feats.features[feature].enable = False
-                    et.set_features(self.dev_name, feats)
-                if not et.get_features(self.dev_name).features[feature].enable:
+                    et.set_features(dev, feats)
+                if not et.get_features(dev).features[feature].enable:
                     return
         except Exception as exc:
-            log.debug("pyroute2 ethtool failed on %s (%s); trying the ethtool tool", self.dev_name, exc)
+            log.debug("pyroute2 ethtool failed on %s (%s); trying the ethtool tool", dev, exc)
         tool = shutil.which("ethtool") or "/usr/sbin/ethtool"
         try:
-            res = subprocess.run([tool, "-K", self.dev_name, feature, "off"], capture_output=True,
+            res = subprocess.run([tool, "-K", dev, feature, "off"], capture_output=True,
                                  text=True, timeout=10)
             if res.returncode == 0:
                 return
@@ -144,45 +189,43 @@ class VXLANKernelBackend(VxlanDevice, GuardedRouting):
         except (OSError, subprocess.TimeoutExpired) as exc:
             reason = str(exc)
         self._counters["tx_csum_off_failed"] += 1
-        log.warning("could not turn off tx checksum offload on %s: %s", self.dev_name, reason)
+        log.warning("could not turn off tx checksum offload on %s: %s", dev, reason)
 
     # -- peers -------------------------------------------------------------------------------------
 
-    def is_direct(self, public_ip: ipaddress.IPv4Address) -> bool:
-        return direct_routes.is_direct(self.config, self._l2_net, public_ip)
+    def is_direct(self, public_ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return direct_routes.is_direct(self.config, self._l2_net6 if public_ip.version == 6 else self._l2_net,
+                                       public_ip)
 
-    def _entries(self, peer: Peer, idx: int) -> dict[str, tuple]:
-        """A tunnelled peer's entries on flannel.N: part -> (netlink call, how it is put in, the
-        keys that delete it)."""
-        gateway, ip = str(peer.subnet.network_address), str(peer.public_ip)
-        return {"neigh": (self.ipr.neigh, {"lladdr": peer.mac, "state": NUD_PERMANENT},
-                          {"ifindex": idx, "dst": gateway}),
-                "fdb": (self.ipr.fdb, {"state": NUD_PERMANENT | NUD_NOARP, "flags": NTF_SELF},
-                        {"ifindex": idx, "lladdr": peer.mac, "dst": ip}),
-                "route": (self.ipr.route, {"flags": RTNH_F_ONLINK},
-                          {"dst": str(peer.subnet), "gateway": gateway, "oif": idx})}
+    def _dev(self, peer: Peer) -> str:
+        """The device a tunnelled peer's entries are on: flannel.N, or flannel-v6.N for an IPv6 side."""
+        return self.dev6_name if peer.subnet.version == 6 else self.dev_name
 
     def _change(self, peer: Peer, parts: tuple[str, ...], put: bool) -> None:
         """Put in (neigh, fdb, route, in that order) or delete (route first; already gone is
-        fine) ``parts`` of a peer's entries; a direct peer has only its route."""
+        fine) ``parts`` of a peer's entries, in one netlink batch; a direct peer has only its
+        route."""
         if peer.direct:
             if "route" in parts:
                 change = direct_routes.add_route if put else direct_routes.del_route
                 change(self.ipr, peer.subnet, peer.public_ip, self.iface.index)
             return
-        idx = self.link_index(self.dev_name)
+        dev = self._dev(peer)
+        idx = self._dev_index.get(dev)
+        if idx is None:
+            idx = self._dev_index[dev] = self.link_index(dev)
         if idx is None:
             if put:
-                raise BackendError(f"{self.dev_name} does not exist")
+                raise BackendError(f"{dev} does not exist")
             return
-        entries = self._entries(peer, idx)
+        gateway, nl = peer.subnet.network_address, self.nl
+        entries = {"neigh": lambda: nl.neigh(put, idx, gateway, peer.mac),
+                   "fdb": lambda: nl.fdb(put, idx, peer.mac, peer.public_ip),
+                   "route": lambda: nl.route(put, peer.subnet, gateway, idx, onlink=True)}
         for part in PARTS if put else reversed(PARTS):
             if part in parts:
-                call, extra, keys = entries[part]
-                if put:
-                    call("replace", **keys, **extra)
-                else:
-                    ignore_gone(call, "del", **keys)
+                entries[part]()
+        nl.commit()
 
     def program(self, peer: Peer, parts: tuple[str, ...] = PARTS) -> None:
         self._change(peer, parts, put=True)
@@ -208,32 +251,44 @@ class VXLANKernelBackend(VxlanDevice, GuardedRouting):
     # -- resync, teardown, stats ------------------------------------------------------------------
 
     def resync_device(self) -> bool:
+        self._dev_index.clear()  # a device recreated behind our back has a new index
         try:
             if self.link_index(self.dev_name) is None:
                 log.warning("%s vanished; recreating it", self.dev_name)
                 self._ensure_device()
+                self._counters["device_recreated"] += 1
+            if self.has_ipv6 and self.link_index(self.dev6_name) is None:
+                log.warning("%s vanished; recreating it", self.dev6_name)
+                self._ensure_device6()
                 self._counters["device_recreated"] += 1
         except Exception as exc:
             log.warning("vxlan resync failed: %s", exc)
             return False
         return super().resync_device()
 
-    def snapshot(self) -> tuple[set, set, set, int | None]:
-        """(routes, neighbours, fdb entries) as sets of comparable tuples, and flannel.N's index."""
+    def snapshot(self) -> dict[int, tuple[set, set, set, int | None]]:
+        """Per IP version with peers: (routes, neighbours, fdb entries) as sets of comparable
+        tuples, and the index of that version's device (flannel.N, flannel-v6.N)."""
         ipr = self.ipr
-        idx = self.link_index(self.dev_name)
-        neigh, fdb = set(), set()
-        if idx is not None:
-            for n in ipr.neigh("dump", ifindex=idx, family=socket.AF_INET):
-                if n["ifindex"] == idx and n["state"] & NUD_PERMANENT:
-                    neigh.add((n.get("NDA_DST"), (n.get("NDA_LLADDR") or "").lower()))
-            for f in ipr.fdb("dump", ifindex=idx):
-                if f["ifindex"] == idx:
-                    fdb.add(((f.get("NDA_LLADDR") or "").lower(), f.get("NDA_DST")))
-        return direct_routes.main_routes(ipr), neigh, fdb, idx
+        out = {}
+        for version, dev, family in ((4, self.dev_name, socket.AF_INET),
+                                     (6, self.dev6_name, socket.AF_INET6)):
+            if version == 6 and not any(subnet.version == 6 for subnet in self._peers):
+                continue
+            idx = self.link_index(dev)
+            neigh, fdb = set(), set()
+            if idx is not None:
+                for n in ipr.neigh("dump", ifindex=idx, family=family):
+                    if n["ifindex"] == idx and n["state"] & NUD_PERMANENT:
+                        neigh.add((n.get("NDA_DST"), (n.get("NDA_LLADDR") or "").lower()))
+                for f in ipr.fdb("dump", ifindex=idx):
+                    if f["ifindex"] == idx:
+                        fdb.add(((f.get("NDA_LLADDR") or "").lower(), f.get("NDA_DST")))
+            out[version] = (direct_routes.main_routes(ipr, family), neigh, fdb, idx)
+        return out
 
     def missing(self, peer: Peer, present) -> tuple[str, ...]:
-        routes, neigh, fdb, idx = present
+        routes, neigh, fdb, idx = present[peer.subnet.version]
         if peer.direct:
             key = direct_routes.route_key(peer.subnet, peer.public_ip, self.iface.index)
             return () if key in routes else ("route",)
@@ -248,11 +303,15 @@ class VXLANKernelBackend(VxlanDevice, GuardedRouting):
             self.unprogram(peer)
 
     def teardown_device(self) -> None:
-        idx = self.link_index(self.dev_name)
-        if idx is not None:
-            ignore_gone(self.ipr.link, "del", index=idx)
+        for dev in (self.dev_name, self.dev6_name):
+            idx = self.link_index(dev)
+            if idx is not None:
+                ignore_gone(self.ipr.link, "del", index=idx)
 
     def extra_stats(self) -> dict[str, float]:
         s = super().extra_stats()
-        s["peers_direct"] = float(sum(1 for p in self._peers.values() if p.direct))
+        direct = [p.subnet.version for p in self._peers.values() if p.direct]
+        s["peers_direct"] = float(direct.count(4))
+        if self.has_ipv6:
+            s["peers6_direct"] = float(direct.count(6))
         return s
