@@ -156,6 +156,14 @@ static int flood(int argc, char **argv) {
 }
 
 /* -- the legitimate stream ------------------------------------------------------------------ */
+/* An IPv4 address and port from the command line; -1 when the address is not one. */
+static int udp_addr(struct sockaddr_in *a, const char *ip, const char *port) {
+    memset(a, 0, sizeof *a);
+    a->sin_family = AF_INET;
+    a->sin_port = htons(atoi(port));
+    return inet_pton(AF_INET, ip, &a->sin_addr) == 1 ? 0 : -1;
+}
+
 static int sender(int argc, char **argv) {
     if (argc != 7) { fprintf(stderr, "usage: send DST PORT RATE SIZE MAXSEC\n"); return 2; }
     double rate = atof(argv[4]), maxsec = atof(argv[6]);
@@ -163,10 +171,7 @@ static int sender(int argc, char **argv) {
     if (size < 16 || size > 9000 || rate <= 0) { fprintf(stderr, "send: bad size or rate\n"); return 2; }
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
     struct sockaddr_in dst;
-    memset(&dst, 0, sizeof dst);
-    dst.sin_family = AF_INET;
-    dst.sin_port = htons(atoi(argv[3]));
-    if (inet_pton(AF_INET, argv[2], &dst.sin_addr) != 1) { fprintf(stderr, "send: bad address\n"); return 2; }
+    if (udp_addr(&dst, argv[2], argv[3]) < 0) { fprintf(stderr, "send: bad address\n"); return 2; }
     if (connect(fd, (struct sockaddr *)&dst, sizeof dst) < 0) { perror("connect"); return 1; }
     handle_signals();
     raise(SIGSTOP);            /* sends nothing until the caller has read its counters (SIGCONT) */
@@ -201,10 +206,7 @@ static int receiver(int argc, char **argv) {
     uint64_t maxseq = strtoull(argv[5], NULL, 10);
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
     struct sockaddr_in a;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_port = htons(atoi(argv[3]));
-    if (inet_pton(AF_INET, argv[2], &a.sin_addr) != 1) { fprintf(stderr, "recv: bad address\n"); return 2; }
+    if (udp_addr(&a, argv[2], argv[3]) < 0) { fprintf(stderr, "recv: bad address\n"); return 2; }
     if (bind(fd, (struct sockaddr *)&a, sizeof a) < 0) { perror("bind"); return 1; }
     struct timeval tv = {0, 100000};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);

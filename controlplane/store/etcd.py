@@ -15,7 +15,7 @@ Layout (flanneld's ``pkg/subnet/etcd/registry.go``), so weftd and flanneld can s
 How it talks to etcd: JSON over HTTP/1.1 (``controlplane.store.etcd_http``), etcd's own gRPC
 gateway on the client port (etcd 3.4 on), TLS and client certificates by the standard library's
 ``ssl``. The requests, answers and status codes are the v3 gRPC API's; gRPC, protobuf and the
-``etcd3`` package are not needed (they cost weftd about 17 MB of RSS: /work/notes/rss.md).
+``etcd3`` package are not needed (they cost weftd about 17 MB of RSS; docs/weftd.md, "The etcd client").
 - The auth token (``Authenticate``) goes in each request's ``Authorization`` header; etcd's simple
   tokens expire after ``--auth-token-ttl`` (300 s) idle, so an "invalid auth token" answer
   re-authenticates and retries once.

@@ -10,7 +10,7 @@ gRPC metadata as ``Grpc-Metadata-<name>`` headers.
 
 Why not gRPC: grpcio, protobuf and the etcd3 package cost weftd about 17 MB of its RSS (their
 shared objects, a handful of threads with their malloc arenas) for the eight calls below; see
-/work/notes/rss.md. This module is what the store needs and nothing more:
+docs/weftd.md, "The etcd client". This module is what the store needs and nothing more:
 
 - ``Client(endpoint, ...)``: one endpoint; a small pool of kept-alive HTTP/1.1 connections, so
   calls from several threads each get a connection of their own.
