@@ -20,6 +20,7 @@ import time
 
 from .errors import LabError
 from .leasewriter import write_in_lab as _write
+from .procs import peak_rss_mb
 from .scale import metrics, render
 
 WAIT_TIMEOUT = 120.0
@@ -64,8 +65,7 @@ def measure(scenario, backend: str, count: int, lab_factory, progress=None) -> d
     wire = backend.partition("/")[0]
     lab = lab_factory(scn)
     # The leases are in the store before any weftd starts (Lab.before_start).
-    preload: dict = {}
-    lab.before_start = lambda lab: preload.update(_write(lab, "put", count, base, wire))
+    lab.before_start = lambda lab: _write(lab, "put", count, base, wire)
     lab.up()
     try:
         m = _wait_programmed(lab, count + 1, f"{backend} start", progress)
@@ -89,7 +89,7 @@ def measure(scenario, backend: str, count: int, lab_factory, progress=None) -> d
             "add_from_first_s": t_added - added["start_s"],
             "writer_s": added["last_s"] - added["start_s"],
             "remove_s": t_removed - removed["last_start_s"],
-            "daemon_rss_mb": m.get("process_resident_memory_bytes", 0) / 2**20 or None,
+            "daemon_rss_mb": peak_rss_mb(lab.node(1).pid),
         }
     finally:
         lab.down()

@@ -14,11 +14,12 @@ to. rtnetlink processes the messages of one send in order and goes on after a fa
 """
 from __future__ import annotations
 
-import errno
 import ipaddress
 import os
 import socket
 import struct
+
+from .netlink import GONE
 
 NLMSG_ERROR = 2
 RTM_NEWROUTE, RTM_DELROUTE = 24, 25
@@ -145,8 +146,7 @@ class Batch:
                 if kind == NLMSG_ERROR and seq in pending:
                     what, gone_ok = pending.pop(seq)
                     code = -struct.unpack_from("=i", data, off + _HDR.size)[0]
-                    if code and not (gone_ok and code in (errno.ENOENT, errno.ESRCH, errno.ENODEV,
-                                                          errno.EADDRNOTAVAIL, errno.ENXIO)):
+                    if code and not (gone_ok and code in GONE):
                         first = first or NetlinkBatchError(code, what)
                 off += (length + 3) & ~3
         if first is not None:

@@ -35,7 +35,7 @@ import socket
 from controlplane.backends.base import BackendError
 from controlplane.lease import Lease
 
-from ..direct import MAIN_TABLE
+from ..direct import MAIN_TABLE, route_key
 from ..netlink import GONE, nl_errno
 from ..routing import GuardedRouting, Peer
 
@@ -172,7 +172,7 @@ class HostGWKernelBackend(GuardedRouting):
                     continue
                 gw, oif = r.get("RTA_GATEWAY"), r.get("RTA_OIF")
                 if (gw, oif) == (str(peer.public_ip), self.iface.index):
-                    present.add((r.get("RTA_DST"), r["dst_len"], gw, oif))
+                    present.add(route_key(peer.subnet, gw, oif))
                     continue
                 try:
                     self._remove_conflict(peer.subnet, gw, oif, r.get("RTA_PRIORITY") or 0)
@@ -181,5 +181,4 @@ class HostGWKernelBackend(GuardedRouting):
         return present
 
     def missing(self, peer: Peer, present: set[tuple]) -> tuple[str, ...]:
-        key = (str(peer.subnet.network_address), peer.subnet.prefixlen, str(peer.public_ip), self.iface.index)
-        return () if key in present else ("route",)
+        return () if route_key(peer.subnet, peer.public_ip, self.iface.index) in present else ("route",)

@@ -79,11 +79,11 @@ class VXLANKernelBackend(VxlanDevice, GuardedRouting):
     # Device name -> index as of setup or the last resync: a lookup per peer entry costs as much
     # as the entry. A device recreated meanwhile fails its peers until resync, which refreshes it.
     _dev_index: dict[str, int | None]
+    _l2_net6: ipaddress.IPv6Network | None = None  # and its IPv6 subnet (dual-stack)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._dev_index = {}
-    _l2_net6: ipaddress.IPv6Network | None = None  # and its IPv6 subnet (dual-stack)
 
     # -- lease and device -------------------------------------------------------------------------
 
