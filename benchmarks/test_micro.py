@@ -46,7 +46,8 @@ def test_pick_free_subnet_in_crowded_network(benchmark):
     config = parse_config(CONFIG)
     taken = {config.subnet_at(i) for i in range(200)}
     manager = LeaseManager(store=None, rng=random.Random(1))
-    benchmark(manager._random_free, config, taken)
+    benchmark(manager._random_free, taken, config.network, config.subnet_len, config.subnet_min,
+              config.subnet_max, config.subnet_count)
 
 
 def test_watch_event_apply(benchmark):

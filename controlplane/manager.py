@@ -130,13 +130,16 @@ class LeaseManager:
                     and previous_subnet not in taken:
                 candidate = previous_subnet
             else:
-                candidate = self._random_free(config, taken)
+                candidate = self._random_free(taken, config.network, config.subnet_len, config.subnet_min,
+                                              config.subnet_max, config.subnet_count)
             candidate6 = None
             if config.enable_ipv6:  # picked independently of the IPv4 part, as flannel does
                 if config.contains_subnet6(previous_subnet6) and previous_subnet6 not in taken6:
                     candidate6 = previous_subnet6
                 else:
-                    candidate6 = self._random_free6(config, taken6)
+                    candidate6 = self._random_free(taken6, config.ipv6_network, config.ipv6_subnet_len,
+                                                   config.ipv6_subnet_min, config.ipv6_subnet_max,
+                                                   config.subnet6_count, "IPv6 network")
             try:
                 rec = self.store.create_lease(candidate, value, self.ttl, candidate6)
             except LeaseExists:
@@ -145,37 +148,24 @@ class LeaseManager:
             return Lease(rec.subnet, attrs, rec.expiration, rec.revision, rec.subnet6)
         raise StoreError(f"could not acquire a lease after {RACE_RETRIES} races with other nodes")
 
-    def _random_free(self, config: NetworkConfig, taken: set) -> ipaddress.IPv4Network:
-        # Integers, not IPv4Network objects, in the scan: it walks every subnet of a crowded network.
-        used = {int(s.network_address) for s in taken if s.prefixlen == config.subnet_len}
-        start, size = int(config.subnet_min), config.subnet_size
+    def _random_free(self, taken: set, network, length: int, first, last, count: int,
+                     what: str = "network"):
+        """A random one of the first FREE_CANDIDATES free /``length`` subnets of ``network`` between
+        ``first`` and ``last`` (either family). Integers, not network objects, in the scan: it
+        walks every subnet of a crowded network, and stops at the 100th free one, so it walks at
+        most (leases + 100) of an IPv6 range's 2**n subnets."""
+        used = {int(s.network_address) for s in taken if s.prefixlen == length}
+        size = 1 << (network.max_prefixlen - length)
         free = []
-        for addr in range(start, int(config.subnet_max) + 1, size):
+        for addr in range(int(first), int(last) + 1, size):
             if addr not in used:
                 free.append(addr)
                 if len(free) >= FREE_CANDIDATES:
                     break
         if not free:
-            raise NetworkFull(f"network {config.network} is full: all {config.subnet_count} "
-                              f"/{config.subnet_len} subnets between {config.subnet_min} and "
-                              f"{config.subnet_max} are leased or reserved")
-        return ipaddress.IPv4Network((self.rng.choice(free), config.subnet_len))
-
-    def _random_free6(self, config: NetworkConfig, taken6: set) -> ipaddress.IPv6Network:
-        """As ``_random_free``, between IPv6SubnetMin and IPv6SubnetMax: the scan stops at the
-        100th free subnet, so it walks at most (leases + 100) of a /64 range's 2**n subnets."""
-        used = {int(s.network_address) for s in taken6 if s.prefixlen == config.ipv6_subnet_len}
-        size, end = config.subnet6_size, int(config.ipv6_subnet_max)
-        free, addr = [], int(config.ipv6_subnet_min)
-        while addr <= end and len(free) < FREE_CANDIDATES:
-            if addr not in used:
-                free.append(addr)
-            addr += size
-        if not free:
-            raise NetworkFull(f"IPv6 network {config.ipv6_network} is full: all {config.subnet6_count}"
-                              f" /{config.ipv6_subnet_len} subnets between {config.ipv6_subnet_min}"
-                              f" and {config.ipv6_subnet_max} are leased or reserved")
-        return ipaddress.IPv6Network((ipaddress.IPv6Address(self.rng.choice(free)), config.ipv6_subnet_len))
+            raise NetworkFull(f"{what} {network} is full: all {count} /{length} subnets between "
+                              f"{first} and {last} are leased or reserved")
+        return type(network)((self.rng.choice(free), length))
 
     def renew(self, lease: Lease) -> Lease:
         ttl = None if lease.expiration is None else self.ttl
