@@ -60,23 +60,23 @@ def read(path: str) -> dict[str, str]:
     return out
 
 
-def previous_subnet(path: str) -> ipaddress.IPv4Network | None:
-    """The subnet a previous run wrote (FLANNEL_SUBNET), or None if absent or unreadable."""
-    text = read(path).get("FLANNEL_SUBNET")
+def _previous(path: str, key: str, interface: type):
+    """The subnet a previous run wrote under ``key`` (an address/len of ``interface``'s family),
+    or None if absent or unreadable."""
+    text = read(path).get(key)
     if not text:
         return None
     try:
-        return ipaddress.IPv4Interface(text).network
+        return interface(text).network
     except ValueError:
         return None
+
+
+def previous_subnet(path: str) -> ipaddress.IPv4Network | None:
+    """The subnet a previous run wrote (FLANNEL_SUBNET), or None if absent or unreadable."""
+    return _previous(path, "FLANNEL_SUBNET", ipaddress.IPv4Interface)
 
 
 def previous_subnet6(path: str) -> ipaddress.IPv6Network | None:
     """The IPv6 subnet a previous run wrote (FLANNEL_IPV6_SUBNET), or None if absent or unreadable."""
-    text = read(path).get("FLANNEL_IPV6_SUBNET")
-    if not text:
-        return None
-    try:
-        return ipaddress.IPv6Interface(text).network
-    except ValueError:
-        return None
+    return _previous(path, "FLANNEL_IPV6_SUBNET", ipaddress.IPv6Interface)
