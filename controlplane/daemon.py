@@ -360,8 +360,10 @@ class Daemon:
                                         on_config=self.on_config, config_text=self.config.raw)
             watch_thread = threading.Thread(target=self.watcher.run, args=(self.stop,),
                                             name="lease-watch", daemon=True)
-            self.threads["lease-watch"] = watch_thread
+            # Started before it is listed: /readyz and /healthz take a listed thread that is not
+            # alive for a stopped watch (READY=1 has been sent: a probe may come at once).
             watch_thread.start()
+            self.threads["lease-watch"] = watch_thread
             self.threads["link-watch"] = LinkWatch(iface.index, self.link_up,
                                                    link_is_usable(iface.name)).start(self.stop)
             self.renew_loop(manager)
