@@ -178,17 +178,20 @@ def format_state(state: dict) -> str:
     lines = [f"lab {state['id']} ({state['name']}): {len(state['nodes'])} nodes, "
              f"{state['backend']}, store {store.get('kind', '?')} {where}, dir {state['dir']}"]
     rows = [("NODE", "NAMESPACE", "PUBLIC IP", "SUBNET", "MTU", "DATAPLANE", "PID")]
-    rows += [(str(n["index"]), n["namespace"], n["public_ip"], n["subnet"], str(n["mtu"]),
+    # an IPv6-only lab's nodes and pods have no IPv4 subnet or address: "–", never a blank (its
+    # nodes' IPv4 underlay addresses serve the store and the harness; their leases say 0.0.0.0)
+    rows += [(str(n["index"]), n["namespace"], n["public_ip"] if n["subnet"] else "–",
+              n["subnet"] or "–", str(n["mtu"]),
               n["dataplane"], str(n["pid"])) for n in state["nodes"]]
     lines += _table(rows)
-    dual = any(n.get("public_ipv6") for n in state["nodes"])  # a dual-stack lab: the IPv6 side too
+    dual = any(n.get("public_ipv6") for n in state["nodes"])  # dual-stack or IPv6-only: the IPv6 side too
     if dual:
         rows = [("NODE", "PUBLIC IPV6", "SUBNET6")]
         rows += [(str(n["index"]), n["public_ipv6"], n.get("subnet6", "")) for n in state["nodes"]]
         lines += [""] + _table(rows)
     if state["pods"]:
         rows = [("POD", "IP", "NODE", "GATEWAY") + (("IPV6",) if dual else ())]
-        rows += [(p["namespace"], p["ip"], str(p["node"]), p["gateway"]) + ((p.get("ip6", ""),) if dual else ())
+        rows += [(p["namespace"], p["ip"] or "–", str(p["node"]), p["gateway"] or "–") + ((p.get("ip6", ""),) if dual else ())
                  for p in state["pods"]]
         lines += [""] + _table(rows)
     lines += ["", f"tear down: bench down {state['id']}"]

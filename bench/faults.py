@@ -457,6 +457,8 @@ def run_backend(scenario, backend: str, faults: list, plan: Plan, tool: str, pro
 
 def run(scenario, backends: list[str], faults: list, plan: Plan, progress) -> dict:
     from . import results
+    from .errors import refuse_ipv6_only
+    refuse_ipv6_only(scenario, "bench faults", "sends IPv4 traffic between the pods and writes IPv4 leases")
     from .flood_tool import build
     from .runner import unavailable
     tool = build()

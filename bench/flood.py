@@ -673,6 +673,8 @@ class DataPlaneRun:
 # -- all data planes ------------------------------------------------------------------------------
 def run(scenario, backends: list[str], plan: Plan, progress) -> dict:
     from . import results
+    from .errors import refuse_ipv6_only
+    refuse_ipv6_only(scenario, "bench flood", "sends IPv4 packets at the data planes and writes IPv4 leases")
     from .flood_tool import build
     from .runner import unavailable
     tool = build()

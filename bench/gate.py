@@ -11,7 +11,8 @@ Every backend of the baseline must be judged: one that is missing from the run, 
 the backend and why. A backend the baseline itself has no number for (it failed there, or the
 baseline predates the metric) cannot be judged on it: a note says so. A backend in the run but
 not in the baseline is a note. A dual-stack baseline (its backends carry ``v6``) gates the IPv6
-ratios too, as metrics ``v6 ratio_to_bare`` etc.; an IPv4-only baseline judges IPv4 alone.
+ratios too, as metrics ``v6 ratio_to_bare`` etc.; an IPv4-only baseline judges IPv4 alone, an
+IPv6-only one (no IPv4 numbers, ``results.has_ipv4``) IPv6 alone.
 
 Default tolerances come from measured run-to-run noise on the 2-vCPU lab machine (see README,
 "Gate tolerances"): the largest swing of ``ratio_to_bare`` over consecutive quick runs, with margin.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from .results import has_ipv4
 from .stats import median
 
 DEFAULT_TOLERANCE = 0.25
@@ -91,7 +93,7 @@ def gate(baseline: dict, current: dict, tolerance: float = DEFAULT_TOLERANCE,
             findings.append(Finding(name, "status", None, None, None, True,
                                     f"{cur.get('status')}: {cur.get('reason', '')}"))
             continue
-        parts = [("", base, cur)]
+        parts = [("", base, cur)] if has_ipv4(base) else []  # an IPv6-only baseline: IPv6 alone
         if isinstance(base.get("v6"), dict):  # a dual-stack baseline: the IPv6 ratios too
             parts.append(("v6 ", base["v6"], cur.get("v6") or {}))
         for prefix, base_part, cur_part in parts:
@@ -151,6 +153,12 @@ class BaselineError(ValueError):
     """Runs that cannot make one baseline; one line."""
 
 
+def _spread(parts: list[dict]) -> dict:
+    """The gated ratios of each run, side by side (how far apart the runs of a baseline were)."""
+    return {m: [None if p.get(m) is None else round(p[m], 3) for p in parts]
+            for m in ("ratio_to_bare", "latency_ratio_to_bare", "ping_loss_pct")}
+
+
 def merge_baseline(docs: list[dict]) -> dict:
     """One baseline from several runs of the same plan: per backend, the median of each metric
     over the runs it succeeded in (so one slow run moves nothing), the spread of the two gated
@@ -172,15 +180,17 @@ def merge_baseline(docs: list[dict]) -> dict:
             mid = median(b.get(m) for b in ok)
             if mid is not None:
                 merged[m] = mid
-        merged["baseline_spread"] = {m: [None if b.get(m) is None else round(b[m], 3) for b in ok]
-                                     for m in ("ratio_to_bare", "latency_ratio_to_bare", "ping_loss_pct")}
+        if has_ipv4(merged):  # (an IPv6-only baseline has no IPv4 ratios to spread)
+            merged["baseline_spread"] = _spread(ok)
         v6 = [b["v6"] for b in ok if isinstance(b.get("v6"), dict)]
-        if v6:  # a dual-stack baseline: the IPv6 part's medians the same way
+        if v6:  # a dual-stack or IPv6-only baseline: the IPv6 part's medians the same way
             merged["v6"] = copy.deepcopy(v6[-1])
             for m in BASELINE_METRICS:
                 mid = median(p.get(m) for p in v6)
                 if mid is not None:
                     merged["v6"][m] = mid
+            if not has_ipv4(merged):
+                merged["v6"]["baseline_spread"] = _spread(v6)
         merged["baseline_runs"] = len(ok)
         base["backends"][name] = merged
     base["runs"] = [r for d in docs for r in d.get("runs", [])]

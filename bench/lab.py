@@ -22,6 +22,12 @@ weftd gets ``-public-ipv6``, and CNI gives every pod an address of its node's IP
 namespace of such a run (every address is unique by construction; DAD would leave each new one
 tentative, unusable, for a second or more), and the wire's bridge does no MLD snooping.
 
+IPv6-only (EnableIPv4 false): the same IPv6 underlay, and the nodes keep their IPv4 underlay
+address, used only by the store and the harness (weftd gets -public-ipv6 and no -public-ip); weftd
+writes subnet.env with FLANNEL_IPV6_* lines only, so CNI gives every pod one IPv6 address and a
+default route via cni0's IPv6 address, and nothing IPv4 (``Pod.ip`` and ``Node.subnet`` are "").
+A subnet.env with an IPv4 line, or a pod with an IPv4 address, fails ``up`` with one line.
+
 Every veth is created directly between two of the run's namespaces, so nothing ever appears in,
 moves through or is routed by the root namespace; sysctls are set inside the namespaces only.
 
@@ -344,12 +350,13 @@ class Lab:
         node = self.node(n)
         if node.pid and alive(node.pid, node.start):
             raise LabError(f"node {n}: weftd is still running (pid {node.pid})")
-        old_subnet = node.subnet
+        old_subnet = node.subnet or node.subnet6  # IPv6-only: the IPv6 subnet names the lease
         self._start(node)
         if wait:
             self._wait_ready([n])
-            if old_subnet and node.subnet != old_subnet:
-                self.processes.log_note(node, f"subnet changed from {old_subnet} to {node.subnet} "
+            new_subnet = node.subnet or node.subnet6
+            if old_subnet and new_subnet != old_subnet:
+                self.processes.log_note(node, f"subnet changed from {old_subnet} to {new_subnet} "
                                               "(pods keep their old addresses)")
         self.save_state()
 

@@ -104,8 +104,17 @@ def address(result: dict) -> tuple[str, str]:
     raise LabError(f"CNI result has no IPv4 address: {result.get('ips')}")
 
 
+def no_address(result: dict, pod: str) -> tuple[str, str]:
+    """An IPv6-only network's pod: ("", "") when the result has no IPv4 address, a LabError if it has."""
+    v4 = [ip["address"] for ip in result.get("ips", []) if ":" not in ip["address"]]
+    if v4:
+        raise LabError(f"pod {pod}: CNI gave it IPv4 {', '.join(v4)} on an IPv6-only network "
+                       "(does subnet.env have FLANNEL_SUBNET?)")
+    return "", ""
+
+
 def address6(result: dict) -> tuple[str, str]:
-    """(pod address, gateway) of the result's IPv6 address (a dual-stack node's pods have one)."""
+    """(pod address, gateway) of the result's IPv6 address (a dual-stack or IPv6-only node's pods have one)."""
     for ip in result.get("ips", []):
         if ":" in ip["address"]:
             return ip["address"].split("/")[0], ip.get("gateway", "")

@@ -44,8 +44,8 @@ class Node:
     namespace: str
     public_ip: str
     dataplane: str
-    subnet: str = ""        # the lease, e.g. 10.244.5.0/24 (from subnet.env)
-    gateway: str = ""       # cni0's address, FLANNEL_SUBNET's address (10.244.5.1)
+    subnet: str = ""        # the lease, e.g. 10.244.5.0/24 (from subnet.env); "" when IPv6-only
+    gateway: str = ""       # cni0's address, FLANNEL_SUBNET's address (10.244.5.1); "" when IPv6-only
     mtu: int = 0            # FLANNEL_MTU
     pid: int | None = None
     start: int | None = None
@@ -55,18 +55,19 @@ class Node:
     public_ipv6: str = ""   # dual-stack: eth0's underlay6 address ("" when the lab is IPv4 only)
     subnet6: str = ""       # dual-stack: the lease's IPv6 part, e.g. fd10:244:0:5::/64 (FLANNEL_IPV6_SUBNET)
     gateway6: str = ""      # dual-stack: cni0's IPv6 address (fd10:244:0:5::1)
+    ipv6_only: bool = False  # the network has no IPv4 side: subnet.env has FLANNEL_IPV6_* lines only
 
 
 @dataclass
 class Pod:
     namespace: str
-    ip: str
+    ip: str                 # its IPv4 address; "" on an IPv6-only network (it has none)
     node: int
     index: int
     gateway: str = ""
     mtu: int = 0
     host_veth: str = ""     # its veth's host end on cni0 (the bridge plugin's name, from ADD's result)
-    ip6: str = ""           # dual-stack: its IPv6 address (host-local's, from ADD's result)
+    ip6: str = ""           # dual-stack and IPv6-only: its IPv6 address (host-local's, from ADD's result)
     gateway6: str = ""
 
 
@@ -121,14 +122,14 @@ class Topology:
             e["inode"] = netns_inode(e["name"])
             self.namespaces.add(e["name"])
         self.ledger.save()
-        # Dual-stack: no duplicate address detection anywhere in the run. Every address is
+        # Dual-stack and IPv6-only: no duplicate address detection anywhere in the run. Every address is
         # unique by construction, and DAD would leave each new one (eth0's, cni0's gateway, a
         # pod's, a flannel-v6 device's) "tentative" for a second or more: unusable as a source
         # and unanswered as a neighbour, so the first packets of a fresh lab would be lost.
         # The kernel skips DAD when both "all" and the device's value are 0; "default" is what
         # every interface made later (cni0, veths, flannel-v6.N) starts with.
         v6 = (["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"]
-              if self.scenario.dual_stack else [])
+              if self.scenario.has_ipv6 else [])
         for name in names:
             run(["ip", "netns", "exec", name, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
                  "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0", *v6])
@@ -149,9 +150,9 @@ class Topology:
         if s.store == "etcd":
             namespaces.append(names.store_ns)
         self.add_netns(namespaces)
-        # Dual-stack: no MLD snooping on the wire, so neighbour solicitations reach every node
+        # IPv6 (dual-stack or IPv6-only): no MLD snooping on the wire, so neighbour solicitations reach every node
         # whether or not the bridge saw its multicast listener report (there is no querier).
-        bridge = "link add br0 type bridge" + (" mcast_snooping 0" if s.dual_stack else "")
+        bridge = "link add br0 type bridge" + (" mcast_snooping 0" if s.has_ipv6 else "")
         wire = ["link set lo up", bridge, "link set br0 up"]
         ports = [(f"w{n}", names.node_ns(n)) for n in range(1, s.nodes + 1)]
         if s.store == "etcd":
@@ -164,7 +165,7 @@ class Topology:
         for n in range(1, s.nodes + 1):
             ns = names.node_ns(n)
             addrs = ["link set lo up", f"addr add {s.node_ip(n)}/{plen} dev eth0"]
-            if s.dual_stack:
+            if s.has_ipv6:
                 addrs.append(f"addr add {s.node_ip6(n)}/{s.underlay6.prefixlen} dev eth0 nodad")
                 run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"])
             self.ip(ns, addrs + ["link set eth0 up"])
@@ -173,7 +174,7 @@ class Topology:
             nodes.append(Node(index=n, namespace=ns, public_ip=str(s.node_ip(n)), dataplane=s.dataplane(n),
                               log=os.path.join(node_dir, "weftd.log"),
                               subnet_file=os.path.join(node_dir, "subnet.env"),
-                              public_ipv6=str(s.node_ip6(n)) if s.dual_stack else ""))
+                              public_ipv6=str(s.node_ip6(n)) if s.has_ipv6 else "", ipv6_only=s.ipv6_only))
         if s.store == "etcd":
             self.ip(names.store_ns, ["link set lo up", f"addr add {s.store_ip}/{plen} dev eth0",
                                      "link set eth0 up"])
@@ -211,8 +212,8 @@ class Topology:
                 ns = self.names.pod_ns(node.index, k)
                 self.ip(ns, ["link set lo up"])
                 result = lab_cni.add(self.ledger, lab_cni.pod_entry(self.dir, node, ns, cni_path))
-                ip, gateway = lab_cni.address(result)
-                ip6, gateway6 = lab_cni.address6(result) if s.dual_stack else ("", "")
+                ip, gateway = lab_cni.no_address(result, ns) if s.ipv6_only else lab_cni.address(result)
+                ip6, gateway6 = lab_cni.address6(result) if s.has_ipv6 else ("", "")
                 if not s.pod_offloads:
                     run(["ip", "netns", "exec", ns, "ethtool", "-K", lab_cni.IFNAME, "tso", "off", "gso", "off"])
                 pods.append(Pod(namespace=ns, ip=ip, node=node.index, index=k, gateway=gateway, mtu=node.mtu,

@@ -57,9 +57,12 @@ def daemon_command(scenario: Scenario, daemon: Sequence[str], store_flags: list[
         argv = list(daemon) + words[1:]
     else:
         argv = list(daemon) + store_flags
-    argv += ["-iface", "eth0", "-public-ip", node.public_ip, "-subnet-file", node.subnet_file,
+    # IPv6-only: no -public-ip (weftd would ignore it: its leases say 0.0.0.0, as flanneld's do);
+    # eth0 keeps its IPv4 address all the same, for the store and the harness
+    public_ip = [] if s.ipv6_only else ["-public-ip", node.public_ip]
+    argv += ["-iface", "eth0", *public_ip, "-subnet-file", node.subnet_file,
              "-healthz-ip", "0.0.0.0", "-healthz-port", str(HEALTHZ_PORT)]
-    if getattr(node, "public_ipv6", ""):  # a dual-stack lab (eth0 has it; said as -public-ip is)
+    if getattr(node, "public_ipv6", ""):  # dual-stack or IPv6-only (eth0 has it; said as -public-ip is)
         argv += ["-public-ipv6", node.public_ipv6]
     if s.node(node.index).dataplane:
         argv += ["--dataplane", s.node(node.index).dataplane]
@@ -85,20 +88,31 @@ def sets_ip_masq(argv: Sequence[str], env: dict[str, str]) -> bool:
 
 
 def read_subnet(node) -> None:
-    """Fill node.subnet, .gateway and .mtu from the subnet.env its weftd wrote."""
+    """Fill node.subnet, .gateway and .mtu (IPv6: .subnet6, .gateway6) from the subnet.env its
+    weftd wrote. On an IPv6-only network (``node.ipv6_only``) an IPv4 line there is an error."""
     env = {}
     with open(node.subnet_file) as f:
         for line in f:
             key, _, value = line.strip().partition("=")
             env[key] = value.strip().strip('"')
     try:
-        iface = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"])
         node.mtu = int(env["FLANNEL_MTU"])
     except (KeyError, ValueError):
-        raise LabError(f"node {node.index}: {node.subnet_file} lacks a valid FLANNEL_SUBNET/FLANNEL_MTU") from None
-    node.subnet = str(iface.network)
-    node.gateway = str(iface.ip)
-    if getattr(node, "public_ipv6", ""):  # a dual-stack lab: weftd writes the IPv6 part too
+        raise LabError(f"node {node.index}: {node.subnet_file} lacks a valid FLANNEL_MTU") from None
+    if getattr(node, "ipv6_only", False):
+        v4 = [k for k in ("FLANNEL_NETWORK", "FLANNEL_SUBNET") if k in env]
+        if v4:
+            raise LabError(f"node {node.index}: {node.subnet_file} has {' and '.join(v4)} on an IPv6-only "
+                           "network (EnableIPv4 false)")
+        node.subnet = node.gateway = ""
+    else:
+        try:
+            iface = ipaddress.IPv4Interface(env["FLANNEL_SUBNET"])
+        except (KeyError, ValueError):
+            raise LabError(f"node {node.index}: {node.subnet_file} lacks a valid FLANNEL_SUBNET") from None
+        node.subnet = str(iface.network)
+        node.gateway = str(iface.ip)
+    if getattr(node, "public_ipv6", ""):  # dual-stack or IPv6-only: weftd writes the IPv6 part
         try:
             iface6 = ipaddress.IPv6Interface(env["FLANNEL_IPV6_SUBNET"])
         except (KeyError, ValueError):

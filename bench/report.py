@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import os
 
+from .results import has_ipv4
+
 # (key, heading, format) in table order.
 COLUMNS = [
     ("tcp1_gbps", "TCP×1 Gb/s", "{:.2f}"),
@@ -75,25 +77,43 @@ def _pairs_note(p: dict) -> str:
 
 
 def dual_stack(doc: dict) -> bool:
-    """Whether the run measured IPv6 too (a dual-stack scenario): its tables get a family column."""
+    """Whether the run measured IPv6 (a dual-stack or IPv6-only scenario): its tables get a family column."""
     return any(b.get("status") == "ok" and isinstance(b.get("v6"), dict) for b in doc["backends"].values())
+
+
+def ipv6_only(doc: dict) -> bool:
+    """Whether the run measured IPv6 alone (an IPv6-only scenario: no backend has IPv4 numbers)."""
+    ok = [b for b in doc["backends"].values() if b.get("status") == "ok"]
+    return bool(ok) and not any(has_ipv4(b) for b in ok)
+
+
+# What a backend has once, whatever the family: an IPv6-only run shows it on the IPv6 row.
+PER_BACKEND = ("daemon_rss_mb", "engine_rss_mb")
 
 
 def rows(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
     """Headings, one row per measured backend, and a note per skipped or failed one. A
-    dual-stack run has a ``family`` column and an IPv6 row under each backend's IPv4 row."""
-    both = dual_stack(doc)
+    dual-stack run has a ``family`` column and an IPv6 row under each backend's IPv4 row; an
+    IPv6-only run has the IPv6 rows alone."""
+    both, only6 = dual_stack(doc), ipv6_only(doc)
     heads = ["backend"] + (["family"] if both else []) + [h for _, h, _ in COLUMNS]
     body, notes = [], []
     for name, b in doc["backends"].items():
         if b.get("status") != "ok":
             notes.append(f"{name}: {b.get('status')}: {b.get('reason', '')}")
             continue
-        parts = [("IPv4", "", b)] + ([("IPv6", " IPv6", b["v6"])] if both and isinstance(b.get("v6"), dict) else [])
+        parts = [("IPv4", "", b)] if has_ipv4(b) else []
+        if both and isinstance(b.get("v6"), dict):
+            own = {k: b[k] for k in PER_BACKEND if k in b and not has_ipv4(b)}  # else on the IPv4 row
+            parts.append(("IPv6", " IPv6", {**b["v6"], **own}))
         for family, label, part in parts:
             body.append([name] + ([family] if both else []) + [_cell(part, k, f) for k, _, f in COLUMNS])
             notes += _notes(name + label, part)
-    if both:
+    if only6:
+        notes.append("IPv6-only run: TCP x1, ping and RR to the pods' (bare: the nodes') IPv6 addresses, "
+                     "ratios against the IPv6 underlay of the same run (EnableIPv4 false: every row is "
+                     "IPv6); RR over IPv6 is bench's own probe (sockperf 3.7 has no IPv6)")
+    elif both:
         notes.append("IPv6 rows: TCP x1, ping and RR to the pods' (bare: the nodes') IPv6 addresses, ratios against "
                      "the IPv6 underlay of the same run (the other columns are the backend's, on its IPv4 row); "
                      "RR over IPv6 is bench's own probe (sockperf 3.7 has no IPv6)")

@@ -6,7 +6,9 @@ Top level: ``schema``, ``created``, ``machine``, ``versions``, ``git``, ``scenar
 
 A dual-stack run's backends also carry ``v6``: the IPv6 probes' medians (``V6_METRICS``, from the
 rows' ``<metric>_v6`` keys) and their ratios, each against the IPv6 underlay of the same run, the
-same way as IPv4's. A document without ``v6`` is an IPv4-only run.
+same way as IPv4's. A document without ``v6`` is an IPv4-only run. An IPv6-only run (EnableIPv4
+false) measured no IPv4 at all: its backends have ``v6`` and no IPv4 medians or ratios (no keys,
+rather than nulls that would read as numbers lost; ``has_ipv4``).
 """
 from __future__ import annotations
 
@@ -96,7 +98,8 @@ def summarize(rows: list[dict], extra: dict, seconds: float) -> dict:
     median of fewer runs, or a null, is said so. A metric the plan does not measure has no key in
     the rows and is simply None."""
     out = {"status": "ok", "runs": len(rows), "seconds": round(seconds, 1)}
-    out.update(_medians(rows, METRICS))
+    if not rows or any(m in r for r in rows for m in METRICS):  # else an IPv6-only run: no IPv4 probe ran
+        out.update(_medians(rows, METRICS))
     if any("tcp1_gbps" + V6 in r for r in rows):
         out["v6"] = _summarize_v6(rows)
     out.update(extra)
@@ -126,6 +129,11 @@ def _medians(rows: list[dict], metrics, family: int = 4) -> dict:
         out["missing"] = missing
     out["disturbed_runs"] = len(rows) - len(clean)
     return out
+
+
+def has_ipv4(b: dict) -> bool:
+    """Whether a backend's summary has IPv4 numbers (False: an IPv6-only run's, ``v6`` alone)."""
+    return "v6" not in b or any(m in b for m in METRICS)
 
 
 def family_of(b: dict, family: int) -> dict | None:
@@ -206,8 +214,10 @@ def add_ratios(doc: dict) -> None:
     ``ratio_to_bare`` is the backend's paired ratio when its lab took underlay samples (every
     ``bench run`` does), else its TCP x1 median over bare's; ``ratio_to_vxlan_kernel`` divides the
     two backends' ``ratio_to_bare`` where both exist, so it is paired too. A dual-stack run's
-    ``v6`` parts get the same ratios, against bare's and vxlan/kernel's ``v6``."""
-    _add_ratios(doc, 4)
+    ``v6`` parts get the same ratios, against bare's and vxlan/kernel's ``v6``; an IPv6-only run
+    has those alone."""
+    if any(b.get("status") == "ok" and has_ipv4(b) for b in doc["backends"].values()):
+        _add_ratios(doc, 4)
     if any(b.get("status") == "ok" and b.get("v6") for b in doc["backends"].values()):
         _add_ratios(doc, 6)
 

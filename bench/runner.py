@@ -12,7 +12,9 @@ reason. The result is one JSON document (``bench.results``).
 A dual-stack scenario (its network config enables IPv6) measures each data plane that carries
 IPv6 over both families: after the IPv4 probes of a run, TCP x1 with its underlay twin, ping and
 the pinned request/response again to the IPv6 addresses (row keys ending ``_v6``), so the IPv6
-ratios are paired the same way against the IPv6 underlay of the same lab.
+ratios are paired the same way against the IPv6 underlay of the same lab. An IPv6-only scenario
+(EnableIPv4 false) runs the IPv6 probes alone: its pods and its overlay have no IPv4, so its rows
+have ``_v6`` keys only (the bare underlay's twin too: the nodes' IPv6 addresses).
 """
 from __future__ import annotations
 
@@ -36,10 +38,10 @@ RETRIES = 3  # extra attempts of a probe disturbed by foreign load
 def default_backends(scenario=None) -> list[str]:
     """What a default run measures: the bare underlay, then every data plane the backend
     registry marks for the bench (controlplane.backends), in its order; for a dual-stack
-    ``scenario``, only those that carry IPv6."""
+    ``scenario`` or an IPv6-only one, only those that carry IPv6."""
     from controlplane.backends import bench_backends, declaration
     names = bench_backends()
-    if scenario is not None and scenario.dual_stack:
+    if scenario is not None and scenario.has_ipv6:
         names = [b for b in names if getattr(declaration(b), "ipv6", False)]
     return [BARE, *names]
 
@@ -105,8 +107,9 @@ class Progress:
             self.stream.write("\n")
 
 
-def unavailable(backend: str, dual_stack: bool = False) -> str | None:
-    """Why ``backend`` cannot run here (or, ``dual_stack``, in a dual-stack scenario), or None."""
+def unavailable(backend: str, ipv6: bool = False) -> str | None:
+    """Why ``backend`` cannot run here (or, ``ipv6``, in a scenario that enables IPv6: dual-stack
+    or IPv6-only), or None."""
     if os.geteuid() != 0:
         return "needs root (network namespaces)"
     if backend == BARE:
@@ -115,7 +118,7 @@ def unavailable(backend: str, dual_stack: bool = False) -> str | None:
     decl = declaration(backend)
     if decl is None:
         return "not built yet (no such backend in this build of weft)"
-    if dual_stack and not getattr(decl, "ipv6", False):
+    if ipv6 and not getattr(decl, "ipv6", False):
         return (f"carries IPv4 only, the scenario enables IPv6"
                 f"{': ' + decl.no_ipv6_reason if getattr(decl, 'no_ipv6_reason', '') else ''}")
     if "bcc" in decl.requires:
@@ -171,7 +174,8 @@ def _address(thing, family: int) -> str:
 
 
 def families(lab) -> tuple[int, ...]:
-    return (4, 6) if lab.scenario.dual_stack else (4,)
+    """The IP versions the lab's overlay carries: (4,), (4, 6) dual-stack, (6,) IPv6-only."""
+    return lab.scenario.families
 
 
 def _pairs(lab, backend: str, family: int = 4) -> list[tuple[Endpoint, str]]:
@@ -320,7 +324,7 @@ def build_lab(scenario, backend: str, plan: Plan, progress: Progress, lab_factor
     lab.up()
     try:
         check_connectivity(lab, backend)
-        src, _, dev = endpoints(lab, backend)
+        src, _, dev = endpoints(lab, backend, families(lab)[0])
         rate = plan.throttle.get(backend)
         if rate:
             measure.throttle(src.ns, dev, rate)
@@ -360,7 +364,7 @@ def run(scenario, backends: list[str], plan: Plan, lab_factory=None, stream=sys.
     of every sample of one."""
     from .lab import Lab
     doc = results.new_document(scenario, plan)
-    runnable = [b for b in backends if not _skip_if_unavailable(doc, b, scenario.dual_stack)]
+    runnable = [b for b in backends if not _skip_if_unavailable(doc, b, scenario.has_ipv6)]
     sitting = Sitting(doc, runnable, plan, stream)
     for b in backends:
         if b not in runnable:
@@ -380,9 +384,9 @@ def run(scenario, backends: list[str], plan: Plan, lab_factory=None, stream=sys.
     return doc
 
 
-def _skip_if_unavailable(doc: dict, backend: str, dual_stack: bool = False) -> bool:
+def _skip_if_unavailable(doc: dict, backend: str, ipv6: bool = False) -> bool:
     """Record a backend this machine (or the scenario) cannot run as skipped, with the reason."""
-    why = unavailable(backend, dual_stack)
+    why = unavailable(backend, ipv6)
     if why:
         doc["backends"][backend] = {"status": "skipped", "reason": why}
     return bool(why)
@@ -432,8 +436,9 @@ class Sitting:
             label = f"{b} {'TCP-only ' if tcp_only else ''}run {i + 1}/{self.rounds}"
             lab.resume()
             try:
-                row = measure_once(lab, b, self.plan, self.progress, label, tcp_only=tcp_only)
-                if lab.scenario.dual_stack:
+                fams = families(lab)  # IPv6-only: no IPv4 probe at all (no pod has an IPv4 address)
+                row = measure_once(lab, b, self.plan, self.progress, label, tcp_only=tcp_only) if 4 in fams else {}
+                if 6 in fams:
                     measure_ipv6(lab, b, self.plan, self.progress, label, row, tcp_only=tcp_only)
             except Exception as exc:
                 self.fail(b, exc)

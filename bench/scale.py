@@ -175,7 +175,9 @@ def propagation(lab, progress=None, store: str = "") -> list[float]:
 
 
 def run(scenario, stores=("sqlite", "etcd"), lab_factory=None, progress=None) -> dict:
+    from .errors import refuse_ipv6_only
     from .lab import Lab
+    refuse_ipv6_only(scenario, "bench run (control plane)", "writes IPv4 leases")
     lab_factory = lab_factory or (lambda scn: Lab(scn))
     out = {}
     for store in stores:

@@ -96,7 +96,9 @@ def measure(scenario, backend: str, count: int, lab_factory, progress=None) -> d
 
 
 def run(scenario, backends: list[str], count: int, lab_factory=None, progress=None) -> dict:
+    from .errors import refuse_ipv6_only
     from .lab import Lab
+    refuse_ipv6_only(scenario, "bench run (peer leases)", "writes IPv4 leases")
     lab_factory = lab_factory or (lambda scn: Lab(scn))
     out = {}
     for backend in backends:

@@ -9,7 +9,7 @@ Every key has a default, so ``name = "x"`` alone is a valid three-node SQLite/vx
     nodes = 3                     # node N is <prefix>nN with the underlay's Nth address
     pods_per_node = 1             # pod K of node N is <prefix>pNxK with .K+1 of the node's subnet
     underlay = "198.18.0.0/15"    # must lie inside 198.18.0.0/15 (RFC 2544 benchmarking space)
-    underlay6 = "2001:db8:198:18::/64"  # dual-stack only: must lie inside 2001:db8::/32 (documentation space)
+    underlay6 = "2001:db8:198:18::/64"  # dual-stack and IPv6-only: must lie inside 2001:db8::/32 (documentation space)
     mtu = 1500                    # the nodes' eth0 MTU
     store = "sqlite"              # or "etcd" (an etcd in namespace <prefix>st)
     etcd_tls = false              # etcd only: client TLS with a PKI made for the run
@@ -23,6 +23,9 @@ Every key has a default, so ``name = "x"`` alone is a valid three-node SQLite/vx
     config = {Network = "10.244.0.0/16", Backend = {Type = "vxlan"}}   # or a JSON string
     # "EnableIPv6": true with "IPv6Network" makes the lab dual-stack: nodes get underlay6 addresses
     # too, pods get both families through CNI, bench run measures IPv6 beside IPv4.
+    # "EnableIPv4": false with those makes it IPv6-only: the nodes keep their IPv4 underlay (the
+    # store and the harness use it), weftd and the overlay use underlay6, pods get IPv6 only,
+    # bench run measures IPv6 alone.
 
     [nodes.2]
     dataplane = "fastpath"        # weftd --dataplane for this node only
@@ -127,9 +130,25 @@ class Scenario:
         return self.underlay6.network_address + n
 
     @property
-    def dual_stack(self) -> bool:
-        """Whether the network config enables IPv6 (beside IPv4): the lab then builds both families."""
+    def has_ipv6(self) -> bool:
+        """Whether the network config enables IPv6 (dual-stack or IPv6-only): the lab then builds
+        the IPv6 underlay, weftd gets -public-ipv6 and pods get an IPv6 address."""
         return bool(self.network is not None and self.network.enable_ipv6)
+
+    @property
+    def ipv6_only(self) -> bool:
+        """Whether the network has no IPv4 side (EnableIPv4 false): pods get IPv6 only."""
+        return bool(self.network is not None and not self.network.enable_ipv4)
+
+    @property
+    def dual_stack(self) -> bool:
+        """Whether the network carries both families: the lab builds both, pods get both."""
+        return self.has_ipv6 and not self.ipv6_only
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The IP versions the overlay carries, IPv4 first: (4,), (4, 6) or (6,)."""
+        return (4, 6) if self.dual_stack else (6,) if self.ipv6_only else (4,)
 
     @property
     def store_ip(self) -> ipaddress.IPv4Address:
@@ -220,6 +239,8 @@ def from_dict(doc: dict, path: str = "<scenario>") -> Scenario:
     _check_fit(path, lab, network)
     overrides = _read_node_overrides(path, _table(path, doc, "nodes"), lab["nodes"], network)
     weftd = _read_weftd(path, _table(path, doc, "weftd"))
+    if network.ipv6_only:
+        _check_ipv6_only(path, lab, weftd)
     return Scenario(name=name, path=path, **lab, config_text=config_text, network=network,
                     node_overrides=overrides, weftd=weftd, description=description)
 
@@ -354,7 +375,7 @@ def _read_network(path: str, table: dict) -> tuple[str, NetworkConfig]:
 def _check_fit(path: str, lab: dict, network: NetworkConfig) -> None:
     """Enough subnets for the nodes, enough addresses for the pods, room in the MTU for the wire."""
     nodes, pods, mtu = lab["nodes"], lab["pods_per_node"], lab["mtu"]
-    if network.subnet_count < nodes:
+    if network.enable_ipv4 and network.subnet_count < nodes:
         raise _fail(path, "network.config", f"Network {network.network} holds "
                     f"{network.subnet_count} subnets of /{network.subnet_len}, fewer than {nodes} nodes")
     if network.enable_ipv6:
@@ -364,12 +385,26 @@ def _check_fit(path: str, lab: dict, network: NetworkConfig) -> None:
             raise _fail(path, "network.config", f"IPv6Network {network.ipv6_network} holds {count6} "
                         f"subnets of /{network.ipv6_subnet_len} between IPv6SubnetMin and IPv6SubnetMax, "
                         f"fewer than {nodes} nodes")
-    if pods and pods > network.subnet_size - 3:
+    # (an IPv6-only network's pods live in IPv6 subnets of at least 4 addresses: >= MAX_PODS_PER_NODE)
+    if pods and network.enable_ipv4 and pods > network.subnet_size - 3:
         raise _fail(path, "lab.pods_per_node", f"{pods} pods do not fit in a /{network.subnet_len} "
                     f"subnet ({network.subnet_size - 3} pod addresses after .0, .1 and broadcast)")
     if network.backend.mtu == 0 and mtu - network.backend.mtu_overhead < 68:
         raise _fail(path, "lab.mtu", f"{mtu} leaves no room for {network.backend.type}'s "
                     f"{network.backend.mtu_overhead} bytes")
+
+
+def _check_ipv6_only(path: str, lab: dict, weftd: WeftdSpec) -> None:
+    """What an IPv6-only network (EnableIPv4 false) cannot do, refused before anything is built."""
+    why = "the network is IPv6-only (EnableIPv4 false)"
+    if lab["peer_leases"]:
+        raise _fail(path, "lab.peer_leases", f"the peer-lease scale run writes IPv4 leases; {why}")
+    for flag in weftd.flags:
+        name, _, value = flag.lstrip("-").partition("=")
+        if flag.startswith("-") and name == "source-guard" and value.lower() not in ("false", "0"):
+            raise _fail(path, "weftd.flags", f"--source-guard is an IPv4 guard; {why}")
+    if weftd.env.get("FLANNELD_SOURCE_GUARD", "").lower() in ("true", "1"):
+        raise _fail(path, "weftd.env.FLANNELD_SOURCE_GUARD", f"--source-guard is an IPv4 guard; {why}")
 
 
 def _read_node_overrides(path: str, table: dict, nodes: int, network: NetworkConfig) -> dict[int, NodeSpec]:

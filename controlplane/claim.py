@@ -19,9 +19,13 @@ A refusal is one line (``PublicIPInUse``). A clean stop releases the claim. A st
 stops a running daemon: a failed refresh is retried, and a claim that expired meanwhile is taken
 again. Only if another weftd took it in that time does this one stop (``on_lost``): the lease of
 that public IP is the other node's now.
+
+An IPv6-only node (EnableIPv4 false) has PublicIP 0.0.0.0, as every other such node: its claim is
+keyed by its public IPv6 instead (``<prefix>/weft/claims/2001:db8::1``), and a refusal names it.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -31,6 +35,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
+from .lease import NO_PUBLIC_IP
 from .store import StoreError, StoreUnavailable
 from .store.base import ClaimChanged, ClaimRecord
 
@@ -141,18 +146,36 @@ def judge(holder: Holder, me: Holder, alive=process_alive) -> str:
 
 
 def refusal(public_ip, holder: Holder) -> str:
+    if ipaddress.ip_address(public_ip).version == 6:
+        return (f"public IPv6 {public_ip} is already in use by a running weftd ({holder.describe()}):"
+                " two nodes cannot share a public IPv6; give this node its own -public-ipv6")
     return (f"public IP {public_ip} is already in use by a running weftd ({holder.describe()}): "
             "two nodes cannot share a public IP; give this node its own -public-ip")
 
 
+def claim_address(public_ip, public_ipv6=None) -> str:
+    """What a node's claim is keyed by: its public IP, or its public IPv6 when it has none (0.0.0.0
+    or None: an IPv6-only node, whose PublicIP is flanneld's empty 0.0.0.0, as every such node's)."""
+    # canonical text (an address given as "2001:DB8::1" is the key 2001:db8::1): one key per address
+    if public_ip is not None and ipaddress.ip_address(str(public_ip)) != NO_PUBLIC_IP:
+        return str(ipaddress.ip_address(str(public_ip)))
+    if public_ipv6 is None:
+        raise ValueError("no public address to claim: an IPv6-only node (public IP 0.0.0.0) "
+                         "claims its public IPv6, and none was given")
+    return str(ipaddress.IPv6Address(str(public_ipv6)))
+
+
 class NodeClaim:
     """This daemon's claim on its public IP: ``acquire`` at start, refreshed by a thread,
-    ``release`` on exit."""
+    ``release`` on exit. ``public_ip`` 0.0.0.0 (an IPv6-only node): keyed by ``public_ipv6``
+    (``claim_address``); an IPv6 address as ``public_ip`` is taken as the public IPv6."""
 
     def __init__(self, store, public_ip, subnet_file: str, ttl: float = CLAIM_TTL,
-                 on_lost=lambda why: None):
+                 on_lost=lambda why: None, public_ipv6=None):
         self.store = store
-        self.public_ip = str(public_ip)
+        self.public_ip = claim_address(public_ip, public_ipv6)  # the claim's key
+        ipv6 = ipaddress.ip_address(self.public_ip).version == 6
+        self.name = f"public IPv6 {self.public_ip}" if ipv6 else f"public IP {self.public_ip}"
         self.ttl = ttl
         self.on_lost = on_lost
         self.me = this_process(subnet_file)
@@ -184,8 +207,8 @@ class NodeClaim:
                 if verdict == REFUSE:
                     raise PublicIPInUse(refusal(self.public_ip, holder))
                 if verdict == TAKE:
-                    log.info("public IP %s: taking over the claim of a weftd that is gone (%s)",
-                             self.public_ip, holder.describe())
+                    log.info("%s: taking over the claim of a weftd that is gone (%s)",
+                             self.name, holder.describe())
                     self.record = self.store.take_claim(self.public_ip, self.value, self.ttl, rec)
                     break
                 if watched is not None and watched.value == rec.value:
@@ -193,17 +216,17 @@ class NodeClaim:
                         raise PublicIPInUse(refusal(self.public_ip, holder))
                 else:
                     watched = rec
-                    log.warning("public IP %s is claimed by a weftd this one cannot look up (%s); "
+                    log.warning("%s is claimed by a weftd this one cannot look up (%s); "
                                 "waiting up to %.0f s for its claim to expire (refused if renewed)",
-                                self.public_ip, holder.describe(), max(0.0, rec.expiration - time.time()))
+                                self.name, holder.describe(), max(0.0, rec.expiration - time.time()))
             except ClaimChanged:
                 stop.wait(0.05)  # another newcomer moved first (or etcd is deleting an expired key)
                 continue  # judge the claim as it is now
             except StoreUnavailable as exc:
                 now = time.monotonic()
                 if logged_at is None or now - logged_at >= WAIT_LOG_INTERVAL:
-                    log.warning("waiting for the store at %s: %s (claim of public IP %s)",
-                                getattr(self.store, "url", "?"), exc, self.public_ip)
+                    log.warning("waiting for the store at %s: %s (claim of %s)",
+                                getattr(self.store, "url", "?"), exc, self.name)
                     logged_at = now
             stop.wait(poll)
         else:
@@ -223,7 +246,7 @@ class NodeClaim:
             try:
                 self.refresh()
             except Exception:  # a bug or input nobody foresaw: the claim keeps being refreshed
-                log.exception("refreshing the claim of public IP %s failed unexpectedly", self.public_ip)
+                log.exception("refreshing the claim of %s failed unexpectedly", self.name)
 
     def refresh(self) -> None:
         try:
@@ -232,12 +255,12 @@ class NodeClaim:
             except ClaimChanged as exc:
                 self._retake(str(exc))
             if self._failing and not self.lost:
-                log.info("claim of public IP %s refreshed again", self.public_ip)
+                log.info("claim of %s refreshed again", self.name)
                 self._failing = False
         except StoreError as exc:
             if not self._failing:
-                log.warning("refreshing the claim of public IP %s failed: %s; retrying every %.0f s",
-                            self.public_ip, exc, self.ttl / 3)
+                log.warning("refreshing the claim of %s failed: %s; retrying every %.0f s",
+                            self.name, exc, self.ttl / 3)
                 self._failing = True
 
     def _retake(self, why: str) -> None:
@@ -249,7 +272,7 @@ class NodeClaim:
                 return
             self.lost = True
             self._stop.set()
-            self.on_lost(f"public IP {self.public_ip} was claimed by another weftd ({holder.describe()})"
+            self.on_lost(f"{self.name} was claimed by another weftd ({holder.describe()})"
                          " while this one could not refresh its claim; that node holds its lease now")
             return
         self.record = self.store.take_claim(self.public_ip, self.value, self.ttl, None)
@@ -268,5 +291,5 @@ class NodeClaim:
         try:
             self.store.release_claim(self.public_ip, self.record)
         except StoreError as exc:
-            log.warning("releasing the claim of public IP %s: %s (it expires within %g s)",
-                        self.public_ip, exc, self.ttl)
+            log.warning("releasing the claim of %s: %s (it expires within %g s)",
+                        self.name, exc, self.ttl)

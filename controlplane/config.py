@@ -8,10 +8,11 @@ Two deliberate differences, both documented in the README:
 - no ``Backend`` key means ``vxlan`` (flannel's documentation says so; flanneld's code picks ``udp``);
 - ``Backend.Dataplane`` is weft's own key: it picks the implementation behind a wire format.
 
-Dual-stack (``EnableIPv6`` with ``IPv6Network`` ...) follows flannel's rules too. IPv6-only
-(``EnableIPv4`` false) is refused: a lease's identity here is its IPv4 subnet, and every lease of an
-IPv6-only flannel network has the IPv4 key part ``0.0.0.0-0``. A data plane declares whether it
-carries IPv6 (``spec.Dataplane.ipv6``); EnableIPv6 with one that does not is refused.
+Dual-stack (``EnableIPv6`` with ``IPv6Network`` ...) follows flannel's rules too, and so does
+IPv6-only (``EnableIPv4`` false): no IPv4 keys are read, ``network`` is None, and every lease's
+key has flannel's empty IPv4 part ``0.0.0.0-0`` (``controlplane.lease.NO_IPV4``). A data plane
+declares whether it carries IPv6 (``spec.Dataplane.ipv6``); EnableIPv6 with one that does not is
+refused.
 
 Every rule broken raises ``ConfigError`` with one line naming the key and the rule.
 """
@@ -27,6 +28,7 @@ from typing import Any
 # backend registry (each wire format's folder declares them); only the default is named here.
 from . import backends as registry
 from .backends.spec import Key
+from .lease import NO_IPV4
 
 DEFAULT_WIRE = "vxlan"  # no Backend.Type (README, "Differences from flanneld")
 PORT = Key("Port", "port", int, 0, 0, 65535, "UDP port; 0: the wire format's default")
@@ -70,10 +72,10 @@ class BackendConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    network: ipaddress.IPv4Network
-    subnet_len: int
-    subnet_min: ipaddress.IPv4Address
-    subnet_max: ipaddress.IPv4Address
+    network: ipaddress.IPv4Network | None  # None: EnableIPv4 is false (IPv6-only)
+    subnet_len: int  # 0, and subnet_min/subnet_max None, when IPv6-only
+    subnet_min: ipaddress.IPv4Address | None
+    subnet_max: ipaddress.IPv4Address | None
     backend: BackendConfig
     raw: str = field(default="", compare=False, repr=False)
     # Dual-stack (EnableIPv6): flannel's IPv6Network, IPv6SubnetLen, IPv6SubnetMin, IPv6SubnetMax.
@@ -83,8 +85,16 @@ class NetworkConfig:
     ipv6_subnet_max: ipaddress.IPv6Address | None = None
 
     @property
+    def enable_ipv4(self) -> bool:
+        return self.network is not None
+
+    @property
     def enable_ipv6(self) -> bool:
         return self.ipv6_network is not None
+
+    @property
+    def ipv6_only(self) -> bool:
+        return self.network is None
 
     @property
     def subnet6_size(self) -> int:
@@ -113,7 +123,9 @@ class NetworkConfig:
     def fits(self, subnet: ipaddress.IPv4Network, subnet6: ipaddress.IPv6Network | None) -> bool:
         """True when a lease of ``subnet`` (and ``subnet6``) is one this config could hand out:
         both parts inside their ranges with EnableIPv6, and no IPv6 part without it (flannel's
-        ``tryAcquireLease``)."""
+        ``tryAcquireLease``); IPv6-only: the IPv4 part is flannel's empty ``0.0.0.0/0``."""
+        if not self.enable_ipv4:
+            return subnet == NO_IPV4 and self.contains_subnet6(subnet6)
         if not self.contains_subnet(subnet):
             return False
         return self.contains_subnet6(subnet6) if self.enable_ipv6 else subnet6 is None
@@ -124,7 +136,9 @@ class NetworkConfig:
 
     @property
     def subnet_count(self) -> int:
-        """How many subnets lie between SubnetMin and SubnetMax, inclusive."""
+        """How many subnets lie between SubnetMin and SubnetMax, inclusive (0 when IPv6-only)."""
+        if not self.enable_ipv4:
+            return 0
         return (int(self.subnet_max) - int(self.subnet_min)) // self.subnet_size + 1
 
     def subnet_at(self, index: int) -> ipaddress.IPv4Network:
@@ -132,7 +146,9 @@ class NetworkConfig:
         return ipaddress.IPv4Network((addr, self.subnet_len))
 
     def contains_subnet(self, subnet: ipaddress.IPv4Network) -> bool:
-        """True when ``subnet`` is one this config could hand out."""
+        """True when ``subnet`` is one this config could hand out (never when IPv6-only)."""
+        if not self.enable_ipv4:
+            return False
         return (subnet.prefixlen == self.subnet_len
                 and int(self.subnet_min) <= int(subnet.network_address) <= int(self.subnet_max))
 
@@ -239,18 +255,19 @@ def parse_config(text: str | bytes) -> NetworkConfig:
         raise ConfigError("config: must be a JSON object")
 
     enable_ipv6 = _typed(obj, "EnableIPv6", bool, "", False)
-    if not _typed(obj, "EnableIPv4", bool, "", True):
-        raise ConfigError("EnableIPv4: false (IPv6-only) is not supported: weft needs an IPv4 Network"
-                          " (dual-stack is: EnableIPv4 and EnableIPv6 both true)")
-    network, subnet_len, subnet_min, subnet_max = _parse_range(obj, IPV4)
+    enable_ipv4 = _typed(obj, "EnableIPv4", bool, "", True)
+    if not enable_ipv4 and not enable_ipv6:
+        raise ConfigError("EnableIPv4: false with EnableIPv6 false leaves no network to carry "
+                          "(IPv6-only is EnableIPv4 false with EnableIPv6 true and an IPv6Network)")
+    # flannel reads the IPv4 keys only with EnableIPv4 (Network, SubnetLen ... are ignored without)
+    ipv4 = _parse_range(obj, IPV4) if enable_ipv4 else (None, 0, None, None)
 
     present, backend_obj = _lookup(obj, "Backend")
     backend = parse_backend(backend_obj if present else None)
     if not enable_ipv6:  # flannel reads the IPv6 keys only with EnableIPv6
-        return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend, text)
+        return NetworkConfig(*ipv4, backend, text)
     _check_ipv6(backend.type, backend.dataplane, "Backend.Dataplane")
-    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend, text,
-                         *_parse_range(obj, IPV6))
+    return NetworkConfig(*ipv4, backend, text, *_parse_range(obj, IPV6))
 
 
 @dataclass(frozen=True)

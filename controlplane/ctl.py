@@ -4,7 +4,8 @@
   weftctl ... config get                                       print the stored config
   weftctl ... leases [--json]                                  subnet, public IP, backend, expiry
   weftctl ... reserve SUBNET --public-ip IP [--subnet6 SUBNET6]   a lease that never expires
-  weftctl ... release SUBNET                                   delete a reservation or a lease
+  weftctl ... reserve --subnet6 SUBNET6 --public-ipv6 IP6      the same on an IPv6-only network
+  weftctl ... release SUBNET|SUBNET6                           delete a reservation or a lease
   weftctl docker-opts [-f subnet.env] [-d OUT|-] [-i] [-c] [-m] [-k KEY]   as mk-docker-opts.sh
   weftctl peermap [--dev flannel.1] [--json]                   this node's live BPF maps and counters
 """
@@ -18,8 +19,8 @@ import time
 
 from . import flags, subnetenv
 from .config import ConfigError, parse_config
-from .lease import LeaseAttrs, LeaseFormatError, subnet_key
-from .leasecheck import key_problem, shown
+from .lease import NO_IPV4, NO_PUBLIC_IP, LeaseAttrs, LeaseFormatError, subnet_key
+from .leasecheck import NOT_A_NODE6, key_problem, shown
 from .manager import decode
 from .store import LeaseExists, StoreError
 
@@ -36,12 +37,13 @@ def build_parser() -> flags.Parser:
     leases = sub.add_parser("leases", help="list leases")
     leases.add_argument("--json", action="store_true", help="print JSON")
     res = sub.add_parser("reserve", help="reserve a subnet for a public IP (no TTL)")
-    res.add_argument("subnet")
-    res.add_argument("--public-ip", required=True)
+    res.add_argument("subnet", nargs="?", help="the IPv4 subnet (none on an IPv6-only network)")
+    res.add_argument("--public-ip", help="the node's public IP (not on an IPv6-only network)")
     res.add_argument("--backend-type", default="", help="BackendType to record (optional)")
-    res.add_argument("--subnet6", help="its IPv6 subnet (a dual-stack network: EnableIPv6)")
+    res.add_argument("--subnet6", help="its IPv6 subnet (EnableIPv6; alone on an IPv6-only network)")
+    res.add_argument("--public-ipv6", help="the node's public IPv6 (names the node on an IPv6-only network)")
     rel = sub.add_parser("release", help="delete a reservation or a lease")
-    rel.add_argument("subnet")
+    rel.add_argument("subnet", help="its IPv4 subnet, or its IPv6 subnet for an IPv6-only lease")
     dk = sub.add_parser("docker-opts", help="Docker options from subnet.env, as mk-docker-opts.sh")
     dk.add_argument("-f", dest="env_file", default="/run/flannel/subnet.env", help="subnet.env to read")
     dk.add_argument("-d", dest="out", default="/run/docker_opts.env", help="file to write (- for stdout)")
@@ -71,6 +73,35 @@ def _subnet6(text: str) -> ipaddress.IPv6Network:
         raise flags.UsageError(f"--subnet6 {text!r}: not an IPv6 subnet such as fd10:244:0:3::/64 "
                                "(no host bits)")
     return subnet6
+
+
+def _public_ipv6(text: str) -> ipaddress.IPv6Address:
+    try:
+        addr = ipaddress.IPv6Address(text)
+    except ValueError:
+        addr = None
+    if addr is None or addr.scope_id:
+        raise flags.UsageError(f"--public-ipv6 {text!r}: not an IPv6 address")
+    for net, what in NOT_A_NODE6:
+        if addr in net:
+            raise flags.UsageError(f"--public-ipv6 {text!r}: not an address a node can have ({what})")
+    return addr
+
+
+def _lease_subnet(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``release``'s argument: a lease's identity (its IPv4 subnet, or an IPv6-only lease's IPv6 one)."""
+    try:
+        return ipaddress.IPv4Network(text)
+    except ValueError:
+        pass
+    try:
+        subnet6 = ipaddress.IPv6Network(text)
+        if not subnet6.network_address.scope_id:
+            return subnet6
+    except ValueError:
+        pass
+    raise flags.UsageError(f"{text!r}: not a subnet such as 10.5.3.0/24, or fd10:244:0:3::/64 for an "
+                           "IPv6-only lease (no host bits)")
 
 
 def cmd_config(args, store) -> int:
@@ -118,14 +149,16 @@ def cmd_leases(args, store) -> int:
         print(json.dumps([l.to_dict() for l in rows], indent=2))
     else:
         # The IPv6 columns only when a lease has an IPv6 part: an IPv4 network's table is as before.
+        # An IPv6-only lease shows "-" for its empty IPv4 parts (0.0.0.0-0, PublicIP 0.0.0.0).
         dual = any(l.subnet6 is not None or l.attrs.public_ipv6 is not None for l in rows)
         table = [("SUBNET", "PUBLIC IP", "BACKEND", "EXPIRES")]
         if dual:
             table = [("SUBNET", "SUBNET6", "PUBLIC IP", "PUBLIC IPV6", "BACKEND", "EXPIRES")]
         for l in rows:
             if dual:
-                table.append((str(l.subnet), str(l.subnet6 or "-"), str(l.attrs.public_ip),
-                              str(l.attrs.public_ipv6 or "-"), l.attrs.wire_type, _expiry(l.expiration)))
+                d = l.to_dict()
+                table.append((d["subnet"] or "-", d["subnet6"] or "-", d["public_ip"] or "-",
+                              d["public_ipv6"] or "-", l.attrs.wire_type, _expiry(l.expiration)))
             else:
                 table.append((str(l.subnet), str(l.attrs.public_ip), l.attrs.wire_type,
                               _expiry(l.expiration)))
@@ -138,22 +171,35 @@ def cmd_leases(args, store) -> int:
     return 0
 
 
-def _record_of(store, subnet: ipaddress.IPv4Network):
-    """The live record of ``subnet``, whatever IPv6 part its key has (a lease is its IPv4 subnet)."""
+def _record_of(store, ident):
+    """The live record of the lease named ``ident`` (``Lease.ident``): an IPv4 subnet, whatever IPv6
+    part its key has, or the IPv6 subnet of an IPv6-only lease."""
     records, _ = store.list_leases()
-    return next((r for r in records if r.subnet == subnet), None)
+    return next((r for r in records if r.ident == ident), None)
 
 
 def cmd_reserve(args, store) -> int:
-    subnet = _subnet(args.subnet)
+    if args.subnet is None and args.subnet6 is None:
+        raise flags.UsageError("reserve: give a SUBNET (or --subnet6 on an IPv6-only network)")
+    subnet = _subnet(args.subnet) if args.subnet is not None else None
     subnet6 = _subnet6(args.subnet6) if args.subnet6 else None
+    public_ipv6 = _public_ipv6(args.public_ipv6) if args.public_ipv6 else None
+    text = store.get_config()
+    config = parse_config(text) if text is not None else None
+    # IPv6-only: as the config says; with no config stored, when only --subnet6 is given
+    ipv6_only = config.ipv6_only if config is not None else subnet is None
+    if ipv6_only:
+        return _reserve_ipv6_only(args, store, config, subnet, subnet6, public_ipv6)
+    if subnet is None:
+        return flags.fail("weftctl", f"--subnet6 {subnet6} alone: the network has IPv4 (Network "
+                                     f"{config.network}): give its IPv4 SUBNET too")
+    if args.public_ip is None:
+        raise flags.UsageError("the following arguments are required: --public-ip")
     try:
-        attrs = LeaseAttrs(ipaddress.IPv4Address(args.public_ip), args.backend_type)
+        attrs = LeaseAttrs(ipaddress.IPv4Address(args.public_ip), args.backend_type, public_ipv6=public_ipv6)
     except ValueError:
         raise flags.UsageError(f"--public-ip {args.public_ip!r}: not an IPv4 address") from None
-    text = store.get_config()
-    if text is not None:
-        config = parse_config(text)
+    if config is not None:
         if not config.contains_subnet(subnet):
             return flags.fail("weftctl", f"{subnet} is not a subnet of the configured network")
         if config.enable_ipv6 and subnet6 is None:
@@ -186,12 +232,43 @@ def cmd_reserve(args, store) -> int:
     return 0
 
 
+def _reserve_ipv6_only(args, store, config, subnet, subnet6, public_ipv6) -> int:
+    """An IPv6-only reservation: flanneld's key 0.0.0.0-0&<ip6>-<len6>, PublicIP 0.0.0.0, named by
+    the node's public IPv6 (what the acquisition of an IPv6-only node finds its lease by)."""
+    six = "the network is IPv6-only (EnableIPv4 false)"
+    if subnet is not None:
+        return flags.fail("weftctl", f"{subnet}: {six}: it has no IPv4 subnets; reserve with --subnet6 alone")
+    if args.public_ip is not None:
+        return flags.fail("weftctl", f"--public-ip {args.public_ip}: {six}: an IPv6-only node is named "
+                                     "by its public IPv6 (--public-ipv6)")
+    if public_ipv6 is None:
+        return flags.fail("weftctl", f"{subnet6}: {six}: give the node's --public-ipv6")
+    if config is not None and not config.contains_subnet6(subnet6):
+        return flags.fail("weftctl", f"--subnet6 {subnet6} is not a subnet of the configured "
+                                     f"IPv6Network {config.ipv6_network}")
+    attrs = LeaseAttrs(NO_PUBLIC_IP, args.backend_type, public_ipv6=public_ipv6)
+    try:
+        store.create_lease(NO_IPV4, attrs.to_json(), ttl=None, subnet6=subnet6)
+    except LeaseExists:
+        current = _record_of(store, subnet6)
+        try:
+            holder = LeaseAttrs.from_json(current.value) if current else None
+        except LeaseFormatError:
+            holder = None
+        if holder is None or holder.public_ipv6 != public_ipv6:
+            who = (holder.public_ipv6 or "someone else") if holder else "someone else"
+            return flags.fail("weftctl", f"{subnet6} is held by {who}; release it first")
+        store.update_lease(NO_IPV4, current.value, ttl=None, subnet6=subnet6)  # now a reservation
+    print(f"reserved {subnet6} for {public_ipv6}")
+    return 0
+
+
 def cmd_release(args, store) -> int:
-    subnet = _subnet(args.subnet)
-    current = _record_of(store, subnet)
-    if current is None or not store.delete_lease(subnet, current.subnet6):
-        return flags.fail("weftctl", f"no lease or reservation for {subnet}")
-    print(f"released {subnet}")
+    ident = _lease_subnet(args.subnet)
+    current = _record_of(store, ident)
+    if current is None or not store.delete_lease(current.subnet, current.subnet6):
+        return flags.fail("weftctl", f"no lease or reservation for {ident}")
+    print(f"released {ident}")
     return 0
 
 

@@ -7,7 +7,12 @@ Life of a node:
 
 SIGTERM/SIGINT stop cleanly and leave the lease and the data plane in place, so a restart (even
 after kill -9) finds its lease by public IP and keeps the same subnet without disturbing traffic.
+
 ``--teardown`` instead removes the data plane on exit (the lease stays until it expires).
+
+IPv6-only networks (EnableIPv4 false): every lease's IPv4 part is flannel's empty 0.0.0.0/0 and its
+PublicIP 0.0.0.0, so leases and peers are named by ``Lease.ident`` (the IPv6 subnet then), the
+node by its public IPv6 (lease lookup, claim), and nothing IPv4 is written or masqueraded.
 
 A lease deleted by an operator is noticed (by the watch at once, or by the next renewal): weftd
 logs "lease has been revoked", and exits with status 1, as flanneld does; a supervisor that
@@ -36,7 +41,6 @@ it takes a restart, as with flanneld.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 import sys
@@ -55,7 +59,7 @@ from .config import ConfigError, NetworkConfig, parse_config
 from .health import HealthServer
 from .iface import IfaceError, resolve
 from .linkwatch import LinkWatch, link_is_usable
-from .lease import Lease, LeaseAttrs, LeaseFormatError, subnet_key
+from .lease import NO_PUBLIC_IP, Ident, Lease, LeaseAttrs, LeaseFormatError
 from .masq import MasqError
 from .manager import DEFAULT_TTL, LeaseEvent, LeaseManager, LeaseRevoked, LeaseWatcher
 from .store import StoreError
@@ -76,9 +80,10 @@ def build_parser() -> flags.Parser:
     p = flags.Parser(prog="weftd", description="weft node daemon (flanneld-compatible flags)")
     flags.add_store_flags(p)
     flags.add_flag(p, "iface", help="interface (name or IP) for inter-node traffic")
-    flags.add_flag(p, "public-ip", help="IP this node is reached at (default: the interface's)")
-    flags.add_flag(p, "public-ipv6", help="IPv6 address this node is reached at, with EnableIPv6 "
-                                           "(default: the interface's global IPv6 address)")
+    flags.add_flag(p, "public-ip", help="IP this node is reached at (default: the interface's;"
+                                         " ignored on an IPv6-only network)")
+    flags.add_flag(p, "public-ipv6", help="IPv6 address this node is reached at, with EnableIPv6 or"
+                                           " IPv6-only (default: the interface's global IPv6 address)")
     flags.add_flag(p, "subnet-file", default="/run/flannel/subnet.env", help="subnet.env to write")
     flags.add_flag(p, "subnet-lease-renew-margin", kind=int, default=60,
                    help="minutes before expiry to renew the lease (1..1439)")
@@ -122,8 +127,8 @@ class Daemon:
         self.lease: Lease | None = None
         self.backend = None
         self.watcher: LeaseWatcher | None = None
-        self.peers: dict[ipaddress.IPv4Network, Lease] = {}
-        self.incompatible: set = set()
+        self.peers: dict[Ident, Lease] = {}  # by Lease.ident
+        self.incompatible: set[Ident] = set()
         self.counters: Counter[str] = Counter()
         self.store = None
         self.masq = None
@@ -142,8 +147,9 @@ class Daemon:
     # -- peers ------------------------------------------------------------------------------
     def on_lease_event(self, event: LeaseEvent) -> None:
         lease = event.lease
+        ident = lease.ident
         self.counters[f"watch_{event.kind}"] += 1
-        if self.lease is not None and lease.subnet == self.lease.subnet:  # a lease is its IPv4 subnet
+        if self.lease is not None and ident == self.lease.ident:
             self._own_lease_event(event)
             return
         if self.lease is not None and lease.subnet6 is not None and lease.subnet6 == self.lease.subnet6 \
@@ -152,30 +158,30 @@ class Daemon:
             # known first; this is the race where that was not ours): never a route to it.
             self.watcher.invalid.report(lease.key, lease.revision, "own_subnet",
                                         f"this node's IPv6 subnet {lease.subnet6}, in the lease of "
-                                        f"{lease.subnet} (PublicIP {lease.attrs.public_ip}); ignored")
+                                        f"{lease.shown} (node {node_address(lease)}); ignored")
             event = LeaseEvent("removed", lease, "own_subnet")
         with self._peer_lock:
             if event.kind in ("removed", "expired"):
-                self.incompatible.discard(lease.subnet)
-                if self.peers.pop(lease.subnet, None) is not None:
-                    log.info("peer %s (%s) %s", lease.subnet, lease.attrs.public_ip, event.kind)
+                self.incompatible.discard(ident)
+                if self.peers.pop(ident, None) is not None:
+                    log.info("peer %s (%s) %s", lease.shown, node_address(lease), event.kind)
                     self.backend.remove_peer(lease)
                     self.peers_changed_at = time.time()  # once the data plane has it
                 return
             if not self.backend.accepts(lease):
-                if lease.subnet not in self.incompatible:
-                    log.warning("peer %s (%s) speaks %s, not %s: not programmed", lease.subnet,
-                                lease.attrs.public_ip, lease.attrs.wire_type, self.backend.wire_type)
-                    self.incompatible.add(lease.subnet)
-                old = self.peers.pop(lease.subnet, None)
+                if ident not in self.incompatible:
+                    log.warning("peer %s (%s) speaks %s, not %s: not programmed", lease.shown,
+                                node_address(lease), lease.attrs.wire_type, self.backend.wire_type)
+                    self.incompatible.add(ident)
+                old = self.peers.pop(ident, None)
                 if old is not None:
                     self.backend.remove_peer(old)
                 return
-            self.incompatible.discard(lease.subnet)
-            new = lease.subnet not in self.peers
+            self.incompatible.discard(ident)
+            new = ident not in self.peers
             if new:
-                log.info("peer %s (%s) added", lease.subnet, lease.attrs.public_ip)
-            self.peers[lease.subnet] = lease
+                log.info("peer %s (%s) added", lease.shown, node_address(lease))
+            self.peers[ident] = lease
             self.backend.add_peer(lease)
             if new:
                 self.peers_changed_at = time.time()  # once the data plane has it
@@ -189,16 +195,16 @@ class Daemon:
             return
         if event.kind in ("removed", "expired"):
             if not event.reason:
-                self.revoked(f"lease {lease.subnet} was {event.kind} in the store")
+                self.revoked(f"lease {lease.shown} was {event.kind} in the store")
                 return
             # Overwritten with something invalid (already logged and counted): not a deletion.
             log.warning("this node's lease %s was overwritten with an invalid value (%s); writing"
-                        " it back", lease.subnet, event.reason)
+                        " it back", lease.shown, event.reason)
             self.restore_own_lease.set()
-        elif lease.attrs != self.lease.attrs or lease.subnet6 != self.lease.subnet6:
+        elif lease.attrs != self.lease.attrs or lease.key != self.lease.key:
             self.watcher.invalid.report(
-                subnet_key(lease.subnet, lease.subnet6), lease.revision, "own_subnet",
-                f"this node's subnet, rewritten by someone else (PublicIP {lease.attrs.public_ip},"
+                lease.key, lease.revision, "own_subnet",
+                f"this node's subnet, rewritten by someone else (node {node_address(lease)},"
                 f" {lease.attrs.wire_type}); writing this node's lease back")
             self.restore_own_lease.set()
 
@@ -252,8 +258,7 @@ class Daemon:
         backend = self.backend
         return DaemonStatus(
             set_up=self.ready, ready=ready, ready_reason=why, dead_threads=tuple(self._dead_threads()),
-            lease=None if lease is None else LeaseStatus(lease.subnet, str(lease.attrs.public_ip),
-                                                         lease.expiration),
+            lease=None if lease is None else LeaseStatus.of(lease),
             peers=len(self.peers), peers_incompatible=len(self.incompatible),
             peers_changed_at=self.peers_changed_at,
             peers_initial_sync_s=None if self.watcher is None else self.watcher.initial_sync_seconds,
@@ -286,7 +291,7 @@ class Daemon:
             return False, "not ready"
         lease = self.lease
         if lease is not None and lease.expiration is not None and lease.expiration <= time.time():
-            return False, f"lease {lease.subnet} expired (not renewed: the store is unavailable?)"
+            return False, f"lease {lease.shown} expired (not renewed: the store is unavailable?)"
         watch = self.threads.get("lease-watch")
         if watch is not None and not watch.is_alive() and not self.stop.is_set():
             return False, "the lease watch stopped"
@@ -312,9 +317,11 @@ class Daemon:
             self.config = config
             config = config.with_dataplane(a.dataplane)
             self.run_config = config
-            iface = resolve(a.iface, a.public_ip, a.public_ipv6, config.enable_ipv6)
-            # One running weftd per public IP: refused here, before any lease or data plane.
-            claim = NodeClaim(self.store, iface.public_ip, a.subnet_file, a.claim_ttl, self.claim_lost)
+            iface = resolve(a.iface, a.public_ip, a.public_ipv6, config.enable_ipv6, config.enable_ipv4)
+            # One running weftd per public IP (IPv6-only: per public IPv6, every node's PublicIP
+            # being 0.0.0.0): refused here, before any lease or data plane.
+            claim = NodeClaim(self.store, iface.public_ip, a.subnet_file, a.claim_ttl, self.claim_lost,
+                              public_ipv6=iface.public_ipv6)
             if not claim.acquire(self.stop):
                 return 0
             if claim.thread is not None:
@@ -324,7 +331,7 @@ class Daemon:
             own_flags = {flag.dest: getattr(a, flag.dest) for flag in backends.flag_owners()}
             self.backend = backend_cls(config, iface, BackendOptions(
                 ip_masq=a.ip_masq, source_guard=a.source_guard, **own_flags))
-            previous = self.waiter.until("list", lambda: manager.find_by_ip(iface.public_ip))
+            previous = self.waiter.until("list", lambda: find_own_lease(manager, config, iface))
             if previous is STOPPED:
                 return 0
             attrs = self.backend.lease_attrs(previous)
@@ -334,9 +341,14 @@ class Daemon:
             if lease is STOPPED:
                 return 0
             self.lease = lease
-            log.info("lease %s on %s (%s, public IP %s), backend %s, MTU %d", self.lease.subnet,
-                     iface.name, iface.address, iface.public_ip, config.backend.name, self.backend.mtu)
-            if lease.subnet6 is not None:
+            if not lease.has_ipv4:
+                log.info("lease %s on %s (%s, public IPv6 %s; IPv6-only), backend %s, MTU %d",
+                         lease.shown, iface.name, iface.address6, iface.public_ipv6,
+                         config.backend.name, self.backend.mtu)
+            else:
+                log.info("lease %s on %s (%s, public IP %s), backend %s, MTU %d", lease.subnet,
+                         iface.name, iface.address, iface.public_ip, config.backend.name, self.backend.mtu)
+            if lease.subnet6 is not None and lease.has_ipv4:
                 log.info("lease %s: IPv6 subnet %s (%s, public IPv6 %s)", lease.subnet, lease.subnet6,
                          iface.address6, iface.public_ipv6)
             # What a data plane of this node left running (a userspace engine process, weftd
@@ -347,8 +359,9 @@ class Daemon:
             self.masq = None
             if a.ip_masq:
                 from .masq import Masquerade
-                self.masq = Masquerade()
-                self.masq.setup(config.network, self.lease.subnet)
+                if config.enable_ipv4:  # IPv6-only: no IPv4 rules at all (nothing to masquerade)
+                    self.masq = Masquerade()
+                    self.masq.setup(config.network, self.lease.subnet)
                 if config.enable_ipv6:  # flannel: the same rules with ip6tables for IPv6Network
                     self.masq6 = Masquerade(family=6)
                     self.masq6.setup(config.ipv6_network, self.lease.subnet6)
@@ -423,14 +436,14 @@ class Daemon:
                     renew_at = now + 1.0
                     if not reacquire_failing:  # once per streak: the store monitor logs outages
                         log.warning("taking the expired lease %s again failed: %s; retrying every"
-                                    " second", self.lease.subnet, exc)
+                                    " second", self.lease.shown, exc)
                         reacquire_failing = True
             elif now >= renew_at:
                 try:
                     self.lease = manager.renew(self.lease)
                     self.counters["renewals"] += 1
                     renew_at = self._renew_time(margin)
-                    log.info("renewed lease %s until %s", self.lease.subnet,
+                    log.info("renewed lease %s until %s", self.lease.shown,
                              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.lease.expiration))
                              if self.lease.expiration else "forever (reservation)")
                 except LeaseRevoked as exc:
@@ -465,7 +478,7 @@ class Daemon:
         old = self.lease
         late = time.time() - old.expiration
         lease = manager.acquire(self.run_config, old.attrs, old.subnet, old.subnet6)
-        if lease.subnet != old.subnet or lease.subnet6 != old.subnet6:
+        if lease.key != old.key:
             log.error("lease %s expired %.0f s ago (this node could not renew it: paused, or the"
                       " store unreachable, past its TTL) and %s holds that subnet now; this node took"
                       " %s instead: exiting so that a restart sets up the data plane and subnet.env"
@@ -478,26 +491,26 @@ class Daemon:
         self.lease = lease
         self.counters["lease_reacquired"] += 1
         log.warning("lease %s expired %.0f s ago (this node could not renew it: paused, or the store"
-                    " unreachable, past its TTL); took it again, data plane unchanged", old.subnet,
+                    " unreachable, past its TTL); took it again, data plane unchanged", old.shown,
                     max(0.0, late))
         return True
 
     def _holder_of(self, old: Lease) -> str:
-        """Who holds a subnet of ``old`` now (its IPv4 subnet, or else its IPv6 one)."""
+        """Who holds a subnet of ``old`` now (its ident, or else its IPv6 subnet)."""
         try:
             records, _ = self.store.list_leases()
         except StoreError:
             return "another node"
-        rec = next((r for r in records if r.subnet == old.subnet), None) or next(
+        rec = next((r for r in records if r.ident == old.ident), None) or next(
             (r for r in records if old.subnet6 is not None and r.subnet6 == old.subnet6), None)
         if rec is None:
             return "another node"
         try:
-            ip = LeaseAttrs.from_json(rec.value).public_ip
+            attrs = LeaseAttrs.from_json(rec.value)
         except LeaseFormatError:
             return "another writer"
         kind = "a reservation" if rec.expiration is None else "a lease"
-        return f"{kind} of {ip}"
+        return f"{kind} of {attrs_address(attrs)}"
 
     def _renew_time(self, margin: float) -> float:
         remaining = self.lease.remaining()
@@ -507,6 +520,24 @@ class Daemon:
         if wait <= 0:  # the margin is longer than the TTL: renew at half-life
             wait = remaining / 2
         return time.time() + wait
+
+
+def attrs_address(attrs: LeaseAttrs) -> str:
+    """The address that names a node in a log line: its PublicIP, or its PublicIPv6 when the
+    PublicIP is flannel's empty 0.0.0.0 (an IPv6-only lease)."""
+    if attrs.public_ip == NO_PUBLIC_IP and attrs.public_ipv6 is not None:
+        return str(attrs.public_ipv6)
+    return str(attrs.public_ip)
+
+
+def node_address(lease: Lease) -> str:
+    return attrs_address(lease.attrs)
+
+
+def find_own_lease(manager: LeaseManager, config: NetworkConfig, iface) -> Lease | None:
+    """This node's lease from before a restart: the one with its PublicIP, or on an IPv6-only
+    network (every lease's PublicIP 0.0.0.0) the one with its PublicIPv6."""
+    return manager.find_by_ip(iface.public_ip if config.enable_ipv4 else iface.public_ipv6)
 
 
 def check_source_guard(wanted: bool, dataplane: backends.Dataplane) -> None:

@@ -42,9 +42,12 @@ class DaemonCollector:
         yield _gauge("weft_ready", "1 once lease, backend and subnet.env are in place", st.set_up)
         lease = st.lease
         if lease is not None:
+            # An empty label is an absent one (Prometheus): an IPv4-only lease has no subnet6,
+            # an IPv6-only lease no subnet and public_ip.
             info = GaugeMetricFamily("weft_lease_info", "the lease this node holds",
-                                     labels=["subnet", "public_ip", "backend"])
-            info.add_metric([str(lease.subnet), lease.public_ip, st.backend or ""], 1.0)
+                                     labels=["subnet", "public_ip", "subnet6", "public_ipv6", "backend"])
+            info.add_metric([_text(lease.subnet), _text(lease.public_ip), _text(lease.subnet6),
+                             _text(lease.public_ipv6), st.backend or ""], 1.0)
             yield info
             yield _gauge("weft_lease_expiration_timestamp_seconds",
                          "when the lease expires (0: a reservation, never)", lease.expiration or 0.0)
@@ -102,6 +105,11 @@ class DaemonCollector:
                     f"the data plane's {key} ({'a level' if level else 'only grows'})", labels=["backend"])
                 family.add_metric([st.backend], float(value))
                 yield family
+
+
+def _text(value) -> str:
+    """A label's value: "" (Prometheus: no such label) for what is not there."""
+    return "" if value is None else str(value)
 
 
 def _gauge(name: str, help_text: str, value) -> GaugeMetricFamily:

@@ -6,17 +6,25 @@
   else the interface's first IPv4 address;
 - dual-stack (EnableIPv6): the interface's first global IPv6 address (``-iface`` may also name it),
   and the public IPv6 is -public-ipv6 when given, else that address; neither is an error, as
-  flanneld's "failed to find IPv6 address for interface".
+  flanneld's "failed to find IPv6 address for interface";
+- IPv6-only (EnableIPv4 false): the IPv6 side as above, required; the interface needs no IPv4
+  address, -public-ip is ignored (said once) and the public IP is flannel's empty 0.0.0.0
+  (``NO_PUBLIC_IP``, what every IPv6-only lease carries); without -iface, the interface of the
+  IPv6 default route, failing that the IPv4 one, failing that the one holding -public-ipv6.
 Looks only at the namespace weftd runs in.
 """
 from __future__ import annotations
 
 import ipaddress
+import logging
 
 from pyroute2 import IPRoute
 
 from .backends.base import ExternalInterface
+from .lease import NO_PUBLIC_IP
 from .leasecheck import NOT_A_NODE6
+
+log = logging.getLogger("weft.iface")
 
 IFA_F_DADFAILED = 0x08
 IFA_F_TENTATIVE = 0x40
@@ -59,8 +67,8 @@ def _by_ip(ipr, ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
     return None
 
 
-def _default_route(ipr):
-    for msg in ipr.get_routes(family=2, table=254):
+def _default_route(ipr, family: int = 2):
+    for msg in ipr.get_routes(family=family, table=254):
         if msg["dst_len"] == 0 and msg.get_attr("RTA_OIF"):
             return msg.get_attr("RTA_OIF")
     return None
@@ -80,13 +88,22 @@ def _public_ipv6(text: str) -> ipaddress.IPv6Address:
 
 
 def resolve(iface: str | None, public_ip: str | None, public_ipv6: str | None = None,
-            ipv6: bool = False) -> ExternalInterface:
+            ipv6: bool = False, ipv4: bool = True) -> ExternalInterface:
     """The underlay interface; with ``ipv6`` (the config's EnableIPv6) its IPv6 side too.
-    ``public_ipv6`` is ignored without ``ipv6``, as flanneld ignores -public-ipv6 then."""
-    try:
-        pub = ipaddress.IPv4Address(public_ip) if public_ip else None
-    except ValueError:
-        raise IfaceError(f"-public-ip {public_ip!r}: not an IPv4 address") from None
+    ``public_ipv6`` is ignored without ``ipv6``, as flanneld ignores -public-ipv6 then. With
+    ``ipv4`` false (EnableIPv4 false: IPv6-only) the IPv6 side is all there is: ``public_ip`` is
+    ignored and the interface's IPv4 address, if any, is not needed."""
+    ipv6 = ipv6 or not ipv4
+    pub = None
+    if not ipv4:
+        if public_ip:
+            log.warning("-public-ip %s ignored: the network is IPv6-only (EnableIPv4 false); peers"
+                        " reach this node at its public IPv6 address", public_ip)
+    else:
+        try:
+            pub = ipaddress.IPv4Address(public_ip) if public_ip else None
+        except ValueError:
+            raise IfaceError(f"-public-ip {public_ip!r}: not an IPv4 address") from None
     pub6 = _public_ipv6(public_ipv6) if ipv6 and public_ipv6 else None
     with IPRoute() as ipr:
         index = None
@@ -97,17 +114,21 @@ def resolve(iface: str | None, public_ip: str | None, public_ipv6: str | None = 
                 index = _by_name(ipr, iface)
             if index is None:
                 raise IfaceError(f"-iface {iface!r}: no such interface or address here")
-        else:
+        elif ipv4:
             index = _default_route(ipr) or (pub and _by_ip(ipr, pub))
-            if not index:
-                raise IfaceError("no default route to pick the interface from; pass -iface NAME")
+        else:
+            index = _default_route(ipr, 10) or _default_route(ipr) or (pub6 and _by_ip(ipr, pub6))
+        if not index:
+            raise IfaceError("no default route to pick the interface from; pass -iface NAME")
         link = ipr.get_links(index)[0]
         name = link.get_attr("IFLA_IFNAME")
         mtu = link.get_attr("IFLA_MTU")
         addrs = _addresses(ipr, index)
         addrs6 = _addresses6(ipr, index) if ipv6 else []
     address = addrs[0] if addrs else None
-    if pub is None:
+    if not ipv4:
+        pub = NO_PUBLIC_IP  # flannel's empty PublicIP: an IPv6-only lease has no IPv4 side
+    elif pub is None:
         if address is None:
             raise IfaceError(f"interface {name} has no IPv4 address; pass -public-ip")
         pub = address
@@ -123,7 +144,8 @@ def resolve(iface: str | None, public_ip: str | None, public_ipv6: str | None = 
             pass
     if pub6 is None:
         if address6 is None:
-            raise IfaceError(f"failed to find IPv6 address for interface {name} (EnableIPv6 needs a"
+            need = "EnableIPv6" if ipv4 else "an IPv6-only network (EnableIPv4 false)"
+            raise IfaceError(f"failed to find IPv6 address for interface {name} ({need} needs a"
                              " global IPv6 address on it, or -public-ipv6)")
         pub6 = address6
     return ExternalInterface(name=name, index=index, address=address, public_ip=pub, mtu=mtu,

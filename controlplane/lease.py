@@ -1,12 +1,18 @@
 """Leases: a node's claim on one subnet, in flannel's key and value formats.
 
 Key:   ``<prefix>/subnets/10.5.52.0-24`` (flannel's ``MakeSubnetKey``); a dual-stack lease's key
-       adds its IPv6 subnet: ``10.5.52.0-24&fd10:244:0:34::-64``.
+       adds its IPv6 subnet: ``10.5.52.0-24&fd10:244:0:34::-64``; an IPv6-only lease's IPv4 part
+       is flannel's empty one, ``0.0.0.0-0&fd10:244:0:34::-64`` (``NO_IPV4``).
 Value: the JSON of flannel's ``lease.LeaseAttrs``, fields in Go's struct order, no spaces::
 
     {"PublicIP":"198.18.0.1","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,...}}
 
-(dual-stack: ``"PublicIPv6":"2001:db8::1"`` and ``"BackendV6Data":{...}`` after BackendData).
+(dual-stack: ``"PublicIPv6":"2001:db8::1"`` and ``"BackendV6Data":{...}`` after BackendData;
+IPv6-only: ``"PublicIP":"0.0.0.0"``, as flanneld's empty ``ip.IP4`` prints, and no BackendData).
+
+A lease's identity is ``Lease.ident``: its IPv4 subnet, or its IPv6 subnet when it has no IPv4
+part. Within one network the identities of valid leases never collide (every lease of an
+IPv6-only network has the same IPv4 part, so the IPv4 subnet alone cannot be the identity).
 BackendType, BackendData and BackendV6Data are omitted when empty (flanneld's udp backend writes neither). The
 store never looks inside BackendData: each backend encodes and decodes its own.
 
@@ -21,6 +27,13 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any
+
+# flannel's empty ``ip.IP4Net``: the IPv4 part of an IPv6-only lease's key (``0.0.0.0-0``), and the
+# empty ``ip.IP4`` that such a lease carries as its PublicIP.
+NO_IPV4 = ipaddress.IPv4Network("0.0.0.0/0")
+NO_PUBLIC_IP = ipaddress.IPv4Address("0.0.0.0")
+
+Ident = ipaddress.IPv4Network | ipaddress.IPv6Network  # what ``lease_ident`` returns
 
 # flannel's ParseSubnetKey, anchored at both ends (digits in ASCII only).
 _KEY_RE = re.compile(r"^([0-9]+\.[0-9]+\.[0-9]+\.[0-9]+)-([0-9]+)(?:&([0-9a-f:]+)-([0-9]+))?$")
@@ -53,8 +66,17 @@ def subnet_key(subnet: ipaddress.IPv4Network, subnet6: ipaddress.IPv6Network | N
 
 
 def shown(subnet: ipaddress.IPv4Network, subnet6: ipaddress.IPv6Network | None = None) -> str:
-    """A lease's subnets for a log line: ``10.5.52.0/24``, or ``10.5.52.0/24+fd10:244:0:34::/64``."""
-    return str(subnet) if subnet6 is None else f"{subnet}+{subnet6}"
+    """A lease's subnets for a log line: ``10.5.52.0/24``, or ``10.5.52.0/24+fd10:244:0:34::/64``,
+    or ``fd10:244:0:34::/64`` for an IPv6-only lease."""
+    if subnet6 is None:
+        return str(subnet)
+    return str(subnet6) if subnet == NO_IPV4 else f"{subnet}+{subnet6}"
+
+
+def lease_ident(subnet: ipaddress.IPv4Network, subnet6: ipaddress.IPv6Network | None = None) -> Ident:
+    """What names a lease among the others (``Lease.ident``): its IPv4 subnet, or its IPv6 subnet
+    when its IPv4 part is flannel's empty one (an IPv6-only lease)."""
+    return subnet6 if subnet == NO_IPV4 and subnet6 is not None else subnet
 
 
 def parse_lease_key(key: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Network | None]:
@@ -82,6 +104,9 @@ def parse_lease_key(key: str) -> tuple[ipaddress.IPv4Network, ipaddress.IPv6Netw
     canonical = subnet_key(subnet, subnet6)
     if canonical != name:  # e.g. 10.5.1.0-024, fd10:0244::-64: a second key for one lease
         raise LeaseFormatError(f"lease key {_cut(key)!r}: not written as {_cut(canonical)}", "bad_key")
+    if subnet == NO_IPV4 and subnet6 is None:
+        raise LeaseFormatError(f"lease key {_cut(key)!r}: the empty IPv4 subnet names a lease only "
+                               "with an IPv6 part (0.0.0.0-0&<ip6>-<prefixlen6>)", "bad_key")
     return subnet, subnet6
 
 
@@ -166,11 +191,22 @@ class Lease:
     attrs: LeaseAttrs
     expiration: float | None  # epoch seconds; None: a reservation, which never expires
     revision: int = 0
-    subnet6: ipaddress.IPv6Network | None = None  # the IPv6 subnet of a dual-stack lease
+    subnet6: ipaddress.IPv6Network | None = None  # the IPv6 subnet of a dual-stack or IPv6-only lease
 
     @property
     def key(self) -> str:
         return subnet_key(self.subnet, self.subnet6)
+
+    @property
+    def has_ipv4(self) -> bool:
+        """False for an IPv6-only lease (IPv4 part ``0.0.0.0-0``): it has no IPv4 side at all."""
+        return self.subnet != NO_IPV4
+
+    @property
+    def ident(self) -> Ident:
+        """What names this lease among the others: its IPv4 subnet, or its IPv6 subnet when it
+        is IPv6-only. Key dicts of leases by this, never by ``subnet`` alone."""
+        return lease_ident(self.subnet, self.subnet6)
 
     @property
     def shown(self) -> str:
@@ -189,9 +225,10 @@ class Lease:
     def to_dict(self) -> dict:
         """The form ``weftctl leases --json`` prints. The IPv6 fields are there when the lease
         has an IPv6 part (an IPv4-only lease prints as it always did)."""
+        v4 = self.has_ipv4  # an IPv6-only lease prints null for its empty IPv4 parts
         out = {
-            "subnet": str(self.subnet),
-            "public_ip": str(self.attrs.public_ip),
+            "subnet": str(self.subnet) if v4 else None,
+            "public_ip": str(self.attrs.public_ip) if v4 or self.attrs.public_ip != NO_PUBLIC_IP else None,
             "backend_type": self.attrs.backend_type,
             "backend_data": self.attrs.backend_data,
             "expiration": self.expiration,

@@ -8,7 +8,9 @@ only when every check below passes; the first that fails names the reason, one w
                     it (no host bits, no leading zeros, the IPv6 address in RFC 5952's form,
                     nothing nested under it): ``garbage``, ``10.244.1.5-24``, ``10.244.1.0-24/x``,
                     ``10.244.1.0-24&FD00::-64``, ``10.244.1.0-24&fd00::1-64``
-  outside_network   the subnet is not inside the config's Network (its IPv6 part: IPv6Network)
+  outside_network   the subnet is not inside the config's Network (its IPv6 part: IPv6Network);
+                    on an IPv6-only network, an IPv4 part other than ``0.0.0.0-0``; on a network
+                    with IPv4, an IPv6-only lease (``0.0.0.0-0&...``)
   wrong_length      the subnet is not a SubnetLen subnet (its IPv6 part: IPv6SubnetLen)
   not_json          the value is not a JSON object
   bad_public_ip     PublicIP is missing, not an IPv4 address, or not one a node can have
@@ -22,9 +24,9 @@ only when every check below passes; the first that fails names the reason, one w
                     older leases carry no VNI); wire formats without a rule carry none to judge
   own_subnet        this node's own key, written by someone else with another value (judged by the
                     daemon, which alone knows its lease)
-  overlap           its IPv6 subnet is already another lease's (another IPv4 subnet's key): the
-                    lease known first keeps it (judged by the watcher, which knows every lease);
-                    the refused one is followed once the other lets go of it
+  overlap           its IPv6 subnet is already another lease's (a key of another identity,
+                    ``Lease.ident``): the lease known first keeps it (judged by the watcher, which
+                    knows every lease); the refused one is followed once the other lets go of it
 
 IPv4 overlap needs no reason of its own: canonical keys of SubnetLen subnets are equal or disjoint, so
 of two overlapping leases at least one is not a SubnetLen subnet and is refused as
@@ -35,6 +37,10 @@ reserve a subnet there with etcdctl.
 Dual-stack: the IPv6 part of a lease (key part, PublicIPv6, BackendV6Data) is judged only on a
 node whose config has EnableIPv6; a node without it follows the IPv4 part of a dual-stack lease
 and ignores the rest, and a dual-stack node follows a lease without IPv6 part on IPv4 only.
+
+IPv6-only (EnableIPv4 false): a lease's key is ``0.0.0.0-0&<ip6>-<len6>`` (anything else is
+``outside_network``), its IPv6 part is judged as above, and PublicIPv6 is required; PublicIP
+(flanneld writes 0.0.0.0) and BackendData are not judged, since nothing reads them.
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ from collections import Counter
 
 from . import backends as registry
 from .config import NetworkConfig
-from .lease import Lease, LeaseAttrs, LeaseFormatError, parse_lease_key
+from .lease import NO_IPV4, Lease, LeaseAttrs, LeaseFormatError, parse_lease_key
 from .store import LeaseRecord
 
 REASONS = ("bad_key", "outside_network", "wrong_length", "not_json", "bad_public_ip", "bad_field",
@@ -82,6 +88,14 @@ def key_problem(name: str) -> str:
 
 
 def check_subnet(subnet: ipaddress.IPv4Network, config: NetworkConfig) -> None:
+    if config.ipv6_only:
+        if subnet != NO_IPV4:
+            raise LeaseFormatError(f"{subnet} on an IPv6-only network (EnableIPv4 false): a lease's IPv4 "
+                                   "part must be flannel's empty 0.0.0.0-0", "outside_network")
+        return
+    if subnet == NO_IPV4:
+        raise LeaseFormatError(f"an IPv6-only lease (IPv4 part 0.0.0.0-0) on a network with IPv4 "
+                               f"(Network {config.network}): it has no IPv4 subnet", "outside_network")
     if not subnet.subnet_of(config.network):
         raise LeaseFormatError(f"{subnet} is outside Network {config.network}", "outside_network")
     if subnet.prefixlen != config.subnet_len:
@@ -113,15 +127,21 @@ def _backend_data_problem(wire_type: str, data) -> str | None:
     return None if rule is None else rule(data)
 
 
-def check_attrs(attrs: LeaseAttrs, ipv6: bool = False) -> None:
-    """The value's fields; with ``ipv6`` (a dual-stack lease on a dual-stack node) also
-    PublicIPv6 and BackendV6Data."""
-    for net, what in _NOT_A_NODE:
-        if attrs.public_ip in net:
-            raise LeaseFormatError(f"lease value: PublicIP {attrs.public_ip} is {what}", "bad_public_ip")
-    why = _backend_data_problem(attrs.backend_type, attrs.backend_data)
-    if why:
-        raise LeaseFormatError(f"lease value: {attrs.backend_type} BackendData: {why}", "bad_backend_data")
+def check_attrs(attrs: LeaseAttrs, ipv6: bool = False, ipv4: bool = True) -> None:
+    """The value's fields; with ``ipv6`` (a dual-stack lease on a dual-stack node, or an IPv6-only
+    lease) also PublicIPv6 and BackendV6Data. Without ``ipv4`` (an IPv6-only lease) PublicIP and
+    BackendData are not judged: nothing reads them (flanneld writes PublicIP 0.0.0.0, its empty
+    ip.IP4, and no BackendData), and PublicIPv6 is required: it is how the node is reached."""
+    if ipv4:
+        for net, what in _NOT_A_NODE:
+            if attrs.public_ip in net:
+                raise LeaseFormatError(f"lease value: PublicIP {attrs.public_ip} is {what}", "bad_public_ip")
+        why = _backend_data_problem(attrs.backend_type, attrs.backend_data)
+        if why:
+            raise LeaseFormatError(f"lease value: {attrs.backend_type} BackendData: {why}", "bad_backend_data")
+    elif attrs.public_ipv6 is None:
+        raise LeaseFormatError("lease value: an IPv6-only lease (0.0.0.0-0&...) needs a PublicIPv6",
+                               "bad_public_ip")
     if not ipv6:
         return
     if attrs.public_ipv6 is not None:
@@ -147,7 +167,7 @@ def judge(record: LeaseRecord, config: NetworkConfig | None = None) -> Lease:
         if ipv6:
             check_subnet6(record.subnet6, config)
     attrs = LeaseAttrs.from_json(record.value)
-    check_attrs(attrs, ipv6)
+    check_attrs(attrs, ipv6, ipv4=record.subnet != NO_IPV4)
     return Lease(record.subnet, attrs, record.expiration, record.revision, record.subnet6)
 
 

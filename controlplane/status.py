@@ -16,9 +16,19 @@ WATCH_EVENT_KINDS = ("added", "renewed", "removed", "expired")
 
 @dataclass(frozen=True)
 class LeaseStatus:
-    subnet: ipaddress.IPv4Network
-    public_ip: str
+    subnet: ipaddress.IPv4Network | None  # None: an IPv6-only lease (no IPv4 side)
+    public_ip: str | None  # None: an IPv6-only lease (its PublicIP is flannel's empty 0.0.0.0)
     expiration: float | None  # epoch seconds; None for a reservation (never expires)
+    subnet6: ipaddress.IPv6Network | None = None  # dual-stack or IPv6-only
+    public_ipv6: str | None = None
+
+    @classmethod
+    def of(cls, lease) -> "LeaseStatus":
+        """The status of a ``controlplane.lease.Lease``: its IPv4 side only when it has one."""
+        v4 = lease.has_ipv4
+        six = lease.attrs.public_ipv6
+        return cls(lease.subnet if v4 else None, str(lease.attrs.public_ip) if v4 else None,
+                   lease.expiration, lease.subnet6, None if six is None else str(six))
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,19 @@ def only_address(ipr, index: int, address: str, prefixlen: int = 32, family: int
     return not have
 
 
+def remove_addresses(ipr, index: int, family: int = socket.AF_INET) -> int:
+    """Take every address of ``family`` off the device (IPv6: but the kernel's link-local one);
+    how many went. An IPv6-only node's device of an IPv4-capable kind holds no IPv4 address."""
+    gone = 0
+    for msg in ipr.get_addr(family=family, index=index):
+        if family == socket.AF_INET6 and msg["scope"] == RT_SCOPE_LINK:
+            continue
+        ignore_gone(ipr.addr, "del", index=index, address=msg.get_attr("IFA_ADDRESS"),
+                    prefixlen=msg["prefixlen"])
+        gone += 1
+    return gone
+
+
 def set_mac_and_mtu(ipr, index: int, link, mac: str, mtu: int) -> None:
     """Give the device ``mac`` and ``mtu`` where it differs (``link``: its current RTM_NEWLINK).
     Some devices refuse a MAC change while up (EBUSY): then down, change, and the caller brings it up."""

@@ -9,8 +9,14 @@ of itself (``replace``) and checked (``snapshot`` + ``missing``), plus hooks for
 Dual-stack: a lease maps to up to two peers, its IPv4 side (``decode``) and, when this node and the
 lease both have IPv6, its IPv6 side (``decode6``: ``Lease.subnet6`` via ``PublicIPv6``). Both are
 kept in the same bookkeeping, keyed by ``Peer.subnet``; ``program`` etc. see ``peer.subnet.version``.
-Each side is judged on its own: bad BackendV6Data skips (and counts) only the IPv6 side. A lease's
-identity stays its IPv4 subnet: ``remove_peer`` takes out both of its sides.
+Each side is judged on its own: bad BackendV6Data skips (and counts) only the IPv6 side. A lease is
+named by ``Lease.ident`` (its IPv4 subnet, or its IPv6 subnet when it is IPv6-only): ``remove_peer``
+takes out both of its sides.
+
+IPv6-only (EnableIPv4 false, ``has_ipv4`` False): no lease has an IPv4 side here, whatever it
+carries (``decode`` is never asked): a lease with an IPv4 part on such a network (which the lease
+judge refuses first) programs nothing IPv4. Likewise a lease without an IPv4 part (``Lease.has_ipv4``
+False) has no IPv4 side on any network.
 
 ``GuardedRouting`` adds the opt-in source guard (weftd ``--source-guard``) of vxlan/kernel and
 host-gw/kernel: a tc program on the underlay interface whose maps follow the same peers.
@@ -27,7 +33,7 @@ from typing import Any
 
 from controlplane.backends.base import BackendError, BackendOptions, BadBackendData, ExternalInterface
 from controlplane.config import NetworkConfig
-from controlplane.lease import Lease
+from controlplane.lease import Ident, Lease
 
 from .netlink import NetlinkBackend
 
@@ -55,7 +61,7 @@ class RoutingBackend(NetlinkBackend):
         self.lease: Lease | None = None
         self._peers: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, Peer] = {}
         self._failed: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
-        self._v6_of: dict[ipaddress.IPv4Network, ipaddress.IPv6Network] = {}  # lease -> its v6 peer
+        self._v6_of: dict[Ident, ipaddress.IPv6Network] = {}  # lease (its ident) -> its v6 peer
         self._counters = dict.fromkeys(("peers_bad_backend_data", "peer_errors", self.RESTORED,
                                         *self.COUNTERS), 0)
 
@@ -65,12 +71,22 @@ class RoutingBackend(NetlinkBackend):
         """What ``lease`` is programmed as; BadBackendData when this data plane cannot use it."""
         return Peer(lease.subnet, lease.attrs.public_ip, direct=self.is_direct(lease.attrs.public_ip))
 
+    def has_v4_side(self, lease: Lease) -> bool:
+        """Whether ``lease`` has an IPv4 side here: this network carries IPv4 and the lease has an
+        IPv4 part. Only then is ``decode`` asked, and only then is ``lease.subnet`` a subnet."""
+        return self.has_ipv4 and lease.has_ipv4
+
     def decode6(self, lease: Lease) -> Peer | None:
         """The IPv6 side of ``lease``: None when this node has no IPv6 or the lease has no IPv6
         subnet or PublicIPv6; BadBackendData when this data plane cannot use its BackendV6Data."""
         if not self.has_ipv6 or lease.subnet6 is None or lease.attrs.public_ipv6 is None:
             return None
         return Peer(lease.subnet6, lease.attrs.public_ipv6, direct=self.is_direct(lease.attrs.public_ipv6))
+
+    @property
+    def has_ipv4(self) -> bool:
+        """Whether this network carries IPv4 (False on an IPv6-only network: EnableIPv4 false)."""
+        return self.config.enable_ipv4
 
     @property
     def has_ipv6(self) -> bool:
@@ -133,7 +149,7 @@ class RoutingBackend(NetlinkBackend):
     # -- the bookkeeping ------------------------------------------------------------------------
 
     def _own(self, lease: Lease) -> bool:
-        return self.lease is not None and lease.subnet == self.lease.subnet
+        return self.lease is not None and lease.ident == self.lease.ident
 
     def _program(self, peer: Peer) -> bool:
         """Program ``peer``; on failure count it, roll back, and leave it to resync."""
@@ -163,20 +179,25 @@ class RoutingBackend(NetlinkBackend):
         with self._lock:
             if self._own(lease):
                 return
-            try:
-                peer = self.decode(lease)
-            except BadBackendData as exc:
-                self._counters["peers_bad_backend_data"] += 1
-                log.warning("%s: peer %s (%s): bad %s BackendData (%s); skipped", self.name(),
-                            lease.subnet, lease.attrs.public_ip, self.wire_type, exc)
-                old = self._peers.pop(lease.subnet, None)  # its lease no longer describes it
-                self._failed.discard(lease.subnet)
-                if old is not None:
-                    self._unprogram(old)
-            else:
-                self._put(peer)
-            if self.has_ipv6 or lease.subnet in self._v6_of:
+            if self.has_v4_side(lease):
+                self._add_v4(lease)
+            if self.has_ipv6 or lease.ident in self._v6_of:
                 self._add_v6(lease)
+
+    def _add_v4(self, lease: Lease) -> None:
+        """The IPv4 side of ``add_peer``."""
+        try:
+            peer = self.decode(lease)
+        except BadBackendData as exc:
+            self._counters["peers_bad_backend_data"] += 1
+            log.warning("%s: peer %s (%s): bad %s BackendData (%s); skipped", self.name(),
+                        lease.subnet, lease.attrs.public_ip, self.wire_type, exc)
+            old = self._peers.pop(lease.subnet, None)  # its lease no longer describes it
+            self._failed.discard(lease.subnet)
+            if old is not None:
+                self._unprogram(old)
+        else:
+            self._put(peer)
 
     def _put(self, peer: Peer) -> None:
         """Store and program ``peer``, switching over from what its subnet was programmed as."""
@@ -191,34 +212,35 @@ class RoutingBackend(NetlinkBackend):
 
     def _add_v6(self, lease: Lease) -> None:
         """The IPv6 side of ``add_peer``: judged apart from the IPv4 side, which stays as it is."""
+        ident = lease.ident
         try:
             peer = self.decode6(lease)
         except BadBackendData as exc:
             self._counters["peers_bad_backend_data"] += 1
             log.warning("%s: peer %s (%s): bad %s BackendV6Data (%s); its IPv6 side skipped",
                         self.name(), lease.subnet6, lease.attrs.public_ipv6, self.wire_type, exc)
-            self._drop_v6(lease.subnet)
+            self._drop_v6(ident)
             return
         if peer is not None and self._own6(peer):
             log.warning("%s: peer %s claims our IPv6 subnet %s; its IPv6 side skipped", self.name(),
-                        lease.subnet, peer.subnet)
+                        lease.shown, peer.subnet)
             peer = None
-        if peer is None or self._v6_of.get(lease.subnet, peer.subnet) != peer.subnet:
-            self._drop_v6(lease.subnet)  # no IPv6 side any more, or another IPv6 subnet
+        if peer is None or self._v6_of.get(ident, peer.subnet) != peer.subnet:
+            self._drop_v6(ident)  # no IPv6 side any more, or another IPv6 subnet
         if peer is None:
             return
-        if peer.subnet in self._peers and lease.subnet not in self._v6_of:
+        if peer.subnet in self._peers and ident not in self._v6_of:
             # Another lease held that subnet before (a store that let two leases claim it): this
             # one has it now, and that one's removal must not take it out.
             for other, subnet6 in list(self._v6_of.items()):
                 if subnet6 == peer.subnet:
                     del self._v6_of[other]
-        self._v6_of[lease.subnet] = peer.subnet
+        self._v6_of[ident] = peer.subnet
         self._put(peer)
 
-    def _drop_v6(self, subnet: ipaddress.IPv4Network) -> None:
-        """Take out the IPv6 peer of the lease whose IPv4 subnet is ``subnet``, if it has one."""
-        subnet6 = self._v6_of.pop(subnet, None)
+    def _drop_v6(self, ident: Ident) -> None:
+        """Take out the IPv6 peer of the lease named ``ident``, if it has one."""
+        subnet6 = self._v6_of.pop(ident, None)
         if subnet6 is None:
             return
         self._failed.discard(subnet6)
@@ -239,14 +261,16 @@ class RoutingBackend(NetlinkBackend):
         with self._lock:
             if self._own(lease):
                 return
-            peer = self._peers.pop(lease.subnet, None)
-            self._failed.discard(lease.subnet)
-            subnet6 = self._v6_of.pop(lease.subnet, None)
+            v4 = self.has_v4_side(lease)
+            peer = self._peers.pop(lease.subnet, None) if v4 else None
+            if v4:
+                self._failed.discard(lease.subnet)
+            subnet6 = self._v6_of.pop(lease.ident, None)
             peer6 = self._peers.pop(subnet6, None) if subnet6 is not None else None
             self._failed.discard(subnet6)
             self.peer_removed(lease)
             # Not programmed by us (bad data, or before a restart): remove what its lease implies.
-            if peer is None:
+            if peer is None and v4:
                 try:
                     peer = self.decode(lease)
                 except BadBackendData:
@@ -307,9 +331,9 @@ class RoutingBackend(NetlinkBackend):
     def stats(self) -> dict[str, float]:
         with self._lock:
             s = {k: float(v) for k, v in self._counters.items()}
-            for version, key in ((4, "peers"), (6, "peers6")):
-                if version == 6 and not self.has_ipv6:
-                    continue  # an IPv4-only node has no IPv6 numbers (rather than zeros)
+            for version, key, carried in ((4, "peers", self.has_ipv4), (6, "peers6", self.has_ipv6)):
+                if not carried:
+                    continue  # an IPv4-only node has no IPv6 numbers (rather than zeros), and vice versa
                 held = sum(1 for subnet in self._peers if subnet.version == version)
                 failed = sum(1 for subnet in self._failed if subnet.version == version)
                 s[f"{key}_programmed"] = float(held - failed)
@@ -322,12 +346,19 @@ class GuardedRouting(RoutingBackend):
     """A RoutingBackend with the opt-in source guard (declared ``source_guard="optional"``): weftd
     ``--source-guard`` attaches ``new_guard()`` (fastpath/bpf/guard.py) to the underlay interface's
     ingress at setup, its maps follow the peers, and without the flag a guard a previous run left
-    there is removed (its maps would no longer follow the leases)."""
+    there is removed (its maps would no longer follow the leases).
+
+    The guard checks IPv4 packets only (its maps hold IPv4 subnets and PublicIPs): on an IPv6-only
+    network it would guard nothing, so asking for it there is refused when the backend is made,
+    before any lease or device."""
     GAUGES = RoutingBackend.GAUGES | {"guard_peer_ips", "guard_peers"}  # the guard's map sizes
 
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):
         super().__init__(config, iface, options)
+        if options.source_guard and not self.has_ipv4:
+            raise BackendError(f"{self.name()}: --source-guard checks IPv4 packets only; this network "
+                               "is IPv6-only (EnableIPv4 false), so there is nothing for it to guard")
         self._guard_wanted = options.source_guard
         self.guard = None  # a fastpath.bpf.guard.SourceGuard while the source guard is on
 
@@ -373,7 +404,7 @@ class GuardedRouting(RoutingBackend):
             log.warning("peer %s: source guard map update failed, resync retries: %s", peer.subnet, exc)
 
     def peer_removed(self, lease: Lease) -> None:
-        if self.guard is not None:
+        if self.guard is not None and self.has_v4_side(lease):
             try:
                 self.guard.delete(lease.subnet)
             except Exception as exc:

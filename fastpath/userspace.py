@@ -17,6 +17,13 @@ A userspace backend is a TUN device plus a UDP socket with an engine between the
   outer IPv6 header is 20 bytes longer; pods learn it by path MTU discovery); the engine binds a
   second UDP socket (IPV6_V6ONLY) to the IPv6 underlay address on the same port. A lease maps to
   up to two peers (``fastpath.routing``): each is one engine route of its family.
+- IPv6-only (EnableIPv4 false, ``config.network`` None; vxlan/fastpath only): the dual-stack
+  setup without its IPv4 half. The TUN gets only ``<subnet6 network address>/128`` and the
+  IPv6Network route (no IPv4 address, no IPv4 route), and the engine runs with only its IPv6 side:
+  no IPv4 Network or route table and no IPv4 socket (an IPv4 packet routed into the TUN by hand is
+  answered net unreachable and counted in ``tx_drop_no_route``; one inside a frame from the IPv6
+  underlay in ``rx_drop_not_ipv6``). A lease is one peer, its IPv6 side. This node must have a
+  PublicIPv6 and its lease an IPv6 subnet (else setup fails with one line).
 - add_peer / remove_peer: one ``engine.set_route`` / ``remove_route`` (constant time; the engine's
   threads keep running).
 - DirectRouting (backends with ``supports_direct_routing``, i.e. ``vxlan/fastpath``, as flannel's
@@ -161,6 +168,11 @@ class TunEngineBackend(RoutingBackend):
         return self.has_ipv6 and self.lease is not None and self.lease.subnet6 is not None
 
     @property
+    def carries_ipv4(self) -> bool:
+        """The network has an IPv4 side (not IPv6-only): the TUN and the engine carry IPv4."""
+        return self.config.network is not None
+
+    @property
     def mtu6(self) -> int:
         """The IPv6 route's MTU: an outer IPv6 header is 20 bytes longer than an IPv4 one, so an
         inner IPv6 packet must be 20 bytes shorter (flannel-v6.<VNI>'s MTU; pods find it by path
@@ -195,12 +207,13 @@ class TunEngineBackend(RoutingBackend):
         <subnet6 network address>/128 and the IPv6Network, with the IPv6 MTU); what was missing."""
         ipr = self.ipr
         missing = []
-        if only_address(ipr, idx, str(self.lease.subnet.network_address)):
-            missing.append("address")
         net = self.config.network
-        if (str(net.network_address), net.prefixlen, None, idx) not in direct_routes.main_routes(ipr):
-            ipr.route("replace", dst=str(net), oif=idx)
-            missing.append("route")
+        if net is not None:  # IPv6-only: nothing IPv4 on the TUN
+            if only_address(ipr, idx, str(self.lease.subnet.network_address)):
+                missing.append("address")
+            if (str(net.network_address), net.prefixlen, None, idx) not in direct_routes.main_routes(ipr):
+                ipr.route("replace", dst=str(net), oif=idx)
+                missing.append("route")
         if self.carries_ipv6:
             if only_address(ipr, idx, str(self.lease.subnet6.network_address), 128, socket.AF_INET6):
                 missing.append("IPv6 address")
@@ -230,10 +243,15 @@ class TunEngineBackend(RoutingBackend):
         config is exactly this (JSON-normalised, as it comes back over the channel)."""
         from .engine.reference import ReferenceEngine
         cls = self.engine_class()  # ImportError with the fix when the compiled engine is not built
+        v4 = self.carries_ipv4  # IPv6-only: null, and the engine has no IPv4 side nor socket
+        if not v4 and not self.carries_ipv6:
+            raise BackendError(f"{self.name()}: an IPv6-only network needs this node's PublicIPv6 and an "
+                               f"IPv6 subnet in its lease (lease {self.lease.shown}, PublicIPv6 "
+                               f"{self.iface.public_ipv6})")
         config = {"dev": self.dev_name, "engine": "reference" if cls is ReferenceEngine else "compiled",
-                  "mode": self.mode, "network": str(self.config.network),
-                  "subnet_len": self.config.subnet_len, "local_subnet": str(self.lease.subnet),
-                  "local": str(self.local), "port": self.port, "workers": self.workers,
+                  "mode": self.mode, "network": str(self.config.network) if v4 else None,
+                  "subnet_len": self.config.subnet_len, "local_subnet": str(self.lease.subnet) if v4 else None,
+                  "local": str(self.local) if v4 else None, "port": self.port, "workers": self.workers,
                   "mtu": self.mtu, "vnet_hdr": self.vnet_hdr, "busy_poll_us": self.busy_poll_us,
                   "kwargs": self.engine_kwargs()}
         if self.carries_ipv6:  # absent otherwise: an IPv4-only engine's config stays as it was
@@ -428,7 +446,8 @@ class TunEngineBackend(RoutingBackend):
             self.lease = lease
             try:
                 if self.supports_direct_routing and self.config.backend.direct_routing:
-                    self._l2_net = direct_routes.underlay_network(self.ipr, self.iface)
+                    if self.carries_ipv4:
+                        self._l2_net = direct_routes.underlay_network(self.ipr, self.iface)
                     if self.has_ipv6:
                         self._l2_net6 = direct_routes.underlay_network(self.ipr, self.iface, v6=True)
                 self._start()
@@ -453,7 +472,8 @@ class TunEngineBackend(RoutingBackend):
         return self.supports_direct_routing and direct_routes.is_direct(self.config, l2_net, public_ip)
 
     def add_peer(self, lease: Lease) -> None:
-        if not self.config.contains_subnet(lease.subnet):  # the engine's route table holds no other
+        # the engine's route table holds no other (IPv6-only: the lease's IPv4 side is not used)
+        if self.carries_ipv4 and not self.config.contains_subnet(lease.subnet):
             with self._lock:
                 self._counters["peers_bad_backend_data"] += 1
             log.warning("peer %s: not a subnet of %s; skipped", lease.subnet, self.config.network)

@@ -56,6 +56,18 @@ def lab_for(scenario, backend: str | None = None, dataplanes: dict[int, str] | N
     return Lab(scn)
 
 
+def up_check_down(scenario, backend: str, check, dataplanes: dict[int, str] | None = None) -> None:
+    """Bring up a lab of ``scenario`` on ``backend`` (per-node ``dataplanes``), run ``check(lab)``,
+    and tear it down: nothing it made may be left, whatever the check found."""
+    lab = lab_for(scenario, backend, dataplanes=dataplanes)
+    lab.up()
+    try:
+        check(lab)
+    finally:
+        problems = lab.down()
+    assert not problems and not nothing_left(lab)
+
+
 def weftctl(lab: Lab, *args: str) -> subprocess.CompletedProcess:
     """weftctl against the lab's store, run in node 1's namespace (where the store is reachable)."""
     return lab.exec(lab.node(1).namespace, [venv_python(), "-m", "controlplane.ctl", *lab.store_flags(), *args],

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from controlplane.lease import NO_IPV4
 from controlplane.store import LeaseExists, LeaseNotFound, WatchCompacted
 
 NET = ipaddress.IPv4Network
@@ -27,6 +28,11 @@ def subnet(i: int) -> ipaddress.IPv4Network:
 
 def value(i: int) -> str:
     return f'{{"PublicIP":"198.18.0.{i}","PublicIPv6":null}}'
+
+
+def six_value(i: int) -> str:
+    """An IPv6-only node's value, as flanneld writes it (PublicIP is its empty ip.IP4)."""
+    return f'{{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8:198:18::{i}","BackendType":"host-gw"}}'
 
 
 def drain(watch, want: int, timeout: float = 10.0):
@@ -289,6 +295,62 @@ class StoreContract:
         store.create_lease(NET("10.5.1.0/25"), value(4), ttl=3600, subnet6=b6)
         assert sorted((r.subnet, r.subnet6) for r in store.list_leases()[0]) == [
             (NET("10.5.1.0/24"), a6), (NET("10.5.1.0/25"), b6), (subnet(2), None)]
+
+    # -- IPv6-only keys: 0.0.0.0-0&<ip6>-<len6> (flannel's empty IPv4 part); named by the IPv6 part --
+    def test_ipv6_only_leases_are_named_by_their_ipv6_subnet(self, store):
+        """Every IPv6-only lease has the IPv4 part 0.0.0.0-0: create-if-absent compares the
+        lease's identity (``LeaseRecord.ident``, its IPv6 subnet here), so distinct IPv6 subnets
+        coexist and one IPv6 subnet is created once."""
+        a6, b6 = NET6("fd10:244:0:1::/64"), NET6("fd10:244:0:2::/64")
+        rec = store.create_lease(NO_IPV4, six_value(1), ttl=3600, subnet6=a6)
+        assert (rec.subnet, rec.subnet6, rec.ident) == (NO_IPV4, a6, a6)
+        store.create_lease(NO_IPV4, six_value(2), ttl=3600, subnet6=b6)  # another node: fine
+        for ttl in (3600, None):
+            with pytest.raises(LeaseExists):
+                store.create_lease(NO_IPV4, six_value(3), ttl=ttl, subnet6=a6)
+        # a dual-stack lease of that IPv6 subnet has another identity (its IPv4 subnet): the
+        # store lets it be (the watcher judges the overlap), and it does not block IPv6-only ones
+        store.create_lease(subnet(1), value(4), ttl=3600, subnet6=a6)
+        c6 = NET6("fd10:244:0:3::/64")
+        store.create_lease(subnet(3), value(5), ttl=3600, subnet6=c6)
+        store.create_lease(NO_IPV4, six_value(5), ttl=3600, subnet6=c6)
+        scan = store.scan_subnets()
+        assert sorted((str(r.subnet), str(r.subnet6)) for r in scan.records) == [
+            ("0.0.0.0/0", "fd10:244:0:1::/64"), ("0.0.0.0/0", "fd10:244:0:2::/64"),
+            ("0.0.0.0/0", "fd10:244:0:3::/64"), ("10.5.1.0/24", "fd10:244:0:1::/64"),
+            ("10.5.3.0/24", "fd10:244:0:3::/64")]
+        assert store.get_lease(NO_IPV4, a6).value == six_value(1)
+        assert store.update_lease(NO_IPV4, six_value(11), 3600, a6).ident == a6
+        assert store.get_lease(NO_IPV4, a6).value == six_value(11)
+        assert store.get_lease(NO_IPV4, b6).value == six_value(2)  # untouched
+        with pytest.raises(LeaseNotFound):
+            store.update_lease(NO_IPV4, six_value(9), 3600, NET6("fd10:244:0:9::/64"))
+        assert store.delete_lease(NO_IPV4, a6) is True
+        store.create_lease(NO_IPV4, six_value(6), ttl=3600, subnet6=a6)  # free again
+        assert store.get_lease(NO_IPV4, a6).value == six_value(6)
+
+    def test_racing_ipv6_only_creators_one_wins(self, make_store, request):
+        prefix = f"/weft-test/{request.node.name}"
+        stores = [make_store(prefix) for _ in range(4)]
+        n6 = NET6("fd10:244:0:7::/64")
+        results, go = [], threading.Barrier(len(stores))
+
+        def run(s, i):
+            go.wait()
+            try:
+                s.create_lease(NO_IPV4, six_value(i), ttl=3600, subnet6=n6)
+                results.append("won")
+            except LeaseExists:
+                results.append("lost")
+        threads = [threading.Thread(target=run, args=(s, i)) for i, s in enumerate(stores, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == ["lost", "lost", "lost", "won"]
+        assert [(r.subnet, r.subnet6) for r in stores[0].list_leases()[0]] == [(NO_IPV4, n6)]
+        for s in stores:
+            s.close()
 
     def test_dual_stack_keys_written_by_others(self, store, write_raw):
         """flanneld's dual keys are leases; malformed IPv6 parts are someone else's keys."""

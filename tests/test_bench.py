@@ -560,10 +560,13 @@ def test_full_run_measures_everything(tmp_path):
     assert {run["tcp1_write_bytes"] for run in d["runs"]} == {measure.TCP_WRITE_BYTES}
     assert all(run["tcp1_write_bytes"] % 4096 for run in d["runs"])  # as iperf3 reported it
     # 1 full run and 4 TCP-only runs per backend; every vxlan/kernel sample is paired with an
-    # underlay sample, and bare's reference pools its own 5 with those 5
+    # underlay sample, and bare's reference pools its own 5 with those 5, less the ones foreign
+    # load disturbed (a loaded machine flags some; each flag must cost exactly its sample)
     assert sorted((r["backend"], bool(r.get("tcp_only"))) for r in d["runs"]) == \
         [("bare", False)] + [("bare", True)] * 4 + [("vxlan/kernel", False)] + [("vxlan/kernel", True)] * 4
-    assert d["backends"]["bare"]["tcp1_samples"] == 10 and vx["runs"] == 5
+    flagged = sum(1 for r in d["runs"] if r.get("underlay_disturbed" if r["backend"] == "vxlan/kernel"
+                                                 else "tcp1_disturbed"))
+    assert d["backends"]["bare"]["tcp1_samples"] == 10 - flagged and vx["runs"] == 5
     assert all(r.get("underlay_tcp1_gbps") for r in d["runs"] if r["backend"] == "vxlan/kernel")
     # (on a machine loaded by something else every sample may be disturbed, leaving no pair)
     assert "ratio_to_bare_pairs" in vx, f"vxlan/kernel has no paired ratio: {sorted(vx)}"
@@ -615,9 +618,11 @@ def test_micro_gate_against_committed_baseline_and_its_self_test(tmp_path):
 
 # -- dual-stack runs: IPv6 rows beside IPv4's --------------------------------------------------------
 
-def _dual_doc(v6_vxlan=(7.0, 10.0), drop_v6=()) -> dict:
+def _dual_doc(v6_vxlan=(7.0, 10.0), drop_v6=(), ipv6_only=False) -> dict:
     """A dual-stack run made the way bench run makes it: raw rows (IPv6 keys ending _v6, each TCP
-    x1 sample followed by its underlay twin), summarized per backend, then the ratios."""
+    x1 sample followed by its underlay twin), summarized per backend, then the ratios.
+    ``ipv6_only``: an IPv6-only run's (no IPv4 probe at all: only the ``_v6`` keys, and the
+    backend's RSS)."""
     d = doc()
     rows = {"bare": [], "vxlan/kernel": []}
     for i in range(3):
@@ -635,7 +640,10 @@ def _dual_doc(v6_vxlan=(7.0, 10.0), drop_v6=()) -> dict:
         for r in rs:
             for k in drop_v6:
                 r.pop(k, None)
-        d["backends"][name] = results.summarize(rs, {}, seconds=1)
+            for k in [k for k in r if ipv6_only and k != "backend" and "_v6" not in k]:
+                r.pop(k)
+        extra = {"daemon_rss_mb": 40.0} if name != "bare" else {}
+        d["backends"][name] = results.summarize(rs, extra, seconds=1)
         d["runs"] += rs
     results.add_ratios(d)
     return d
@@ -702,6 +710,55 @@ def test_gate_judges_ipv6_of_a_dual_stack_baseline_only():
     assert "v6 ratio_to_bare" in table and "-50.0%" in table
 
 
+# -- IPv6-only runs (EnableIPv4 false): IPv6 rows alone --------------------------------------------
+
+def test_ipv6_only_results_have_no_ipv4_part():
+    """No IPv4 probe ran: the backends carry no IPv4 medians or ratios (not nulls that would read
+    as numbers lost), only ``v6``, paired against the IPv6 underlay as in a dual-stack run."""
+    d = _dual_doc(ipv6_only=True)
+    vx, bare = d["backends"]["vxlan/kernel"], d["backends"]["bare"]
+    for b in (vx, bare):
+        assert not [k for k in results.METRICS + ["ratio_to_bare", "latency_ratio_to_bare"] if k in b], b
+        assert not results.has_ipv4(b)
+    assert vx["v6"]["tcp1_gbps"] == 7.0 and vx["v6"]["ratio_to_bare"] == pytest.approx(7.0 / 9.0)
+    assert vx["v6"]["latency_ratio_to_bare"] == pytest.approx(10.0 / 6.0) and bare["v6"]["tcp1_samples"] == 5
+    assert vx["daemon_rss_mb"] == 40.0
+    assert results.has_ipv4(_dual_doc()["backends"]["vxlan/kernel"])
+
+
+def test_ipv6_only_table_has_ipv6_rows_only(tmp_path):
+    d = _dual_doc(ipv6_only=True)
+    heads, body, notes = report.rows(d)
+    assert heads[:3] == ["backend", "family", "TCP×1 Gb/s"]
+    assert [r[:2] for r in body] == [["bare", "IPv6"], ["vxlan/kernel", "IPv6"]]
+    cells = dict(zip(heads, body[1]))
+    assert (cells["TCP×1 Gb/s"], cells["×bare"], cells["RR p50 µs"], cells["RSS MB"]) == ("7.00", "0.78", "20.0", "40")
+    assert cells["TCP×4 Gb/s"] == "–" and cells["kpps"] == "–"  # not measured: never a 0
+    text = report.terminal(d)
+    table = text.split("\n\n")[0]
+    assert "IPv4" not in table and "vxlan/kernel  IPv6" in table and "kpps" not in table
+    assert any(n.startswith("IPv6-only run:") for n in notes) and not any(n.startswith("IPv6 rows:") for n in notes)
+    assert "| vxlan/kernel | IPv6 | 7.00 | 0.78 |" in report.markdown(d)
+    assert os.path.basename(report.charts(d, str(tmp_path))[0]) == "throughput.png"
+
+
+def test_gate_judges_an_ipv6_only_baseline_on_ipv6():
+    base = gate.merge_baseline([_dual_doc(ipv6_only=True), _dual_doc(v6_vxlan=(6.0, 10.0), ipv6_only=True),
+                                _dual_doc(ipv6_only=True)])
+    vx = base["backends"]["vxlan/kernel"]
+    assert vx["v6"]["ratio_to_bare"] == pytest.approx(7.0 / 9.0) and "ratio_to_bare" not in vx
+    assert vx["v6"]["baseline_spread"]["ratio_to_bare"] == [0.778, 0.667, 0.778]
+    assert "baseline_spread" not in vx
+    findings, notes = gate.gate(base, _dual_doc(ipv6_only=True))
+    assert findings and not any(f.failed for f in findings) and not notes
+    assert all(f.metric.startswith("v6 ") for f in findings)
+    findings, _ = gate.gate(base, _dual_doc(v6_vxlan=(3.5, 10.0), ipv6_only=True))
+    assert [(f.backend, f.metric) for f in findings if f.failed] == [("vxlan/kernel", "v6 ratio_to_bare")]
+    # a dual-stack baseline does not pass an IPv6-only run: its IPv4 numbers are missing
+    failed = [f for f in gate.gate(_dual_doc(), _dual_doc(ipv6_only=True))[0] if f.failed]
+    assert failed and all(not f.metric.startswith("v6 ") and "null in the run" in f.why for f in failed)
+
+
 def test_a_dual_stack_run_measures_the_data_planes_that_carry_ipv6():
     from bench.scenario import load
     from controlplane.backends import declaration
@@ -711,7 +768,7 @@ def test_a_dual_stack_run_measures_the_data_planes_that_carry_ipv6():
     assert all(declaration(b).ipv6 for b in names[1:]) and not any(b.startswith("udp/") for b in names)
     assert runner.default_backends(load(os.path.join(REPO, "scenarios", "default.toml"))) == runner.default_backends()
     if os.geteuid() == 0:
-        assert runner.unavailable("udp/fastpath", dual_stack=True).startswith(
+        assert runner.unavailable("udp/fastpath", ipv6=True).startswith(
             "carries IPv4 only, the scenario enables IPv6: ")
         assert runner.unavailable("udp/fastpath") is None
 
@@ -733,3 +790,36 @@ def test_dual_stack_run_measures_both_families(tmp_path):
     assert all(r.get("tcp1_gbps_v6") and r.get("underlay_tcp1_gbps_v6") for r in d["runs"]
                if r["backend"] == "vxlan/kernel")
     assert "vxlan/kernel  IPv6" in r.stdout and "vxlan/kernel  IPv4" in r.stdout
+
+
+def test_an_ipv6_only_run_measures_the_data_planes_that_carry_ipv6():
+    from bench.scenario import load
+    only6 = load(os.path.join(REPO, "scenarios", "ipv6only.toml"))
+    assert runner.default_backends(only6) == runner.default_backends(
+        load(os.path.join(REPO, "scenarios", "dualstack.toml")))
+
+
+@needs_root
+def test_ipv6_only_run_measures_ipv6_alone(tmp_path):
+    """bench run on scenarios/ipv6only.toml: IPv6 rows only (no pod has an IPv4 address), paired
+    with the nodes' IPv6 underlay of the same run; no IPv4 number, not even a null one. Quick
+    plan, one run (~1 min on the lab VM)."""
+    r = run_tool("bench.cli", "run", "--scenario", "scenarios/ipv6only.toml", "--quick", "--repeat", "1",
+                 "--backends", "bare,vxlan/kernel", "--out", str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads((tmp_path / "results.json").read_text())
+    vx, bare = d["backends"]["vxlan/kernel"], d["backends"]["bare"]
+    for key in ("tcp1_gbps", "rtt_p50_us", "ping_loss_pct", "ratio_to_bare", "latency_ratio_to_bare"):
+        assert vx["v6"].get(key) is not None, key
+    assert not results.has_ipv4(vx) and not results.has_ipv4(bare)
+    assert bare["v6"]["tcp1_samples"] >= 3 and "missing" not in vx["v6"]
+    assert all(set(k for k in row if k.endswith(("_gbps", "_us", "_pct"))) <= {k for k in row if "_v6" in k}
+               for row in d["runs"]), d["runs"]
+    assert all(row.get("tcp1_gbps_v6") and row.get("underlay_tcp1_gbps_v6") for row in d["runs"]
+               if row["backend"] == "vxlan/kernel")
+    table = r.stdout.split("\n\n")[0]
+    assert "vxlan/kernel  IPv6" in table and "bare          IPv6" in table and "IPv4" not in table, r.stdout
+    # a gate of the run against itself as baseline judges IPv6 and passes
+    g = run_tool("bench.cli", "gate", "--baseline", str(tmp_path / "results.json"), str(tmp_path / "results.json"),
+                 timeout=60)
+    assert g.returncode == 0 and "v6 ratio_to_bare" in g.stdout and "FAIL" not in g.stdout, g.stdout + g.stderr

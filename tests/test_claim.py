@@ -334,3 +334,61 @@ def test_claim_ttl_too_short_is_one_line(tmp_path):
                  "-subnet-file", f"{tmp_path}/e", "--claim-ttl", "2", timeout=20)
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and lines == ["weftd: --claim-ttl 2: must be at least 3 seconds"], r.stderr
+
+
+# -- IPv6-only nodes: every one has PublicIP 0.0.0.0, so the claim is keyed by the public IPv6 ------
+def test_ipv6_only_claims_are_keyed_by_the_public_ipv6(net, tmp_path):
+    """NodeClaim as weftd makes it on an IPv6-only network (public IP 0.0.0.0, the public IPv6
+    beside it): two nodes with their own public IPv6 both run; a second claimant of one public
+    IPv6 is refused in one line naming it; 0.0.0.0 is never a claim's key."""
+    import ipaddress
+
+    from controlplane.claim import NodeClaim, PublicIPInUse
+    from controlplane.lease import NO_PUBLIC_IP
+    a6, b6 = ipaddress.IPv6Address("2001:db8:198:18::1"), ipaddress.IPv6Address("2001:db8:198:18::2")
+    store, stop = net.open(), threading.Event()
+    env = str(tmp_path / "subnet.env")
+    held = []
+    try:
+        for six in (a6, b6):
+            claim = NodeClaim(store, NO_PUBLIC_IP, env, 30, public_ipv6=six)
+            assert claim.acquire(stop)
+            held.append(claim)
+        assert store.get_claim("2001:db8:198:18::1") is not None
+        assert store.get_claim("2001:db8:198:18::2") is not None
+        assert store.get_claim("0.0.0.0") is None
+        for second in (NodeClaim(store, NO_PUBLIC_IP, env, 30, public_ipv6=a6),
+                       NodeClaim(store, a6, env, 30),  # the public IPv6 given as the address
+                       NodeClaim(store, None, env, 30, public_ipv6="2001:DB8:198:18:0::1")):  # as text
+            with pytest.raises(PublicIPInUse) as exc:
+                second.acquire(stop)
+            line = str(exc.value)
+            assert "\n" not in line and line.startswith("public IPv6 2001:db8:198:18::1 is already in use")
+            assert line.endswith("give this node its own -public-ipv6")
+        with pytest.raises(ValueError, match="^no public address to claim: an IPv6-only node"):
+            NodeClaim(store, NO_PUBLIC_IP, env, 30)
+    finally:
+        for claim in held:
+            claim.release()
+        store.close()
+    check = net.open()
+    try:
+        assert check.get_claim("2001:db8:198:18::1") is None and check.get_claim("2001:db8:198:18::2") is None
+    finally:
+        check.close()
+
+
+def test_dual_stack_claim_stays_keyed_by_the_public_ip(net, tmp_path):
+    """With a PublicIP (IPv4 or dual-stack network) the public IPv6 beside it changes nothing."""
+    import ipaddress
+
+    from controlplane.claim import NodeClaim
+    store, stop = net.open(), threading.Event()
+    claim = NodeClaim(store, ipaddress.IPv4Address(IP), str(tmp_path / "e"), 30,
+                      public_ipv6=ipaddress.IPv6Address("2001:db8:198:18::1"))
+    try:
+        assert claim.acquire(stop) and claim.public_ip == IP
+        assert store.get_claim(IP) is not None and store.get_claim("2001:db8:198:18::1") is None
+    finally:
+        claim.release()
+        store.close()

@@ -450,3 +450,60 @@ def test_dual_stack_subnet_env_gives_both_families(node):
         node.check(p, f"ctr-{c}", results[c])
         node.delete(p, f"ctr-{c}", results[c])
     assert node.reserved() == []
+
+
+SUBNET_ENV_V6_ONLY = ("FLANNEL_IPV6_NETWORK=fd99::/56\nFLANNEL_IPV6_SUBNET=fd99:0:0:3::1/64\n"
+                      "FLANNEL_MTU=1400\nFLANNEL_IPMASQ=true\n")
+
+
+def pod_addresses_of(pod: str, family: str, ifname: str = "eth0") -> list[str]:
+    """The pod's addresses of ``family`` ("inet" or "inet6"), link-local ones left out."""
+    links = ipj(pod, "addr", "show", "dev", ifname)
+    return [f"{a['local']}/{a['prefixlen']}" for a in links[0]["addr_info"]
+            if a["family"] == family and a.get("scope") != "link"]
+
+
+@needs_root
+@needs_plugins
+def test_ipv6_only_subnet_env_gives_ipv6_only_pods(node):
+    """subnet.env of an IPv6-only network (flanneld's EnableIPv4 false: FLANNEL_IPV6_* lines and
+    no FLANNEL_NETWORK/FLANNEL_SUBNET): one IPv6 range and one IPv6 route for the delegate, as
+    flannel's plugin renders it; the pods have no IPv4 address and no IPv4 route, reach each
+    other over IPv6, and CHECK and DEL work through the real bridge and host-local."""
+    node.subnet_env.write_text(SUBNET_ENV_V6_ONLY)
+    pods = {c: node.pod(c) for c in ("a", "b")}
+    results = {c: node.add(p, f"ctr-{c}") for c, p in pods.items()}
+    saved = json.loads((node.data_dir / "ctr-a").read_text())
+    assert saved["ipam"]["ranges"] == [[{"subnet": "fd99:0:0:3::/64"}]]
+    assert saved["ipam"]["routes"] == [{"dst": "fd99::/56"}]
+    assert saved["mtu"] == 1400 and saved["ipMasq"] is False
+    for c, r in results.items():
+        assert [i["address"].split("/")[0].startswith("fd99:0:0:3::") for i in r["ips"]] == [True], r
+        assert pod_addresses_of(pods[c], "inet") == [], f"pod {c} has IPv4 on an IPv6-only network"
+        assert pod_addresses_of(pods[c], "inet6") == [r["ips"][0]["address"]]
+        assert ipj(pods[c], "-4", "route", "show") == []
+        routes6 = {r6["dst"]: r6.get("gateway") for r6 in ipj(pods[c], "-6", "route", "show")}
+        assert routes6["fd99::/56"] == "fd99:0:0:3::1" and routes6["default"] == "fd99:0:0:3::1"
+    cni0 = ipj(node.ns, "addr", "show", "dev", "cni0")[0]["addr_info"]
+    assert [a["local"] for a in cni0 if a["family"] == "inet"] == []
+    assert "fd99:0:0:3::1" in [a["local"] for a in cni0 if a["family"] == "inet6"]
+    assert len(node.reserved()) == 2
+    v6 = {c: r["ips"][0]["address"].split("/")[0] for c, r in results.items()}
+    for src, dst in (("a", "b"), ("b", "a")):
+        out = sh("ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", v6[dst], ns=pods[src])
+        assert " 0% packet loss" in out, out
+    for c, p in pods.items():
+        node.check(p, f"ctr-{c}", results[c])
+        node.delete(p, f"ctr-{c}", results[c])
+        assert not ipj(p, "link", "show", "type", "veth")
+    assert node.reserved() == [] and os.listdir(node.data_dir) == []
+
+
+def test_ipv6_only_subnet_env_without_an_ipv6_subnet_names_what_is_missing(tmp_path):
+    """An IPv6-only subnet.env cut short: the error names both keys that could fill the gap."""
+    path = tmp_path / "subnet.env"
+    path.write_text("FLANNEL_IPV6_NETWORK=fd99::/56\nFLANNEL_MTU=1400\nFLANNEL_IPMASQ=true\n")
+    conf = {"cniVersion": "1.0.0", "name": "n", "subnetFile": str(path), "dataDir": str(tmp_path / "d")}
+    rc, out, _ = weft_cni(add_env(), json.dumps(conf))
+    assert_spec_error(rc, out, 7, "is missing FLANNEL_SUBNET (or FLANNEL_IPV6_SUBNET)")
+    assert not (tmp_path / "d").exists()

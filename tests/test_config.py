@@ -92,9 +92,18 @@ BAD = [
     # Dual-stack (flannel's pkg/subnet/config.go rules for the IPv6 keys)
     ('{"Network": "10.5.0.0/16", "EnableIPv6": true}', "IPv6Network: missing"),
     ('{"Network": "10.5.0.0/16", "EnableIPv6": "true"}', 'EnableIPv6: must be true or false, got "true"'),
-    ('{"Network": "10.5.0.0/16", "EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00::/56"}',
-     "EnableIPv4: false (IPv6-only) is not supported"),
-    ('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00::/56"}', "EnableIPv4: false (IPv6-only)"),
+    # IPv6-only (EnableIPv4 false) needs EnableIPv6 and its keys, and a data plane that carries IPv6
+    ('{"Network": "10.5.0.0/16", "EnableIPv4": false}',
+     "EnableIPv4: false with EnableIPv6 false leaves no network to carry"),
+    ('{"EnableIPv4": false, "EnableIPv6": false, "IPv6Network": "fd00::/56"}',
+     "EnableIPv4: false with EnableIPv6 false leaves no network to carry"),
+    ('{"EnableIPv4": "false", "EnableIPv6": true, "IPv6Network": "fd00::/56"}',
+     'EnableIPv4: must be true or false, got "false"'),
+    ('{"EnableIPv4": false, "EnableIPv6": true}', "IPv6Network: missing"),
+    ('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "10.5.0.0/16"}',
+     "IPv6Network: '10.5.0.0/16' is not an IPv6 CIDR"),
+    ('{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00::/56", "Backend": {"Type": "udp"}}',
+     "EnableIPv6: udp/fastpath carries IPv4 only"),
     (V6 % '"IPv6Network": 6', "IPv6Network: must be a string, got 6"),
     (V6 % '"IPv6Network": "10.6.0.0/16"', "IPv6Network: '10.6.0.0/16' is not an IPv6 CIDR"),
     (V6 % '"IPv6Network": "fd00::"', "IPv6Network: 'fd00::' has no prefix length"),
@@ -250,3 +259,79 @@ def test_subnet_env_dual_stack_in_flannels_order(tmp_path):
     with open(path, "a") as f:
         f.write("FLANNEL_IPV6_SUBNET=banana\n")  # an unreadable line: no previous subnet, no error
     assert subnetenv.previous_subnet6(path) is None
+
+
+# -- IPv6-only: EnableIPv4 false (flannel reads no IPv4 key then) ---------------------------------
+SIX_ONLY = '{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd10:244::/56"%s}'
+
+
+def test_ipv6_only_config_like_flannel():
+    c = parse_config(SIX_ONLY % ', "Backend": {"Type": "vxlan"}')
+    assert c.ipv6_only and not c.enable_ipv4 and c.enable_ipv6
+    assert c.network is None and c.subnet_len == 0 and c.subnet_min is None and c.subnet_max is None
+    assert c.subnet_count == 0
+    assert c.ipv6_network == ipaddress.IPv6Network("fd10:244::/56") and c.ipv6_subnet_len == 64
+    assert c.subnet6_count == 255 and str(c.ipv6_subnet_min) == "fd10:244:0:1::"
+    assert c.backend.name == "vxlan/kernel"
+    dual = parse_config('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd10:244::/56"}')
+    assert dual.enable_ipv4 and not dual.ipv6_only
+
+
+@pytest.mark.parametrize("ipv4_keys", [
+    ', "Network": "10.5.0.0/16", "SubnetLen": 26',
+    ', "Network": "nonsense", "SubnetLen": 3, "SubnetMin": "banana", "SubnetMax": 7',  # broken: not read
+    ', "network": 10'])
+def test_ipv6_only_ignores_every_ipv4_key_as_flannel_does(ipv4_keys):
+    c = parse_config(SIX_ONLY % ipv4_keys)
+    assert c.network is None and c.subnet_len == 0 and c.subnet_min is None
+    assert c.ipv6_network == ipaddress.IPv6Network("fd10:244::/56")
+
+
+def test_ipv6_only_fits_only_the_empty_ipv4_part():
+    """An IPv6-only lease is ``0.0.0.0-0&<ip6>-<len6>`` (flannel's empty IP4Net): nothing else fits
+    an IPv6-only config, and such a lease fits no config with IPv4."""
+    from controlplane.lease import NO_IPV4
+    six = parse_config(SIX_ONLY % "")
+    dual = parse_config('{"Network": "10.5.0.0/16", "EnableIPv6": true, "IPv6Network": "fd10:244::/56"}')
+    v4only = parse_config('{"Network": "10.5.0.0/16"}')
+    n6 = ipaddress.IPv6Network("fd10:244:0:3::/64")
+    assert six.fits(NO_IPV4, n6)
+    assert not six.fits(NO_IPV4, None)
+    assert not six.fits(NO_IPV4, ipaddress.IPv6Network("fd10:245:0:3::/64"))  # outside IPv6Network
+    assert not six.fits(NO_IPV4, ipaddress.IPv6Network("fd10:244::/64"))  # below IPv6SubnetMin
+    assert not six.fits(ipaddress.IPv4Network("10.5.3.0/24"), n6)  # a dual-stack lease
+    assert not six.contains_subnet(NO_IPV4) and not six.contains_subnet(ipaddress.IPv4Network("10.5.3.0/24"))
+    assert not dual.fits(NO_IPV4, n6) and not v4only.fits(NO_IPV4, None)
+
+
+def test_ipv6_only_dataplane_override():
+    c = parse_config(SIX_ONLY % ', "Backend": {"Type": "vxlan"}')
+    assert c.with_dataplane("ebpf").backend.name == "vxlan/ebpf"
+    assert c.with_dataplane("fastpath").ipv6_only
+    hg = parse_config(SIX_ONLY % ', "Backend": {"Type": "host-gw"}')
+    assert hg.backend.name == "host-gw/kernel" and hg.ipv6_only
+
+
+def test_subnet_env_ipv6_only_as_flanneld_writes_it(tmp_path):
+    """flanneld's WriteSubnetFile with EnableIPv4 false: no FLANNEL_NETWORK/FLANNEL_SUBNET lines.
+    weftd passes what it has on such a network (Network None, the lease's empty IPv4 part)."""
+    from controlplane import subnetenv
+    from controlplane.lease import NO_IPV4
+    path = str(tmp_path / "subnet.env")
+    subnetenv.write(path, None, NO_IPV4, 1430, True, ipaddress.IPv6Network("fd10:244::/56"),
+                    ipaddress.IPv6Network("fd10:244:0:5::/64"))
+    with open(path) as f:
+        assert f.read() == ("FLANNEL_IPV6_NETWORK=fd10:244::/56\nFLANNEL_IPV6_SUBNET=fd10:244:0:5::1/64\n"
+                            "FLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n")
+    assert subnetenv.previous_subnet(path) is None
+    assert subnetenv.previous_subnet6(path) == ipaddress.IPv6Network("fd10:244:0:5::/64")
+    assert subnetenv.read(path) == {"FLANNEL_IPV6_NETWORK": "fd10:244::/56",
+                                    "FLANNEL_IPV6_SUBNET": "fd10:244:0:5::1/64",
+                                    "FLANNEL_MTU": "1430", "FLANNEL_IPMASQ": "true"}
+    # the same written with subnet None, and a file of nothing at all is refused (one line)
+    subnetenv.write(path, None, None, 1430, True, ipaddress.IPv6Network("fd10:244::/56"),
+                    ipaddress.IPv6Network("fd10:244:0:5::/64"))
+    with open(path) as f:
+        assert f.read().startswith("FLANNEL_IPV6_NETWORK=fd10:244::/56\n")
+    with pytest.raises(ValueError, match="^subnet.env: no IPv4 subnet and no IPv6 subnet to write$"):
+        subnetenv.render(None, NO_IPV4, 1430, True)

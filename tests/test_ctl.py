@@ -182,3 +182,79 @@ def test_ipv4_only_leases_output_is_unchanged(args, tmp_path):
     assert r.stdout.splitlines()[0].split() == ["SUBNET", "PUBLIC", "IP", "BACKEND", "EXPIRES"]
     assert set(json.loads(ctl(args, "leases", "--json").stdout)[0]) == {
         "subnet", "public_ip", "backend_type", "backend_data", "expiration", "reservation"}
+
+
+SIX_ONLY = ('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10:244::/56",'
+            '"Backend":{"Type":"alloc"}}')
+
+
+def test_ipv6_only_reserve_release_and_leases(args, tmp_path):
+    """On an IPv6-only network a reservation is an IPv6 subnet for a public IPv6, written as
+    flanneld's key 0.0.0.0-0&<ip6>-<len6> with PublicIP 0.0.0.0; the acquisition of that public
+    IPv6 reuses it; the table shows "-" for the empty IPv4 parts; release takes the IPv6 subnet."""
+    assert ctl(args, "config", "put", "-", input=SIX_ONLY).returncode == 0
+    r = ctl(args, "reserve", "10.5.3.0/24", "--public-ipv6", "2001:db8::3", "--subnet6", "fd10:244:0:3::/64")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "weftctl: 10.5.3.0/24: the network is IPv6-only (EnableIPv4 false): it has no IPv4 subnets;"
+        " reserve with --subnet6 alone")
+    r = ctl(args, "reserve", "--subnet6", "fd10:244:0:3::/64", "--public-ip", "198.18.0.3")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "weftctl: --public-ip 198.18.0.3: the network is IPv6-only (EnableIPv4 false): an IPv6-only"
+        " node is named by its public IPv6 (--public-ipv6)")
+    r = ctl(args, "reserve", "--subnet6", "fd10:244:0:3::/64")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "weftctl: fd10:244:0:3::/64: the network is IPv6-only (EnableIPv4 false): give the node's"
+        " --public-ipv6")
+    r = ctl(args, "reserve", "--subnet6", "fd99::/64", "--public-ipv6", "2001:db8::3")
+    assert r.returncode == 1 and "--subnet6 fd99::/64 is not a subnet of the configured IPv6Network" in r.stderr
+    r = ctl(args, "reserve", "--subnet6", "fd10:244:0:3::/64", "--public-ipv6", "fe80::3")
+    assert r.returncode == 2 and "--public-ipv6 'fe80::3': not an address a node can have (a link-local address)" in r.stderr
+    r = ctl(args, "reserve", "--subnet6", "fd10:244:0:3::/64", "--public-ipv6", "2001:db8::3")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "reserved fd10:244:0:3::/64 for 2001:db8::3"
+    store = SQLiteStore(str(tmp_path / "weft.db"), prefix="/test/net")
+    try:
+        from controlplane.lease import NO_IPV4, NO_PUBLIC_IP
+        (rec,) = store.list_leases()[0]
+        assert (rec.subnet, str(rec.subnet6), rec.expiration) == (NO_IPV4, "fd10:244:0:3::/64", None)
+        assert rec.value == '{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::3"}'
+        r = ctl(args, "reserve", "--subnet6", "fd10:244:0:3::/64", "--public-ipv6", "2001:db8::4")
+        assert r.returncode == 1 and r.stderr.strip() == (
+            "weftctl: fd10:244:0:3::/64 is held by 2001:db8::3; release it first")
+        from controlplane.config import parse_config
+        from controlplane.manager import LeaseManager
+        m = LeaseManager(store)
+        lease = m.acquire(parse_config(SIX_ONLY), LeaseAttrs(NO_PUBLIC_IP, "alloc",
+                                                             public_ipv6=ipaddress.IPv6Address("2001:db8::3")))
+        assert (lease.subnet, str(lease.subnet6), lease.expiration) == (NO_IPV4, "fd10:244:0:3::/64", None)
+        other = m.acquire(parse_config(SIX_ONLY), LeaseAttrs(NO_PUBLIC_IP, "alloc",
+                                                             public_ipv6=ipaddress.IPv6Address("2001:db8::5")))
+        # that node's lease becomes a reservation when reserved for its own public IPv6
+        r = ctl(args, "reserve", "--subnet6", str(other.subnet6), "--public-ipv6", "2001:db8::5")
+        assert r.returncode == 0 and store.get_lease(NO_IPV4, other.subnet6).expiration is None
+    finally:
+        store.close()
+    lines = ctl(args, "leases").stdout.splitlines()
+    assert lines[0].split() == ["SUBNET", "SUBNET6", "PUBLIC", "IP", "PUBLIC", "IPV6", "BACKEND", "EXPIRES"]
+    rows = sorted(l.split()[:5] for l in lines[1:])
+    assert rows == sorted([["-", "fd10:244:0:3::/64", "-", "2001:db8::3", "alloc"],
+                           ["-", str(other.subnet6), "-", "2001:db8::5", "alloc"]])
+    leases = json.loads(ctl(args, "leases", "--json").stdout)
+    assert {(l["subnet"], l["public_ip"], l["subnet6"], l["public_ipv6"]) for l in leases} == {
+        (None, None, "fd10:244:0:3::/64", "2001:db8::3"), (None, None, str(other.subnet6), "2001:db8::5")}
+    r = ctl(args, "release", "10.5.3.0/24")
+    assert r.returncode == 1 and "no lease or reservation for 10.5.3.0/24" in r.stderr
+    r = ctl(args, "release", "fd10:244:0:3::/64")
+    assert r.returncode == 0 and r.stdout.strip() == "released fd10:244:0:3::/64"
+    assert [l["subnet6"] for l in json.loads(ctl(args, "leases", "--json").stdout)] == [str(other.subnet6)]
+
+
+def test_subnet6_alone_on_a_network_with_ipv4_is_refused(args):
+    assert ctl(args, "config", "put", "-", input='{"Network":"10.5.0.0/16","EnableIPv6":true,'
+                                                 '"IPv6Network":"fd10:244::/56"}').returncode == 0
+    r = ctl(args, "reserve", "--subnet6", "fd10:244:0:3::/64", "--public-ipv6", "2001:db8::3")
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "weftctl: --subnet6 fd10:244:0:3::/64 alone: the network has IPv4 (Network 10.5.0.0/16):"
+        " give its IPv4 SUBNET too")
+    r = ctl(args, "reserve", "--public-ip", "198.18.0.3")
+    assert r.returncode == 2 and r.stderr.strip() == "weftctl: reserve: give a SUBNET (or --subnet6 on an IPv6-only network)"

@@ -20,7 +20,7 @@ from bench.scenario import load
 
 from .conftest import needs_bcc
 from .daemons import REPO
-from .e2e import Testbed, all_pairs_ping_both, built, lab_for, nothing_left, transfer
+from .e2e import Testbed, all_pairs_ping_both, built, transfer, up_check_down
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 DUALSTACK = os.path.join(REPO, "scenarios", "dualstack.toml")
@@ -44,13 +44,7 @@ def _check_lab(lab) -> None:
 
 
 def _up_check_down(backend: str, dataplanes: dict[int, str] | None = None) -> None:
-    lab = lab_for(load(DUALSTACK), backend, dataplanes=dataplanes)
-    lab.up()
-    try:
-        _check_lab(lab)
-    finally:
-        problems = lab.down()
-    assert not problems and not nothing_left(lab)
+    up_check_down(load(DUALSTACK), backend, _check_lab, dataplanes)
 
 
 @pytest.mark.parametrize("backend", ["vxlan/kernel", "host-gw/kernel", "vxlan/fastpath"])

@@ -14,6 +14,7 @@ underlay addresses of both families on its loopback (no DAD).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -646,12 +647,13 @@ def test_ipv6_arguments_are_checked(ns):
 
 # -- the engine process (control protocol) --------------------------------------------------------------
 
-def test_engine_process_carries_ipv6_routes(ns):
-    """``start`` with the IPv6 config opens the second socket (IPv6 only, same port as the IPv4
-    one); set_route/replace_routes/routes carry IPv6 subnets; an IPv6 config without its parts
-    is refused with one line."""
+
+@contextlib.contextmanager
+def engine_process(ns: str, tag: str):
+    """An engine process (``python -m fastpath.engine.proc``) in ``ns`` and a control client to it:
+    (proc, client). Killed on the way out if the test did not stop it."""
     from fastpath.engine import control
-    name = f"weft-engine-t6{secrets.token_hex(2)}"
+    name = f"weft-engine-{tag}{secrets.token_hex(2)}"
     proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "fastpath.engine.proc", name],
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -665,7 +667,20 @@ def test_engine_process_carries_ipv6_routes(ns):
                     if time.monotonic() > deadline or proc.poll() is not None:
                         raise
                     time.sleep(0.05)
-        client = in_netns(ns, connect)
+        yield proc, in_netns(ns, connect)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+def test_engine_process_carries_ipv6_routes(ns):
+    """``start`` with the IPv6 config opens the second socket (IPv6 only, same port as the IPv4
+    one); set_route/replace_routes/routes carry IPv6 subnets; an IPv6 config without its parts
+    is refused with one line."""
+    from fastpath.engine import control
+    with engine_process(ns, "t6") as (proc, client):
         config = {"dev": "wt6" + secrets.token_hex(2), "engine": "compiled", "mode": "vxlan", "network": NETWORK,
                   "subnet_len": 24, "local_subnet": A_SUB, "local": A_IP, "port": 18472, "workers": 1,
                   "mtu": MTU, "vnet_hdr": True, "busy_poll_us": 0, "local6": A6,
@@ -697,8 +712,3 @@ def test_engine_process_carries_ipv6_routes(ns):
         client.stop()
         client.close()
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()

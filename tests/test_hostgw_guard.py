@@ -291,3 +291,29 @@ def test_a_new_lease_moves_the_guards_own_subnet(net):
     net.call(1, "setup", new)
     local = [e["subnet"] for e in in_netns(net.node[1], lambda: read("eth0"))["peers"] if e["local"]]
     assert local == ["10.244.11.0/24"]
+
+
+@pytest.mark.parametrize("backend", ["host-gw/kernel", "vxlan/kernel"])
+def test_weftd_source_guard_is_refused_on_ipv6only(backend):
+    """The guard checks IPv4 packets only: weftd --source-guard on an IPv6-only network exits 1
+    with one line naming why, before it takes a lease."""
+    import dataclasses
+    from bench.errors import LabError
+    from bench.scenario import WeftdSpec, load
+    from .e2e import lab_for, nothing_left
+    from .test_ebpf_e2e import REPO
+    scn = load(os.path.join(REPO, "scenarios", "ipv6only.toml"))
+    scn = dataclasses.replace(scn, weftd=WeftdSpec(flags=("--source-guard",)))
+    lab = lab_for(scn, backend)
+    try:
+        with pytest.raises(LabError) as exc:
+            lab.up()
+        want = (f"ERROR weft.daemon: {backend}: --source-guard checks IPv4 packets only; this network is "
+                "IPv6-only (EnableIPv4 false), so there is nothing for it to guard")
+        # the lab's message ends with the node's log tail: one error line, no lease taken first
+        msg = str(exc.value)
+        assert "exited with status 1" in msg and msg.count(want) == 1, msg
+        assert "Traceback" not in msg and "acquired lease" not in msg, msg
+    finally:
+        problems = lab.down()
+    assert not problems and not nothing_left(lab)

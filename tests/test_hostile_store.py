@@ -49,6 +49,9 @@ BAD_LEASES = {
     "10.244.19.0-24/extra": (alloc_value(22), "bad_key"),
     "10.99.0.0-24": (alloc_value(23), "outside_network"),
     "10.244.204.0-23": (alloc_value(24), "wrong_length"),
+    # flanneld's IPv6-only lease on a network with IPv4: it has no IPv4 subnet to follow
+    "0.0.0.0-0&fd10:244:0:1::-64": ('{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8:198:18::1",'
+                                    '"BackendType":"alloc"}', "outside_network"),
 }
 VALID = {"10.244.205.0-24": alloc_value(25),  # inside the refused /23 above: the /23 is the bad one
          "10.244.30.0-24": alloc_value(30)}
@@ -342,3 +345,117 @@ def test_weftd_refuses_a_store_in_a_missing_directory(tmp_path):
     assert len(lines) == 1 and f"{tmp_path}/no/such/dir" in lines[0] and "does not exist" in lines[0], \
         r.stderr
     assert not os.path.exists(tmp_path / "no")
+
+
+# -- IPv6-only leases judged (controlplane.leasecheck), and on an IPv6-only network ---------------
+SIX_NET = ('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10:244::/56",'
+           '"Backend":{"Type":"vxlan"}}')
+DUAL_NET = '{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd10:244::/56"}'
+
+
+def six_value(n: int, **fields) -> str:
+    """flanneld's IPv6-only vxlan value: PublicIP 0.0.0.0 (its empty ip.IP4), no BackendData."""
+    doc = {"PublicIP": "0.0.0.0", "PublicIPv6": f"2001:db8:198:18::{n}", "BackendType": "vxlan",
+           "BackendV6Data": {"VNI": 1, "VtepMAC": MAC}}
+    doc.update(fields)
+    return json.dumps({k: v for k, v in doc.items() if v is not ...}, separators=(",", ":"))
+
+
+def _judged(name: str, value: str, config_text: str | None):
+    """(Lease, "") or (None, "reason: one line") for a key under subnets/ judged as weftd does."""
+    from controlplane.config import parse_config
+    from controlplane.lease import LeaseFormatError, parse_lease_key
+    from controlplane.leasecheck import judge
+    from controlplane.store import LeaseRecord
+    subnet, subnet6 = parse_lease_key(name)
+    try:
+        return judge(LeaseRecord(subnet, value, None, 1, subnet6),
+                     None if config_text is None else parse_config(config_text)), ""
+    except LeaseFormatError as exc:
+        return None, f"{exc.reason}: {exc}"
+
+
+SIX_VALID = [  # on an IPv6-only network: followed (PublicIP is never read: any IPv4 address)
+    ("0.0.0.0-0&fd10:244:0:5::-64", six_value(5)),
+    ("0.0.0.0-0&fd10:244:0:6::-64", six_value(6, PublicIP="198.18.0.6")),
+    ("0.0.0.0-0&fd10:244:0:7::-64", six_value(7, PublicIP="127.0.0.1", BackendData="ignored")),
+    ("0.0.0.0-0&fd10:244:0:8::-64", '{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8:198:18::8",'
+                                    '"BackendType":"host-gw"}'),
+]
+SIX_BAD = [  # on an IPv6-only network: (key, value, reason, words the one line holds)
+    ("10.244.5.0-24&fd10:244:0:5::-64", six_value(5, PublicIP="198.18.0.5"), "outside_network",
+     "10.244.5.0/24 on an IPv6-only network (EnableIPv4 false): a lease's IPv4 part must be "
+     "flannel's empty 0.0.0.0-0"),
+    ("10.244.5.0-24", alloc_value(5), "outside_network", "on an IPv6-only network"),
+    ("0.0.0.0-0&fd99::-64", six_value(9), "outside_network", "fd99::/64 is outside IPv6Network fd10:244::/56"),
+    ("0.0.0.0-0&fd10:244:0:9::-80", six_value(9), "wrong_length", "is not a /64 (IPv6SubnetLen)"),
+    ("0.0.0.0-0&fd10:244:0:9::-64", six_value(9, PublicIPv6=None), "bad_public_ip",
+     "an IPv6-only lease (0.0.0.0-0&...) needs a PublicIPv6"),
+    ("0.0.0.0-0&fd10:244:0:9::-64", six_value(9, PublicIPv6=...), "bad_public_ip", "needs a PublicIPv6"),
+    ("0.0.0.0-0&fd10:244:0:9::-64", six_value(9, PublicIPv6="fe80::9"), "bad_public_ip", "link-local"),
+    ("0.0.0.0-0&fd10:244:0:9::-64", six_value(9, BackendV6Data=...), "bad_backend_data", "BackendV6Data"),
+    ("0.0.0.0-0&fd10:244:0:9::-64", six_value(9, BackendV6Data={"VNI": 1}), "bad_backend_data", "BackendV6Data"),
+    ("0.0.0.0-0&fd10:244:0:9::-64", six_value(9, PublicIP="banana"), "bad_public_ip", "not an IPv4 address"),
+]
+
+
+@pytest.mark.parametrize("name,value", SIX_VALID, ids=[v[0] + str(i) for i, v in enumerate(SIX_VALID)])
+def test_ipv6_only_network_follows_flanneld_leases(name, value):
+    lease, why = _judged(name, value, SIX_NET)
+    assert why == "" and not lease.has_ipv4 and lease.ident == lease.subnet6
+    assert str(lease.subnet6) == name.split("&")[1].replace("-", "/")
+    _, why = _judged(name, value, None)  # weftctl, with no config: the same
+    assert why == ""
+
+
+@pytest.mark.parametrize("name,value,reason,words", SIX_BAD, ids=[f"{v[2]}-{i}" for i, v in enumerate(SIX_BAD)])
+def test_ipv6_only_network_refuses_with_one_line(name, value, reason, words):
+    lease, why = _judged(name, value, SIX_NET)
+    assert lease is None and why.startswith(reason + ": ") and words in why and "\n" not in why
+
+
+@pytest.mark.parametrize("config_text", [CONFIG, DUAL_NET])
+def test_ipv6_only_lease_refused_on_a_network_with_ipv4(config_text):
+    lease, why = _judged("0.0.0.0-0&fd10:244:0:5::-64", six_value(5), config_text)
+    assert lease is None and why == (
+        "outside_network: an IPv6-only lease (IPv4 part 0.0.0.0-0) on a network with IPv4 (Network "
+        "10.244.0.0/16): it has no IPv4 subnet")
+
+
+def test_overlap_between_an_ipv6_only_and_a_dual_stack_key():
+    """One IPv6 subnet in two keys of two identities (0.0.0.0-0&X names X; 10.244.1.0-24&X names
+    10.244.1.0/24): the lease known first keeps it, as between two dual-stack keys. Only a watcher
+    without a config follows both kinds (a config admits one kind or the other)."""
+    import ipaddress
+    import tempfile
+
+    from controlplane.lease import NO_IPV4
+    from controlplane.manager import LeaseWatcher
+    from controlplane.store.sqlite import SQLiteStore
+    x = ipaddress.IPv6Network("fd10:244:0:1::/64")
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteStore(f"{tmp}/w.db")
+        try:
+            store.create_lease(NO_IPV4, six_value(1), 3600, x)
+            dual = json.dumps({"PublicIP": "198.18.0.2", "PublicIPv6": "2001:db8:198:18::2",
+                               "BackendType": "alloc"}, separators=(",", ":"))
+            store.create_lease(ipaddress.IPv4Network("10.244.1.0/24"), dual, 3600, x)
+            store.create_lease(NO_IPV4, six_value(3), 3600, ipaddress.IPv6Network("fd10:244:0:3::/64"))
+            events = []
+            w = LeaseWatcher(store, events.append)
+            w.resync()
+            assert sorted(e.lease.key for e in events) == ["0.0.0.0-0&fd10:244:0:1::-64",
+                                                           "0.0.0.0-0&fd10:244:0:3::-64"]
+            assert w.invalid.snapshot()["overlap"] == 1
+            assert set(w.shadowed) == {ipaddress.IPv4Network("10.244.1.0/24")}
+            store.delete_lease(NO_IPV4, x)  # lets go of it: the dual-stack lease is followed now
+            watch = store.watch(w.revision)
+            try:
+                for event in watch.get(5):
+                    w._apply(event)
+            finally:
+                watch.close()
+            assert [(e.kind, e.lease.key) for e in events[2:]] == [
+                ("removed", "0.0.0.0-0&fd10:244:0:1::-64"), ("added", "10.244.1.0-24&fd10:244:0:1::-64")]
+        finally:
+            store.close()

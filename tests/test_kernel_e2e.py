@@ -1,6 +1,7 @@
 """The lab e2e suite on the kernel data planes (vxlan, host-gw), and the seed walk-through."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -114,6 +115,69 @@ def test_an_absence_on_a_dead_daemon_is_not_a_removal():
         assert not kernel_route(lab, 1, never_programmed)
         with pytest.raises(AssertionError, match="weft_backend_routes"):
             engine_has_all(lab, 1, never_programmed)
+    finally:
+        problems = lab.down()
+    assert not problems and not nothing_left(lab)
+
+
+IPV6ONLY = os.path.join(REPO, "scenarios", "ipv6only.toml")
+
+
+def kernel_route6(lab, node: int, subnet6: str) -> bool:
+    """Whether node's main table has an IPv6 route for exactly ``subnet6``; no route counts only
+    while the node's weftd runs."""
+    from .e2e import assert_answering
+    out = lab.exec(lab.node(node).namespace, ["ip", "-6", "route", "show", "exact", subnet6], check=True).stdout
+    if out.strip():
+        return True
+    assert_answering(lab, node)
+    return False
+
+
+@pytest.mark.parametrize("backend,options", [("vxlan/kernel", None), ("vxlan/kernel", {"DirectRouting": True}),
+                                             ("host-gw/kernel", None)], ids=["vxlan", "vxlan-direct", "host-gw"])
+def test_ipv6only_weftd(backend, options):
+    """weftd on an IPv6-only network (EnableIPv4 false): pods (IPv6 only) reach each other and carry
+    64 MiB intact, flanneld's leases, nothing IPv4 in any node's overlay (no flannel.1, no IPv4 route
+    but the underlay's), and a lease released with weftctl leaves every other node."""
+    from .e2e import transfer, weftctl
+    lab = lab_for(load(IPV6ONLY), backend, backend_options=options)
+    lab.up()
+    try:
+        assert all(p.ip6 and not p.ip for p in lab.pods)
+        bad = [f"{a.namespace}->{b.ip6}" for a in lab.pods for b in lab.pods
+               if a is not b and not lab.ping(a, b.ip6, count=2, timeout=2)]
+        assert not bad, bad
+        a = next(p for p in lab.pods if p.node == 1)
+        b = next(p for p in lab.pods if p.node == 2)
+        sent, got = transfer(lab, a, b, family=6)
+        assert sent == got, "64 MiB transfer over IPv6 corrupted"
+        leases = weftctl(lab, "leases", "--json")
+        assert leases.returncode == 0, leases.stderr
+        wire = backend.split("/")[0]
+        got = sorted((l["subnet"], l["public_ip"], l["backend_type"], l["backend_data"], l["subnet6"],
+                      l["public_ipv6"], sorted((l["backend_v6_data"] or {}).keys()))
+                     for l in json.loads(leases.stdout))
+        assert got == sorted((None, None, wire, None, n.subnet6, n.public_ipv6,
+                              ["VNI", "VtepMAC"] if wire == "vxlan" else []) for n in lab.nodes)
+        for node in lab.nodes:
+            assert not node.subnet and node.subnet6
+            ns = node.namespace
+            links = lab.exec(ns, ["ip", "-o", "link", "show"], check=True).stdout
+            assert " flannel.1:" not in links and (" flannel-v6.1:" in links) == backend.startswith("vxlan")
+            routes4 = lab.exec(ns, ["ip", "-4", "route", "show"], check=True).stdout.splitlines()
+            assert [r for r in routes4 if not r.startswith(("198.18.", "default"))] == [], routes4
+            for other in lab.nodes:
+                if other is not node:
+                    assert kernel_route6(lab, node.index, other.subnet6)
+        victim = lab.node(3).subnet6
+        r = weftctl(lab, "release", victim)
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and any(kernel_route6(lab, n, victim) for n in (1, 2)):
+            time.sleep(0.05)
+        assert not any(kernel_route6(lab, n, victim) for n in (1, 2))
+        assert kernel_route6(lab, 1, lab.node(2).subnet6) and lab.ping(a, b.ip6, count=1)
     finally:
         problems = lab.down()
     assert not problems and not nothing_left(lab)

@@ -820,3 +820,74 @@ def test_teardown_runs_cni_del_before_the_namespaces_go():
         for ns in watched:
             assert ("files", ns) in gone and ("netns", ns) in gone, gone
             assert gone[("files", ns)] < gone[("netns", ns)], f"{ns}: DEL's files outlived its namespace: {gone}"
+
+
+# -- IPv6-only scenarios (EnableIPv4 false) ---------------------------------------------------------
+
+IPV6ONLY_NET = ('[network]\nconfig = {EnableIPv4 = false, EnableIPv6 = true, '
+                'IPv6Network = "fd10:244::/56"}\n')
+
+
+def test_ipv6_only_comes_from_the_network_config():
+    """EnableIPv4 false: the lab builds the IPv6 underlay as dual-stack does, and is not dual-stack."""
+    s = sc.load(os.path.join(REPO, "scenarios", "ipv6only.toml"))
+    assert s.ipv6_only and s.has_ipv6 and not s.dual_stack and s.network.network is None
+    assert s.network.backend.name == "vxlan/kernel" and s.nodes == 3 and str(s.node_ip6(2)) == "2001:db8:198:18::2"
+    dual = sc.load(os.path.join(REPO, "scenarios", "dualstack.toml"))
+    assert dual.dual_stack and dual.has_ipv6 and not dual.ipv6_only
+    plain = sc.loads("name = 'x'")
+    assert not (plain.dual_stack or plain.has_ipv6 or plain.ipv6_only)
+    # 64 pods fit an IPv6 subnet (the IPv4 rule, a /24's 253, does not apply: there is no IPv4 subnet)
+    s = sc.loads("name = 'x'\n[lab]\nnodes = 2\npods_per_node = 64\n" + IPV6ONLY_NET)
+    assert s.ipv6_only and sc.from_dict(sc.to_dict(s)).ipv6_only  # a lab's state keeps it (attach)
+
+
+@pytest.mark.parametrize("lab, net, error", [
+    ("nodes = 5", '[network]\nconfig = {EnableIPv4 = false, EnableIPv6 = true, IPv6Network = "fd10::/62"}\n',
+     "network.config: IPv6Network fd10::/62 holds 3 subnets of /64 between IPv6SubnetMin and IPv6SubnetMax, "
+     "fewer than 5 nodes"),
+    ("", '[network]\nconfig = {EnableIPv4 = false, EnableIPv6 = true, IPv6Network = "fd10::/56", '
+         'Backend = {Type = "udp"}}\n', "network.config: EnableIPv6: udp/fastpath carries IPv4 only"),
+    ("", '[network]\nconfig = {EnableIPv4 = false, EnableIPv6 = true}\n', "network.config: IPv6Network: missing"),
+    ("", '[network]\nconfig = {EnableIPv4 = false, Network = "10.244.0.0/16"}\n',
+     "network.config: EnableIPv4: false with EnableIPv6 false leaves no network to carry"),
+    ("", IPV6ONLY_NET + '[nodes.2]\ndataplane = "python"\n',
+     "nodes.2.dataplane: vxlan has no 'python' data plane"),
+    ("", '[network]\nconfig = {EnableIPv4 = false, EnableIPv6 = true, IPv6Network = "fd10::/56", '
+         'Backend = {Type = "udp", Dataplane = "python"}}\n', "network.config: EnableIPv6: udp/python carries IPv4 only"),
+    ("peer_leases = 100", IPV6ONLY_NET,
+     "lab.peer_leases: the peer-lease scale run writes IPv4 leases; the network is IPv6-only (EnableIPv4 false)"),
+    ("", IPV6ONLY_NET + "[weftd]\nflags = ['--source-guard']\n",
+     "weftd.flags: --source-guard is an IPv4 guard; the network is IPv6-only (EnableIPv4 false)"),
+])
+def test_ipv6_only_scenario_errors_are_one_line(lab, net, error):
+    with pytest.raises(sc.ScenarioError) as exc:
+        sc.loads(f"name = 'x'\n[lab]\n{lab}\n{net}", "x.toml")
+    assert str(exc.value).startswith(f"x.toml: {error}") and "\n" not in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("tool, argv", [
+    ("bench faults", ["faults", "--scenario", "scenarios/ipv6only.toml", "--backends", "vxlan/kernel"]),
+    ("bench flood", ["flood", "--scenario", "scenarios/ipv6only.toml", "--backends", "vxlan/kernel"]),
+])
+def test_ipv6_only_scenario_is_refused_by_the_ipv4_tools_in_one_line(tmp_path, tool, argv):
+    """The fault catalogue and the flood send IPv4 traffic and write IPv4 leases: on an IPv6-only
+    scenario each refuses before building anything, in one line naming the scenario and why."""
+    r = subprocess.run([sys.executable, "-m", "bench.cli", *argv, "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "scenarios/ipv6only.toml" in lines[0] and f"{tool}: sends IPv4" in lines[0], lines[0]
+    assert "IPv6-only (EnableIPv4 false)" in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_ipv6_only_scenario_is_refused_by_the_scale_runs_in_one_line():
+    """The control-plane and peer-lease scale runs write IPv4 leases: refused in one line, not a
+    TypeError on the missing IPv4 Network (their run() functions, as bench run calls them)."""
+    from bench import scale, scale_peers
+    s = sc.load(os.path.join(REPO, "scenarios", "ipv6only.toml"))
+    for call, tool in ((lambda: scale.run(s), "bench run (control plane)"),
+                       (lambda: scale_peers.run(s, ["vxlan/kernel"], 10), "bench run (peer leases)")):
+        with pytest.raises(LabError) as exc:
+            call()
+        assert str(exc.value).startswith(f"{s.path}: {tool}: writes IPv4 leases") and "\n" not in str(exc.value)

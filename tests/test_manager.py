@@ -9,7 +9,7 @@ import time
 import pytest
 
 from controlplane.config import parse_config
-from controlplane.lease import LeaseAttrs
+from controlplane.lease import NO_IPV4, NO_PUBLIC_IP, LeaseAttrs
 from controlplane.manager import (ConfigMissing, LeaseManager, LeaseRevoked, LeaseWatcher,
                                   NetworkFull)
 from controlplane.store.sqlite import SQLiteStore
@@ -460,3 +460,160 @@ def test_an_ipv6_subnet_stays_with_the_lease_known_first(store):
                           ("removed", "10.5.3.0/24", "fd10:244:0:2::/64", "overlap")]
     assert w.invalid.snapshot()["overlap"] == 3
     assert {str(s): str(l.subnet6) for s, l in w.known.items()} == {"10.5.2.0/24": "fd10:244:0:1::/64"}
+
+
+# -- IPv6-only networks (EnableIPv4 false): leases 0.0.0.0-0&<ip6>-<len6>, named by their IPv6 part --
+SIX = parse_config('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10:244::/56",'
+                   '"Backend":{"Type":"alloc"}}')
+
+
+def attrs_six(n: int) -> LeaseAttrs:
+    """An IPv6-only node's attrs: PublicIP 0.0.0.0 (flanneld's empty ip.IP4), the same for all."""
+    return LeaseAttrs(NO_PUBLIC_IP, "alloc", public_ipv6=IP6(f"2001:db8:198:18::{n}"))
+
+
+def test_ipv6_only_many_nodes_get_distinct_subnets(store):
+    """flanneld places one IPv6-only node at most (its etcd allocator's only IPv4 candidate,
+    0.0.0.0/0, overlaps every lease); weft places as many as the IPv6 range holds."""
+    m = LeaseManager(store, ttl=3600, rng=random.Random(6))
+    leases = [m.acquire(SIX, attrs_six(n)) for n in range(1, 21)]
+    assert all(l.subnet == NO_IPV4 and not l.has_ipv4 and SIX.contains_subnet6(l.subnet6) for l in leases)
+    assert len({l.subnet6 for l in leases}) == 20 and len({l.ident for l in leases}) == 20
+    for l in leases:
+        assert l.key == f"0.0.0.0-0&{l.subnet6.network_address}-64"
+        assert store.get_lease(NO_IPV4, l.subnet6).value == l.attrs.to_json()
+    assert len(store.list_leases()[0]) == 20
+
+
+def test_ipv6_only_concurrent_acquirers_get_distinct_subnets(tmp_path):
+    tiny = parse_config('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10:244::/62",'
+                        '"Backend":{"Type":"alloc"}}')  # /64 subnets: 3 after the first
+    path = str(tmp_path / "w.db")
+    stores = [SQLiteStore(path) for _ in range(3)]
+    results, go = [], threading.Barrier(3)
+
+    def run(s, n):
+        go.wait()
+        results.append(LeaseManager(s, ttl=3600, rng=random.Random(0)).acquire(tiny, attrs_six(n)).subnet6)
+    threads = [threading.Thread(target=run, args=(s, n)) for n, s in enumerate(stores, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [NET6("fd10:244:0:1::/64"), NET6("fd10:244:0:2::/64"), NET6("fd10:244:0:3::/64")]
+    with pytest.raises(NetworkFull, match=r"IPv6 network fd10:244::/62 is full: all 3 /64 subnets"):
+        LeaseManager(stores[0]).acquire(tiny, attrs_six(4))
+    for s in stores:
+        s.close()
+
+
+def test_ipv6_only_reuse_is_by_public_ipv6_never_by_public_ip(store):
+    m = LeaseManager(store, ttl=3600, rng=random.Random(7))
+    one = m.acquire(SIX, attrs_six(1))
+    two = m.acquire(SIX, attrs_six(2))  # PublicIP 0.0.0.0 too: not node 1's lease
+    assert two.subnet6 != one.subnet6
+    again = m.acquire(SIX, attrs_six(1))
+    assert again.subnet6 == one.subnet6 and again.revision > one.revision
+    assert len(store.list_leases()[0]) == 2
+    assert m.find_by_ip(IP6("2001:db8:198:18::2")).subnet6 == two.subnet6
+    assert m.find_by_ip(NO_PUBLIC_IP) is None  # every IPv6-only lease has it: it names no node
+    assert m.find_by_ip(IP6("2001:db8:198:18::9")) is None
+    assert m.find_by_ip(NO_PUBLIC_IP, IP6("2001:db8:198:18::2")).subnet6 == two.subnet6  # weftd's call
+    assert m.find_by_ip(NO_PUBLIC_IP, IP6("2001:db8:198:18::9")) is None
+    # a reservation of this public IPv6 is taken by it, and stays one
+    store.create_lease(NO_IPV4, attrs_six(5).to_json(), None, NET6("fd10:244:0:55::/64"))
+    mine = m.acquire(SIX, attrs_six(5))
+    assert mine.subnet6 == NET6("fd10:244:0:55::/64") and mine.expiration is None
+
+
+def test_ipv6_only_acquire_needs_a_public_ipv6(store):
+    with pytest.raises(ValueError, match="IPv6-only network: this node has no public IPv6 address"):
+        LeaseManager(store).acquire(SIX, LeaseAttrs(NO_PUBLIC_IP, "alloc"))
+    assert store.list_leases()[0] == []
+
+
+def test_ipv6_only_previous_subnet_env(store):
+    m = LeaseManager(store, ttl=3600, rng=random.Random(8))
+    prev = NET6("fd10:244:0:99::/64")
+    lease = m.acquire(SIX, attrs_six(1), previous_subnet=None, previous_subnet6=prev)
+    assert lease.subnet6 == prev and lease.subnet == NO_IPV4
+    taken = m.acquire(SIX, attrs_six(2), previous_subnet6=prev)  # node 1's: a random free one
+    assert taken.subnet6 != prev and SIX.contains_subnet6(taken.subnet6)
+    outside = m.acquire(SIX, attrs_six(3), previous_subnet6=NET6("fd77::/64"))
+    assert SIX.contains_subnet6(outside.subnet6)
+    # an IPv4 FLANNEL_SUBNET left from a dual-stack run is ignored on an IPv6-only network
+    v4 = m.acquire(SIX, attrs_six(4), previous_subnet=NET("10.5.7.0/24"), previous_subnet6=NET6("fd10:244:0:7::/64"))
+    assert (v4.subnet, v4.subnet6) == (NO_IPV4, NET6("fd10:244:0:7::/64"))
+
+
+def test_ipv6_only_lease_from_a_dual_stack_run_is_replaced_and_back(store):
+    """A node moved from dual-stack to IPv6-only (same public IPv6): its dual-stack lease does
+    not fit and goes; its IPv6 subnet is kept through subnet.env. And back again."""
+    m = LeaseManager(store, ttl=3600, rng=random.Random(9))
+    dual = m.acquire(DUAL, attrs6(1))
+    six = m.acquire(SIX, LeaseAttrs(NO_PUBLIC_IP, "alloc", public_ipv6=IP6("2001:db8:198:18::1")),
+                    previous_subnet=dual.subnet, previous_subnet6=dual.subnet6)
+    assert (six.subnet, six.subnet6) == (NO_IPV4, dual.subnet6)
+    assert [(r.subnet, r.subnet6) for r in store.list_leases()[0]] == [(NO_IPV4, dual.subnet6)]
+    back = m.acquire(DUAL, attrs6(1), previous_subnet=dual.subnet, previous_subnet6=six.subnet6)
+    assert (back.subnet, back.subnet6) == (dual.subnet, dual.subnet6)
+    assert [(r.subnet, r.subnet6) for r in store.list_leases()[0]] == [(dual.subnet, dual.subnet6)]
+
+
+def test_ipv6_only_renew_and_revoke(store):
+    m = LeaseManager(store, ttl=3600)
+    lease = m.acquire(SIX, attrs_six(1))
+    other = m.acquire(SIX, attrs_six(2))
+    renewed = m.renew(lease)
+    assert (renewed.subnet, renewed.subnet6) == (NO_IPV4, lease.subnet6) and renewed.revision > lease.revision
+    store.delete_lease(NO_IPV4, lease.subnet6)
+    with pytest.raises(LeaseRevoked, match=f"^lease {lease.subnet6} has been revoked"):
+        m.renew(renewed)
+    assert [r.subnet6 for r in store.list_leases()[0]] == [other.subnet6]  # not recreated; the other stays
+
+
+VXSIX = parse_config('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd10:244::/56"}')
+
+
+def _six_value(n: int, **fields) -> str:
+    return _v6_value(n, PublicIP="0.0.0.0", BackendData=..., **fields)
+
+
+def test_watcher_follows_many_ipv6_only_leases(store):
+    """Every IPv6-only lease has the IPv4 part 0.0.0.0-0: the watcher names them by their IPv6
+    subnet (Lease.ident), so each is its own peer, through the listing and through the watch."""
+    for n in (1, 2):
+        _raw_put(store, f"subnets/0.0.0.0-0&fd10:244:0:{n}::-64", _six_value(n))
+    events, stop = [], threading.Event()
+    w = LeaseWatcher(store, lambda e: events.append((e.kind, str(e.lease.subnet6))), poll_timeout=0.1,
+                     config=VXSIX)
+    t = threading.Thread(target=w.run, args=(stop,))
+    t.start()
+    try:
+        assert w.synced.wait(5)
+        store.create_lease(NO_IPV4, _six_value(3), 3600, NET6("fd10:244:0:3::/64"))
+        store.update_lease(NO_IPV4, _six_value(1), 3600, NET6("fd10:244:0:1::/64"))
+        store.delete_lease(NO_IPV4, NET6("fd10:244:0:2::/64"))
+        deadline = time.monotonic() + 5
+        while len(events) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join()
+    assert sorted(events[:2]) == [("added", "fd10:244:0:1::/64"), ("added", "fd10:244:0:2::/64")]
+    assert events[2:] == [("added", "fd10:244:0:3::/64"), ("renewed", "fd10:244:0:1::/64"),
+                          ("removed", "fd10:244:0:2::/64")]
+    assert set(w.known) == {NET6("fd10:244:0:1::/64"), NET6("fd10:244:0:3::/64")}
+    assert not any(w.invalid.snapshot().values())
+
+
+def test_only_leases_of_this_node_that_do_not_fit_are_deleted(store):
+    """A node holding two leases (its reservation and a lease left from a dual-stack run): the
+    fitting one is reused, the one that does not fit goes, a second fitting one stays."""
+    me = LeaseAttrs(NO_PUBLIC_IP, "alloc", public_ipv6=IP6("2001:db8:198:18::1"))
+    store.create_lease(NET("10.5.1.0/24"), attrs6(1).to_json(), 3600, NET6("fd10:244:0:1::/64"))
+    store.create_lease(NO_IPV4, me.to_json(), None, NET6("fd10:244:0:2::/64"))
+    store.create_lease(NO_IPV4, me.to_json(), None, NET6("fd10:244:0:3::/64"))
+    lease = LeaseManager(store, ttl=3600).acquire(SIX, me)
+    assert lease.subnet6 == NET6("fd10:244:0:2::/64") and lease.expiration is None
+    assert sorted(str(r.subnet6) for r in store.list_leases()[0]) == ["fd10:244:0:2::/64", "fd10:244:0:3::/64"]

@@ -63,7 +63,8 @@ def test_metric_names_and_types():
     _, types, samples = exposition(st)
     want = {
         "weft_ready": ("gauge", 1), "weft_peers": ("gauge", 2), "weft_peers_incompatible": ("gauge", 1),
-        'weft_lease_info{backend="udp/python",public_ip="198.18.0.1",subnet="10.5.3.0/24"}': ("gauge", 1),
+        'weft_lease_info{backend="udp/python",public_ip="198.18.0.1",public_ipv6="",subnet="10.5.3.0/24",'
+        'subnet6=""}': ("gauge", 1),
         "weft_lease_expiration_timestamp_seconds": ("gauge", 0),  # a reservation
         "weft_peers_changed_timestamp_seconds": ("gauge", 1700000000.0),
         "weft_peers_initial_sync_seconds": ("gauge", 0.125),
@@ -86,6 +87,25 @@ def test_metric_names_and_types():
     }
     got = {k: (types[k.split("{")[0]], samples[k]) for k in want if k in samples}
     assert got == want
+
+
+def test_an_ipv6_only_lease_shows_its_ipv6_side_and_no_empty_ipv4():
+    """An IPv6-only lease (flannel's empty IPv4 part 0.0.0.0/0, PublicIP 0.0.0.0): /metrics names
+    its IPv6 subnet and public IPv6, never "0.0.0.0"; /readyz's reason names the IPv6 subnet."""
+    import time
+    from controlplane.lease import NO_IPV4, NO_PUBLIC_IP, Lease, LeaseAttrs
+    d = Daemon(parse_args(["--store", "sqlite:///nonexistent/weft.db"]))
+    six = ipaddress.IPv6Network("fd10:244:0:5::/64")
+    d.lease = Lease(NO_IPV4, LeaseAttrs(NO_PUBLIC_IP, "alloc", public_ipv6=ipaddress.IPv6Address("2001:db8::5")),
+                    time.time() - 5, 1, six)
+    d.ready = True
+    st = d.status()
+    assert st.lease == LeaseStatus(None, None, d.lease.expiration, six, "2001:db8::5")
+    assert st.ready_reason == "lease fd10:244:0:5::/64 expired (not renewed: the store is unavailable?)"
+    text, _, samples = exposition(st)
+    assert samples['weft_lease_info{backend="",public_ip="",public_ipv6="2001:db8::5",subnet="",'
+                   'subnet6="fd10:244:0:5::/64"}'] == 1
+    assert "0.0.0.0" not in text
 
 
 # -- the backends' stats: which are counters ------------------------------------------------------

@@ -32,10 +32,10 @@ class AllocBackend(Backend):
         self.lease = lease
 
     def add_peer(self, lease: Lease) -> None:
-        self.peers[lease.subnet] = lease
+        self.peers[lease.ident] = lease  # not .subnet: every IPv6-only lease's is 0.0.0.0/0
 
     def remove_peer(self, lease: Lease) -> None:
-        self.peers.pop(lease.subnet, None)
+        self.peers.pop(lease.ident, None)
 
     def stats(self) -> dict[str, float]:
         return {"peers_programmed": len(self.peers)}

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..lease import Lease, LeaseAttrs
+from ..lease import NO_PUBLIC_IP, Lease, LeaseAttrs
 
 if TYPE_CHECKING:  # controlplane.config reads the registry, which imports this module
     from ..config import NetworkConfig
@@ -43,8 +43,9 @@ class ExternalInterface:
     """The node's underlay interface, and the address peers reach it at."""
     name: str
     index: int
-    address: ipaddress.IPv4Address | None  # the interface's own IPv4 address
-    public_ip: ipaddress.IPv4Address  # what goes into the lease (differs behind NAT)
+    address: ipaddress.IPv4Address | None  # the interface's own IPv4 address (IPv6-only: unused)
+    public_ip: ipaddress.IPv4Address  # what goes into the lease (differs behind NAT); IPv6-only:
+    # flannel's empty 0.0.0.0 (NO_PUBLIC_IP), the same for every node: never a node's name then
     mtu: int
     address6: ipaddress.IPv6Address | None = None  # the interface's own global IPv6 address
     public_ipv6: ipaddress.IPv6Address | None = None  # PublicIPv6 (None: the network is IPv4 only)
@@ -95,7 +96,9 @@ class Backend(ABC):
         return lease.attrs.wire_type == self.wire_type
 
     def lease_attrs(self, previous: Lease | None) -> LeaseAttrs:
-        return LeaseAttrs(self.iface.public_ip, self.wire_type, public_ipv6=self.iface.public_ipv6)
+        """BackendType and the public addresses; IPv6-only: PublicIP is flannel's empty 0.0.0.0."""
+        public_ip = self.iface.public_ip if self.config.enable_ipv4 else NO_PUBLIC_IP
+        return LeaseAttrs(public_ip, self.wire_type, public_ipv6=self.iface.public_ipv6)
 
     @abstractmethod
     def setup(self, lease: Lease) -> None: ...

@@ -3,7 +3,8 @@
 Installed as ``flannel`` in a runtime's CNI bin directory it takes the conflists users deploy
 unchanged. It reads ``subnet.env`` (written by weftd or flanneld), renders the network config of
 its delegate (``bridge`` by default, IPAM ``host-local`` over the node's subnet, a route to the
-Network, the MTU, masquerading unless the daemon does it), saves that config as
+Network, the MTU, masquerading unless the daemon does it; per family in subnet.env, so a
+dual-stack one gives both and an IPv6-only one, with no IPv4 line, IPv6 alone), saves that config as
 ``<dataDir>/<container id>`` (flannel's file, so DEL works after subnet.env is gone and across a
 switch between flannel and weft), and runs the delegate found in ``CNI_PATH``.
 

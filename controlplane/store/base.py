@@ -10,8 +10,10 @@ Contract (tests/store_contract.py runs it against every store):
 - Lease keys are flannel's: ``<ip>-<len>``, or ``<ip>-<len>&<ip6>-<len6>`` for a dual-stack
   lease; the lease methods take the IPv4 subnet and the IPv6 one (``subnet6``, None for none).
 - ``create_lease`` is atomic create-if-absent: two racing creators, one wins, the other gets
-  ``LeaseExists``. A lease is its IPv4 subnet: a key of the same IPv4 subnet with another (or
-  no) IPv6 part makes the create fail too.
+  ``LeaseExists``. A lease is its identity (``LeaseRecord.ident``): its IPv4 subnet, so a key of
+  the same IPv4 subnet with another (or no) IPv6 part makes the create fail too; an IPv6-only
+  lease (``0.0.0.0-0&<ip6>-<len6>``) is its IPv6 subnet, so IPv6-only leases of distinct IPv6
+  subnets coexist.
 - ``update_lease`` only updates a key that exists (so a lease an operator deleted is not brought
   back by a renewal): otherwise ``LeaseNotFound``.
 - a TTL of ``None`` means no expiry (a reservation). An expired key is absent for every read and
@@ -30,6 +32,8 @@ from __future__ import annotations
 import ipaddress
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+
+from ..lease import Ident, lease_ident
 
 
 class StoreError(Exception):
@@ -67,7 +71,12 @@ class LeaseRecord:
     value: str
     expiration: float | None  # epoch seconds, None = no TTL (reservation)
     revision: int  # revision of the last change to this key
-    subnet6: ipaddress.IPv6Network | None = None  # a dual-stack key's IPv6 part
+    subnet6: ipaddress.IPv6Network | None = None  # a dual-stack or IPv6-only key's IPv6 part
+
+    @property
+    def ident(self) -> Ident:
+        """What names the lease among the others (``controlplane.lease.lease_ident``)."""
+        return lease_ident(self.subnet, self.subnet6)
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,11 @@ class StoreEvent:
     name: str = ""  # "foreign": the key's name under subnets/
     value: str | None = None  # "foreign" and "config": the text written; None when deleted
     subnet6: ipaddress.IPv6Network | None = None  # "put", "delete": the key's IPv6 part
+
+    @property
+    def ident(self) -> Ident | None:
+        """"put", "delete": what names the lease (``controlplane.lease.lease_ident``); else None."""
+        return None if self.subnet is None else lease_ident(self.subnet, self.subnet6)
 
 
 @dataclass(frozen=True)

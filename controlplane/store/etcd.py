@@ -42,7 +42,7 @@ from collections import Counter
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..lease import lease_key_of_name, subnet_key
+from ..lease import NO_IPV4, lease_key_of_name, shown, subnet_key
 from . import etcd_http as v3
 from .base import (ClaimChanged, ClaimRecord, ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord,
                    Store, StoreError, StoreEvent, StoreUnavailable, SubnetScan, Watch)
@@ -508,7 +508,10 @@ class EtcdStore(Store):
     def _put(self, subnet, value: str, ttl, must_exist: bool, subnet6=None) -> LeaseRecord:
         key = self._key(subnet, subnet6)
         compare = [v3.compare_version(key, "GREATER" if must_exist else "EQUAL", 0)]
-        if not must_exist:  # a lease is its IPv4 subnet: no other key of it, v4-only or dual-stack
+        # A lease is its identity (``LeaseRecord.ident``): its IPv4 subnet, so no other key of it,
+        # v4-only or dual-stack; an IPv6-only lease's is its IPv6 subnet, which only its own key
+        # (0.0.0.0-0&<ip6>-<len6>) names.
+        if not must_exist and subnet != NO_IPV4:
             start, end = self._dual_keys(subnet)
             compare.append(v3.compare_version(start, "EQUAL", 0, range_end=end))
             if subnet6 is not None:
@@ -529,8 +532,8 @@ class EtcdStore(Store):
             if not resp.succeeded:
                 self._revoke(conn, lease_id)
                 if must_exist:
-                    raise LeaseNotFound(f"lease {subnet} does not exist")
-                raise LeaseExists(f"lease {subnet} is taken")
+                    raise LeaseNotFound(f"lease {shown(subnet, subnet6)} does not exist")
+                raise LeaseExists(f"lease {shown(subnet, subnet6)} is taken")
             expires = time.time() + granted if lease_id else None
             if must_exist:
                 prev = resp.prev_kv(0)

@@ -21,7 +21,7 @@ import time
 import urllib.parse
 from collections import Counter
 
-from ..lease import lease_key_of_name, subnet_key
+from ..lease import NO_IPV4, lease_key_of_name, shown, subnet_key
 from .base import (ForeignKey, LeaseExists, LeaseNotFound, LeaseRecord, Store, StoreError,
                    StoreEvent, StoreUnavailable, SubnetScan, Watch, WatchCompacted)
 from .base import ClaimChanged, ClaimRecord, StoreCorrupt
@@ -315,12 +315,13 @@ class SQLiteStore(Store):
                                   (self.prefix, key)).fetchone()
             if must_exist and not exists:
                 raise LeaseNotFound(f"lease {name} does not exist")
-            # A lease is its IPv4 subnet: a key of the same IPv4 subnet with or without another
-            # IPv6 part holds it too.
-            if not must_exist and (exists or conn.execute(
+            # A lease is its identity (``LeaseRecord.ident``): its IPv4 subnet, so a key of the
+            # same IPv4 subnet with or without another IPv6 part holds it too; an IPv6-only
+            # lease's is its IPv6 subnet, which only its own key (0.0.0.0-0&<ip6>-<len6>) names.
+            if not must_exist and (exists or subnet != NO_IPV4 and conn.execute(
                     "SELECT 1 FROM kv WHERE prefix = ? AND ((key >= ? AND key < ?) OR key = ?)",
                     (self.prefix, start, end, _SUBNETS + subnet_key(subnet))).fetchone()):
-                raise LeaseExists(f"lease {subnet} is taken")
+                raise LeaseExists(f"lease {shown(subnet, subnet6)} is taken")
             expires = None if ttl is None else time.time() + ttl
             rev = self._event(conn, self.prefix, key, "put", value, expires)
             conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?)",

@@ -81,7 +81,7 @@ class Config(ctypes.Structure):
                 ("vxlan_ifindex", ctypes.c_uint32),
                 ("local_ipv4", ctypes.c_uint32),  # host order
                 ("network", ctypes.c_uint32),  # network order
-                ("netmask", ctypes.c_uint32),  # network order
+                ("netmask", ctypes.c_uint32),  # network order; all zero: no IPv4 (IPv6-only)
                 ("mtu", ctypes.c_uint32),
                 ("flags", ctypes.c_uint32),
                 ("vni", ctypes.c_uint32),

@@ -106,11 +106,18 @@ static __always_inline void weft_set_macs(struct ethhdr *eth, const __u8 *dst, c
 	__builtin_memcpy(eth->h_source, src, ETH_ALEN);
 }
 
+/* Whether a (network byte order) IPv4 address lies in the Network; never on an IPv6-only node
+ * (netmask zero: this node carries no IPv4, and every program leaves IPv4 alone). */
+static __always_inline int weft_in_network(struct weft_config *cfg, __u32 daddr)
+{
+	return cfg->netmask && (daddr & cfg->netmask) == cfg->network;
+}
+
 /* The peer for daddr: WEFT_ENCAP_DONE with *out set, WEFT_ENCAP_PASS (not overlay traffic, or our
  * own subnet) or WEFT_ENCAP_MISS (in the Network, no peer entry). */
 static __always_inline int weft_peer_of(struct weft_config *cfg, __u32 daddr, struct weft_peer **out)
 {
-	if ((daddr & cfg->netmask) != cfg->network)
+	if (!weft_in_network(cfg, daddr))
 		return WEFT_ENCAP_PASS;
 	struct weft_peer_key key = {.prefixlen = 32, .addr = daddr};
 	struct weft_peer *peer = weft_peers.lookup(&key);

@@ -19,6 +19,8 @@
  * Frames left to the stack get the device's MAC as destination when our IPv6 VtepMAC differs from
  * it (a lease made by vxlan/kernel, whose flannel-v6 device has its own MAC): the stack drops
  * frames not addressed to the device (PACKET_OTHERHOST).
+ * On an IPv6-only node (IPv4 netmask zero) the check drops every IPv4 frame (no IPv4 sender is a
+ * peer); without the check an IPv4 frame meets the stack, never the FIB shortcut.
  */
 #include "common.h"
 
@@ -181,7 +183,7 @@ int weft_from_overlay(struct __sk_buff *skb)
 	if (ip->ttl <= 1 || ip->ihl != 5)
 		goto stack;
 	/* Only pod traffic takes a shortcut; anything else meets the stack (and its netfilter). */
-	if ((ip->daddr & cfg->netmask) != cfg->network)
+	if (!weft_in_network(cfg, ip->daddr))
 		goto stack;
 
 	struct bpf_fib_lookup fib = {};

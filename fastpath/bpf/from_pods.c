@@ -10,6 +10,8 @@
  * the IPv6 overlay MTU or a miss: the stack. Neighbour discovery (the pods resolve the bridge's
  * IPv6 gateway address like its IPv4 one) is link-local or multicast, never in the Network: the
  * stack answers it.
+ * On an IPv6-only node (weft_config's IPv4 netmask zero) IPv4 is nobody's overlay traffic: it
+ * follows the stack untouched and uncounted.
  */
 #include "common.h"
 

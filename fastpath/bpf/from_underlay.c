@@ -40,6 +40,10 @@
  * our IPv6 VtepMAC; INNER_NOT_IPV4: inner frame not IPv6 (flannel never mixes families);
  * TRUNCATED: an inner payload length beyond the datagram; SPOOFED_SRC: inner source outside the
  * IPv6 subnet (weft_peers6) of the peer with that PublicIPv6.
+ *
+ * IPv6-only (weft_config's IPv4 netmask zero): IPv4 datagrams pass untouched and uncounted, as IPv6
+ * ones do on a node without IPv6; one that reaches the VXLAN socket meets weft_from_overlay's check,
+ * which drops it (no IPv4 sender is a peer: weft_peer_ips is empty).
  */
 #include "common.h"
 
@@ -82,7 +86,7 @@ static __always_inline int weft_to_us(struct __sk_buff *skb, struct weft_config 
 	__u32 d = bpf_ntohl(daddr);
 	if (cfg->local_ipv4)
 		return d == cfg->local_ipv4 || d == cfg->public_ipv4;
-	return (daddr & cfg->netmask) != cfg->network;
+	return !weft_in_network(cfg, daddr);
 }
 
 /* The first `len` bytes in the linear area; NULL when the frame is shorter (or the pull fails). */
@@ -345,8 +349,8 @@ int weft_from_underlay(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	struct weft_config *cfg = weft_cfg();
-	if (!cfg || !cfg->vxlan_port)
-		return TC_ACT_OK;
+	if (!cfg || !cfg->vxlan_port || !cfg->netmask)
+		return TC_ACT_OK;	/* netmask zero: an IPv6-only node, no IPv4 peer to check against */
 	/* Is it a datagram to our port? Read only what that needs (IPv4 + the UDP port). */
 	struct ethhdr *eth = weft_linear(skb, ETH_HLEN + 20);
 	if (!eth)

@@ -7,6 +7,8 @@
  * IPv6 (dual-stack: the node's one IPv6 route, the IPv6Network via this device) in weft_to_overlay6:
  * over the IPv6 underlay to the peer of weft_peers6. IPv6 outside the Network (the device's own
  * multicast listener reports) is dropped as NOT_OVERLAY; on a node without IPv6, NOT_IPV4.
+ * On an IPv6-only node (IPv4 netmask zero) no IPv4 route points here; IPv4 that arrives anyway is
+ * NOT_OVERLAY, never a peer miss.
  */
 #include "common.h"
 

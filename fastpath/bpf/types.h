@@ -57,7 +57,7 @@ struct weft_config {
 	__u32 vxlan_ifindex;	/* the external (collect_md) VXLAN device */
 	__u32 local_ipv4;	/* outer source address, host byte order; 0: the route's */
 	__u32 network;		/* the cluster Network, network byte order */
-	__u32 netmask;		/* its mask, network byte order */
+	__u32 netmask;		/* its mask, network byte order; zero: no IPv4 (IPv6-only network) */
 	__u32 mtu;		/* the VXLAN device's MTU */
 	__u32 flags;		/* WEFT_CFG_* */
 	__u32 vni;		/* our VNI (Backend.VNI): the only one received */

@@ -25,8 +25,9 @@ class Engine:
     subnet_len: int
     split_threads: bool
 
-    def __init__(self, tun_fd: _Fds, sock_fd: _Fds, *, mode: Literal["udp", "vxlan"] = "udp",
-                 network: _Subnet, subnet_len: int, local_subnet: _Subnet, vni: int = 1,
+    def __init__(self, tun_fd: _Fds, sock_fd: _Fds | None, *, mode: Literal["udp", "vxlan"] = "udp",
+                 network: _Subnet | None = None, subnet_len: int | None = None,
+                 local_subnet: _Subnet | None = None, vni: int = 1,
                  vtep_mac: _Mac = b"", port: int | None = None, mtu: int = 0,
                  vnet_hdr: bool | None = None, split_threads: bool = False,
                  busy_poll_us: int = 0, network6: _Subnet6 | None = None,
@@ -34,7 +35,8 @@ class Engine:
                  vtep_mac6: _Mac = b"", sock6_fd: _Fds | None = None) -> None:
         """Dual-stack (vxlan): ``network6``/``subnet6_len``/``local_subnet6`` (IPv6Network,
         IPv6SubnetLen, ours), ``vtep_mac6`` (our flannel-v6 MAC), ``sock6_fd`` (IPV6_V6ONLY UDP
-        sockets on the IPv6 underlay, as ``sock_fd``)."""
+        sockets on the IPv6 underlay, as ``sock_fd``). IPv6-only: ``network``, ``subnet_len``,
+        ``local_subnet``, ``sock_fd`` (and ``vtep_mac``) None; no IPv4 socket or route."""
 
     # routes (constant time, safe while the packet threads run)
     def set_route(self, subnet: _Subnet, peer_ip: _Address, peer_mac: _Mac = None) -> None:

@@ -44,6 +44,11 @@ checks plus IPv6's, TCP segments merged into GSO_TCPV6 writes). IPv4 reads and d
 touch any of it (``tx_packet6`` is called through a pointer, so it is not inlined into
 ``tx_packet``): the IPv4 path costs what it did.
 
+IPv6-only (flannel's EnableIPv4 false: ``network=None``, ``sock_fd=None``): the IPv4 side is
+there but empty (no Network, so every IPv4 read misses the route table at its first test, is
+answered net unreachable and counted in ``tx_drop_no_route``; an empty peer set) and there is no
+IPv4 socket: the workers' ``sock_fd`` is -1, which poll() skips and ``rx_both`` does not read.
+
 Hostile input: every datagram taken from the socket counts once in ``rx_datagrams`` and once in
 ``rx_packets`` or one ``rx_drop_*`` (the first check it fails); every TUN read once in
 ``tx_reads`` and in ``tx_packets`` or one ``tx_drop_*``. No header field is read before the
@@ -126,7 +131,7 @@ def _fds(value):
 cdef class Engine:
     """TUN <-> UDP forwarding for one node.
 
-    ``Engine(tun_fd, sock_fd, *, mode="udp"|"vxlan", network, subnet_len, local_subnet, vni=1,
+    ``Engine(tun_fd, sock_fd, *, mode="udp"|"vxlan", network=None, subnet_len=None, local_subnet=None, vni=1,
     vtep_mac=b"", port, mtu=0, vnet_hdr=None, split_threads=False, busy_poll_us=0,
     network6=None, subnet6_len=None, local_subnet6=None, vtep_mac6=b"", sock6_fd=None)``
 
@@ -144,6 +149,11 @@ cdef class Engine:
     one for all). TUN reads of version 6 are routed by ``set_route(<IPv6 subnet>, <public IPv6>,
     <its v6 VTEP MAC>)`` and sent as VXLAN (inner type 0x86DD) from ``sock6_fd``; datagrams
     taken from it must hold IPv6 to ``vtep_mac6`` from a source inside the sender's IPv6 subnet.
+
+    IPv6-only (flannel's EnableIPv4 false): ``network``, ``subnet_len``, ``local_subnet``,
+    ``sock_fd`` and ``vtep_mac`` None, the IPv6 arguments as for dual-stack. No IPv4 socket, no
+    IPv4 route (``set_route`` of an IPv4 subnet: ValueError); the IPv6 route table holds every
+    subnet of ``network6`` (at most 65,536).
     """
     cdef Conf conf
     cdef Worker *workers
@@ -161,6 +171,7 @@ cdef class Engine:
     cdef object subnet6_len
     cdef dict _peers6         # str(IPv6 subnet) -> (peer IPv6, mac)
     cdef dict _peer6_refs     # public IPv6 (16 bytes) -> routes that go to it
+    cdef uint32_t max_routes6 # IPv6 routes the maps are sized for
     cdef readonly bint split_threads
 
     def __cinit__(self):
@@ -171,11 +182,21 @@ cdef class Engine:
         self.conf.peers6.slot = NULL
         self.stop_fd = -1
 
-    def __init__(self, tun_fd, sock_fd, *, mode="udp", network, subnet_len, local_subnet, vni=1,
+    def __init__(self, tun_fd, sock_fd, *, mode="udp", network=None, subnet_len=None, local_subnet=None, vni=1,
                  vtep_mac=b"", port=None, mtu=0, vnet_hdr=None, split_threads=False,
                  busy_poll_us=0, network6=None, subnet6_len=None, local_subnet6=None,
                  vtep_mac6=b"", sock6_fd=None):
         tun_fds = _fds(tun_fd)
+        if network is None:     # IPv6-only: no IPv4 side, no IPv4 socket (-1: poll skips it)
+            if network6 is None:
+                raise ValueError("needs network or network6 (an engine carries IPv4, IPv6 or both)")
+            if sock_fd is not None:
+                raise ValueError("sock_fd without network (an IPv6-only engine has no IPv4 socket)")
+            if subnet_len is not None or local_subnet is not None:
+                raise ValueError("subnet_len/local_subnet without network")
+            sock_fd = -1
+        elif sock_fd is None:
+            raise ValueError("network needs sock_fd (a UDP socket on the IPv4 underlay)")
         sock_fds = _fds(sock_fd)
         if len(sock_fds) == 1 and len(tun_fds) > 1:
             sock_fds = sock_fds * len(tun_fds)
@@ -189,12 +210,16 @@ cdef class Engine:
             raise ValueError("sock6_fd/local_subnet6 without network6")
         if mode not in ("udp", "vxlan"):
             raise ValueError(f"mode {mode!r}: must be 'udp' or 'vxlan'")
-        net = ipaddress.IPv4Network(network)
-        if not net.prefixlen <= subnet_len <= 32 or subnet_len - net.prefixlen > 24:
-            raise ValueError(f"subnet_len {subnet_len} does not fit Network {net}")
-        local = ipaddress.IPv4Network(local_subnet)
-        if local.prefixlen != subnet_len or not local.subnet_of(net):
-            raise ValueError(f"local subnet {local} is not a /{subnet_len} of {net}")
+        if network is not None:
+            net = ipaddress.IPv4Network(network)
+            if subnet_len is None or not net.prefixlen <= subnet_len <= 32 or subnet_len - net.prefixlen > 24:
+                raise ValueError(f"subnet_len {subnet_len} does not fit Network {net}")
+            local = ipaddress.IPv4Network(local_subnet)
+            if local.prefixlen != subnet_len or not local.subnet_of(net):
+                raise ValueError(f"local subnet {local} is not a /{subnet_len} of {net}")
+        else:
+            net = local = None
+            subnet_len = 0
         if port is None:
             port = 8472 if mode == "vxlan" else 8285
         self.mode = mode
@@ -212,31 +237,46 @@ cdef class Engine:
         if vnet_hdr is None:
             vnet_hdr = has_vnet_hdr(tun_fds[0])
         self.conf.vnet = 1 if vnet_hdr else 0
-        self.conf.net_base = int(net.network_address)
-        self.conf.net_mask = int(net.netmask)
-        self.conf.shift = 32 - subnet_len
-        self.conf.nroutes = 1 << (subnet_len - net.prefixlen)
-        self.conf.local_idx = (int(local.network_address) - int(net.network_address)) >> (32 - subnet_len)
+        if net is not None:
+            self.conf.net_base = int(net.network_address)
+            self.conf.net_mask = int(net.netmask)
+            self.conf.shift = 32 - subnet_len
+            self.conf.nroutes = 1 << (subnet_len - net.prefixlen)
+            self.conf.local_idx = (int(local.network_address) - int(net.network_address)) >> (32 - subnet_len)
+        else:
+            # no IPv4 Network: (address & 0) is never 1, so route_of answers "no route" at its
+            # first test and one_host never takes an address for a subnet's broadcast
+            self.conf.net_base = 1
+            self.conf.net_mask = 0
+            self.conf.shift = 0
+            self.conf.nroutes = 0
+            self.conf.local_idx = -1
         if not 0 <= vni < 1 << 24:
             raise ValueError(f"VNI {vni} outside 0..16777215")
         self.conf.vni[0] = (vni >> 16) & 0xff
         self.conf.vni[1] = (vni >> 8) & 0xff
         self.conf.vni[2] = vni & 0xff
         mac = mac_bytes(vtep_mac)
-        if mode == "vxlan" and mac == NO_MAC:
+        if mode == "vxlan" and mac == NO_MAC and net is not None:
             raise ValueError("vxlan mode needs vtep_mac")
         for i in range(6):
             self.conf.mac[i] = mac[i]
         self.conf.port_n = htons(port)
         self.conf.mtu = mtu if mtu else 65535
         self.conf.busy_poll_ns = int(busy_poll_us) * 1000
-        self.conf.routes = <wf_route_t *>calloc(self.conf.nroutes, sizeof(wf_route_t))
+        self.conf.routes = <wf_route_t *>calloc(max(self.conf.nroutes, 1), sizeof(wf_route_t))
         if self.conf.routes == NULL:
             raise MemoryError()
+        # As many IPv6 routes as IPv4 ones (a lease per IPv4 route slot); IPv6-only: one per
+        # subnet of the IPv6 Network, at most 65,536 (flannel's IPv4 side allows 16M, but the IPv6
+        # maps are hashes of 20-byte entries: 2 x 2^17 slots are ~10 MB).
+        self.max_routes6 = self.conf.nroutes
+        if net is None:
+            self.max_routes6 = 1 << min(self.subnet6_len - self.network6.prefixlen, 16)
         # peer set: at least twice the slots of the most distinct peers there can be (one per
         # route), so it is never more than half full and never resized under the packet threads
         slots = 16
-        while slots < 2 * self.conf.nroutes:
+        while slots < 2 * max(self.conf.nroutes, self.max_routes6):
             slots *= 2
         self.conf.peers.mask = slots - 1
         self.conf.peers.seed = int.from_bytes(os.urandom(4), "little")
@@ -258,7 +298,7 @@ cdef class Engine:
             _alloc_worker(&self.workers[i], &self.conf, tun_fds[i], sock_fds[i], sock6_fds[i],
                           self.stop_fd)
             os.set_blocking(tun_fds[i], False)
-        for fd in set(sock_fds) | (set(sock6_fds) - {-1}):
+        for fd in (set(sock_fds) | set(sock6_fds)) - {-1}:
             self._tune_socket(fd)
 
     def _configure_v6(self, mode, network6, subnet6_len, local_subnet6, vtep_mac6, sock6_fd,
@@ -333,6 +373,8 @@ cdef class Engine:
 
     # -- routes --------------------------------------------------------------------------------
     cdef uint32_t _index(self, subnet) except? GSO_AUTO:
+        if self.network is None:
+            raise ValueError(f"{subnet}: this engine carries no IPv4 (IPv6-only: no network)")
         net = ipaddress.IPv4Network(subnet)
         if net.prefixlen != self.subnet_len or not net.subnet_of(self.network):
             raise ValueError(f"{net} is not a /{self.subnet_len} of {self.network}")
@@ -416,8 +458,8 @@ cdef class Engine:
         ip6 = ip.packed
         name = str(ipaddress.IPv6Network(subnet))
         old = self._peers6.get(name)
-        if old is None and self.conf.routes6.count >= self.conf.nroutes:
-            raise ValueError(f"{subnet}: more IPv6 routes than IPv4 route slots ({self.conf.nroutes})")
+        if old is None and self.conf.routes6.count >= self.max_routes6:
+            raise ValueError(f"{subnet}: more IPv6 routes than this engine holds ({self.max_routes6})")
         if wf_map6_put(&self.conf.routes6, key, ip6, m) != 0:
             raise ValueError(f"{subnet}: the IPv6 route table is full")
         self._peers6[name] = (str(ip), m.hex(":"))
@@ -534,7 +576,7 @@ cdef class Engine:
         cdef int i
         total = 0
         fds = {self.workers[i].sock_fd for i in range(self.nworkers)}
-        fds |= {self.workers[i].sock6_fd for i in range(self.nworkers)} - {-1}
+        fds = (fds | {self.workers[i].sock6_fd for i in range(self.nworkers)}) - {-1}
         for fd in fds:
             size = sizeof(info)
             if getsockopt(fd, SOL_SOCKET, SO_MEMINFO, info, &size) != 0 or size < sizeof(info):
@@ -566,6 +608,8 @@ cdef class Engine:
                 raise ValueError(f"{src_ip}: this engine has no IPv6 socket")
             src6 = ipaddress.IPv6Address(src_ip).packed
         else:
+            if self.network is None:
+                raise ValueError(f"{src_ip}: this engine has no IPv4 socket (IPv6-only)")
             src = htonl(int(ipaddress.IPv4Address(src_ip)))
         s6 = src6
         memcpy(w.rx_buf, <const char *>datagram, n)

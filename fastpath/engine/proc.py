@@ -42,6 +42,8 @@ CONFIG_KEYS = {"dev": str, "engine": str, "mode": str, "network": str, "subnet_l
 # Dual-stack only (absent from an IPv4-only config, so that an engine started before IPv6 existed
 # is still adopted): the IPv6 underlay address the second socket binds to.
 OPTIONAL_KEYS = {"local6": str}
+# IPv6-only (flannel's EnableIPv4 false): these are null and the engine has no IPv4 socket.
+IPV4_KEYS = ("network", "local_subnet", "local")
 ENGINE_KWARGS = {"vni": int, "vtep_mac": (str, type(None)), "network6": str, "subnet6_len": int,
                  "local_subnet6": str, "vtep_mac6": (str, type(None))}
 V6_KWARGS = ("network6", "subnet6_len", "local_subnet6", "vtep_mac6")
@@ -59,8 +61,11 @@ def _check_config(config) -> dict:
     if missing or unknown:
         raise RequestError(f"config: missing {missing}, unknown {unknown}" if missing and unknown
                            else f"config: missing {missing}" if missing else f"config: unknown {unknown}")
+    v6_only = config["network"] is None
+    if v6_only and (config["local_subnet"] is not None or config["local"] is not None):
+        raise RequestError("config: network null (IPv6-only) takes no local_subnet or local")
     for key, kind in {**CONFIG_KEYS, **OPTIONAL_KEYS}.items():
-        if key not in config:
+        if key not in config or (v6_only and key in IPV4_KEYS):
             continue
         if not isinstance(config[key], kind) or (kind is int and isinstance(config[key], bool)):
             raise RequestError(f"config: {key} must be {kind.__name__}, not {type(config[key]).__name__}")
@@ -70,6 +75,8 @@ def _check_config(config) -> dict:
     v6 = {k for k in V6_KWARGS if k in config["kwargs"]} | ({"local6"} & set(config))
     if v6 and v6 != {*V6_KWARGS, "local6"}:
         raise RequestError("config: IPv6 needs local6 and kwargs " + ", ".join(V6_KWARGS) + " together")
+    if v6_only and not v6:
+        raise RequestError("config: network null (IPv6-only) needs local6 and kwargs " + ", ".join(V6_KWARGS))
     if config["engine"] not in ("compiled", "reference"):
         raise RequestError(f"config: engine {config['engine']!r}: must be 'compiled' or 'reference'")
     if not 1 <= config["workers"] <= 64:
@@ -268,15 +275,17 @@ class EngineProcess:
     def op_replace_routes(self, msg) -> dict:
         routes = _routes_arg(msg.get("routes"))
         kwargs = self.config["kwargs"]
-        net = ipaddress.IPv4Network(self.config["network"])
+        net = ipaddress.IPv4Network(self.config["network"]) if self.config["network"] is not None else None
         net6 = ipaddress.IPv6Network(kwargs["network6"]) if "network6" in kwargs else None
         wanted = set()
         for subnet, (ip, _) in routes.items():  # refuse the whole table before changing anything
             sub = ipaddress.ip_network(subnet)
             size, within = (self.config["subnet_len"], net) if sub.version == 4 else (kwargs.get("subnet6_len"), net6)
-            if within is None or sub.prefixlen != size or not sub.subnet_of(within):
-                raise RequestError(f"replace_routes: {subnet} is not a /{size} of "
-                                   f"{within or 'an IPv6 Network (this engine carries IPv4 only)'}")
+            if within is None:
+                raise RequestError(f"replace_routes: {subnet}: this engine carries IPv"
+                                   f"{6 if sub.version == 4 else 4} only")
+            if sub.prefixlen != size or not sub.subnet_of(within):
+                raise RequestError(f"replace_routes: {subnet} is not a /{size} of {within}")
             if ipaddress.ip_address(ip).version != sub.version:
                 raise RequestError(f"replace_routes: {subnet} via {ip}: not of one address family")
             wanted.add(str(sub))
@@ -313,16 +322,19 @@ class EngineProcess:
         except OSError as exc:
             raise RequestError(f"cannot open TUN {config['dev']}: {exc.strerror} (needs CAP_NET_ADMIN"
                                " and /dev/net/tun)") from None
-        socks = self._bind(socket.AF_INET, config["local"], config["port"], workers)
+        # IPv6-only: no IPv4 socket at all (nothing would ever be sent from it, and bound it would
+        # hold the IPv4 VXLAN port of an address the overlay does not use)
+        socks = self._bind(socket.AF_INET, config["local"], config["port"], workers) if config["local"] else []
         extra = {}
         if "local6" in config:  # dual-stack: the IPv6 underlay's socket(s), IPv6 only, same port
             socks6 = self._bind(socket.AF_INET6, config["local6"], config["port"], workers)
             extra["sock6_fd"] = [s.fileno() for s in socks6] if workers > 1 else socks6[0].fileno()
         tun = self.tun_fds if workers > 1 else self.tun_fds[0]
-        sock = [s.fileno() for s in socks] if workers > 1 else socks[0].fileno()
-        engine = cls(tun, sock, mode=config["mode"], network=config["network"],
-                     subnet_len=config["subnet_len"], local_subnet=config["local_subnet"],
-                     port=config["port"], mtu=config["mtu"],
+        sock = None if not socks else [s.fileno() for s in socks] if workers > 1 else socks[0].fileno()
+        if config["network"] is not None:
+            extra.update(network=config["network"], subnet_len=config["subnet_len"],
+                         local_subnet=config["local_subnet"])
+        engine = cls(tun, sock, mode=config["mode"], port=config["port"], mtu=config["mtu"],
                      vnet_hdr=config["vnet_hdr"], busy_poll_us=config["busy_poll_us"],
                      **config["kwargs"], **extra)
         self.engine = engine

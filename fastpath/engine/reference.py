@@ -44,7 +44,7 @@ def ip_checksum(data: bytes) -> int:
 
 
 class ReferenceEngine:
-    def __init__(self, tun_fd, sock_fd, *, mode="udp", network, subnet_len, local_subnet, vni=1,
+    def __init__(self, tun_fd, sock_fd, *, mode="udp", network=None, subnet_len=None, local_subnet=None, vni=1,
                  vtep_mac=b"", port=None, mtu=0, vnet_hdr=None, split_threads=False,
                  busy_poll_us=0, network6=None, subnet6_len=None, local_subnet6=None,
                  vtep_mac6=b"", sock6_fd=None):
@@ -54,6 +54,8 @@ class ReferenceEngine:
         if network6 is not None or sock6_fd is not None or local_subnet6 is not None:
             raise ValueError("the reference engine carries IPv4 only (udp/python); IPv6 needs the"
                              " compiled engine (vxlan/fastpath)")
+        if network is None:  # the compiled engine's IPv6-only form (network None): not here either
+            raise ValueError("the reference engine needs network (it carries IPv4 only)")
         if not isinstance(tun_fd, int) or not isinstance(sock_fd, int):
             raise ValueError("the reference engine runs one worker on one TUN fd and one socket")
         if vnet_hdr:
@@ -61,7 +63,7 @@ class ReferenceEngine:
         if mode not in ("udp", "vxlan"):
             raise ValueError(f"mode {mode!r}: must be 'udp' or 'vxlan'")
         self.network = ipaddress.IPv4Network(network)
-        if not self.network.prefixlen <= subnet_len <= 32 or subnet_len - self.network.prefixlen > 24:
+        if subnet_len is None or not self.network.prefixlen <= subnet_len <= 32 or subnet_len - self.network.prefixlen > 24:
             raise ValueError(f"subnet_len {subnet_len} does not fit Network {self.network}")
         self.local_subnet = ipaddress.IPv4Network(local_subnet)
         if self.local_subnet.prefixlen != subnet_len or not self.local_subnet.subnet_of(self.network):

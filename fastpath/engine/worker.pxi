@@ -76,8 +76,11 @@ cdef void wait_readable(Worker *w, int fd, int fd2, int timeout) noexcept nogil:
 
 cdef inline int rx_both(Worker *w) noexcept nogil:
     """rx_pass, then rx_pass6 when the engine has an IPv6 socket: datagrams taken (0: none, -1:
-    an error and none taken)."""
-    cdef int r = rx_pass(w), r6
+    an error and none taken). IPv6-only: rx_pass6 alone (there is no IPv4 socket to read)."""
+    cdef int r, r6
+    if w.sock_fd < 0:
+        return rx_pass6(w)
+    r = rx_pass(w)
     if w.sock6_fd < 0:
         return r
     r6 = rx_pass6(w)

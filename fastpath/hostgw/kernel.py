@@ -14,6 +14,9 @@ Dual-stack (EnableIPv6, and the node has a PublicIPv6): each peer's IPv6 side is
 same conflict removal, resync and removal rules, and PublicIPv6 must likewise be the interface's
 own IPv6 address.
 
+IPv6-only (EnableIPv4 false): only those IPv6 routes, and no check of the IPv4 PublicIP (flanneld's
+0.0.0.0); the source guard (IPv4 only) is refused there (``fastpath.routing.GuardedRouting``).
+
 The source guard (opt-in, weftd ``--source-guard``, ``BackendOptions.source_guard``):
 ``weft_hostgw_guard`` (fastpath/bpf/hostgw_guard.c, fastpath/bpf/guard.py) on the underlay
 interface's ingress drops, counted by reason, every IPv4 packet whose source is in the Network but
@@ -55,7 +58,10 @@ class HostGWKernelBackend(GuardedRouting):
     COUNTERS = ("conflicts_removed",)
 
     def setup(self, lease: Lease) -> None:
-        if self.iface.address != self.iface.public_ip:
+        if not self.has_ipv4 and not self.has_ipv6:
+            raise BackendError("host-gw backend: the network is IPv6-only (EnableIPv4 false) but this "
+                               "node has no public IPv6 address")
+        if self.has_ipv4 and self.iface.address != self.iface.public_ip:
             have = self.iface.address if self.iface.address is not None else "no IPv4 address"
             raise BackendError(f"host-gw backend requires the public IP ({self.iface.public_ip}) "
                                f"to be the address of interface {self.iface.name} ({have})")
@@ -164,7 +170,8 @@ class HostGWKernelBackend(GuardedRouting):
         device, which ``program`` cannot see while ours is the one in use (a higher metric)."""
         peers = {(str(p.subnet.network_address), p.subnet.prefixlen): p for p in self._peers.values()}
         present = set()
-        families = [socket.AF_INET] + ([socket.AF_INET6] if any(s.version == 6 for s in self._peers) else [])
+        families = [family for version, family in ((4, socket.AF_INET), (6, socket.AF_INET6))
+                    if any(s.version == version for s in self._peers)]
         for family in families:
             for r in self.ipr.route("dump", family=family):
                 peer = peers.get((r.get("RTA_DST"), r["dst_len"]))

@@ -68,8 +68,15 @@ Design notes (Cilium's tunnel shape, wire-identical to ``vxlan/kernel``):
   neighbour discovery with the bridge, as before; received IPv6 takes the same paths as IPv4:
   bpf_redirect_peer for a pod in ``weft_endpoints6`` (learnt from the bridge's IPv6 neighbours),
   else the FIB redirect (bpf_redirect_neigh resolves the pod), else the stack.
-- Not done: DirectRouting (every peer goes through the tunnel); IPv6-only networks (refused by the
-  config, like everywhere).
+- IPv6-only (EnableIPv4 false): the same device carries IPv6 alone, wire-compatible with an
+  IPv6-only kernel peer's ``flannel-v6.<VNI>`` (flanneld makes no flannel.<VNI> there). Nothing IPv4
+  is programmed: weft_config's IPv4 network and netmask stay zero (every program then leaves IPv4
+  alone), weft_peers, weft_peer_ips and weft_endpoints stay empty, and the device has no IPv4
+  address and no IPv4 route. Its MAC is the IPv6 VtepMAC (the lease's only one, BackendV6Data).
+  A node without a public IPv6 address cannot join (setup says so in one line).
+- A Network (or IPv6Network) of length 0 is refused: a zero netmask tells the programs that the
+  node has no such family.
+- Not done: DirectRouting (every peer goes through the tunnel).
 
 bcc or kernel headers missing: setup raises BackendError naming the fix, never a traceback.
 """
@@ -110,6 +117,10 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
     def __init__(self, config: NetworkConfig, iface: ExternalInterface,
                  options: BackendOptions = BackendOptions()):
         super().__init__(config, iface, options)
+        for net in (config.network, config.ipv6_network):
+            if net is not None and net.prefixlen == 0:
+                raise BackendError(f"vxlan/ebpf: network {net} has length 0; its programs read a zero "
+                                   "netmask as 'this node has no such family' (use a longer prefix)")
         self.bridge = POD_BRIDGE
         self.progs = None  # fastpath.bpf.Programs, compiled on first setup
         self.cfg_flags: int | None = None
@@ -141,6 +152,12 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
         return self.progs
 
     def setup(self, lease: Lease) -> None:
+        if not self.has_ipv4 and not self.has_ipv6:
+            raise BackendError("vxlan/ebpf: the network is IPv6-only (EnableIPv4 false) but this node "
+                               "has no public IPv6 address")
+        if not self.has_ipv4 and lease.subnet6 is None:
+            raise BackendError(f"vxlan/ebpf: the network is IPv6-only but lease {lease.shown} has no "
+                               "IPv6 subnet")
         with self._lock:
             self._adopt_mac(lease)
             self.lease = lease
@@ -152,6 +169,8 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
                 # Fill the maps before the programs go live, so a restart does not drop a packet.
                 self._put_local(progs)
                 for peer in inherited:
+                    if not self._carries(peer.subnet):
+                        continue  # a family this network no longer carries (e.g. now IPv6-only)
                     if peer.subnet not in self._peers and peer.subnet not in (lease.subnet, lease.subnet6):
                         self._put_entry(progs, peer)
                         self._inherited.add(peer.subnet)
@@ -187,10 +206,29 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
             log.info("kept %d peers from the programs a previous weftd left on %s", len(out), self.dev_name)
         return out
 
+    def _carries(self, subnet: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+        """Whether this node programs subnets of ``subnet``'s family."""
+        return self.has_ipv4 if subnet.version == 4 else self.has_ipv6
+
     def _pick_mac6(self, previous: Lease | None) -> str:
         """The previous lease's IPv6 VtepMAC, else the device's (one device: the simplest case)."""
-        from .vtep import lease_mac6
-        return lease_mac6(previous) or self.vtep_mac or super()._pick_mac6(previous)
+        from .vtep import lease_mac6, random_mac
+        return (lease_mac6(previous) or self.vtep_mac or self._device_mac(self.dev_name)
+                or random_mac())
+
+    def lease_attrs(self, previous: Lease | None):
+        attrs = super().lease_attrs(previous)
+        self._one_mac()
+        return attrs
+
+    def _adopt_mac(self, lease: Lease) -> None:
+        super()._adopt_mac(lease)
+        self._one_mac()
+
+    def _one_mac(self) -> None:
+        """IPv6-only: the lease advertises one VtepMAC (BackendV6Data), and the device has it."""
+        if not self.has_ipv4 and self.vtep_mac6 is not None:
+            self.vtep_mac = self.vtep_mac6
 
     def _watch_bridge(self) -> None:
         """Every second: attach weft_from_pods when the pod bridge appears (the CNI plugin makes it,
@@ -246,8 +284,11 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
         idx = self.ensure_vxlan_device(
             self._device_compatible, f"is not an external VXLAN device on port {self.port}", prepare,
             vxlan_collect_metadata=1, vxlan_port=self.port)
-        # One route for the whole Network; our own subnet's (more specific) route is the bridge's.
-        self.ipr.route("replace", dst=str(self.config.network), oif=idx, scope=SCOPE_LINK)
+        # IPv4: one route for the whole Network; our own subnet's (more specific) is the bridge's.
+        # IPv6-only: none (ensure_vxlan_device left the device no IPv4 address, and the kernel drops
+        # a device's IPv4 routes with its last IPv4 address: a dual-stack run's Network route too).
+        if self.has_ipv4:
+            self.ipr.route("replace", dst=str(self.config.network), oif=idx, scope=SCOPE_LINK)
         if v6:  # the same for the IPv6Network, with the IPv6 overlay MTU; the device's own address
             only_address(self.ipr, idx, str(self.lease.subnet6.network_address), 128, socket.AF_INET6)
             self.ipr.route("replace", family=socket.AF_INET6, dst=str(self.config.ipv6_network), oif=idx,
@@ -274,16 +315,17 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
         from fastpath.bpf import CFG_DEFAULT, Config, mac_bytes
         import ctypes
         import struct
-        net = self.config.network
         progs = self._programs()
         if self.cfg_flags is None:
             self.cfg_flags = CFG_DEFAULT
         cfg = Config(vtep_mac=(ctypes.c_uint8 * 6)(*mac_bytes(self.vtep_mac)), vxlan_ifindex=idx,
-                     local_ipv4=int(self.local) if self.iface.address else 0,
-                     network=struct.unpack("=I", net.network_address.packed)[0],
-                     netmask=struct.unpack("=I", net.netmask.packed)[0], mtu=self.mtu,
-                     flags=self.cfg_flags, vxlan_port=socket.htons(self.port), vni=self.vni,
-                     public_ipv4=int(self.iface.public_ip))
+                     mtu=self.mtu, flags=self.cfg_flags, vxlan_port=socket.htons(self.port), vni=self.vni)
+        if self.has_ipv4:  # else network, netmask, local and public IPv4 stay zero: no IPv4 here
+            net = self.config.network
+            cfg.local_ipv4 = int(self.local) if self.iface.address else 0
+            cfg.network = struct.unpack("=I", net.network_address.packed)[0]
+            cfg.netmask = struct.unpack("=I", net.netmask.packed)[0]
+            cfg.public_ipv4 = int(self.iface.public_ip)
         if self.has_ipv6:  # else netmask6 stays zero: the programs leave IPv6 alone
             from fastpath.bpf import ip6_bytes
             net6 = self.config.ipv6_network
@@ -349,8 +391,9 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
         """Our own subnet (and IPv6 subnet), flagged local: pod traffic to it is neither
         encapsulated nor a miss."""
         from fastpath.bpf import PEER_LOCAL, peer_key, peer_value
-        progs.put_peer(peer_key(self.lease.subnet),
-                       peer_value(self.iface.public_ip, self.vni, self.vtep_mac, PEER_LOCAL))
+        if self.has_v4_side(self.lease):
+            progs.put_peer(peer_key(self.lease.subnet),
+                           peer_value(self.iface.public_ip, self.vni, self.vtep_mac, PEER_LOCAL))
         if self.has_ipv6 and self.lease.subnet6 is not None:
             progs.put_peer(peer_key(self.lease.subnet6),
                            peer_value(self.iface.public_ipv6, self.vni, self.vtep_mac6 or self.vtep_mac, PEER_LOCAL))
@@ -385,7 +428,7 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
             if f["ifindex"] in ports and mac and not f["state"] & NUD_PERMANENT:
                 port_of[mac] = f["ifindex"]
         want = {}
-        subnets = {socket.AF_INET: self.lease.subnet}
+        subnets = {socket.AF_INET: self.lease.subnet} if self.has_v4_side(self.lease) else {}
         if self.has_ipv6 and self.lease.subnet6 is not None:  # IPv6 pods too (weft_endpoints6)
             subnets[socket.AF_INET6] = self.lease.subnet6
         for family, subnet in subnets.items():
@@ -410,7 +453,8 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
             self.progs.delete_peer(peer_key(peer.subnet))
 
     def peer_removed(self, lease: Lease) -> None:
-        self._inherited.discard(lease.subnet)
+        if lease.has_ipv4:
+            self._inherited.discard(lease.subnet)
         self._inherited.discard(lease.subnet6)
 
     def peer_map(self, local: bool = False) -> list[dict]:

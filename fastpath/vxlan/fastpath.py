@@ -24,6 +24,11 @@ the TUN; any other peer goes through the engine. Lease updates that move a peer 
 switch it over, resync restores a removed direct route and teardown removes them (the netlink
 side is ``fastpath/direct.py``, shared with ``vxlan/kernel``; the bookkeeping is
 ``fastpath/routing.py``'s, the engine's side ``fastpath/userspace.py``).
+
+IPv6-only (EnableIPv4 false): the node looks like a kernel node that has only ``flannel-v6.<VNI>``:
+its lease is ``0.0.0.0-0&<subnet6>`` with PublicIP 0.0.0.0, PublicIPv6 and BackendV6Data only. The
+TUN keeps its name ``flannel.<VNI>`` but holds only the IPv6 address and route, and the engine only
+its IPv6 socket.
 """
 from __future__ import annotations
 
@@ -62,7 +67,8 @@ class VXLANFastpathBackend(VtepIdentity, TunEngineBackend):
         return load_engine()
 
     def engine_kwargs(self) -> dict:
-        return {"vni": self.vni, "vtep_mac": self.vtep_mac}
+        # IPv6-only: no IPv4 VTEP (the lease has no BackendData), so no MAC for it either
+        return {"vni": self.vni, "vtep_mac": self.vtep_mac if self.carries_ipv4 else None}
 
     def engine_kwargs6(self) -> dict:
         return {"vtep_mac6": self.vtep_mac6}

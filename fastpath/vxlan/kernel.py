@@ -41,6 +41,9 @@ Design notes (after flannel's ``pkg/backend/vxlan/vxlan.go``):
   address> dev flannel-v6.N onlink``; with DirectRouting, a peer whose PublicIPv6 is on the
   underlay's IPv6 subnet gets ``<peer subnet6> via <PublicIPv6> dev <underlay>`` instead. resync
   and teardown cover it as flannel.N. A node without IPv6 removes a flannel-v6.N left by a run with it.
+- IPv6-only (EnableIPv4 false): flannel-v6.<VNI> is the only device, as flanneld's; no flannel.<VNI>
+  (one a run with IPv4 left goes, its routes with it), and no IPv4 route, neighbour or FDB entry. The
+  source guard (IPv4 only) is refused there (``fastpath.routing.GuardedRouting``).
 
 All netlink work goes through one pyroute2 ``IPRoute`` in the calling process's network namespace.
 pyroute2's synchronous API runs its own asyncio loop, so these methods must not be called from a
@@ -90,19 +93,25 @@ class VXLANKernelBackend(VxlanDevice, GuardedRouting):
     def setup(self, lease: Lease) -> None:
         if self.has_ipv6 and lease.subnet6 is None:
             raise BackendError(f"vxlan: EnableIPv6 but lease {lease.subnet} has no IPv6 subnet")
+        if not self.has_ipv4 and not self.has_ipv6:
+            raise BackendError("vxlan: the network is IPv6-only (EnableIPv4 false) but this node has "
+                               "no public IPv6 address")
         with self._lock:
             self._adopt_mac(lease)
             self.lease = lease
             dev = self.dev_name
             try:
-                self._l2_net = direct_routes.underlay_network(self.ipr, self.iface)
-                self._ensure_device()
+                if self.has_ipv4:
+                    self._l2_net = direct_routes.underlay_network(self.ipr, self.iface)
+                    self._ensure_device()
+                else:
+                    self._remove_stale_device(self.dev_name, "IPv4")
                 dev = self.dev6_name
                 if self.has_ipv6:
                     self._l2_net6 = direct_routes.underlay_network(self.ipr, self.iface, v6=True)
                     self._ensure_device6()
                 else:
-                    self._remove_stale_device6()
+                    self._remove_stale_device(self.dev6_name, "IPv6")
             except BackendError:
                 raise
             except Exception as exc:  # pyroute2's NetlinkError, an OSError
@@ -157,11 +166,12 @@ class VXLANKernelBackend(VxlanDevice, GuardedRouting):
             self._tx_csum_off(self.dev6_name)
         return idx
 
-    def _remove_stale_device6(self) -> None:
-        """Without IPv6 now: a flannel-v6.N from a run with it goes (and its routes with it)."""
-        idx = self.link_index(self.dev6_name)
+    def _remove_stale_device(self, name: str, family: str) -> None:
+        """Without ``family`` (IPv4, IPv6) now: the device ``name`` a run with it left goes (and
+        its routes with it)."""
+        idx = self.link_index(name)
         if idx is not None:
-            log.info("%s left by a run with IPv6; removing it", self.dev6_name)
+            log.info("%s left by a run with %s; removing it", name, family)
             ignore_gone(self.ipr.link, "del", index=idx)
 
     def _tx_csum_off(self, dev: str) -> None:
@@ -253,7 +263,7 @@ class VXLANKernelBackend(VxlanDevice, GuardedRouting):
     def resync_device(self) -> bool:
         self._dev_index.clear()  # a device recreated behind our back has a new index
         try:
-            if self.link_index(self.dev_name) is None:
+            if self.has_ipv4 and self.link_index(self.dev_name) is None:
                 log.warning("%s vanished; recreating it", self.dev_name)
                 self._ensure_device()
                 self._counters["device_recreated"] += 1
@@ -273,8 +283,8 @@ class VXLANKernelBackend(VxlanDevice, GuardedRouting):
         out = {}
         for version, dev, family in ((4, self.dev_name, socket.AF_INET),
                                      (6, self.dev6_name, socket.AF_INET6)):
-            if version == 6 and not any(subnet.version == 6 for subnet in self._peers):
-                continue
+            if not any(subnet.version == version for subnet in self._peers):
+                continue  # no peer of that version asks (an IPv6-only node: never version 4)
             idx = self.link_index(dev)
             neigh, fdb = set(), set()
             if idx is not None:
@@ -311,7 +321,8 @@ class VXLANKernelBackend(VxlanDevice, GuardedRouting):
     def extra_stats(self) -> dict[str, float]:
         s = super().extra_stats()
         direct = [p.subnet.version for p in self._peers.values() if p.direct]
-        s["peers_direct"] = float(direct.count(4))
+        if self.has_ipv4:
+            s["peers_direct"] = float(direct.count(4))
         if self.has_ipv6:
             s["peers6_direct"] = float(direct.count(6))
         return s

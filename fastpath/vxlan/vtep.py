@@ -8,6 +8,10 @@ locally administered one. The kernel, eBPF and userspace vxlan backends all take
 Dual-stack (flannel's EnableIPv6): the IPv6 side is a second VTEP with its own MAC, advertised as
 ``BackendV6Data`` ``{"VNI": n, "VtepMAC": "..."}`` beside ``PublicIPv6`` and kept across restarts
 the same way (previous lease's BackendV6Data, then the ``flannel-v6.<VNI>`` device's MAC).
+
+IPv6-only (flannel's EnableIPv4 false): the IPv6 VTEP is the only one. The lease carries flanneld's
+``"PublicIP":"0.0.0.0"`` (``NO_PUBLIC_IP``), no BackendData, and ``BackendV6Data`` as above;
+``vtep_mac`` stays None (there is no IPv4 VTEP to name).
 """
 from __future__ import annotations
 
@@ -19,9 +23,9 @@ import re
 import socket
 
 from controlplane.backends.base import BackendError, BackendOptions
-from controlplane.lease import Lease, LeaseAttrs
+from controlplane.lease import NO_PUBLIC_IP, Lease, LeaseAttrs
 
-from ..netlink import ignore_gone, nl_errno, only_address, set_mac_and_mtu
+from ..netlink import ignore_gone, nl_errno, only_address, remove_addresses, set_mac_and_mtu
 
 log = logging.getLogger("weft.backend.vxlan")
 
@@ -100,6 +104,14 @@ class VtepIdentity:
 
     def lease_attrs(self, previous: Lease | None) -> LeaseAttrs:
         with self._lock:
+            if not self.has_ipv4:  # IPv6-only: flanneld's lease, no IPv4 VTEP at all
+                if not self.has_ipv6:
+                    raise BackendError(f"{self.name()}: the network is IPv6-only (EnableIPv4 false) "
+                                       "but this node has no public IPv6 address")
+                if self.vtep_mac6 is None:
+                    self.vtep_mac6 = self._pick_mac6(previous)
+                return LeaseAttrs(NO_PUBLIC_IP, self.wire_type, None, self.iface.public_ipv6,
+                                  {"VNI": self.vni, "VtepMAC": self.vtep_mac6})
             if self.vtep_mac is None:
                 self.vtep_mac = self._pick_mac(previous)
             if not self.has_ipv6:
@@ -125,7 +137,7 @@ class VtepIdentity:
 
     def _adopt_mac(self, lease: Lease) -> None:
         """At setup without lease_attrs first (a test, a restart path): take the lease's MACs."""
-        if self.vtep_mac is None:
+        if self.vtep_mac is None and self.has_ipv4:
             self.vtep_mac = lease_mac(lease) or self._pick_mac(None)
         if self.has_ipv6 and self.vtep_mac6 is None:
             self.vtep_mac6 = lease_mac6(lease) or self._pick_mac6(None)
@@ -158,7 +170,8 @@ class VxlanDevice(VtepIdentity):
         it when an existing one is not ``compatible(link message)`` (``why_not`` says what it is
         then); give it our VtepMAC and MTU, ``prepare(index, link, created)`` what else it needs,
         exactly ``<subnet network address>/32`` (``v6``: ``<subnet6 network address>/128``;
-        flannel removes any other address), and bring it up."""
+        flannel removes any other address; IPv6-only, ``flannel.<VNI>`` of vxlan/ebpf: no IPv4
+        address at all), and bring it up."""
         ipr = self.ipr
         name = self.dev6_name if v6 else self.dev_name
         idx = self.link_index(name)
@@ -185,7 +198,9 @@ class VxlanDevice(VtepIdentity):
             prepare(idx, link, created)
         if v6:
             only_address(ipr, idx, str(self.lease.subnet6.network_address), 128, socket.AF_INET6)
-        else:
+        elif self.has_v4_side(self.lease):
             only_address(ipr, idx, str(self.lease.subnet.network_address))
+        else:
+            remove_addresses(ipr, idx)
         ipr.link("set", index=idx, state="up")
         return idx
