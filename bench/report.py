@@ -21,6 +21,7 @@ COLUMNS = [
     ("rtt_p99_us", "RTT p99 µs", "{:.0f}"),
     ("ping_loss_pct", "ping loss %", "{:.1f}"),
     ("rr_p50_us", "RR p50 µs", "{:.1f}"),
+    ("sparse_rtt_p50_us", "50ms-ping p50 µs", "{:.0f}"),
     ("pps", "kpps", "{:.0f}"),
     ("core_s_per_gbit", "core-s/Gb", "{:.3f}"),
     ("tcp1_nooffload_gbps", "no-TSO Gb/s", "{:.2f}"),
@@ -218,6 +219,7 @@ def charts(doc: dict, directory: str) -> list[str]:
           ("tcp1_gbps_v6", "TCP 1 stream, IPv6")]),
         ("latency.png", "Pod-to-pod latency", "µs",
          [("rtt_p50_us", "ping p50"), ("rtt_p99_us", "ping p99"), ("rr_p50_us", "UDP RR p50 (pinned)"),
+          ("sparse_rtt_p50_us", "ping p50, one every 50 ms"),
           ("rtt_p50_us_v6", "ping p50, IPv6"), ("rr_p50_us_v6", "UDP RR p50 (pinned), IPv6")]),
         ("cpu.png", "CPU cost per Gbit (whole machine)", "core-seconds / Gbit", [("core_s_per_gbit", "TCP 1 stream")]),
     ]

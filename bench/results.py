@@ -25,9 +25,11 @@ from .stats import median, pair_kinds, quantile
 SCHEMA = "weft-bench/1"
 # Medians reported per backend: the list, in table order.
 METRICS = ["tcp1_gbps", "tcp4_gbps", "udp_loss_pct", "rtt_p50_us", "rtt_p99_us", "ping_loss_pct", "rr_p50_us",
-           "pps", "retransmits", "core_s_per_gbit", "daemon_cores", "tcp1_nooffload_gbps", "udp_jitter_ms"]
+           "pps", "retransmits", "core_s_per_gbit", "daemon_cores", "tcp1_nooffload_gbps", "udp_jitter_ms",
+           "sparse_rtt_p50_us", "sparse_rtt_p99_us", "sparse_daemon_cores"]
 # The IPv6 probes of a dual-stack run (row key: metric + "_v6"), medians under a backend's "v6".
-V6_METRICS = ["tcp1_gbps", "retransmits", "rtt_p50_us", "rtt_p99_us", "ping_loss_pct", "rr_p50_us"]
+V6_METRICS = ["tcp1_gbps", "retransmits", "rtt_p50_us", "rtt_p99_us", "ping_loss_pct", "rr_p50_us",
+              "sparse_rtt_p50_us", "sparse_rtt_p99_us"]
 V6 = "_v6"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

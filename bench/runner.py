@@ -30,6 +30,7 @@ from controlplane.config import parse_config
 from . import measure, results
 from .measure import Endpoint, MeasureError
 from .procs import peak_rss_mb, process_cpu
+from .results import V6
 
 BARE = "bare"
 RETRIES = 3  # extra attempts of a probe disturbed by foreign load
@@ -64,6 +65,10 @@ class Plan:
     pps_s: int = 1
     ping_count: int = 150
     ping_interval: float = 0.004
+    # Sparse traffic (full plan): one echo every 50 ms, so a data plane that sleeps between packets
+    # (a userspace engine in poll()) is woken by each one; the issue's "ping every 50 ms" probe.
+    sparse_count: int = 40
+    sparse_interval: float = 0.05
     rr_s: int = 1
     nooffload_s: int = 1
     full: bool = True
@@ -260,6 +265,7 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str,
     row.update(measure.ping(src, dst.ip, plan.ping_count, plan.ping_interval, cpu=cpus[0] if cpus else None))
     if not plan.full:
         return row
+    sparse_ping(plan, progress, label, row, src, dst, cpus, pids if engines is not None else None)
 
     progress.show(f"{label}: TCP 4 streams")
     tcp4, _ = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp4_s, streams=4, cpus=cpus), "tcp4", row)
@@ -288,6 +294,29 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str,
     return row
 
 
+def sparse_ping(plan: Plan, progress: Progress, label: str, row: dict, src: Endpoint, dst: Endpoint,
+                cpus, pids=(), family: int = 4) -> None:
+    """Echoes one every ``plan.sparse_interval`` s (``sparse_rtt_p50_us``/``_p99_us``): what a pod
+    talking now and then sees, each packet finding the data plane idle. With ``pids`` (the lab's
+    daemons and engines; None: not all of them known) also their CPU during it,
+    ``sparse_daemon_cores``: what staying ready for such traffic costs (a busy-polling engine
+    would show here)."""
+    sfx = V6 if family == 6 else ""
+    progress.show(f"{label}: {'IPv6 ' if sfx else ''}ping every {plan.sparse_interval * 1000:g} ms")
+    pids = pids if pids is None else list(pids)
+    cpu0 = {p: process_cpu(p) for p in pids or ()}
+    t0 = time.monotonic()
+    got = measure.ping(src, dst.ip, plan.sparse_count, plan.sparse_interval, cpu=cpus[0] if cpus else None)
+    seconds = time.monotonic() - t0
+    cpu1 = {p: process_cpu(p) for p in pids or ()}
+    row["sparse_rtt_p50_us" + sfx] = got["rtt_p50_us"]
+    row["sparse_rtt_p99_us" + sfx] = got["rtt_p99_us"]
+    if pids == []:  # bare: no daemons, no key
+        return
+    known = pids is not None and None not in cpu0.values() and None not in cpu1.values()
+    row["sparse_daemon_cores"] = sum(cpu1[p] - cpu0[p] for p in pids) / seconds if known else None
+
+
 def measure_ipv6(lab, backend: str, plan: Plan, progress: Progress, label: str, row: dict,
                  tcp_only: bool = False) -> None:
     """The IPv6 probes of one run into ``row`` (keys ending ``_v6``): TCP x1 with its IPv6
@@ -307,7 +336,10 @@ def measure_ipv6(lab, backend: str, plan: Plan, progress: Progress, label: str, 
     progress.show(f"{label}: IPv6 ping")
     ping = measure.ping(src, dst.ip, plan.ping_count, plan.ping_interval, cpu=cpus[0] if cpus else None)
     row.update({f"{k}_v6": v for k, v in ping.items()})
-    if not plan.full or not measure.have_rr6():  # as IPv4's RR without sockperf: not measured
+    if not plan.full:
+        return
+    sparse_ping(plan, progress, label, row, src, dst, cpus, family=6)
+    if not measure.have_rr6():  # as IPv4's RR without sockperf: not measured
         return
     progress.show(f"{label}: IPv6 request/response (pinned)")
     lab.steer_receive(False)

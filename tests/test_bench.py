@@ -548,8 +548,13 @@ def test_full_run_measures_everything(tmp_path):
     vx = d["backends"]["vxlan/kernel"]
     for key in ("tcp1_gbps", "tcp4_gbps", "udp_loss_pct", "udp_jitter_ms", "rtt_p50_us", "rtt_p99_us",
                 "ping_loss_pct", "rr_p50_us", "pps", "retransmits", "core_s_per_gbit", "daemon_cores",
-                "daemon_rss_mb", "ratio_to_bare", "ratio_to_vxlan_kernel", "tcp1_nooffload_gbps"):
+                "daemon_rss_mb", "ratio_to_bare", "ratio_to_vxlan_kernel", "tcp1_nooffload_gbps",
+                "sparse_rtt_p50_us", "sparse_rtt_p99_us", "sparse_daemon_cores"):
         assert vx.get(key) is not None, key
+    # one echo every 50 ms (the full plan's sparse probe); kernel vxlan's weftd sleeps meanwhile:
+    # its CPU is a rate, far below a core, and bare has no daemons to measure
+    assert vx["sparse_rtt_p50_us"] > 0 and 0 <= vx["sparse_daemon_cores"] < 0.5
+    assert d["backends"]["bare"]["sparse_rtt_p50_us"] > 0 and d["backends"]["bare"]["sparse_daemon_cores"] is None
     # nothing missing; bare has no daemons, so its null daemon_cores is not "missing"
     assert "missing" not in vx and "missing" not in d["backends"]["bare"]
     assert d["backends"]["bare"]["daemon_cores"] is None
