@@ -20,6 +20,7 @@ import difflib
 import importlib
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -120,8 +121,22 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a `timeout` around `bench run`, a cancelled CI job, a closed terminal):
+    unwound like ^C, so the labs a command built come down on the way out instead of leaving
+    their daemons running."""
+
+
+def _terminate(signum, frame):
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a second one must not cut the teardown short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     debug = os.environ.get("WEFT_BENCH_DEBUG", "").lower() in _TRUE
     while argv and argv[0] == "--debug":
         debug = True
@@ -148,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"bench {name}: usage: {exc}", file=sys.stderr)
         return USAGE
+    except Terminated as exc:
+        print(f"bench {name}: terminated ({exc}); what it built is down", file=sys.stderr)
+        return ERROR
     except KeyboardInterrupt:
         print(f"bench {name}: interrupted", file=sys.stderr)
         return ERROR

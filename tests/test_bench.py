@@ -828,3 +828,39 @@ def test_ipv6_only_run_measures_ipv6_alone(tmp_path):
     g = run_tool("bench.cli", "gate", "--baseline", str(tmp_path / "results.json"), str(tmp_path / "results.json"),
                  timeout=60)
     assert g.returncode == 0 and "v6 ratio_to_bare" in g.stdout and "FAIL" not in g.stdout, g.stdout + g.stderr
+
+
+@needs_root
+def test_run_killed_by_sigterm_takes_its_labs_down():
+    """`timeout 600 bench run`, a CI job cancelled, a supervisor stopping it: SIGTERM (and SIGHUP)
+    unwind like ^C, so every lab the run built comes down (its weftd processes, namespaces and
+    lab directory), and the run exits 1 saying so."""
+    import signal
+    from bench.ledger import LAB_ROOT
+    before = set(os.listdir(LAB_ROOT)) if os.path.isdir(LAB_ROOT) else set()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", "--quick", "--repeat", "1",
+                             "--backends", "bare,vxlan/kernel", "--out", "/dev/null/none"],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, mine = time.monotonic() + 120, set()
+        while time.monotonic() < deadline and proc.poll() is None:  # until a lab of it is up
+            mine = {d for d in os.listdir(LAB_ROOT) if d not in before} if os.path.isdir(LAB_ROOT) else set()
+            if any(os.path.exists(os.path.join(LAB_ROOT, d, "state.json")) for d in mine):
+                break
+            time.sleep(0.2)
+        assert mine and proc.poll() is None, "bench run built no lab"
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    left = [d for d in mine if os.path.exists(os.path.join(LAB_ROOT, d))]
+    spaces = [line for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+              .splitlines() if line.startswith(tuple(f"{d}-" for d in mine))]
+    for d in left:  # what the run left behind goes, so that a failure here leaves nothing running
+        run_tool("bench.cli", "down", d, timeout=120)
+    assert proc.returncode == 1 and "terminated (SIGTERM)" in err, (proc.returncode, err[-500:])
+    assert not left and not spaces, (left, spaces)
