@@ -110,14 +110,17 @@ def rows(doc: dict) -> tuple[list[str], list[list[str]], list[str]]:
         for family, label, part in parts:
             body.append([name] + ([family] if both else []) + [_cell(part, k, f) for k, _, f in COLUMNS])
             notes += _notes(name + label, part)
+    full = doc.get("plan", {}).get("full", True)  # the quick plan measures no RR
+    probes = "TCP x1, ping and RR" if full else "TCP x1 and ping"
+    rr = "; RR over IPv6 is bench's own probe (sockperf 3.7 has no IPv6)" if full else ""
     if only6:
-        notes.append("IPv6-only run: TCP x1, ping and RR to the pods' (bare: the nodes') IPv6 addresses, "
+        notes.append(f"IPv6-only run: {probes} to the pods' (bare: the nodes') IPv6 addresses, "
                      "ratios against the IPv6 underlay of the same run (EnableIPv4 false: every row is "
-                     "IPv6); RR over IPv6 is bench's own probe (sockperf 3.7 has no IPv6)")
+                     f"IPv6){rr}")
     elif both:
-        notes.append("IPv6 rows: TCP x1, ping and RR to the pods' (bare: the nodes') IPv6 addresses, ratios against "
-                     "the IPv6 underlay of the same run (the other columns are the backend's, on its IPv4 row); "
-                     "RR over IPv6 is bench's own probe (sockperf 3.7 has no IPv6)")
+        notes.append(f"IPv6 rows: {probes} to the pods' (bare: the nodes') IPv6 addresses, ratios against "
+                     "the IPv6 underlay of the same run (the other columns are the backend's, on its IPv4 row)"
+                     f"{rr}")
     return heads, body, notes
 
 
