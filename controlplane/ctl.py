@@ -20,7 +20,7 @@ import time
 from . import flags, subnetenv
 from .config import ConfigError, parse_config
 from .lease import NO_IPV4, NO_PUBLIC_IP, LeaseAttrs, LeaseFormatError, subnet_key
-from .leasecheck import NOT_A_NODE6, key_problem, shown
+from .leasecheck import key_problem, not_a_node, shown
 from .manager import decode
 from .store import LeaseExists, StoreError
 
@@ -82,9 +82,9 @@ def _public_ipv6(text: str) -> ipaddress.IPv6Address:
         addr = None
     if addr is None or addr.scope_id:
         raise flags.UsageError(f"--public-ipv6 {text!r}: not an IPv6 address")
-    for net, what in NOT_A_NODE6:
-        if addr in net:
-            raise flags.UsageError(f"--public-ipv6 {text!r}: not an address a node can have ({what})")
+    what = not_a_node(addr)
+    if what:
+        raise flags.UsageError(f"--public-ipv6 {text!r}: not an address a node can have ({what})")
     return addr
 
 

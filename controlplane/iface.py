@@ -22,7 +22,7 @@ from pyroute2 import IPRoute
 
 from .backends.base import ExternalInterface
 from .lease import NO_PUBLIC_IP
-from .leasecheck import NOT_A_NODE6
+from .leasecheck import not_a_node
 
 log = logging.getLogger("weft.iface")
 
@@ -81,9 +81,9 @@ def _public_ipv6(text: str) -> ipaddress.IPv6Address:
         addr = None
     if addr is None or addr.scope_id:  # a %zone is no address peers can reach
         raise IfaceError(f"-public-ipv6 {text!r}: not an IPv6 address")
-    for net, what in NOT_A_NODE6:  # peers would refuse the lease (bad_public_ip)
-        if addr in net:
-            raise IfaceError(f"-public-ipv6 {addr}: {what} cannot be a node's public IPv6 address")
+    what = not_a_node(addr)  # peers would refuse the lease (bad_public_ip)
+    if what:
+        raise IfaceError(f"-public-ipv6 {addr}: {what} cannot be a node's public IPv6 address")
     return addr
 
 

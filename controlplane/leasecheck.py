@@ -70,6 +70,15 @@ NOT_A_NODE6 = [(ipaddress.IPv6Network("::/128"), "the unspecified address"),
                 (ipaddress.IPv6Network("::ffff:0:0/96"), "an IPv4-mapped address")]
 
 
+def not_a_node(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """What ``addr`` is when no node can have it as its public address (peers refuse such a
+    lease: bad_public_ip), e.g. "a loopback address"; None for an address a node can have."""
+    for net, what in (_NOT_A_NODE if addr.version == 4 else NOT_A_NODE6):
+        if addr in net:
+            return what
+    return None
+
+
 def shown(name: str, limit: int = 120) -> str:
     """A key name someone else wrote, safe for one log line: escaped, cut short."""
     text = name if name.isprintable() else repr(name)[1:-1]
@@ -133,9 +142,9 @@ def check_attrs(attrs: LeaseAttrs, ipv6: bool = False, ipv4: bool = True) -> Non
     BackendData are not judged: nothing reads them (flanneld writes PublicIP 0.0.0.0, its empty
     ip.IP4, and no BackendData), and PublicIPv6 is required: it is how the node is reached."""
     if ipv4:
-        for net, what in _NOT_A_NODE:
-            if attrs.public_ip in net:
-                raise LeaseFormatError(f"lease value: PublicIP {attrs.public_ip} is {what}", "bad_public_ip")
+        what = not_a_node(attrs.public_ip)
+        if what:
+            raise LeaseFormatError(f"lease value: PublicIP {attrs.public_ip} is {what}", "bad_public_ip")
         why = _backend_data_problem(attrs.backend_type, attrs.backend_data)
         if why:
             raise LeaseFormatError(f"lease value: {attrs.backend_type} BackendData: {why}", "bad_backend_data")
@@ -144,11 +153,9 @@ def check_attrs(attrs: LeaseAttrs, ipv6: bool = False, ipv4: bool = True) -> Non
                                "bad_public_ip")
     if not ipv6:
         return
-    if attrs.public_ipv6 is not None:
-        for net, what in NOT_A_NODE6:
-            if attrs.public_ipv6 in net:
-                raise LeaseFormatError(f"lease value: PublicIPv6 {attrs.public_ipv6} is {what}",
-                                       "bad_public_ip")
+    what = None if attrs.public_ipv6 is None else not_a_node(attrs.public_ipv6)
+    if what:
+        raise LeaseFormatError(f"lease value: PublicIPv6 {attrs.public_ipv6} is {what}", "bad_public_ip")
     if attrs.backend_v6_data is not None or attrs.public_ipv6 is not None:
         why = _backend_data_problem(attrs.backend_type, attrs.backend_v6_data)
         if why:
