@@ -265,7 +265,7 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str,
     row.update(measure.ping(src, dst.ip, plan.ping_count, plan.ping_interval, cpu=cpus[0] if cpus else None))
     if not plan.full:
         return row
-    sparse_ping(plan, progress, label, row, src, dst, cpus, pids if engines is not None else None)
+    sparse_ping(plan, progress, label, row, src, dst, cpus, pids, complete=engines is not None)
 
     progress.show(f"{label}: TCP 4 streams")
     tcp4, _ = guarded(spaces, lambda: measure.iperf3(src, dst, plan.tcp4_s, streams=4, cpus=cpus), "tcp4", row)
@@ -295,26 +295,24 @@ def measure_once(lab, backend: str, plan: Plan, progress: Progress, label: str,
 
 
 def sparse_ping(plan: Plan, progress: Progress, label: str, row: dict, src: Endpoint, dst: Endpoint,
-                cpus, pids=(), family: int = 4) -> None:
+                cpus, pids=(), complete: bool = True, family: int = 4) -> None:
     """Echoes one every ``plan.sparse_interval`` s (``sparse_rtt_p50_us``/``_p99_us``): what a pod
     talking now and then sees, each packet finding the data plane idle. With ``pids`` (the lab's
-    daemons and engines; None: not all of them known) also their CPU during it,
+    daemons and engines; bare and the IPv6 probe pass none) also their CPU during it,
     ``sparse_daemon_cores``: what staying ready for such traffic costs (a busy-polling engine
-    would show here)."""
+    would show here); None when they are not all known (``complete`` False) or one exited."""
     sfx = V6 if family == 6 else ""
     progress.show(f"{label}: {'IPv6 ' if sfx else ''}ping every {plan.sparse_interval * 1000:g} ms")
-    pids = pids if pids is None else list(pids)
-    cpu0 = {p: process_cpu(p) for p in pids or ()}
+    cpu0 = [process_cpu(p) for p in pids]
     t0 = time.monotonic()
     got = measure.ping(src, dst.ip, plan.sparse_count, plan.sparse_interval, cpu=cpus[0] if cpus else None)
     seconds = time.monotonic() - t0
-    cpu1 = {p: process_cpu(p) for p in pids or ()}
+    cpu1 = [process_cpu(p) for p in pids]
     row["sparse_rtt_p50_us" + sfx] = got["rtt_p50_us"]
     row["sparse_rtt_p99_us" + sfx] = got["rtt_p99_us"]
-    if pids == []:  # bare: no daemons, no key
-        return
-    known = pids is not None and None not in cpu0.values() and None not in cpu1.values()
-    row["sparse_daemon_cores"] = sum(cpu1[p] - cpu0[p] for p in pids) / seconds if known else None
+    if pids:  # bare has no daemons: no key
+        known = complete and None not in cpu0 + cpu1
+        row["sparse_daemon_cores"] = (sum(cpu1) - sum(cpu0)) / seconds if known else None
 
 
 def measure_ipv6(lab, backend: str, plan: Plan, progress: Progress, label: str, row: dict,
