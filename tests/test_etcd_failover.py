@@ -125,6 +125,25 @@ def test_first_endpoint_killed_the_next_answers_and_health_stays_up(cluster, fir
         store.close()
 
 
+def test_a_read_during_the_election_waits_for_the_new_leader(cluster):
+    """The leader killed: until the others elect a new one (an election timeout, 1 s, or more)
+    no member answers a linearizable read. A read asked at once is asked again, round after
+    round over the endpoints, until the new leader answers, within its op_timeout; no outage."""
+    cluster.make_leader(0)
+    raw, store, health = _monitored(cluster, connect_timeout=0.3, op_timeout=6)
+    try:
+        store.put_config(ALLOC)
+        cluster.members[0].kill()
+        start = time.monotonic()
+        assert store.get_config() == ALLOC
+        waited = time.monotonic() - start
+        assert health.up is True and health.outages == 0, (health.outages, dict(health.errors))
+        # more than one round over the two survivors: the election was really waited for
+        assert raw.stats()["failover"] >= 2, (waited, raw.stats())
+    finally:
+        store.close()
+
+
 def test_a_write_whose_answer_was_lost_is_not_sent_again(cluster):
     """The first member paused: a read times out there and is answered by the next member; a
     write that timed out may have been applied, so it is reported (StoreUnavailable), never sent

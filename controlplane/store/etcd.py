@@ -52,6 +52,7 @@ CONNECT_TIMEOUT = 5.0  # seconds for connecting / authenticating to one endpoint
 OP_TIMEOUT = 10.0  # seconds for one request
 BEST_EFFORT_TIMEOUT = 2.0  # seconds for revoking a lease no key uses any more
 _GONE = object()  # a lease that no longer exists (expired or revoked)
+_FAILOVER_PAUSE = 0.1  # s between two rounds over the endpoints while none answers
 
 
 def _one_line(text: str) -> str:
@@ -291,12 +292,14 @@ class EtcdStore(Store):
 
     def _do(self, op: str, fn, timeout: float | None = None, *, read: bool = False):
         """Run ``fn(conn, timeout)``: count it, re-authenticate once on an expired token, fail
-        over once to the next endpoint when that is safe, and turn RpcErrors into one-line
+        over to the next endpoint when that is safe, and turn RpcErrors into one-line
         StoreErrors naming the endpoint.
 
-        Failing over: an operation that meets a dead or silent member is sent once more, to the
+        Failing over: an operation that meets a dead or silent member is sent again, to the
         next endpoint that answers, so a cluster with one member down keeps answering (and the
-        store's health stays up). Only when sending it again cannot apply it twice:
+        store's health stays up). It is sent again while ``timeout`` has not passed since the
+        first failure, so a cluster electing a new leader (no member answers for a moment) is
+        waited for. Only when sending it again cannot apply it twice:
         - a read (``read=True``: ranges, lease TTLs): after any unavailability, a timeout included;
         - a write only when it never left this process (``exc.sent`` False: the connect or
           the TLS handshake failed). Writes
@@ -310,7 +313,8 @@ class EtcdStore(Store):
         timeout = self.op_timeout if timeout is None else timeout
         self.count(op)
         conn = self._connection()
-        reauthed = failed_over = False
+        reauthed = False
+        resend_until = None  # once failing over: the end of the time a resend may take
         while True:
             try:
                 return fn(conn, timeout)
@@ -326,11 +330,27 @@ class EtcdStore(Store):
                 if not isinstance(err, StoreUnavailable):
                     raise err from None
                 self._drop(conn)
-                if failed_over or len(self.endpoints) == 1 or not self._may_resend(exc, read):
+                if len(self.endpoints) == 1 or not self._may_resend(exc, read):
                     raise err from None
-                failed_over = True
-                self.count("failover")
-                conn = self._connection()  # the next endpoint that answers, or StoreUnavailable
+                if resend_until is None:
+                    resend_until = time.monotonic() + timeout
+                elif time.monotonic() >= resend_until:
+                    raise err from None
+                conn = self._failover(resend_until)
+
+    def _failover(self, until: float) -> Conn:
+        """The next endpoint that answers. When none does, ask them all again until ``until``:
+        a cluster whose leader just died answers nothing (or "leader changed") until the others
+        have elected one, which takes an election timeout or two (etcd's clientv3 retries
+        repeatable requests the same way, within the caller's deadline)."""
+        while True:
+            self.count("failover")
+            try:
+                return self._connection()
+            except StoreUnavailable:
+                if time.monotonic() + _FAILOVER_PAUSE >= until:
+                    raise
+                time.sleep(_FAILOVER_PAUSE)
 
     @staticmethod
     def _may_resend(exc: v3.RpcError, read: bool) -> bool:
