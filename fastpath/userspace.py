@@ -52,8 +52,9 @@ until the daemon has listed the leases (``peers_synced``), which prunes the ones
 Another config: it is stopped and a new one started. A supervisor thread waits on the engine's
 pidfd; when the process dies, a new one is started at once with every route (``engine_restarts``).
 
-Engine workers: ``WEFT_ENGINE_WORKERS`` (default 1) > 1 opens a multiqueue TUN and one
-SO_REUSEPORT socket per queue, one worker (one thread) per queue. ``WEFT_ENGINE_BUSY_POLL_US``:
+Engine workers: ``WEFT_ENGINE_WORKERS`` (default ``auto``: one per CPU weftd may run on, at most
+8; a node pinned to one CPU gets one) > 1 opens a multiqueue TUN and one SO_REUSEPORT socket per
+queue, one worker (one thread) per queue. ``WEFT_ENGINE_BUSY_POLL_US``:
 how long the compiled engine keeps polling after the last packet before it sleeps.
 
 ``stats``: the engine's counters (summed over its workers, over the control channel; absent while
@@ -63,9 +64,11 @@ it wrote to the TUN (what it received and decapsulated) and its CPU seconds, fro
 per-thread accounting (``/proc/<engine pid>/task/<tid>/io`` and ``stat``), so the spread over
 workers is visible in /metrics.
 Which worker carries what: the TUN hands a flow to the queue that last wrote a packet of it (its
-"automq"), else to a hash of it; the kernel hands a datagram to one SO_REUSEPORT socket by a hash
-of its outer addresses and ports, which are fixed between two userspace nodes (both ends use the
-wire format's port), so all traffic from one such peer arrives at one worker.
+"automq"), else to a hash of it. With several workers each sends from a port of its own (worker
+i's is i modulo the worker count) and the receiving group takes a datagram into socket
+``source port % workers`` (fastpath/engine/spread.py): worker i of one node is received by
+worker i of the other, so flows are spread on both ends (before, the outer addresses and ports
+between two userspace nodes were fixed, and all traffic from a peer arrived at one worker).
 """
 from __future__ import annotations
 
@@ -94,6 +97,8 @@ TXQUEUELEN = 10000
 # in the bench lab, 1000 us cost ~0.03 core-s/Gbit more (the receiving engine spent ~40 % of its
 # time in sched_yield) for no gain in throughput or ping RTT; 50-200 us all kept the 43 us.
 BUSY_POLL_US = 100
+MAX_AUTO_WORKERS = 8  # WEFT_ENGINE_WORKERS unset: one per CPU weftd may run on, at most this many
+MAX_WORKERS = 64      # what the engine process accepts
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RESTART_RETRY = 1.0  # seconds between tries to start a new engine after one died
 
@@ -112,6 +117,23 @@ def _thread_usage(pid: int, tid: int) -> tuple[int, int, float] | None:
         return int(io["rchar"]), int(io["wchar"]), (int(fields[11]) + int(fields[12])) / CLK_TCK
     except (KeyError, IndexError, ValueError):
         return None
+
+
+def engine_workers(value: str) -> int:
+    """WEFT_ENGINE_WORKERS: a number of workers; unset, empty or ``auto``: one per CPU this daemon
+    may run on (its affinity, which the engine inherits: a node pinned to one CPU gets one), at
+    most MAX_AUTO_WORKERS. BackendError naming the variable for anything else."""
+    value = value.strip()
+    if value in ("", "auto"):
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if not 1 <= workers <= MAX_WORKERS:
+        raise BackendError(f"WEFT_ENGINE_WORKERS={value!r}: must be 'auto' or a number of engine "
+                           f"workers from 1 to {MAX_WORKERS}")
+    return workers
 
 
 class TunEngineBackend(RoutingBackend):
@@ -140,7 +162,7 @@ class TunEngineBackend(RoutingBackend):
         self._unconfirmed = False      # an adopted engine's routes await the listing of leases
         self._supervisor: threading.Thread | None = None
         self._closing = threading.Event()
-        self.workers = max(1, int(os.environ.get("WEFT_ENGINE_WORKERS", "1") or 1))
+        self.workers = engine_workers(os.environ.get("WEFT_ENGINE_WORKERS", ""))
         self.busy_poll_us = max(0, int(os.environ.get("WEFT_ENGINE_BUSY_POLL_US", str(BUSY_POLL_US)) or 0))
         self._l2_net: ipaddress.IPv4Network | None = None
         self._l2_net6: ipaddress.IPv6Network | None = None

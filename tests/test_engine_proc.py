@@ -211,7 +211,11 @@ def test_engine_outlives_weftd(backend):
         lab.kill_node(2, signal.SIGTERM)
         assert alive(replaced, seen[replaced])  # a plain SIGTERM left it running
         argv, _ = lab.daemon_command(lab.node(2))
-        proc = lab.spawn(lab.node(2).namespace, [*argv, "--teardown"], role="weftd n2 --teardown")
+        # on the node's CPU, as the lab starts weftd: the engine's worker count follows the CPUs
+        # weftd may use, and another count would be another config (the engine replaced)
+        cpu = lab.node_cpu(2)
+        pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+        proc = lab.spawn(lab.node(2).namespace, [*pin, *argv, "--teardown"], role="weftd n2 --teardown")
         deadline = time.monotonic() + 20
         while not lab.ready(2):
             assert proc.poll() is None and time.monotonic() < deadline, "weftd --teardown did not get ready"

@@ -224,14 +224,19 @@ def test_multiqueue_workers(backend):
         results = _multi_stream(lab, [(pod[1], pod[2]), (pod[2], pod[1]), (pod[3], pod[1])],
                                 streams=4, nbytes=16 << 20)
         assert all(sent == got for sent, got in results), "a multi-stream transfer was corrupted"
-        before = metrics(lab, 1)
+        before, before2 = metrics(lab, 1), metrics(lab, 2)
         received = _udp_flows(lab, pod[1], pod[2])
         assert received >= 1600, received
-        after = metrics(lab, 1)
+        after, after2 = metrics(lab, 1), metrics(lab, 2)
         # both of node 1's workers read packets from the TUN and sent them
         carried = [_worker_bytes(after, i, "tun_read_bytes") - _worker_bytes(before, i, "tun_read_bytes")
                    for i in range(WORKERS)]
         assert all(c > 50_000 for c in carried), carried
+        # and both of node 2's workers received them (each sender worker has a port of its own,
+        # and the receiving group picks the socket by it): not one worker per peer
+        delivered = [_worker_bytes(after2, i, "tun_write_bytes") - _worker_bytes(before2, i, "tun_write_bytes")
+                     for i in range(WORKERS)]
+        assert all(d > 50_000 for d in delivered), delivered
         # per node, what its workers wrote to the TUN (received) and read from it (sent) covers
         # the streams it received and sent: 16 MiB each
         streams_in, streams_out = {1: 8, 2: 4, 3: 0}, {1: 4, 2: 4, 3: 4}

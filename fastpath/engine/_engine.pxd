@@ -55,6 +55,8 @@ cdef struct Worker:
     int tun_fd
     int sock_fd
     int sock6_fd              # the IPv6 underlay's socket (-1: none)
+    int send_fd               # the socket the tx batch leaves from (sock_fd, or a worker's own port)
+    int send6_fd              # the same for IPv6 (sock6_fd, or a worker's own port; -1: none)
     int stop_fd
     # tx
     uint8_t *rd_buf

@@ -32,7 +32,8 @@ class Engine:
                  vnet_hdr: bool | None = None, split_threads: bool = False,
                  busy_poll_us: int = 0, network6: _Subnet6 | None = None,
                  subnet6_len: int | None = None, local_subnet6: _Subnet6 | None = None,
-                 vtep_mac6: _Mac = b"", sock6_fd: _Fds | None = None) -> None:
+                 vtep_mac6: _Mac = b"", sock6_fd: _Fds | None = None,
+                 send_fd: _Fds | None = None, send6_fd: _Fds | None = None) -> None:
         """Dual-stack (vxlan): ``network6``/``subnet6_len``/``local_subnet6`` (IPv6Network,
         IPv6SubnetLen, ours), ``vtep_mac6`` (our flannel-v6 MAC), ``sock6_fd`` (IPV6_V6ONLY UDP
         sockets on the IPv6 underlay, as ``sock_fd``). IPv6-only: ``network``, ``subnet_len``,

@@ -128,15 +128,33 @@ def _fds(value):
     return [int(v) for v in value]
 
 
+def _send_fds(name, value, sock_fds):
+    """The sockets each worker sends from: its receive socket, or one of ``value`` (one per worker;
+    only where that family has receive sockets)."""
+    if value is None:
+        return list(sock_fds)
+    fds = _fds(value)
+    if len(fds) != len(sock_fds):
+        raise ValueError(f"{name}: one UDP socket per TUN queue")
+    if -1 in sock_fds:
+        raise ValueError(f"{name} without the receive sockets of its family")
+    return fds
+
+
 cdef class Engine:
     """TUN <-> UDP forwarding for one node.
 
     ``Engine(tun_fd, sock_fd, *, mode="udp"|"vxlan", network=None, subnet_len=None, local_subnet=None, vni=1,
     vtep_mac=b"", port, mtu=0, vnet_hdr=None, split_threads=False, busy_poll_us=0,
-    network6=None, subnet6_len=None, local_subnet6=None, vtep_mac6=b"", sock6_fd=None)``
+    network6=None, subnet6_len=None, local_subnet6=None, vtep_mac6=b"", sock6_fd=None,
+    send_fd=None, send6_fd=None)``
 
     ``tun_fd``/``sock_fd``: an fd or a list of fds, one TUN queue and one UDP socket per worker
     (or one socket for all): as many workers as TUN fds. The caller owns the fds.
+    ``send_fd``/``send6_fd``: one UDP socket per worker that its tx batches leave from, each bound
+    to a port of its own (None: they leave from ``sock_fd``/``sock6_fd``). A peer's SO_REUSEPORT
+    group hashes the outer ports, so datagrams from different workers reach different workers
+    there: flows are spread by queue on both ends, not only on the sending one.
     ``split_threads``: two threads per worker (one per direction) instead of one thread doing
     both. ``busy_poll_us``: after forwarding, the duplex thread keeps polling (yielding the CPU
     between tries) this long before it sleeps: lower RTT, some CPU. ``vnet_hdr``: whether the TUN
@@ -185,7 +203,7 @@ cdef class Engine:
     def __init__(self, tun_fd, sock_fd, *, mode="udp", network=None, subnet_len=None, local_subnet=None, vni=1,
                  vtep_mac=b"", port=None, mtu=0, vnet_hdr=None, split_threads=False,
                  busy_poll_us=0, network6=None, subnet6_len=None, local_subnet6=None,
-                 vtep_mac6=b"", sock6_fd=None):
+                 vtep_mac6=b"", sock6_fd=None, send_fd=None, send6_fd=None):
         tun_fds = _fds(tun_fd)
         if network is None:     # IPv6-only: no IPv4 side, no IPv4 socket (-1: poll skips it)
             if network6 is None:
@@ -208,6 +226,8 @@ cdef class Engine:
                                            sock6_fd, len(tun_fds))
         elif sock6_fd is not None or local_subnet6 is not None:
             raise ValueError("sock6_fd/local_subnet6 without network6")
+        send_fds = _send_fds("send_fd", send_fd, sock_fds)
+        send6_fds = _send_fds("send6_fd", send6_fd, sock6_fds)
         if mode not in ("udp", "vxlan"):
             raise ValueError(f"mode {mode!r}: must be 'udp' or 'vxlan'")
         if network is not None:
@@ -296,10 +316,13 @@ cdef class Engine:
             raise MemoryError()
         for i in range(self.nworkers):
             _alloc_worker(&self.workers[i], &self.conf, tun_fds[i], sock_fds[i], sock6_fds[i],
-                          self.stop_fd)
+                          send_fds[i], send6_fds[i], self.stop_fd)
             os.set_blocking(tun_fds[i], False)
-        for fd in (set(sock_fds) | set(sock6_fds)) - {-1}:
-            self._tune_socket(fd)
+        receivers = (set(sock_fds) | set(sock6_fds)) - {-1}
+        for fd in receivers:
+            self._tune_socket(fd, True)
+        for fd in (set(send_fds) | set(send6_fds)) - receivers - {-1}:
+            self._tune_socket(fd, False)  # send only: nobody reads it, so no big receive buffer
 
     def _configure_v6(self, mode, network6, subnet6_len, local_subnet6, vtep_mac6, sock6_fd,
                       int nworkers):
@@ -339,13 +362,14 @@ cdef class Engine:
         self.subnet6_len = subnet6_len
         return fds6
 
-    cdef _tune_socket(self, int fd):
+    cdef _tune_socket(self, int fd, bint receives):
         cdef int one = 1, size = SOCK_BUF
-        if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(int)) != 0:
-            setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(int))
+        if receives:
+            if setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(int)) != 0:
+                setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(int))
+            setsockopt(fd, SOL_UDP, UDP_GRO, &one, sizeof(int))   # older kernels: plain datagrams
         if setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(int)) != 0:
             setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof(int))
-        setsockopt(fd, SOL_UDP, UDP_GRO, &one, sizeof(int))   # older kernels: plain datagrams
         os.set_blocking(fd, True)         # sends block (backpressure); receives use MSG_DONTWAIT
 
     def __dealloc__(self):

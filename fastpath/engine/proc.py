@@ -28,6 +28,7 @@ import threading
 import time
 
 from .control import HEADER, MAX_MESSAGE, encode, peer_credentials
+from .spread import attach_spread, bind_senders
 
 log = logging.getLogger("weft.engine")
 
@@ -326,9 +327,13 @@ class EngineProcess:
         # hold the IPv4 VXLAN port of an address the overlay does not use)
         socks = self._bind(socket.AF_INET, config["local"], config["port"], workers) if config["local"] else []
         extra = {}
+        if workers > 1 and socks:  # each worker sends from a port of its own (spread.py)
+            extra["send_fd"] = [s.fileno() for s in self._senders(socket.AF_INET, config["local"], workers)]
         if "local6" in config:  # dual-stack: the IPv6 underlay's socket(s), IPv6 only, same port
             socks6 = self._bind(socket.AF_INET6, config["local6"], config["port"], workers)
             extra["sock6_fd"] = [s.fileno() for s in socks6] if workers > 1 else socks6[0].fileno()
+            if workers > 1:
+                extra["send6_fd"] = [s.fileno() for s in self._senders(socket.AF_INET6, config["local6"], workers)]
         tun = self.tun_fds if workers > 1 else self.tun_fds[0]
         sock = None if not socks else [s.fileno() for s in socks] if workers > 1 else socks[0].fileno()
         if config["network"] is not None:
@@ -347,9 +352,20 @@ class EngineProcess:
         self.config = config
         self.started_at = time.time()
 
+    def _senders(self, family: int, address: str, workers: int) -> list[socket.socket]:
+        """The workers' send sockets, worker i's on an ephemeral port that is i modulo ``workers``."""
+        try:
+            made = bind_senders(family, address, workers)
+        except OSError as exc:
+            raise RequestError(f"cannot bind the workers' send sockets on {address}: "
+                               f"{exc.strerror or exc}") from None
+        self.socks.extend(made)
+        return made
+
     def _bind(self, family: int, address: str, port: int, workers: int) -> list[socket.socket]:
         """One UDP socket per worker (SO_REUSEPORT when several) bound to ``address``:``port``;
-        an IPv6 one IPV6_V6ONLY (the IPv4 socket holds the same port)."""
+        an IPv6 one IPV6_V6ONLY (the IPv4 socket holds the same port). Several: the group takes
+        a datagram into the socket of index source port % workers (spread.py)."""
         made = []
         try:
             for _ in range(workers):
@@ -361,6 +377,8 @@ class EngineProcess:
                 if workers > 1:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 s.bind((address, port))
+            if workers > 1:
+                attach_spread(made[0], workers)
         except OSError as exc:
             where = f"[{address}]:{port}" if family == socket.AF_INET6 else f"{address}:{port}"
             raise RequestError(f"cannot bind UDP {where}: {exc.strerror}") from None

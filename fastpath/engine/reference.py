@@ -47,7 +47,7 @@ class ReferenceEngine:
     def __init__(self, tun_fd, sock_fd, *, mode="udp", network=None, subnet_len=None, local_subnet=None, vni=1,
                  vtep_mac=b"", port=None, mtu=0, vnet_hdr=None, split_threads=False,
                  busy_poll_us=0, network6=None, subnet6_len=None, local_subnet6=None,
-                 vtep_mac6=b"", sock6_fd=None):
+                 vtep_mac6=b"", sock6_fd=None, send_fd=None, send6_fd=None):
         # split_threads, busy_poll_us: accepted for API parity; one thread, select(), no polling.
         # IPv6 (the compiled engine's dual-stack vxlan): not here. This engine serves udp/python,
         # and flannel's udp format carries IPv4 only.
@@ -56,6 +56,8 @@ class ReferenceEngine:
                              " compiled engine (vxlan/fastpath)")
         if network is None:  # the compiled engine's IPv6-only form (network None): not here either
             raise ValueError("the reference engine needs network (it carries IPv4 only)")
+        if send_fd is not None or send6_fd is not None:
+            raise ValueError("the reference engine runs one worker: it sends from its one socket")
         if not isinstance(tun_fd, int) or not isinstance(sock_fd, int):
             raise ValueError("the reference engine runs one worker on one TUN fd and one socket")
         if vnet_hdr:

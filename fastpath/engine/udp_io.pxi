@@ -13,7 +13,7 @@ cdef void tx_flush(Worker *w) noexcept nogil:
         tx_flush_mixed(w, sent)
         return
     while sent < w.n_msgs:
-        r = sendmmsg(w.sock_fd, w.tx_msgs + sent, <unsigned int>(w.n_msgs - sent), 0)
+        r = sendmmsg(w.send_fd, w.tx_msgs + sent, <unsigned int>(w.n_msgs - sent), 0)
         if r < 0:
             if errno == EINTR:
                 continue
@@ -43,7 +43,7 @@ cdef void tx_flush_mixed(Worker *w, int sent) noexcept nogil:
         end = sent + 1
         while end < w.n_msgs and msg_is_v6(&w.tx_msgs[end]) == v6:
             end += 1
-        fd = w.sock6_fd if v6 else w.sock_fd
+        fd = w.send6_fd if v6 else w.send_fd
         r = sendmmsg(fd, w.tx_msgs + sent, <unsigned int>(end - sent), 0)
         if r < 0:
             if errno == EINTR:

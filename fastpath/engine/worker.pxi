@@ -1,7 +1,8 @@
 # A worker: its buffers (one TUN queue, one UDP socket) and the loops its threads run.
 # Included by _engine.pyx.
 
-cdef int _alloc_worker(Worker *w, Conf *conf, int tun_fd, int sock_fd, int sock6_fd, int stop_fd) except -1:
+cdef int _alloc_worker(Worker *w, Conf *conf, int tun_fd, int sock_fd, int sock6_fd, int send_fd,
+                       int send6_fd, int stop_fd) except -1:
     cdef int i
     memset(w, 0, sizeof(Worker))
     w.conf = conf
@@ -9,6 +10,8 @@ cdef int _alloc_worker(Worker *w, Conf *conf, int tun_fd, int sock_fd, int sock6
     w.tun_fd = tun_fd
     w.sock_fd = sock_fd
     w.sock6_fd = sock6_fd
+    w.send_fd = send_fd
+    w.send6_fd = send6_fd
     w.stop_fd = stop_fd
     w.rd_buf = <uint8_t *>calloc(TX_BATCH, RD_STRIDE)
     w.tx_msgs = <mmsghdr *>calloc(TX_MAX_MSGS, sizeof(mmsghdr))
