@@ -151,9 +151,11 @@ def test_struct_mirrors_match_compiled_layout(progs):
     finally:
         bpf.cleanup()
     assert (progs.peers.key_size, progs.peers.value_size) == (8, 16) == (ctypes.sizeof(fb.PeerKey), 16)
-    # the IPv4 fields first, as before dual-stack (offsets unchanged), then the IPv6 ones
-    assert progs.config.value_size == ctypes.sizeof(fb.Config) == 40 + 8 + 4 * 16
+    # the IPv4 fields first, as before dual-stack (offsets unchanged), then the IPv6 ones, then
+    # host-gw/ebpf's underlay ifindex
+    assert progs.config.value_size == ctypes.sizeof(fb.Config) == 40 + 8 + 4 * 16 + 4
     assert fb.Config.public_ipv4.offset == 36 and fb.Config.vtep_mac6.offset == 40
+    assert fb.Config.underlay_ifindex.offset == 112
     assert (progs.peer_ips.key_size, progs.peer_ips.value_size) == (4, 4)
     assert (progs.peers6.key_size, progs.peers6.value_size) == (20, 28)
     assert (progs.peer_ips6.key_size, progs.peer_ips6.value_size) == (16, 4)
@@ -172,7 +174,7 @@ def test_enum_mirrors_match_headers():
     for name, value in (("RX_REDIRECT", fb.CFG_RX_REDIRECT), ("RX_NEIGH", fb.CFG_RX_NEIGH),
                         ("TTL_DEC", fb.CFG_TTL_DEC), ("PODS_REDIRECT", fb.CFG_PODS_REDIRECT),
                         ("RX_PEER", fb.CFG_RX_PEER), ("OUTER_CSUM", fb.CFG_OUTER_CSUM),
-                        ("RX_CHECK", fb.CFG_RX_CHECK)):
+                        ("RX_CHECK", fb.CFG_RX_CHECK), ("POD_PORT", fb.CFG_POD_PORT)):
         shift = int(text.split(f"WEFT_CFG_{name}")[1].split("<<")[1].split(")")[0])
         assert 1 << shift == value, name
 
@@ -287,6 +289,35 @@ def test_from_pods_mtu_guard_keys_on_gso_size(fresh, payload, gso_segs, gso_size
         assert (rc, c["pods_stack"], c["pods_redirect"]) == (sysbpf.TC_ACT_REDIRECT, 0, 1)
         assert c["tx_packets"] == max(gso_segs, 1)
 
+
+
+# -- weft_from_pod_port (tc ingress of each pod's host veth: before the bridge) ------------------------
+POD_PORT = 42  # the pod's host-side veth (ingress_ifindex under BPF_PROG_TEST_RUN)
+
+
+@pytest.mark.parametrize("case", ["hit", "l2-to-another-pod", "other-port", "not-learnt", "miss", "ttl-1"])
+def test_from_pod_port_takes_only_a_learnt_pods_frames_to_its_gateway(fresh, case):
+    """On the pod's own port, a frame to the gateway (bridge MAC) from the pod's learnt address is
+    encapsulated and redirected as on cni0; anything else (a frame switched to another MAC, an
+    address learnt on another port, a source not learnt yet) goes on to the bridge untouched; so
+    does what the stack must take (a miss, TTL 1), uncounted: cni0's program counts it next."""
+    add_peer(fresh)
+    fresh.set_endpoints({ipaddress.IPv4Address("10.244.1.2"): (POD_PORT, POD_MAC, CNI_MAC)})
+    try:
+        pkt = frame("10.244.1.3" if case == "not-learnt" else "10.244.1.2",
+                    "10.244.9.7" if case == "miss" else "10.244.2.7", ttl=1 if case == "ttl-1" else 64,
+                    dmac="02:aa:00:00:00:06" if case == "l2-to-another-pod" else CNI_MAC)
+        rc, out = run(fresh, "weft_from_pod_port", pkt, skb_ctx(POD_PORT + (case == "other-port")))
+    finally:
+        fresh.set_endpoints({})
+    c = fresh.counter_sums()
+    if case == "hit":
+        assert rc == sysbpf.TC_ACT_REDIRECT
+        got = ip_of(out)
+        assert (got["dmac"], got["smac"], got["ttl"], got["csum_ok"]) == (PEER_MAC, OUR_MAC, 63, True)
+        assert c["pods_redirect"] == 1 and c["tx_packets"] == 1
+    else:
+        assert (rc, out) == (sysbpf.TC_ACT_OK, pkt) and sum(c.values()) == 0
 
 # -- weft_from_overlay (flannel.N ingress) -------------------------------------------------------------
 # BPF_PROG_TEST_RUN cannot give a frame a tunnel key (the VXLAN device's metadata), so the paths
@@ -998,6 +1029,34 @@ def test_from_pods6_hit_redirects_with_hop_limit_and_macs(dual):
     got = ip_of(out)
     assert rc == sysbpf.TC_ACT_REDIRECT
     assert (got["dmac"], got["smac"], got["ttl"], got["csum_ok"]) == (PEER_MAC, OUR_MAC, 63, True)
+
+
+def test_from_pod_port_switched_off_through_the_config_map(fresh):
+    add_peer(fresh)
+    fresh.set_config(config(flags=fb.CFG_DEFAULT & ~fb.CFG_POD_PORT))
+    fresh.set_endpoints({ipaddress.IPv4Address("10.244.1.2"): (POD_PORT, POD_MAC, CNI_MAC)})
+    try:
+        pkt = frame("10.244.1.2", "10.244.2.7")
+        assert run(fresh, "weft_from_pod_port", pkt, skb_ctx(POD_PORT)) == (sysbpf.TC_ACT_OK, pkt)
+    finally:
+        fresh.set_endpoints({})
+
+
+@pytest.mark.parametrize("dmac", [CNI_MAC, "02:aa:00:00:00:06"], ids=["to-gateway", "l2-to-another-pod"])
+def test_from_pod_port6_takes_a_learnt_pods_frames_to_its_gateway(dual, dmac):
+    dual.set_endpoints({ipaddress.IPv6Address("fd10:244:0:1::2"): (POD_PORT, POD_MAC, CNI_MAC)})
+    try:
+        pkt = frame6("fd10:244:0:1::2", "fd10:244:0:2::7", hlim=64, dmac=dmac)
+        rc, out = run(dual, "weft_from_pod_port", pkt, skb_ctx(POD_PORT))
+    finally:
+        dual.set_endpoints({})
+    if dmac == CNI_MAC:
+        got = ip6_of(out)
+        assert rc == sysbpf.TC_ACT_REDIRECT
+        assert (got["dmac"], got["smac"], got["hlim"]) == (PEER6_MAC, OUR_MAC6, 63)
+        assert dual.counter_sums()["pods_redirect"] == 1
+    else:
+        assert (rc, out) == (sysbpf.TC_ACT_OK, pkt) and dual.counter_sums()["pods_redirect"] == 0
 
 
 def _hop_by_hop() -> bytes:

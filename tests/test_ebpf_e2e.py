@@ -273,6 +273,34 @@ def test_64mib_transfer_byte_identical(net, a, b, learn):
         assert s["rx_peer" if learn else "rx_redirect"] > 1000, s
 
 
+def _rx_packets(ns: str, dev: str) -> int:
+    return json.loads(sh("ip", "-n", ns, "-s", "-j", "link", "show", dev))[0]["stats64"]["rx"]["packets"]
+
+
+def _pod_ports(ns: str) -> list[str]:
+    return [link["ifname"] for link in json.loads(sh("ip", "-n", ns, "-j", "link", "show", "master", "cni0"))]
+
+
+def test_pod_traffic_to_a_peer_skips_the_bridge(net):
+    """A learnt pod's frames to a peer are encapsulated on the pod's own port (weft_from_pod_port on
+    its host veth's ingress), before the bridge: cni0 is handed none of a 16 MiB transfer (on cni0's
+    ingress every data skb would be), the bytes arrive intact, and teardown removes the port's filter."""
+    net.start(EBPF3)
+    assert net.ping_failures([(1, 2), (2, 1)]) == []
+    net.call(1, "sync_endpoints")  # what the bridge watcher does every second
+    ports = _pod_ports(net.node[1])
+    assert ports and all("weft_from_pod_port" in sh("tc", "-n", net.node[1], "filter", "show", "dev", p, "ingress")
+                         for p in ports)
+    before = _rx_packets(net.node[1], "cni0")
+    sent, got = net.transfer(1, 2, 16)
+    assert sent and sent == got
+    assert _rx_packets(net.node[1], "cni0") - before < 20  # ARP, neighbour probes at most
+    assert net.call(1, "stats")["tx_packets"] > 10000  # 16 MiB in 1,398-byte segments: ~12,000
+    net.stop()
+    for p in ports:
+        assert "bpf" not in sh("tc", "-n", net.node[1], "filter", "show", "dev", p, "ingress")
+
+
 def test_teardown_leaves_nothing(net):
     net.start(EBPF3)
     net.stop()

@@ -102,14 +102,19 @@ def test_leftovers_hooks_run_before_any_backend_is_set_up(toy):
     hooks = [d.leftovers for d in backends.dataplanes() if d.leftovers]
     assert "tests.test_registry:toy_leftovers" in hooks
     assert "fastpath.engine.control:stop_engines_but_for" in hooks
+    assert "fastpath.hostgw.ebpf:clear_programs_but_for" in hooks
     import fastpath.engine.control as control
-    calls = []
+    import fastpath.hostgw.ebpf as hostgw_ebpf
+    calls, cleared = [], []
     real, control.stop_engines_but_for = control.stop_engines_but_for, calls.append
+    real_hg, hostgw_ebpf.clear_programs_but_for = hostgw_ebpf.clear_programs_but_for, cleared.append
     try:
         backends.clear_leftovers(marker)
     finally:
         control.stop_engines_but_for = real
-    assert LEFTOVERS_SEEN == [marker] and calls == [marker]  # each hook once, however many declare it
+        hostgw_ebpf.clear_programs_but_for = real_hg
+    # each hook once, however many declare it
+    assert LEFTOVERS_SEEN == [marker] and calls == [marker] and cleared == [marker]
 
 
 def test_source_guard_follows_the_declaration(toy):
@@ -123,7 +128,7 @@ def test_source_guard_follows_the_declaration(toy):
     check_source_guard(True, backends.declaration("vxlan/fastpath"))
     check_source_guard(False, backends.declaration("alloc/kernel"))
     with pytest.raises(UsageError, match=r"^--source-guard: not available on alloc/kernel: .*opt-in of "
-                       r"host-gw/kernel, vxlan/kernel, toy/user\)$"):
+                       r"host-gw/kernel, host-gw/ebpf, vxlan/kernel, toy/user\)$"):
         check_source_guard(True, backends.declaration("alloc/kernel"))
     for d in backends.dataplanes():
         if d.wire in ("toy",) or d.name == "toyplane" or "bcc" in d.requires:

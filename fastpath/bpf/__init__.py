@@ -30,7 +30,8 @@ import socket
 import struct
 
 BPF_DIR = os.path.dirname(os.path.abspath(__file__))
-PROGRAM_FILES = ("to_overlay.c", "from_pods.c", "from_overlay.c", "from_underlay.c", "hostgw_guard.c")
+PROGRAM_FILES = ("to_overlay.c", "from_pods.c", "from_overlay.c", "from_underlay.c", "hostgw_guard.c",
+                 "hostgw.c")
 FIX = "install python3-bpfcc and linux-headers-amd64; run ./bootstrap"
 
 
@@ -92,7 +93,8 @@ class Config(ctypes.Structure):
                 ("network6", ctypes.c_uint8 * 16),  # network order (C: __u32[4])
                 ("netmask6", ctypes.c_uint8 * 16),
                 ("local_ipv6", ctypes.c_uint8 * 16),
-                ("public_ipv6", ctypes.c_uint8 * 16)]
+                ("public_ipv6", ctypes.c_uint8 * 16),
+                ("underlay_ifindex", ctypes.c_uint32)]  # host-gw/ebpf
 
 
 def ip6_bytes(addr) -> "ctypes.Array":
@@ -107,8 +109,9 @@ CFG_PODS_REDIRECT = 1 << 3
 CFG_RX_PEER = 1 << 4
 CFG_OUTER_CSUM = 1 << 5
 CFG_RX_CHECK = 1 << 6
+CFG_POD_PORT = 1 << 7
 CFG_DEFAULT = (CFG_RX_REDIRECT | CFG_TTL_DEC | CFG_PODS_REDIRECT | CFG_RX_PEER | CFG_OUTER_CSUM
-               | CFG_RX_CHECK)
+               | CFG_RX_CHECK | CFG_POD_PORT)
 
 
 class Counter(enum.IntEnum):
@@ -266,7 +269,9 @@ def check_toolchain(import_bcc: bool = True):
     return BPF
 
 
-ENTRIES = ("weft_to_overlay", "weft_from_pods", "weft_from_overlay", "weft_from_underlay", "weft_hostgw_guard")
+ENTRIES = ("weft_to_overlay", "weft_from_pods", "weft_from_overlay", "weft_from_underlay", "weft_hostgw_guard",
+           "weft_from_pod_port", "weft_hostgw_from_pods", "weft_hostgw_from_underlay",
+           "weft_hostgw_from_pod_port")
 MAPS = ("weft_peers", "weft_config", "weft_counters", "weft_drops", "weft_endpoints", "weft_peer_ips",
         "weft_peers6", "weft_peer_ips6", "weft_endpoints6")
 LOAD_TIMEOUT = 60.0  # seconds a compile + load may take before the loader is killed
@@ -364,7 +369,7 @@ class Programs:
             child.close()
             parent.settimeout(timeout)
             try:
-                msg, fds, _, _ = socket.recv_fds(parent, 65536, 16)
+                msg, fds, _, _ = socket.recv_fds(parent, 65536, len(ENTRIES) + len(MAPS))
             except (socket.timeout, OSError) as exc:
                 msg = b""
                 why = f"no answer in {timeout:.0f} s" if isinstance(exc, socket.timeout) else str(exc)

@@ -17,6 +17,10 @@
 #define WEFT_ENCAP_PASS		1	/* not overlay traffic */
 #define WEFT_ENCAP_MISS		2	/* in the Network, no peer entry */
 
+/* bcc 0.26 declares bpf_redirect_neigh with 3 arguments; the kernel's helper takes 4. */
+static long (*weft_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
+	(void *)BPF_FUNC_redirect_neigh;
+
 static __always_inline void weft_count(__u32 idx, __u64 n)
 {
 	__u64 *v = weft_counters.lookup(&idx);
@@ -98,6 +102,19 @@ static __always_inline __u32 weft_check_source(__u32 inner_saddr, __u32 remote)
 	if ((peer->flags & WEFT_PEER_LOCAL) | (peer->remote_ipv4 ^ remote))
 		return WEFT_DROP_SPOOFED_SRC;
 	return 0;
+}
+
+/* A FIB lookup for the IPv4 packet ``ip`` as forwarding would make it, arriving on ``ifindex``;
+ * tot_len 0: the kernel checks the skb (GSO-aware) against the MTU. */
+static __always_inline void weft_fib4_init(struct bpf_fib_lookup *fib, struct iphdr *ip, __u32 ifindex)
+{
+	fib->family = 2;	/* AF_INET */
+	fib->tos = ip->tos;
+	fib->l4_protocol = ip->protocol;
+	fib->tot_len = 0;
+	fib->ipv4_src = ip->saddr;
+	fib->ipv4_dst = ip->daddr;
+	fib->ifindex = ifindex;
 }
 
 static __always_inline void weft_set_macs(struct ethhdr *eth, const __u8 *dst, const __u8 *src)

@@ -27,9 +27,6 @@
 #ifndef BPF_FIB_LOOKUP_SKIP_NEIGH
 #define BPF_FIB_LOOKUP_SKIP_NEIGH (1U << 2)
 #endif
-/* bcc 0.26 declares bpf_redirect_neigh with 3 arguments; the kernel's helper takes 4. */
-static long (*weft_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
-	(void *)BPF_FUNC_redirect_neigh;
 
 /* Forward a decapsulated packet where the FIB lookup said (counted): through the kernel's
  * neighbour resolution when asked to (or when the lookup found no neighbour), else with the FIB's
@@ -187,13 +184,7 @@ int weft_from_overlay(struct __sk_buff *skb)
 		goto stack;
 
 	struct bpf_fib_lookup fib = {};
-	fib.family = AF_INET;
-	fib.tos = ip->tos;
-	fib.l4_protocol = ip->protocol;
-	fib.tot_len = 0;	/* 0: the kernel checks the skb (GSO-aware) against the MTU */
-	fib.ipv4_src = ip->saddr;
-	fib.ipv4_dst = ip->daddr;
-	fib.ifindex = skb->ingress_ifindex;
+	weft_fib4_init(&fib, ip, skb->ingress_ifindex);
 	__u32 neigh = cfg->flags & WEFT_CFG_RX_NEIGH;
 	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), neigh ? BPF_FIB_LOOKUP_SKIP_NEIGH : 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)

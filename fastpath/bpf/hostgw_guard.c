@@ -36,7 +36,9 @@
 #define WEFT_PACKET_OTHERHOST	3
 #define WEFT_AF_INET		2
 
-int weft_hostgw_guard(struct __sk_buff *skb)
+/* The guard's check: TC_ACT_OK (passed, or not a packet it checks) or the drop, counted. Also
+ * weft_hostgw_from_underlay's first step under WEFT_CFG_RX_CHECK (hostgw.c, the same compile). */
+static __always_inline int weft_hostgw_check(struct __sk_buff *skb)
 {
 	if (skb->protocol != bpf_htons(ETH_P_IP) || skb->pkt_type == WEFT_PACKET_OTHERHOST)
 		return TC_ACT_OK;
@@ -79,4 +81,9 @@ int weft_hostgw_guard(struct __sk_buff *skb)
 		return weft_drop_n(WEFT_DROP_HOSTGW_SPOOFED, segs);
 	weft_count(WEFT_CNT_HOSTGW_PASSED, segs);
 	return TC_ACT_OK;
+}
+
+int weft_hostgw_guard(struct __sk_buff *skb)
+{
+	return weft_hostgw_check(skb);
 }

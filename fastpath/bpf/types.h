@@ -69,6 +69,7 @@ struct weft_config {
 	__u32 netmask6[4];	/* its mask, network byte order */
 	__u32 local_ipv6[4];	/* outer source address, network byte order; 0: the route's */
 	__u32 public_ipv6[4];	/* our PublicIPv6, network byte order */
+	__u32 underlay_ifindex;	/* host-gw/ebpf: the underlay interface pod traffic to peers leaves by */
 };
 
 /* weft_config.flags: runtime switches (never cflags). */
@@ -79,6 +80,7 @@ struct weft_config {
 #define WEFT_CFG_RX_PEER	(1U << 4)	/* from_overlay: known endpoint -> bpf_redirect_peer into the pod */
 #define WEFT_CFG_OUTER_CSUM	(1U << 5)	/* outer UDP checksum, as the kernel device (udpcsum is its default) */
 #define WEFT_CFG_RX_CHECK	(1U << 6)	/* from_overlay: tunnel source must hold the inner source (else drop) */
+#define WEFT_CFG_POD_PORT	(1U << 7)	/* from_pod_port: encapsulate on the pod's veth, before the bridge */
 
 /* Indexes of weft_counters (per-CPU u64). Packets count GSO segments. */
 enum weft_counter {

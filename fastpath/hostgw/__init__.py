@@ -14,4 +14,13 @@ DATAPLANES = (
               source_guard_help="drop packets from a Network address whose source MAC is not that "
                                 "of the public IP of the lease holding it",
               ipv6=True),
+    Dataplane("host-gw", "ebpf", "fastpath.hostgw.ebpf:HostGWEBPFBackend",
+              "host-gw's kernel routes, pod traffic past IP forwarding by tc programs (redirect_neigh "
+              "out, redirect_peer in)", inspect="fastpath.peermap:show",
+              source_guard="optional",
+              source_guard_help="drop packets from a Network address whose source MAC is not that "
+                                "of the public IP of the lease holding it",
+              requires=("bcc",), no_ipv6_reason="its programs handle IPv4 only",
+              leftovers="fastpath.hostgw.ebpf:clear_programs_but_for"),
 )
+

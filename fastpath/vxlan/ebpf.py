@@ -10,13 +10,19 @@ Design notes (Cilium's tunnel shape, wire-identical to ``vxlan/kernel``):
 - Peers live in one BPF LPM trie, ``weft_peers`` (peer subnet -> PublicIP, VNI, VtepMAC; our own
   subnet is there too, flagged local). Adding or removing a peer is one map update; there is no
   per-peer neighbour, FDB or route entry. 1,000 peers take milliseconds, not the ~1 s of netlink.
-- Four tc programs (fastpath/bpf/, clsact direct-action):
+- Five tc programs (fastpath/bpf/, clsact direct-action):
 
   * ``weft_from_pods`` on the pod bridge's (cni0) ingress: pod traffic for a peer is encapsulated
     (tunnel key + inner MACs: dst = peer VtepMAC, src = ours) and redirected straight to
     flannel.N, skipping IP forwarding (the TTL is decremented in the program). Anything else
     (local, outside the Network, TTL 1, bigger than the overlay MTU (GSO: a segment), no peer)
     follows the stack, counted.
+  * ``weft_from_pod_port`` on each learnt pod's host veth (a port of cni0), ingress: the same
+    steps before the bridge, for the pod's own frames to its gateway (source = its learnt address
+    on this port, destination MAC = the bridge's), so pod traffic to a peer skips the bridge, its
+    netfilter hook (br_netfilter's conntrack) and cni0's receive; the rest goes on to the bridge
+    (and weft_from_pods). Attached by the bridge watcher with the endpoints it learns, re-attached by
+    resync; runtime switch ``CFG_POD_PORT``.
   * ``weft_to_overlay`` on flannel.N egress: what the stack routes into the overlay (the node's own
     traffic; pod traffic before cni0 exists) gets the same treatment; a miss is dropped, counted.
   * ``weft_from_overlay`` on flannel.N ingress: a FIB lookup finds the local pod; a pod the
@@ -91,6 +97,7 @@ from controlplane.backends.base import BackendError, BackendOptions, ExternalInt
 from controlplane.config import NetworkConfig
 from controlplane.lease import Lease
 
+from ..bpf.pods import POD_BRIDGE
 from ..netlink import ignore_gone, only_address
 from ..routing import Peer, RoutingBackend
 from .vtep import VxlanDevice, parse_unicast_mac
@@ -99,10 +106,7 @@ log = logging.getLogger("weft.backend.vxlan.ebpf")
 
 IFF_NOARP = 0x80
 IFF_MULTICAST = 0x1000
-NUD_PERMANENT = 0x80
-NUD_VALID = 0x80 | 0x40 | 0x02 | 0x10 | 0x04 | 0x08  # PERMANENT NOARP REACHABLE PROBE STALE DELAY
 SCOPE_LINK = 253
-POD_BRIDGE = "cni0"
 WATCH_INTERVAL = 1.0  # seconds between looks at the pod bridge (new pods, cni0 created late)
 
 
@@ -125,6 +129,7 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
         self.progs = None  # fastpath.bpf.Programs, compiled on first setup
         self.cfg_flags: int | None = None
         self._bridge_index: int | None = None
+        self._pod_ports: set[int] = set()  # pods' host veths that carry weft_from_pod_port
         self._inherited: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
         self.dev6_name = None  # no flannel-v6.<VNI>: flannel.<VNI> (external) carries both families
         self._watch_stop = threading.Event()
@@ -398,9 +403,11 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
             progs.put_peer(peer_key(self.lease.subnet6),
                            peer_value(self.iface.public_ipv6, self.vni, self.vtep_mac6 or self.vtep_mac, PEER_LOCAL))
 
-    def sync_endpoints(self) -> int:
+    def sync_endpoints(self, reattach: bool = False) -> int:
         """Refill weft_endpoints from the pod bridge: pod IP (neighbour table) -> MAC -> port
-        (bridge FDB). Returns how many entries changed. Called by setup and resync."""
+        (bridge FDB), and put weft_from_pod_port on the ports of learnt pods (on every one again
+        when ``reattach``). Returns how many entries changed. Called by setup, the bridge watcher
+        and resync."""
         with self._lock:
             if self.progs is None or self.lease is None:
                 return 0
@@ -409,37 +416,27 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
                 want = self._learn_endpoints()
             except Exception as exc:
                 log.debug("learning endpoints on %s failed: %s", self.bridge, exc)
-            return self.progs.set_endpoints(want)
+            changed = self.progs.set_endpoints(want)
+            self._attach_pod_ports({port for port, _, _ in want.values()}, reattach)
+            return changed
+
+    def _attach_pod_ports(self, ports: set[int], reattach: bool) -> None:
+        """weft_from_pod_port on each learnt pod's host veth, where its traffic to peers is
+        encapsulated before the bridge and its netfilter hook (weft_from_pods on cni0 stays: it
+        takes what the port program leaves). A pod's veth takes its filter with it."""
+        from fastpath.bpf.pods import attach_pod_ports
+        self._pod_ports = attach_pod_ports(self.ipr, self.progs.fns["weft_from_pod_port"], ports,
+                                           self._pod_ports, reattach)
 
     def _learn_endpoints(self) -> dict:
-        ipr = self.ipr
         bidx = self.link_index(self.bridge)
         if bidx is None:
             return {}
-        bmac = parse_unicast_mac(ipr.link("get", index=bidx)[0].get("IFLA_ADDRESS"))
-        ports = set()
-        for link in ipr.get_links():
-            info = link.get("IFLA_LINKINFO")
-            if link.get("IFLA_MASTER") == bidx and info is not None and info.get("IFLA_INFO_KIND") == "veth":
-                ports.add(link["index"])
-        port_of = {}
-        for f in ipr.neigh("dump", family=socket.AF_BRIDGE):
-            mac = parse_unicast_mac(f.get("NDA_LLADDR"))
-            if f["ifindex"] in ports and mac and not f["state"] & NUD_PERMANENT:
-                port_of[mac] = f["ifindex"]
-        want = {}
         subnets = {socket.AF_INET: self.lease.subnet} if self.has_v4_side(self.lease) else {}
         if self.has_ipv6 and self.lease.subnet6 is not None:  # IPv6 pods too (weft_endpoints6)
             subnets[socket.AF_INET6] = self.lease.subnet6
-        for family, subnet in subnets.items():
-            for n in ipr.neigh("dump", family=family, ifindex=bidx):
-                dst, mac = n.get("NDA_DST"), parse_unicast_mac(n.get("NDA_LLADDR"))
-                if n["ifindex"] != bidx or not dst or not mac or not n["state"] & NUD_VALID:
-                    continue
-                ip = ipaddress.ip_address(dst)
-                if ip in subnet and mac in port_of and bmac:
-                    want[ip] = (port_of[mac], mac, bmac)
-        return want
+        from fastpath.bpf.pods import learn_endpoints
+        return learn_endpoints(self.ipr, bidx, subnets)
 
     def program(self, peer: Peer) -> None:
         if self.progs is not None:  # else setup puts it
@@ -501,7 +498,7 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
                     log.info("dropped inherited peer %s: no lease", subnet)
                 self._inherited.clear()
             self._put_local(self.progs)
-            self.sync_endpoints()
+            self.sync_endpoints(reattach=True)  # a port filter removed behind our back comes back
         except Exception as exc:
             log.warning("vxlan/ebpf resync failed: %s", exc)
             return False
@@ -533,6 +530,9 @@ class VXLANEBPFBackend(VxlanDevice, RoutingBackend):
                 detach_filter(self.ipr, idx, CLSACT_INGRESS)
             except Exception as exc:
                 log.warning("removing our filter from %s failed: %s", dev, exc)
+        from fastpath.bpf.pods import detach_pod_ports
+        detach_pod_ports(self.ipr, self._pod_ports)
+        self._pod_ports = set()
         idx = self.link_index(self.dev_name)
         if idx is not None:
             ignore_gone(self.ipr.link, "del", index=idx)
