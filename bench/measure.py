@@ -55,11 +55,28 @@ def _run(argv, timeout: float) -> str:
 
 # -- CPU accounting ----------------------------------------------------------------------------
 def machine_busy() -> float:
-    """Busy CPU seconds of the whole machine so far (all but idle and iowait)."""
+    """Busy CPU seconds of the whole machine, as a reading whose differences count: the online
+    CPUs' time on the monotonic clock less their idle and iowait.
+
+    Not the sum of /proc/stat's user, system, irq and softirq fields: those are sampled at each
+    timer tick, and on a partly idle CPU of this VM they disagree with the idle time, which a
+    tickless kernel accounts exactly (nohz idle_sleeptime), in either direction: a receiving
+    node's CPU read 0.74-0.77 busy on one data plane and 0.42-0.45 on another, where the idle
+    time said 0.59-0.62 for both, and a spinner at idle priority lost the same share on both
+    (notes of 2026-11-29, docs/measurement-notes.md)."""
+    idle = 0
+    cpus = 0
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / CLK_TCK
+        now = time.monotonic()
+        for line in f:
+            if not line.startswith("cpu"):
+                break
+            if line.startswith("cpu "):
+                fields = [int(x) for x in line.split()[1:]]
+                idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+            else:
+                cpus += 1
+    return cpus * now - idle / CLK_TCK
 
 
 def _netns_inode_of(pid: int) -> int | None:

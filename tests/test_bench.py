@@ -377,6 +377,30 @@ def test_daemon_cpu_is_the_kept_attempts_own():
     assert guard.pids_cpu_s < 0.1, guard.pids_cpu_s  # the kept attempt: the daemon idled
 
 
+def test_machine_busy_counts_what_a_process_burns():
+    """machine_busy() (CPUs x monotonic time, less the idle and iowait the kernel accounts
+    exactly): a process burning 1 s of CPU on a machine otherwise (nearly) idle shows as that."""
+    from bench.measure import machine_busy
+    burner = subprocess.Popen([sys.executable, "-c", BURNER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        burner.stdin.write("0.05\n")  # started and warm
+        burner.stdin.flush()
+        burner.stdout.readline()
+        cpu0, t0, busy0 = process_cpu(burner.pid), time.monotonic(), machine_busy()
+        burner.stdin.write("1.0\n")
+        burner.stdin.flush()
+        burner.stdout.readline()
+        busy, wall, burnt = machine_busy() - busy0, time.monotonic() - t0, process_cpu(burner.pid) - cpu0
+    finally:
+        burner.stdin.close()
+        burner.wait(5)
+        burner.stdout.close()
+    assert burnt >= 0.95
+    # the rest of the machine (idle here, but for the odd daemon) may add up to half a CPU
+    assert 0.9 * burnt <= busy <= burnt + 0.5 * wall, (busy, burnt, wall)
+
+
 def test_process_start_wall_time_is_precise():
     """The scale scenario's start time: /proc/PID/stat's start ticks on the precise boot time
     (btime in /proc/stat is whole seconds: up to 1 s off)."""
