@@ -81,7 +81,7 @@ BAD = [
     ('{"Network": "10.5.0.0/16", "Backend": {"Type": "gre"}}', "Backend.Type: unknown backend 'gre'"),
     ('{"Network": "10.5.0.0/16", "Backend": {"Type": 1}}', "Backend.Type: must be a string, got 1"),
     ('{"Network": "10.5.0.0/16", "Backend": {"Dataplane": "dpdk"}}', "Backend.Dataplane: unknown data plane 'dpdk'"),
-    ('{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw", "Dataplane": "ebpf"}}', "Backend.Dataplane: host-gw has no 'ebpf' data plane"),
+    ('{"Network": "10.5.0.0/16", "Backend": {"Type": "host-gw", "Dataplane": "fastpath"}}', "Backend.Dataplane: host-gw has no 'fastpath' data plane"),
     ('{"Network": "10.5.0.0/16", "Backend": {"Type": "udp", "Dataplane": "kernel"}}', "Backend.Dataplane: udp has no 'kernel' data plane"),
     ('{"Network": "10.5.0.0/16", "Backend": {"Port": 70000}}', "Backend.Port: 70000 is outside 0..65535"),
     ('{"Network": "10.5.0.0/16", "Backend": {"Port": "8472"}}', 'Backend.Port: must be an integer, got "8472"'),
