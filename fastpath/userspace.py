@@ -85,6 +85,7 @@ from controlplane.lease import Lease
 
 from . import direct as direct_routes
 from .engine import control
+from .engine.control import MAX_WORKERS
 from .netlink import GONE, nl_errno, only_address
 from .routing import Peer, RoutingBackend
 
@@ -98,7 +99,6 @@ TXQUEUELEN = 10000
 # time in sched_yield) for no gain in throughput or ping RTT; 50-200 us all kept the 43 us.
 BUSY_POLL_US = 100
 MAX_AUTO_WORKERS = 8  # WEFT_ENGINE_WORKERS unset: one per CPU weftd may run on, at most this many
-MAX_WORKERS = 64      # what the engine process accepts
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 RESTART_RETRY = 1.0  # seconds between tries to start a new engine after one died
 

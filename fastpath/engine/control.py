@@ -39,6 +39,7 @@ import time
 
 MAX_MESSAGE = 16 << 20  # a /8 network cut into /24s is 65,536 routes: ~5 MB of JSON
 HEADER = struct.Struct(">I")
+MAX_WORKERS = 64  # engine workers (TUN queues) one engine process runs; WEFT_ENGINE_WORKERS is held to it
 REQUEST_TIMEOUT = 5.0   # seconds weftd waits for one reply
 START_TIMEOUT = 20.0    # seconds a new engine process has to accept its first connection
 STOP_TIMEOUT = 5.0      # seconds an engine has to exit after "stop" (then SIGKILL)

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-from .control import HEADER, MAX_MESSAGE, encode, peer_credentials
+from .control import HEADER, MAX_MESSAGE, MAX_WORKERS, encode, peer_credentials
 from .spread import attach_spread, bind_senders
 
 log = logging.getLogger("weft.engine")
@@ -80,8 +80,8 @@ def _check_config(config) -> dict:
         raise RequestError("config: network null (IPv6-only) needs local6 and kwargs " + ", ".join(V6_KWARGS))
     if config["engine"] not in ("compiled", "reference"):
         raise RequestError(f"config: engine {config['engine']!r}: must be 'compiled' or 'reference'")
-    if not 1 <= config["workers"] <= 64:
-        raise RequestError(f"config: workers {config['workers']}: 1..64")
+    if not 1 <= config["workers"] <= MAX_WORKERS:
+        raise RequestError(f"config: workers {config['workers']}: 1..{MAX_WORKERS}")
     return config
 
 
