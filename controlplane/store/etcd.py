@@ -301,8 +301,8 @@ class EtcdStore(Store):
         first failure, so a cluster electing a new leader (no member answers for a moment) is
         waited for. Only when sending it again cannot apply it twice:
         - a read (``read=True``: ranges, lease TTLs): after any unavailability, a timeout included;
-        - a write only when it never left this process (``exc.sent`` False: the connect or
-          the TLS handshake failed). Writes
+        - a write only when it never left this process whole (``exc.sent`` False: the connect,
+          the TLS handshake or the writing of the request failed). Writes
           are compare-and-swap transactions (lease create/renew, the claim's take and refresh,
           ``ClaimChanged``) or deletes: one that timed out (DEADLINE_EXCEEDED), or whose stream
           broke (UNAVAILABLE "Stream removed", etcd's own "request timed out"), may have been
@@ -359,10 +359,11 @@ class EtcdStore(Store):
         return exc.code() == "UNAVAILABLE" and (read or not exc.sent)
 
     # -- what the watch uses (controlplane.store.etcd_watch) --------------------------------------
-    def connection(self) -> Conn:
+    def connection(self, until: float | None = None) -> Conn:
         """The current connection: connecting, or failing over, to the first endpoint that
-        answers; StoreUnavailable when none does."""
-        return self._connection()
+        answers; StoreUnavailable when none does. With ``until`` (a monotonic time), none
+        answering is asked again, round after round, until then (a cluster electing a leader)."""
+        return self._connection() if until is None else self._failover(until)
 
     def hold(self, conn: Conn) -> None:
         """A watch reads from ``conn``: keep its channel open, even once dropped, until released."""

@@ -180,7 +180,8 @@ def _message(doc: dict) -> dict:
     return doc["result"] if isinstance(doc.get("result"), dict) else doc
 
 
-def _transport_error(exc: BaseException, sent: bool, timeout: float) -> RpcError:
+def _transport_error(exc: BaseException, sent: bool, timeout: float, *,
+                     connected: bool = False) -> RpcError:
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return RpcError("DEADLINE_EXCEEDED", f"no answer within {timeout:g}s", sent=sent)
     if isinstance(exc, ssl.SSLError):
@@ -192,7 +193,7 @@ def _transport_error(exc: BaseException, sent: bool, timeout: float) -> RpcError
         return RpcError("UNAVAILABLE", f"bad HTTP answer ({_one_line(exc) or type(exc).__name__})",
                         sent=sent)
     what = getattr(exc, "strerror", None) or _one_line(exc) or type(exc).__name__
-    return RpcError("UNAVAILABLE", f"failed to connect: {what}" if not sent else what, sent=sent)
+    return RpcError("UNAVAILABLE", what if connected else f"failed to connect: {what}", sent=sent)
 
 
 class Client:
@@ -248,14 +249,20 @@ class Client:
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = token
+        sent = False
         try:
             conn.sock.settimeout(timeout)
+            # A request that failed while being written never left whole: etcd acts on a whole
+            # body only, so no member can have applied it (a member that died between the
+            # pool's idle check and this send: "Broken pipe"). Only after it is written may a
+            # lost answer hide an applied write.
             conn.request("POST", "/v3/" + method, json.dumps(body), headers)
+            sent = True
             resp = conn.getresponse()
             data = resp.read()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            err = _transport_error(exc, True, timeout)
+            err = _transport_error(exc, sent, timeout, connected=True)
             if fresh and not self.tls and isinstance(exc, (http.client.RemoteDisconnected,
                                                             ConnectionResetError)):
                 # a TLS-only etcd closes a plaintext connection without a word (a reset when
@@ -367,7 +374,7 @@ class WatchStream:
             sock.settimeout(None)  # from here on the stream may stay silent for hours
         except (OSError, http.client.HTTPException) as exc:
             self._conn.close()
-            raise _transport_error(exc, True, timeout) from None
+            raise _transport_error(exc, True, timeout, connected=True) from None
         except RpcError:
             self._conn.close()
             raise
@@ -382,7 +389,7 @@ class WatchStream:
             try:
                 line = self._resp.readline()
             except (OSError, http.client.HTTPException) as exc:
-                raise _transport_error(exc, True, 0) from None
+                raise _transport_error(exc, True, 0, connected=True) from None
             if not line:  # the member went away (or interrupt()): never a normal end
                 raise RpcError("UNAVAILABLE", "watch stream ended")
             if not line.strip():

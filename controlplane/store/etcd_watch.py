@@ -3,8 +3,9 @@
 
 What the watch needs from its store (``EtcdStore`` provides exactly this, and nothing else of the
 store is used here):
-- ``connection()``: the store's current connection (a ``Conn``), connecting or failing over to
-  the next endpoint that answers; ``StoreError`` when none does.
+- ``connection(until=None)``: the store's current connection (a ``Conn``), connecting or failing
+  over to the next endpoint that answers; ``StoreError`` when none does (with ``until``: when
+  none did, round after round, until then).
 - ``hold(conn)`` / ``release(conn)``: the watch uses ``conn``; the store keeps a connection it
   dropped open until no watch holds it.
 - ``stream_error(conn, exc)``: the ``StoreError`` for an ``RpcError`` of a stream on ``conn``; the
@@ -13,12 +14,15 @@ store is used here):
 - ``watch_range()``: the (key, range end) to watch.
 - ``event_of(event, cache)``: a raw etcd event as a ``StoreEvent`` (None: not a key weft
   follows); ``cache`` lives for one ``get`` (lease TTLs).
-- ``count(op)``, ``endpoints``, ``prefix``.
+- ``count(op)``, ``endpoints``, ``prefix``, ``op_timeout``.
 
-When the member under the stream dies, the watch fails over once to the next endpoint, from the
-last revision it *received* (events not yet returned included): a watch is a read, so nothing is
-missed and nothing is applied twice. Only if that fails too (one endpoint, or a second failure
-before any answer) does ``get`` raise StoreUnavailable, and the caller re-creates the watch.
+When the member under the stream dies, the watch fails over to the next endpoint, from the last
+revision it *received* (events not yet returned included): a watch is a read, so nothing is
+missed and nothing is applied twice. Like the store's reads it asks the endpoints again, round
+after round, for up to ``op_timeout`` from the first failure: a cluster whose leader died answers
+nothing (and refuses a watch: no leader) until the others have elected one. Only once that time
+has passed without an answer (or with one endpoint) does ``get`` raise StoreUnavailable, and the
+caller re-creates the watch. Opening a watch waits the same way.
 """
 from __future__ import annotations
 
@@ -29,6 +33,9 @@ import time
 
 from .etcd_http import RpcError, b64
 from .base import StoreError, StoreEvent, StoreUnavailable, Watch, WatchCompacted
+
+
+_REOPEN_PAUSE = 0.1  # seconds between watches that end before answering (an election)
 
 
 def _one_line(text) -> str:
@@ -76,7 +83,7 @@ class EtcdWatch(Watch):
         self._queue: queue.Queue = queue.Queue()
         self._backlog: collections.deque = collections.deque()  # raw events / terminal errors
         self._closed = False
-        self._may_fail_over = True  # once per failure: the next answer allows it again
+        self._failing_since: float | None = None  # the first failure since the last answer
         self._stream = self._open()
 
     @property
@@ -84,30 +91,55 @@ class EtcdWatch(Watch):
         """The endpoint the watch reads from now."""
         return self._stream.conn.endpoint
 
-    def _open(self) -> _Stream:
+    def _open(self, until: float | None = None, failing: bool = False) -> _Stream:
+        """A stream from the first endpoint that answers, from the last revision received. With
+        more than one endpoint, unavailable ones are asked again until ``until`` (default: the
+        op timeout from now); ``failing``: the current member is known to be gone."""
         store = self._store
-        conn = store.connection()
         key, end = store.watch_range()
         create = {"key": b64(key), "range_end": b64(end), "start_revision": self._received + 1}
-        try:
-            stream = _Stream(conn, create, self._queue, f"etcd-watch-{store.prefix}",
-                             store.op_timeout)
-        except RpcError as exc:
-            raise store.stream_error(conn, exc) from None
-        store.hold(conn)
-        return stream
+        if len(store.endpoints) == 1:
+            until = None
+        elif until is None:
+            until = time.monotonic() + store.op_timeout
+        while True:
+            try:  # failing over (counted by the store), round after round until ``until``
+                conn = store.connection(until if failing else None)
+            except StoreUnavailable:
+                if failing or until is None:
+                    raise
+                failing = True
+                continue
+            try:
+                stream = _Stream(conn, create, self._queue, f"etcd-watch-{store.prefix}",
+                                 store.op_timeout)
+            except RpcError as exc:
+                err = store.stream_error(conn, exc)  # drops an unavailable member's connection
+                if until is None or not isinstance(err, StoreUnavailable) or time.monotonic() >= until:
+                    raise err from None
+                failing = True
+                continue
+            store.hold(conn)
+            return stream
 
     def _fail_over(self) -> bool:
-        """The stream's member is unavailable: go on from the next endpoint. False when that is
-        not possible (one endpoint, a second failure before any answer, none answers)."""
+        """The stream's member is unavailable: go on from the next endpoint that answers. False
+        when that is not possible (one endpoint, or none answered for ``op_timeout`` since the
+        first failure after the last answer)."""
         store = self._store
-        if not self._may_fail_over or len(store.endpoints) == 1:
+        if len(store.endpoints) == 1:
             return False
-        self._may_fail_over = False
-        store.count("failover")
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        else:
+            time.sleep(_REOPEN_PAUSE)  # a stream ended again before any answer: no tight loop
+        until = self._failing_since + store.op_timeout
+        if time.monotonic() >= until:
+            return False
         old = self._stream
         try:
-            self._stream = self._open()
+            self._stream = self._open(until, failing=True)
         except StoreError:
             return False
         old.close()
@@ -132,7 +164,7 @@ class EtcdWatch(Watch):
                 f"etcd {conn.endpoint}: revision {self._received} is compacted (oldest kept"
                 f" {item.compact_revision})"))
         else:
-            self._may_fail_over = True
+            self._failing_since = None
             self._backlog.extend(item.events)
             for ev in item.events:
                 self._received = max(self._received, ev.kv.mod_revision)

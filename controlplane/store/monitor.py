@@ -94,8 +94,8 @@ class StoreHealth:
             if was_up:
                 self.outages += 1
         if was_up:
-            log.warning("store %s is unavailable: %s (weftd keeps its lease and data plane, and"
-                        " retries)", self.url, exc)
+            log.warning("store %s is unavailable: %s (on %s; weftd keeps its lease and data plane,"
+                        " and retries)", self.url, exc, op)
 
 
 class _MonitoredWatch:
