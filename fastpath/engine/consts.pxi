@@ -39,6 +39,8 @@ cdef enum:
     RUN_MAX_SEGS = 64         # inner TCP segments merged into one GSO write to the TUN
     SOCK_BUF = 8 * 1024 * 1024
     IDLE_POLL_MS = 200        # poll timeout after an I/O error (never spin, never stall stop())
+    SPIN_MAX_PACKETS = 4      # a pass that moved more packets is bulk: no busy poll for BULK_QUIET_NS
+    BULK_QUIET_NS = 1000000   # after it (a stream sleeps in poll() and its batches gather); 1 ms
 
 # ICMP destination unreachable replies to TUN packets without a route: a token bucket per worker
 # (the kernel's icmp_msgs_per_sec / icmp_msgs_burst defaults), so an unroutable flood cannot make
