@@ -22,8 +22,9 @@ from .stats import quantile
 IPERF_PORT = 5201
 
 # TCP probes write 131,000 bytes at a time, not iperf3's 128 KiB. The kernel copies a write into
-# the socket with `rep movsb`, and on AMD Zen 4 (this lab's EPYC) that runs ~14x slower when the
-# destination sits 1-15 bytes past the source modulo 4096 (3.5 vs 50 GB/s, measured here). With
+# the socket with `rep movsb`, and on AMD Zen 4 (this lab's EPYC) that runs slower when the
+# destination sits a few bytes past the source modulo 4096 (first seen as 3.5 vs 50 GB/s for
+# 1-15 bytes; remeasured 1.3-1.6x for 1-63, docs/measurement-notes.md). With
 # writes a multiple of 4096 from one buffer, that relative offset is fixed for a whole connection,
 # so a run either always or never pays it: a 2x swing in the sender's CPU on one CPU per node,
 # unrelated to the backend (vxlan/fastpath 6.4-7.2 vs 8.2-8.4 Gbit/s, the same in every round).
@@ -92,6 +93,12 @@ class Guard:
     Ours: every process in one of the lab's namespaces, and this process. Kernel threads are
     left out (softirq work for our packets runs there). A run whose foreign CPU exceeds the
     threshold is retried by the caller, so a noisy neighbour does not become a slow backend.
+
+    A foreign process that starts and exits within the probe (a test suite starting Python: a
+    core for half a second) is gone from /proc at the end, but its time is not: the kernel adds
+    it to the children's time (cutime, cstime) of the process that reaped it, so each process
+    counts with its reaped children. What a child reaped during the probe had burnt before it
+    (its count at the start) is taken off its parent again.
     """
 
     def __init__(self, lab_namespaces, threshold_cores: float = 0.15):
@@ -99,7 +106,8 @@ class Guard:
         self.threshold = threshold_cores
         self.me = os.getpid()
 
-    def _foreign(self) -> dict[int, float]:
+    def _foreign(self) -> dict[int, tuple[float, int]]:
+        """pid -> (CPU seconds with its reaped children, parent pid), for every foreign process."""
         out = {}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -114,7 +122,8 @@ class Guard:
                 continue
             if _netns_inode_of(pid) in self.ours:
                 continue
-            out[pid] = (int(rest[11]) + int(rest[12])) / CLK_TCK
+            # fields 14-17: utime, stime, cutime, cstime
+            out[pid] = (sum(int(f) for f in rest[11:15]) / CLK_TCK, int(rest[1]))
         return out
 
     def __enter__(self):
@@ -127,7 +136,12 @@ class Guard:
         end = self._foreign()
         self.seconds = time.monotonic() - self._t0
         self.machine_busy_s = machine_busy() - self._busy0
-        self.foreign_cpu_s = sum(max(0.0, end[p] - self._start.get(p, 0.0)) for p in end)
+        by_pid = {p: cpu - self._start.get(p, (0.0, 0))[0] for p, (cpu, _) in end.items()}
+        for p, (cpu, parent) in self._start.items():
+            if p not in end and parent in end:  # reaped during the probe by a foreign parent
+                by_pid[parent] -= cpu
+        self.foreign_by_pid = {p: cpu for p, cpu in by_pid.items() if cpu > 0}
+        self.foreign_cpu_s = sum(self.foreign_by_pid.values())
         return False
 
     @property

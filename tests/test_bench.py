@@ -401,6 +401,26 @@ def test_machine_busy_counts_what_a_process_burns():
     assert 0.9 * burnt <= busy <= burnt + 0.5 * wall, (busy, burnt, wall)
 
 
+def test_guard_sees_a_foreign_process_that_starts_and_exits_within_the_probe():
+    """A neighbour that starts a short program during a probe (a test suite starting Python:
+    a core for half a second) is foreign CPU, though it is gone before the probe ends: its
+    time is found in its parent's counts of the children it reaped. What ran before the probe,
+    in a child reaped during it, is not."""
+    from bench.measure import Guard
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+    before = subprocess.Popen(["sh", "-c", f"{sys.executable} -c '{burn}' & sleep 1.5; wait"])
+    time.sleep(0.8)  # its child burnt 0.4 s before the probe, and is reaped during it
+    with Guard([], threshold_cores=0.15) as guard:
+        during = subprocess.Popen(["sh", "-c", f"{sys.executable} -c '{burn}'; sleep 0.8"])
+        time.sleep(1.2)  # the burner has exited and been reaped; its parent still sleeps
+    during.wait(5)
+    before.wait(5)
+    # the machine may have other neighbours: look at these two
+    assert 0.35 <= guard.foreign_by_pid.get(during.pid, 0) <= 0.6, guard.foreign_by_pid
+    assert guard.foreign_by_pid.get(before.pid, 0) < 0.1, guard.foreign_by_pid
+    assert guard.foreign_cpu_s >= 0.35 and guard.disturbed
+
+
 def test_process_start_wall_time_is_precise():
     """The scale scenario's start time: /proc/PID/stat's start ticks on the precise boot time
     (btime in /proc/stat is whole seconds: up to 1 s off)."""
