@@ -181,7 +181,7 @@ def _message(doc: dict) -> dict:
 
 
 def _transport_error(exc: BaseException, sent: bool, timeout: float, *,
-                     connected: bool = False) -> RpcError:
+                     connecting: bool = False) -> RpcError:
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return RpcError("DEADLINE_EXCEEDED", f"no answer within {timeout:g}s", sent=sent)
     if isinstance(exc, ssl.SSLError):
@@ -193,7 +193,7 @@ def _transport_error(exc: BaseException, sent: bool, timeout: float, *,
         return RpcError("UNAVAILABLE", f"bad HTTP answer ({_one_line(exc) or type(exc).__name__})",
                         sent=sent)
     what = getattr(exc, "strerror", None) or _one_line(exc) or type(exc).__name__
-    return RpcError("UNAVAILABLE", what if connected else f"failed to connect: {what}", sent=sent)
+    return RpcError("UNAVAILABLE", f"failed to connect: {what}" if connecting else what, sent=sent)
 
 
 class Client:
@@ -219,7 +219,7 @@ class Client:
             conn.connect()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise _transport_error(exc, False, timeout) from None
+            raise _transport_error(exc, False, timeout, connecting=True) from None
         return conn
 
     def _take(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
@@ -262,7 +262,7 @@ class Client:
             data = resp.read()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            err = _transport_error(exc, sent, timeout, connected=True)
+            err = _transport_error(exc, sent, timeout)
             if fresh and not self.tls and isinstance(exc, (http.client.RemoteDisconnected,
                                                             ConnectionResetError)):
                 # a TLS-only etcd closes a plaintext connection without a word (a reset when
@@ -374,7 +374,7 @@ class WatchStream:
             sock.settimeout(None)  # from here on the stream may stay silent for hours
         except (OSError, http.client.HTTPException) as exc:
             self._conn.close()
-            raise _transport_error(exc, True, timeout, connected=True) from None
+            raise _transport_error(exc, True, timeout) from None
         except RpcError:
             self._conn.close()
             raise
@@ -389,7 +389,7 @@ class WatchStream:
             try:
                 line = self._resp.readline()
             except (OSError, http.client.HTTPException) as exc:
-                raise _transport_error(exc, True, 0, connected=True) from None
+                raise _transport_error(exc, True, 0) from None
             if not line:  # the member went away (or interrupt()): never a normal end
                 raise RpcError("UNAVAILABLE", "watch stream ended")
             if not line.strip():

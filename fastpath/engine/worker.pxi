@@ -121,7 +121,7 @@ cdef void duplex_loop(Worker *w) noexcept nogil:
     Busy polling serves exchanges, not streams: it is off for BULK_QUIET_NS after any pass that
     moved more than SPIN_MAX_PACKETS packets, so a stream's thread sleeps in poll() while its next
     batch gathers. Spinning under a stream took the socket a few datagrams at a time and cost the
-    receiving engine ~30 % more CPU per Gbit, for no gain in throughput or round trip (issue 14)."""
+    receiving engine 24-27 % more CPU per Gbit, for no gain in throughput or round trip (issue 14)."""
     cdef Conf *c = w.conf
     cdef int t, r
     cdef pollfd pfd[4]
